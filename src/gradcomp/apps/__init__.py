@@ -1,0 +1,1 @@
+"""Applications: data, models, recipes, training loop, experiments and the CLI."""

@@ -1,0 +1,1 @@
+"""Integration: autograd functions, model wrapping, capture, DDP hooks, forward quantizers."""

@@ -1,0 +1,1 @@
+"""Numerics: pure functions on tensors and floats (no nn.Module, no state)."""
