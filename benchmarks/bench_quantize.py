@@ -1,0 +1,77 @@
+"""Time quantize_fp on a 16M-element float32 tensor against references measured in the same run.
+
+References: ``x.clone()`` (one read + one write: the memory roofline of any elementwise op),
+torch's float8 cast (``x.to(float8_e4m3fn).float()``: RNE only, no scaling), and qtorch's
+``float_quantize`` when it is importable (optional; not installed by this project).
+Prints the min and median of ``--repeat`` runs and ratios to clone (min / min). Run:
+
+    python benchmarks/bench_quantize.py [--n 16777216] [--repeat 7] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.rounding import quantize_fp
+
+
+def _time(fn, repeat: int, device) -> tuple[float, float]:
+    fn()  # warm-up (compiles the fused kernel on its first call)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1 << 24, help="elements (default 16M)")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs per case")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--format", default="e4m3fn", help="format name")
+    p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager path")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    fmt = FPFormat.from_name(args.format)
+    x = torch.randn(args.n, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    cases = {"clone": lambda: x.clone()}
+    if hasattr(torch, "float8_e4m3fn"):
+        cases["float8_e4m3fn cast"] = lambda: x.to(torch.float8_e4m3fn).float()
+    for compiled in (True, False):
+        if not compiled and args.no_eager:
+            continue
+        tag = "fused" if compiled else "eager"
+        cases[f"nearest ({tag})"] = lambda c=compiled: quantize_fp(x, fmt, compile=c)
+        cases[f"stochastic ({tag})"] = lambda c=compiled: quantize_fp(
+            x, fmt, "stochastic", generator=g, compile=c)
+    try:
+        from qtorch.quant import float_quantize
+
+        e, m = fmt.exp_bits, fmt.man_bits
+        cases["qtorch nearest"] = lambda: float_quantize(x, e, m, rounding="nearest")
+        cases["qtorch stochastic"] = lambda: float_quantize(x, e, m, rounding="stochastic")
+    except ImportError:
+        print("qtorch not importable: skipped (optional reference)")
+    results = {name: _time(fn, args.repeat, device) for name, fn in cases.items()}
+    ref = results["clone"][0]
+    print(f"{args.n} float32 on {device}, format {fmt.name}, threads {torch.get_num_threads()}")
+    print(f"{'case':<24s} {'min ms':>9s} {'median ms':>10s} {'x clone':>8s}")
+    for name, (tmin, tmed) in results.items():
+        print(f"{name:<24s} {tmin * 1e3:9.2f} {tmed * 1e3:10.2f} {tmin / ref:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

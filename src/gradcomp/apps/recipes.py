@@ -1,0 +1,187 @@
+"""Named training recipes: frozen dataclasses, loadable from TOML or JSON (issue 5 item 3).
+
+A recipe says what happens to the neural gradients (``compression``: FP quantization and/or
+stochastic pruning, see ``gradcomp.integration.wrap.CompressionConfig``) and, for fully quantized
+training, to the forward pass (``forward``: PACT activations, SAWB weights). ``get_recipe(name)``
+returns a built-in; ``load_recipe(path)`` reads a file; unknown fields or values raise an error
+naming the field and the allowed values.
+
+Built-in names (``list_recipes()`` prints them all):
+
+* ``baseline``: full precision.
+* ``fp{N}`` (N = 4..8): N-bit FP neural gradients at the analytically optimal split E* for the
+  measured sigma (paper Table 2), per-layer scaling; ``fp{N}-e+1``, ``fp{N}-e-1``, ``fp{N}-e-2``:
+  the same with one more / one or two fewer exponent bits (Table 3).
+* ``fp{N}-static``, ``fp{N}-dynamic``: one global loss scale, static or dynamic, instead of
+  per-layer scaling (Table 4); ``fp{N}-optscale``: per-layer analytically optimal scale.
+* ``prune-{S}``: homogeneous stochastic pruning at sparsity S with the lognormal threshold
+  (Eq. 8); ``prune-{S}-het``: heterogeneous allocation at the same overall S; ``prune-{S}-emp``
+  / ``-cal``: distribution-free empirical / calibrated thresholds; ``atp-{S}``: the ATP baseline
+  (normal assumption); ``topk-{S}``: deterministic top-k (meProp/SAW); ``topks-{S}``: top-k
+  threshold then the stochastic operator; ``prune-{S}-fp{N}``: pruning then N-bit FP.
+* ``w4a4``: INT4 SAWB weights and INT4 PACT activations; ``w4a4-fp{N}``: plus N-bit FP neural
+  gradients at E* with per-layer scaling.
+S in {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradcomp.integration.wrap import CompressionConfig, PruneSpec, QuantizeSpec
+
+__all__ = ["Recipe", "ForwardSpec", "get_recipe", "list_recipes", "load_recipe", "recipe_from_dict"]
+
+SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "0.85", "0.9", "0.95")
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """Forward quantization (issue 7): SAWB weights, PACT activations, k bits each."""
+
+    weight_bits: int | None = 4
+    act_bits: int | None = 4
+    first_last_bits: int | None = 8
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    compression: CompressionConfig | None = None
+    forward: ForwardSpec | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_fields(cls, d: dict, where: str) -> None:
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {', '.join(unknown)} in {where}; allowed: {', '.join(allowed)}"
+        )
+
+
+def _build(cls, d, where: str):
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a table/object, got {type(d).__name__}")
+    _check_fields(cls, d, where)
+    kw = dict(d)
+    for f in dataclasses.fields(cls):
+        if f.name in kw and isinstance(kw[f.name], list):
+            kw[f.name] = tuple(kw[f.name])  # TOML/JSON arrays -> tuples of the frozen fields
+    return cls(**kw)
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    """Strict construction from plain data (what TOML/JSON produce)."""
+    _check_fields(Recipe, d, "recipe")
+    comp = d.get("compression")
+    if comp is not None:
+        if not isinstance(comp, dict):
+            raise ValueError("compression must be a table/object")
+        comp = dict(comp)
+        comp["quantize"] = _build(QuantizeSpec, comp.get("quantize"), "compression.quantize")
+        comp["prune"] = _build(PruneSpec, comp.get("prune"), "compression.prune")
+        comp = _build(CompressionConfig, comp, "compression")
+    return Recipe(
+        name=d.get("name", "custom"), description=d.get("description", ""),
+        compression=comp, forward=_build(ForwardSpec, d.get("forward"), "forward"),
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a ``.toml`` or ``.json`` file (same fields as ``Recipe.to_dict()``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        data = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"recipe file must end in .toml or .json, got {path.name!r}")
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data)
+
+
+def _fp(bits: int, offset: int = 0, scaling: str = "per_layer", **kw) -> QuantizeSpec:
+    return QuantizeSpec(format="optimal", bits=bits, exp_offset=offset, scaling=scaling, **kw)
+
+
+def _builtins() -> dict[str, Recipe]:
+    r: dict[str, Recipe] = {"baseline": Recipe("baseline", "full precision")}
+
+    def add(name, desc, **kw):
+        r[name] = Recipe(name, desc, **kw)
+
+    for n in range(4, 9):
+        add(f"fp{n}", f"FP{n} neural gradients at E*, per-layer scaling",
+            compression=CompressionConfig(quantize=_fp(n)))
+        for off, tag in ((1, "e+1"), (-1, "e-1"), (-2, "e-2")):
+            add(f"fp{n}-{tag}", f"FP{n} at E*{off:+d} exponent bits, per-layer scaling",
+                compression=CompressionConfig(quantize=_fp(n, off)))
+        add(f"fp{n}-static", f"FP{n} at E*, one static global loss scale (Table 4 baseline)",
+            compression=CompressionConfig(quantize=_fp(n, scaling="static")))
+        add(f"fp{n}-dynamic", f"FP{n} at E*, dynamic global loss scaling (Table 4 baseline)",
+            compression=CompressionConfig(quantize=_fp(n, scaling="dynamic")))
+        add(f"fp{n}-optscale", f"FP{n} at E*, per-layer analytically optimal scale",
+            compression=CompressionConfig(quantize=_fp(n, scaling="per_layer_optimal")))
+    for s in SPARSITIES:
+        sp = float(s)
+        add(f"prune-{s}", f"stochastic pruning {s}, lognormal threshold (Eq. 8), homogeneous",
+            compression=CompressionConfig(prune=PruneSpec(sp, "lognormal")))
+        add(f"prune-{s}-het", f"stochastic pruning {s} overall, heterogeneous allocation",
+            compression=CompressionConfig(prune=PruneSpec(sp, "lognormal", heterogeneous=True)))
+        add(f"prune-{s}-emp", f"stochastic pruning {s}, empirical (distribution-free) threshold",
+            compression=CompressionConfig(prune=PruneSpec(sp, "empirical")))
+        add(f"prune-{s}-cal", f"stochastic pruning {s}, calibrated lognormal threshold",
+            compression=CompressionConfig(prune=PruneSpec(sp, "calibrated")))
+        add(f"atp-{s}", f"ATP baseline at {s}: normal-assumption threshold, stochastic pruning",
+            compression=CompressionConfig(prune=PruneSpec(sp, "atp")))
+        add(f"topk-{s}", f"deterministic top-k pruning at {s} (meProp/SAW baseline)",
+            compression=CompressionConfig(prune=PruneSpec(sp, "topk")))
+        add(f"topks-{s}", f"top-k threshold then stochastic pruning at {s}",
+            compression=CompressionConfig(prune=PruneSpec(sp, "topk_stochastic")))
+        for n in (6, 8):
+            add(f"prune-{s}-fp{n}", f"stochastic pruning {s} then FP{n} at E*",
+                compression=CompressionConfig(prune=PruneSpec(sp, "lognormal"), quantize=_fp(n)))
+    add("w4a4", "INT4 SAWB weights + INT4 PACT activations (first/last layer 8 bit)",
+        forward=ForwardSpec())
+    for n in (4, 5, 6):
+        add(f"w4a4-fp{n}", f"W4A4 forward + FP{n} neural gradients at E*, per-layer scaling",
+            forward=ForwardSpec(), compression=CompressionConfig(quantize=_fp(n)))
+    return r
+
+
+_BUILTINS = _builtins()
+
+
+def list_recipes() -> list[str]:
+    return list(_BUILTINS)
+
+
+def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name, or a recipe file when ``name`` ends in .toml/.json."""
+    if isinstance(name, str) and name.endswith((".toml", ".json")):
+        return load_recipe(name)
+    if name not in _BUILTINS:
+        raise ValueError(
+            f"unknown recipe {name!r}; valid recipes: {', '.join(_BUILTINS)} "
+            "(or a path to a .toml/.json recipe file)"
+        )
+    return _BUILTINS[name]

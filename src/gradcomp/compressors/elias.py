@@ -1,0 +1,274 @@
+"""Elias gamma and omega (recursive) integer codes, vectorised (QSGD's encoding; notes section 6).
+
+QSGD sends the gaps between non-zero coordinates and the quantization levels as Elias integer
+codes (seed 004, "Use Elias recursive coding"). Both codes here map an integer ``v >= 1`` to a
+prefix-free bit string:
+
+* gamma: ``L = floor(log2 v)`` zeros, then the ``L + 1`` binary digits of ``v`` (MSB first);
+  length ``2 L + 1``.
+* omega (recursive): the binary digits of ``v``, preceded recursively by the code of
+  ``bitlength(v) - 1`` while that is > 1, terminated by a single 0; ``1`` codes as ``"0"``.
+
+Bits are numpy ``uint8`` arrays holding 0/1 (one element per bit, MSB first); ``pack_bits`` /
+``unpack_bits`` convert to and from bytes. Encoding is a handful of array passes (no Python
+loop over values). Decoding is vectorised too although the stream is sequential: every bit
+position is decoded speculatively as if a code started there (a bounded number of array
+passes), which gives a "next code start" map; the chain of code starts from the stream's first
+bit is then followed by pointer doubling (``O(N log count)`` array work). A corrupted or
+truncated stream raises ``ValueError``; nothing is ever silently mis-decoded into a shorter or
+longer sequence.
+
+Values must lie in ``[1, MAX_VALUE]`` (``2**57 - 1``, the widest field one 64-bit window read
+covers); 0, negatives and larger values raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradcomp.numerics._checks import require_choice
+
+__all__ = [
+    "CODES",
+    "MAX_VALUE",
+    "code_lengths",
+    "elias_decode",
+    "elias_encode",
+    "emit_fields",
+    "pack_bits",
+    "read_uint",
+    "unpack_bits",
+]
+
+CODES = ("gamma", "omega")
+MAX_VALUE = (1 << 57) - 1
+_MAX_WIDTH = 57  # bits one unaligned 64-bit window read can return (64 - 7 bit offset)
+_OMEGA_GROUPS = 6  # v < 2**57 needs at most 4 groups (v, 56, 5, 2); 6 leaves a margin
+
+
+def _as_values(values) -> np.ndarray:
+    v = np.asarray(values)
+    if v.dtype.kind not in "iu":
+        raise TypeError(f"values must be an integer array, got dtype {v.dtype}")
+    v = v.astype(np.int64, copy=False).reshape(-1)
+    if v.size and (int(v.min()) < 1 or int(v.max()) > MAX_VALUE):
+        raise ValueError(
+            f"values must lie in [1, {MAX_VALUE}] (Elias codes positive integers); "
+            f"got min {int(v.min())}, max {int(v.max())}"
+        )
+    return v
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    """bitlength of non-negative int64 values, by binary search on shifts (exact, no float log)."""
+    x = v.copy()
+    bl = np.zeros_like(x)
+    for sh in (32, 16, 8, 4, 2, 1):
+        m = (x >> sh) > 0
+        bl += m * sh
+        x = np.where(m, x >> sh, x)
+    return bl + (x > 0)
+
+
+def emit_fields(vals: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate the ``widths[i]`` low bits of ``vals[i]`` (MSB first) into one bit array.
+
+    Zero-width fields emit nothing. ``vals`` are non-negative int64 (a value wider than its field
+    is truncated to its low bits); widths in [0, 63].
+    """
+    vals = np.asarray(vals, dtype=np.int64).reshape(-1)
+    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    total = int(widths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.uint8)
+    field = np.repeat(np.arange(vals.size), widths)
+    starts = np.cumsum(widths) - widths
+    j = np.arange(total, dtype=np.int64) - starts[field]
+    return ((vals[field] >> (widths[field] - 1 - j)) & 1).astype(np.uint8)
+
+
+def code_lengths(values, code: str = "omega") -> np.ndarray:
+    """Length in bits of the Elias ``code`` of each value (int64 array)."""
+    require_choice(code, "code", CODES)
+    v = _as_values(values)
+    if code == "gamma":
+        return 2 * (_bit_length(v) - 1) + 1
+    total = np.ones_like(v)  # the terminating 0
+    g = v
+    for _ in range(_OMEGA_GROUPS):
+        bl = _bit_length(g)
+        total += np.where(g > 1, bl, 0)
+        g = np.where(g > 1, bl - 1, 0)
+    return total
+
+
+def elias_encode(values, code: str = "omega") -> np.ndarray:
+    """Encode positive integers with Elias ``code`` ("gamma" or "omega") into one bit array.
+
+    Args:
+        values: integer array-like (any shape, flattened), each in [1, MAX_VALUE].
+        code: "gamma" or "omega" (recursive).
+    Returns:
+        numpy uint8 array of 0/1 bits, the codes concatenated in order.
+    Raises ValueError for a value outside [1, MAX_VALUE], TypeError for non-integer input.
+    """
+    require_choice(code, "code", CODES)
+    v = _as_values(values)
+    if v.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    bl = _bit_length(v)
+    if code == "gamma":
+        # fields per value: (0, L) zeros then (v, L + 1) digits
+        vals = np.stack([np.zeros_like(v), v], axis=1)
+        widths = np.stack([bl - 1, bl], axis=1)
+        return emit_fields(vals.reshape(-1), widths.reshape(-1))
+    # omega: groups g0 = v, g_{i+1} = bitlength(g_i) - 1 while g_i > 1; emitted deepest first
+    groups, gw = [], []
+    g = v
+    for _ in range(_OMEGA_GROUPS):
+        b = _bit_length(g)
+        groups.append(np.where(g > 1, g, 0))
+        gw.append(np.where(g > 1, b, 0))
+        g = np.where(g > 1, b - 1, 0)
+    if np.any(g > 1):  # cannot happen below MAX_VALUE; guards a future widening of the range
+        raise ValueError("value needs more omega groups than supported")
+    vals = np.stack(groups[::-1] + [np.zeros_like(v)], axis=1)
+    widths = np.stack(gw[::-1] + [np.ones_like(v)], axis=1)
+    return emit_fields(vals.reshape(-1), widths.reshape(-1))
+
+
+def pack_bits(bits: np.ndarray) -> tuple[np.ndarray, int]:
+    """Pack a 0/1 uint8 bit array into bytes (MSB first, zero padded); returns (bytes, nbits)."""
+    bits = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    return np.packbits(bits), int(bits.size)
+
+
+def unpack_bits(packed: np.ndarray, nbits: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: the first ``nbits`` bits of ``packed`` as a 0/1 uint8 array."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if not 0 <= nbits <= 8 * packed.size:
+        raise ValueError(f"nbits must be in [0, {8 * packed.size}], got {nbits}")
+    return np.unpackbits(packed)[:nbits]
+
+
+class _Windows:
+    """Unaligned reads of up to 57 bits at any bit position (one uint64 window per byte)."""
+
+    def __init__(self, bits: np.ndarray):
+        self.n = bits.size
+        by = np.packbits(np.concatenate([bits, np.zeros(72, dtype=np.uint8)])).astype(np.uint64)
+        nb = by.size - 8
+        w = np.zeros(nb, dtype=np.uint64)
+        for i in range(8):  # big-endian 64-bit word starting at every byte
+            w |= by[i : i + nb] << np.uint64(56 - 8 * i)
+        self.words = w
+
+    def read(self, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
+        """Unsigned value of bits [pos, pos + width) (width in [1, 57]; zeros past the end)."""
+        pos = pos.astype(np.int64)
+        w = self.words[pos >> 3] << (pos & 7).astype(np.uint64)
+        return (w >> (64 - width).astype(np.uint64)).astype(np.int64)
+
+
+def read_uint(bits: np.ndarray, pos: int, width: int) -> int:
+    """Unsigned integer stored in ``bits[pos:pos + width]`` (MSB first); raises past the end."""
+    if pos < 0 or width < 0 or pos + width > bits.size:
+        raise ValueError(
+            f"truncated stream: field of {width} bits at bit {pos} exceeds length {bits.size}"
+        )
+    if width == 0:
+        return 0
+    seg = bits[pos : pos + width].astype(np.int64)
+    # fixed-width header fields only (<= 64 bits): Python int avoids int64 overflow
+    return int("".join("1" if b else "0" for b in seg.tolist()), 2)
+
+
+def _speculative(bits: np.ndarray, start: int, code: str):
+    """Decode a code at every position >= start; returns (end, value, valid) arrays."""
+    n = bits.size
+    pos = np.arange(start, n, dtype=np.int64)
+    win = _Windows(bits)
+    padded = np.concatenate([bits, np.zeros(1, dtype=np.uint8)])
+    if code == "gamma":
+        ones = np.flatnonzero(bits)
+        k = np.searchsorted(ones, pos)
+        nxt = np.where(k < ones.size, ones[np.minimum(k, max(ones.size - 1, 0))], n)
+        if ones.size == 0:
+            nxt = np.full_like(pos, n)
+        z = nxt - pos
+        end = pos + 2 * z + 1
+        valid = (z < _MAX_WIDTH) & (end <= n)
+        width = np.where(valid, z + 1, 1)
+        value = win.read(np.where(valid, pos + z, 0), width)
+        return end, value, valid
+    cur = pos.copy()
+    val = np.ones_like(pos)
+    done = np.zeros(pos.size, dtype=bool)
+    valid = np.ones(pos.size, dtype=bool)
+    end = np.zeros_like(pos)
+    for _ in range(_OMEGA_GROUPS + 1):
+        active = ~done & valid
+        if not active.any():
+            break
+        valid &= ~(active & (cur >= n))
+        active &= valid
+        bit = padded[np.minimum(cur, n)]
+        stop = active & (bit == 0)
+        end = np.where(stop, cur + 1, end)
+        done |= stop
+        go = active & (bit == 1)
+        width = val + 1
+        ok = go & (width <= _MAX_WIDTH) & (cur + width <= n)
+        valid &= ~(go & ~ok)
+        m = win.read(np.where(ok, cur, 0), np.where(ok, width, 1))
+        val = np.where(ok, m, val)
+        cur = np.where(ok, cur + width, cur)
+    valid &= done
+    return end, val, valid
+
+
+def elias_decode(bits, count: int, code: str = "omega", start: int = 0):
+    """Decode ``count`` consecutive Elias codes from ``bits`` starting at bit ``start``.
+
+    Args:
+        bits: 0/1 uint8 array (as from ``elias_encode`` / ``unpack_bits``).
+        count: number of values to decode (>= 0).
+        code: "gamma" or "omega"; must match the encoder.
+        start: bit offset of the first code.
+    Returns:
+        (values int64 array of length ``count``, end) where ``end`` is the bit just after the
+        last code (so a caller can read the next section).
+    Raises ValueError when the stream ends before ``count`` complete codes (truncated) or a
+    code is malformed (corrupted: e.g. a run of zeros longer than any valid code).
+    """
+    require_choice(code, "code", CODES)
+    bits = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    n = bits.size
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    if not 0 <= start <= n:
+        raise ValueError(f"start must be in [0, {n}], got {start}")
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), start
+    if start == n:
+        raise ValueError(f"truncated Elias stream: 0 of {count} codes present")
+    end, val, valid = _speculative(bits, start, code)
+    bad, fin = n + 1, n  # sink states: malformed code, end of stream
+    nxt = np.empty(n - start + 2, dtype=np.int64)
+    nxt[: n - start] = np.where(valid, end - start, bad - start)
+    nxt[n - start] = fin - start
+    nxt[n - start + 1] = bad - start
+    starts = np.zeros(1, dtype=np.int64)
+    jump = nxt
+    while starts.size < count:  # pointer doubling: starts of codes 0..2^k-1
+        starts = np.concatenate([starts, jump[starts]])
+        jump = jump[jump]
+    starts = starts[:count]
+    if np.any(starts >= n - start):
+        got = int(np.argmax(starts >= n - start))
+        kind = "truncated" if starts[got] == n - start else "corrupted"
+        raise ValueError(f"{kind} Elias stream: decoded {got} of {count} codes")
+    if not valid[starts].all():
+        got = int(np.argmin(valid[starts]))
+        raise ValueError(f"corrupted or truncated Elias stream: code {got} of {count} malformed")
+    return val[starts], int(end[starts[-1]])

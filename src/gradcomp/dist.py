@@ -1,0 +1,67 @@
+"""``gradcomp.dist``: data-parallel compressed communication, the public namespace.
+
+    import gradcomp.dist as gd
+    ddp_model.register_comm_hook(gd.CommHookState(gd.QSGD(levels=16)), gd.qsgd_hook)
+    # or, by name (what ``gradcomp train --comm METHOD`` uses):
+    state, hook = gd.make_comm_hook("scalecom", ratio=0.01)
+    ddp_model.register_comm_hook(state, hook)
+    ...
+    state.metrics()  # {"bytes_sent", "dense_bytes", "compression_ratio", ...}
+
+See ``gradcomp.integration.ddp_hooks`` (hooks, state, registry) and
+``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPQuantize).
+"""
+
+from __future__ import annotations
+
+from gradcomp.compressors.comm import (
+    QSGD,
+    Aggregation,
+    ErrorFeedback,
+    FPQuantize,
+    IncompatibleAggregationError,
+    ScaleCom,
+    StochasticPrune,
+    TopK,
+    qsgd_bits_bound,
+)
+from gradcomp.integration.ddp_hooks import (
+    CommHookState,
+    TorchHookState,
+    allreduce_hook,
+    available_methods,
+    check_same_config,
+    fp16_hook,
+    fp_hook,
+    make_comm_hook,
+    powersgd_hook,
+    prune_hook,
+    qsgd_hook,
+    scalecom_hook,
+    topk_hook,
+)
+
+__all__ = [
+    "QSGD",
+    "Aggregation",
+    "CommHookState",
+    "ErrorFeedback",
+    "FPQuantize",
+    "IncompatibleAggregationError",
+    "ScaleCom",
+    "StochasticPrune",
+    "TopK",
+    "TorchHookState",
+    "allreduce_hook",
+    "available_methods",
+    "check_same_config",
+    "fp16_hook",
+    "fp_hook",
+    "make_comm_hook",
+    "powersgd_hook",
+    "prune_hook",
+    "qsgd_bits_bound",
+    "qsgd_hook",
+    "scalecom_hook",
+    "topk_hook",
+]

@@ -1,0 +1,535 @@
+"""``compress_gradients(model, config)``: compressed neural gradients at every selected layer.
+
+Contract (one line): forward is the identity; backward replaces the neural gradient dL/dA of each
+selected layer by its compressed version *before* the layer's own backward, so one compressed
+tensor feeds both the input-gradient and the weight-gradient products (notes, vocabulary; the
+authors' code did the same at each conv output).
+
+Data flow of one step::
+
+    forward:  A = layer(x); A.register_hook(compress)     (identity, records nothing)
+    backward: g = dL/dA -> [statistics on refresh steps] -> prune -> quantize -> layer backward
+    handle.step(optimizer): optimizer.step() unless a dynamic loss scale saw an overflow, then,
+                            after a statistics step, one host-side refresh of every layer:
+                            thresholds (Eq. 8 / empirical / calibrated / ATP), heterogeneous
+                            allocation, scales, and (once) the E* format (Table 2).
+
+Schedule: the first step of training only gathers statistics (no compression: nothing is known
+yet); statistics are then refreshed at the start of each epoch (``refresh_each_epoch``, the
+paper's schedule) and/or every ``refresh_every`` steps. On a refresh step the gradient is still
+compressed with the previous thresholds; the statistics come from the raw gradient. The
+statistics (``fit_lognormal``: mu, sigma, zero fraction, amax) are device reductions; the only
+host synchronisation is the refresh itself (one per refresh, all layers at once).
+
+Non-finite neural gradients: excluded from every statistic; with ``nonfinite="keep"`` (default)
+they flow on unchanged (a dynamic loss scale sees them and skips the step), with ``"zero"`` they
+are replaced by 0 (one extra pass). Either way they are counted on metric steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradcomp.compressors.pruning import PRUNE_METHODS, Pruner, allocate_sparsity, topk_prune
+from gradcomp.compressors.quantizer import FPQuantizer
+from gradcomp.compressors.scaling import SCALING_POLICIES, make_scaling
+from gradcomp.integration.capture import select_layers
+from gradcomp.numerics._checks import require_choice, require_open_unit
+from gradcomp.numerics.fit import LognormalFit, fit_lognormal
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.rounding import ROUNDINGS
+
+__all__ = ["QuantizeSpec", "PruneSpec", "CompressionConfig", "CompressionHandle",
+           "compress_gradients"]
+
+LAYER_TYPES = {
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    "linear": (nn.Linear,),
+    "batchnorm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+}
+GLOBAL_SCALINGS = ("static", "dynamic")  # one policy object shared by every layer
+PRUNE_ALL_METHODS = PRUNE_METHODS + ("topk",)
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """FP quantization of neural gradients.
+
+    format: a format name (``"e5m2"``, ``"e4m3fn"``, ``"1-4-1"``, ``"e3m2"``...) or ``"optimal"``:
+        the split E* with the least expected error for the measured sigma (``optimal_format``,
+        paper Table 2), chosen once at the first refresh from the median sigma over layers,
+        then shifted by ``exp_offset`` exponent bits (Table 3's E*+1, E*-1, E*-2).
+    bits: total bits for ``"optimal"`` (4..8 in the paper).
+    semantics: ``"paper"`` (Eq. 2) or ``"ieee"`` for ``"optimal"`` and ``"1-X-Y"`` names.
+    rounding: ``"nearest"`` (ties to even) or ``"stochastic"``.
+    scaling: a ``make_scaling`` name; ``static``/``dynamic`` are global (one shared loss scale).
+    scaling_options: keyword arguments of the scaling policy (e.g. ``{"scale": 8192.0}``).
+    """
+
+    format: str = "optimal"
+    bits: int | None = 6
+    exp_offset: int = 0
+    semantics: str = "paper"
+    rounding: str = "nearest"
+    scaling: str = "per_layer"
+    scaling_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        require_choice(self.semantics, "quantize.semantics", ("paper", "ieee"))
+        require_choice(self.rounding, "quantize.rounding", ROUNDINGS)
+        require_choice(self.scaling, "quantize.scaling", tuple(SCALING_POLICIES))
+        if self.format == "optimal":
+            if not isinstance(self.bits, int) or not 3 <= self.bits <= 16:
+                raise ValueError(f"quantize.bits must be an int in [3, 16] with format "
+                                 f"'optimal', got {self.bits!r}")
+        else:
+            self.fixed_format()  # raises with the allowed names
+            if self.exp_offset:
+                raise ValueError("quantize.exp_offset applies to format 'optimal' only")
+
+    def fixed_format(self) -> FPFormat:
+        if self.format.count("-") == 2:  # the paper's 1-X-Y notation
+            _, e, m = self.format.split("-")
+            make = FPFormat.paper if self.semantics == "paper" else FPFormat.ieee
+            return make(int(e), int(m))
+        return FPFormat.from_name(self.format)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Stochastic pruning of neural gradients (Eq. 5) at a target sparsity.
+
+    method: ``lognormal`` (Eq. 8), ``empirical``, ``calibrated``, ``atp`` (normal assumption),
+        ``topk_stochastic`` (k-th largest |g| then the stochastic operator) or ``topk``
+        (deterministic top-k, biased: meProp/SAW).
+    heterogeneous: per-layer sparsities from ``allocate_sparsity`` (appendix A.9) meeting the
+        overall element-weighted target exactly; ``cos_target`` and ``cap`` as there.
+    """
+
+    sparsity: float = 0.8
+    method: str = "lognormal"
+    heterogeneous: bool = False
+    cos_target: float = 0.9
+    cap: float = 0.95
+    truncate_k: float | None = 2.7
+
+    def __post_init__(self):
+        require_open_unit(self.sparsity, "prune.sparsity")
+        require_choice(self.method, "prune.method", PRUNE_ALL_METHODS)
+        require_open_unit(self.cos_target, "prune.cos_target")
+        require_open_unit(self.cap, "prune.cap")
+        if self.heterogeneous and self.method != "lognormal":
+            raise ValueError("prune.heterogeneous needs prune.method 'lognormal' (the allocation "
+                             f"uses the lognormal closed forms), got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What ``compress_gradients`` does, and where and when.
+
+    quantize / prune: the steps (either, both: prune then quantize, or neither: a no-op wrap).
+    types: layer kinds whose outputs are compressed: any of ``conv``, ``linear``, ``batchnorm``.
+    names: if given, exactly these module names; exclude: names to skip.
+    skip_first / skip_last: leave the first / last selected layer uncompressed.
+    refresh_every: refresh statistics every N steps (None: only per epoch / first step).
+    refresh_each_epoch: refresh at the first step of every epoch (the paper's schedule).
+    sample_size: values per layer kept at a refresh for sample-based methods (empirical, ATP).
+    metrics_every: count sparsity / overflow / underflow / non-finite every N steps (extra
+        reductions cost time; metrics are then a systematic sample of the steps).
+    nonfinite: ``keep`` or ``zero`` (module docstring).
+    """
+
+    quantize: QuantizeSpec | None = None
+    prune: PruneSpec | None = None
+    types: tuple = ("conv", "linear")
+    names: tuple | None = None
+    exclude: tuple = ()
+    skip_first: bool = False
+    skip_last: bool = False
+    refresh_every: int | None = None
+    refresh_each_epoch: bool = True
+    sample_size: int = 4096
+    metrics_every: int = 10
+    nonfinite: str = "keep"
+
+    def __post_init__(self):
+        for t in self.types:
+            require_choice(t, "types", tuple(LAYER_TYPES))
+        require_choice(self.nonfinite, "nonfinite", ("keep", "zero"))
+        for name in ("sample_size", "metrics_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.refresh_every is not None and (
+            not isinstance(self.refresh_every, int) or self.refresh_every < 1
+        ):
+            raise ValueError(f"refresh_every must be a positive int or None, got "
+                             f"{self.refresh_every!r}")
+        if self.quantize is not None and not isinstance(self.quantize, QuantizeSpec):
+            raise TypeError("quantize must be a QuantizeSpec or None")
+        if self.prune is not None and not isinstance(self.prune, PruneSpec):
+            raise TypeError("prune must be a PruneSpec or None")
+
+
+class _Layer:
+    """Per-layer state: compressors, pending statistics, metric accumulators (device tensors)."""
+
+    def __init__(self, handle: CompressionHandle, name: str, index: int):
+        self.handle, self.name, self.index = handle, name, index
+        self.pruner: Pruner | None = None
+        self.quantizer: FPQuantizer | None = None
+        self.fit: LognormalFit | None = None
+        self.sample: torch.Tensor | None = None
+        self.numel = 0
+        self.acc: dict[str, torch.Tensor] = {}
+
+    def compress(self, g: torch.Tensor) -> torch.Tensor:
+        h = self.handle
+        self.numel = g.numel()
+        if h._collecting:
+            self.fit = fit_lognormal(g)
+            flat = g.detach().reshape(-1)
+            k = h.config.sample_size
+            if flat.numel() > k:
+                idx = torch.randint(flat.numel(), (k,), device=flat.device,
+                                    generator=h._generator(flat.device))
+                flat = flat[idx]
+            self.sample = flat.float().clone()
+        if not h._active:
+            return g
+        measure = h._measuring
+        if self.quantizer is not None:
+            self.quantizer.track_metrics = measure
+        out = g
+        if measure:
+            self._add("elements", torch.tensor(float(g.numel()), dtype=torch.float64,
+                                               device=g.device))
+            self._add("nonfinite", (~torch.isfinite(g)).sum().double())
+        if h.config.nonfinite == "zero":
+            out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        gen = h._generator(g.device)
+        spec = h.config.prune
+        if spec is not None:
+            if spec.method == "topk":
+                out = topk_prune(out, self.pruner.sparsity)
+            else:
+                out = self.pruner(out, gen)
+            if measure:
+                th = self.pruner.threshold
+                if th is not None and spec.method != "topk":
+                    at = (out.abs() == th.to(out.dtype)).sum().double()
+                    self._add("at_threshold", at)  # +-a symbols (for the entropy estimate)
+        if self.quantizer is not None:
+            out = self.quantizer(out, gen)
+            if measure:
+                m = self.quantizer.metrics(sync=False)
+                n = float(g.numel())
+                self._add("overflow", m["overflow"] * n)
+                self._add("underflow", m["underflow"] * n)
+        if measure:
+            self._add("zeros", (out == 0).sum().double())
+        return out
+
+    def _add(self, key: str, v: torch.Tensor) -> None:
+        cur = self.acc.get(key)
+        self.acc[key] = v.detach().double() if cur is None else cur + v.detach().double()
+
+
+class CompressionHandle:
+    """Returned by ``compress_gradients``: drives the schedule, exposes metrics, undoes the wrap."""
+
+    def __init__(self, model: nn.Module, config: CompressionConfig, seed: int = 0):
+        if not isinstance(config, CompressionConfig):
+            raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+        self.model, self.config, self.seed = model, config, seed
+        types = tuple(t for name in config.types for t in LAYER_TYPES[name])
+        sel = select_layers(model, types=types, names=list(config.names) if config.names else None,
+                            exclude=config.exclude)
+        if config.skip_first and sel:
+            sel = sel[1:]
+        if config.skip_last and sel:
+            sel = sel[:-1]
+        if not sel:
+            raise ValueError("compress_gradients: no layer selected (check types/names/exclude)")
+        self.layers = [_Layer(self, n, i) for i, (n, _) in enumerate(sel)]
+        self.format: FPFormat | None = None
+        self._global_scaling = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.step_count = 0
+        self.refreshes = 0
+        self.skipped_steps = 0
+        self._collecting = True  # the first step gathers statistics
+        self._active = False  # nothing is compressed before the first refresh
+        self._measuring = False
+        self._allocation = None
+        self._hooks = [m.register_forward_hook(self._make_hook(layer))
+                       for layer, (_, m) in zip(self.layers, sel)]
+
+    # -- hot path -------------------------------------------------------------------------
+    @staticmethod
+    def _make_hook(layer: _Layer):
+        # A gradient hook on the output tensor rather than an identity autograd.Function: the
+        # effect is the same (the hook's return value is what the layer's backward receives),
+        # but a custom Function's output is a view that an in-place op after the layer (e.g.
+        # ReLU(inplace=True)) may not modify. A hook registered before an in-place op receives
+        # dL/dA of the layer's own output, so it stays exact there too.
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(layer.compress)
+
+        return hook
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[device] = g
+        return g
+
+    # -- schedule -------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """Mark the next step as a statistics step (the paper refreshes at each epoch start)."""
+        if self.config.refresh_each_epoch and epoch > 0:
+            self._collecting = True
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Finish a training step: optimizer step (unless a dynamic loss scale overflowed),
+        then the scheduled refresh. Returns False when the step was skipped."""
+        skip = False
+        if self._global_scaling is not None and self._active:
+            skip = bool(self._global_scaling.step())  # one sync, dynamic loss scaling only
+        if optimizer is not None and not skip:
+            optimizer.step()
+        self.skipped_steps += int(skip)
+        if self._collecting:
+            self._refresh()
+        self.step_count += 1
+        every = self.config.refresh_every
+        self._collecting = self._collecting_next or bool(every and self.step_count % every == 0)
+        self._collecting_next = False
+        self._measuring = self._active and self.step_count % self.config.metrics_every == 0
+        return not skip
+
+    _collecting_next = False
+
+    def _refresh(self) -> None:
+        live = [layer for layer in self.layers if layer.fit is not None]
+        if not live:
+            return  # no backward reached the layers yet: try again next step
+        self._collecting = False
+        cfg = self.config
+        if cfg.quantize is not None:
+            self._refresh_quantizers(live)
+        if cfg.prune is not None:
+            self._refresh_pruners(live)
+        self._active = True
+        self.refreshes += 1
+        self._measuring = self.step_count % self.config.metrics_every == 0
+
+    def _choose_format(self, live) -> FPFormat:
+        from gradcomp.numerics.fp_error import optimal_format
+
+        spec = self.config.quantize
+        if spec.format != "optimal":
+            return spec.fixed_format()
+        sig = torch.stack([layer.fit.sigma for layer in live if bool(layer.fit.ok)])
+        sigma = float(sig.median()) if sig.numel() else 3.0
+        best = optimal_format(spec.bits, sigma, semantics=spec.semantics)
+        e = min(max(best.fmt.exp_bits + spec.exp_offset, 1), spec.bits - 1)
+        make = FPFormat.paper if spec.semantics == "paper" else FPFormat.ieee
+        self.chosen = {"sigma": sigma, "e_star": best.fmt.exp_bits, "exp_bits": e,
+                       "man_bits": spec.bits - 1 - e}
+        return make(e, spec.bits - 1 - e)
+
+    def _refresh_quantizers(self, live) -> None:
+        spec = self.config.quantize
+        if self.format is None:
+            self.format = self._choose_format(live)
+            if spec.scaling in GLOBAL_SCALINGS:
+                self._global_scaling = make_scaling(spec.scaling, **spec.scaling_options)
+            for layer in self.layers:
+                scaling = self._global_scaling or make_scaling(spec.scaling, **spec.scaling_options)
+                layer.quantizer = FPQuantizer(self.format, spec.rounding, scaling,
+                                              track_metrics=False)
+        for layer in live:
+            if bool(layer.fit.ok):
+                layer.quantizer.update(layer.fit)
+
+    def _refresh_pruners(self, live) -> None:
+        spec = self.config.prune
+        if self.layers[0].pruner is None:
+            for layer in self.layers:
+                method = "lognormal" if spec.method == "topk" else spec.method
+                layer.pruner = Pruner(spec.sparsity, method)
+        if spec.method == "topk":
+            return
+        if spec.heterogeneous:
+            ok = [layer for layer in live if bool(layer.fit.ok)]
+            if ok:
+                alloc = allocate_sparsity(
+                    [layer.numel for layer in ok],
+                    torch.stack([layer.fit.mu for layer in ok]).cpu(),
+                    torch.stack([layer.fit.sigma for layer in ok]).cpu(),
+                    torch.stack([layer.fit.zero_fraction for layer in ok]).cpu(),
+                    spec.sparsity, cos_target=spec.cos_target, cap=spec.cap,
+                    truncate_k=spec.truncate_k,
+                )
+                self._allocation = {layer.name: float(s) for layer, s in zip(ok, alloc.sparsities)}
+                for layer, th in zip(ok, alloc.thresholds):
+                    layer.pruner.threshold = th.to(layer.fit.mu.device).reshape(())
+            return
+        for layer in live:
+            layer.pruner.update(layer.fit, layer.sample)
+
+    # -- metrics --------------------------------------------------------------------------
+    def bits_per_element(self, layer: _Layer, acc: dict) -> float:
+        """Bits per neural-gradient element of the compressed stream of one layer.
+
+        FP only: the format's width. Pruning: the entropy bound of the symbol stream
+        {0, +a, -a, escape} plus the escaped values (32 bits, or the FP width when quantized
+        after pruning); the real encoder (``compressors.encoding``) lands within a few % of it.
+        """
+        n = float(acc.get("elements", 0.0))
+        if n == 0:
+            return math.nan
+        width = float(self.format.bits) if self.format is not None else 32.0
+        if self.config.prune is None:
+            return width
+        p0 = float(acc.get("zeros", 0.0)) / n
+        pa = float(acc.get("at_threshold", 0.0)) / n
+        pe = max(0.0, 1.0 - p0 - pa)
+        if self.config.prune.method == "topk":
+            pa, pe = 0.0, 1.0 - p0
+        h = -sum(p * math.log2(p) for p in (p0, pa, pe) if p > 0)
+        return h + pa + pe * width  # + one sign bit per +-a symbol
+
+    def metrics(self, reset: bool = True) -> dict:
+        """Per-layer and overall (element-weighted) metrics since the last reset; one sync.
+
+        Keys: sparsity (fraction of zeros in the compressed gradient), overflow and underflow
+        (fractions of elements, FP only), nonfinite (count), bits_per_element, threshold /
+        target sparsity per layer where pruning.
+        """
+        layers = {}
+        tot = {"elements": 0.0, "zeros": 0.0, "overflow": 0.0, "underflow": 0.0,
+               "nonfinite": 0.0, "bits": 0.0}
+        for layer in self.layers:
+            acc = {k: float(v) for k, v in layer.acc.items()}
+            n = acc.get("elements", 0.0)
+            row = {
+                "sparsity": acc.get("zeros", 0.0) / n if n else math.nan,
+                "overflow": acc.get("overflow", 0.0) / n if n else math.nan,
+                "underflow": acc.get("underflow", 0.0) / n if n else math.nan,
+                "nonfinite": acc.get("nonfinite", 0.0),
+                "bits_per_element": self.bits_per_element(layer, acc),
+            }
+            if layer.pruner is not None:
+                th = layer.pruner.threshold
+                row["threshold"] = float(th) if th is not None else math.nan
+                row["target_sparsity"] = (self._allocation or {}).get(layer.name,
+                                                                      layer.pruner.sparsity)
+            layers[layer.name] = row
+            if n:
+                tot["elements"] += n
+                for k in ("zeros", "overflow", "underflow", "nonfinite"):
+                    tot[k] += acc.get(k, 0.0)
+                tot["bits"] += row["bits_per_element"] * n
+            if reset:
+                layer.acc = {}
+        n = tot["elements"]
+        overall = {
+            "sparsity": tot["zeros"] / n if n else math.nan,
+            "overflow": tot["overflow"] / n if n else math.nan,
+            "underflow": tot["underflow"] / n if n else math.nan,
+            "nonfinite": tot["nonfinite"],
+            "bits_per_element": tot["bits"] / n if n else 32.0,
+            "skipped_steps_total": self.skipped_steps,
+        }
+        if self.format is not None:
+            overall["format"] = self.format.name
+        return {"overall": overall, "layers": layers}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "step_count": self.step_count, "refreshes": self.refreshes,
+            "skipped_steps": self.skipped_steps, "collecting": self._collecting,
+            "active": self._active, "format": self.format,
+            "chosen": getattr(self, "chosen", None), "allocation": self._allocation,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            "global_scaling": None if self._global_scaling is None
+            else self._global_scaling.state_dict(),
+            "layers": {
+                layer.name: {
+                    "pruner": layer.pruner.state_dict() if layer.pruner else None,
+                    "quantizer": layer.quantizer.state_dict() if layer.quantizer else None,
+                    "numel": layer.numel,
+                }
+                for layer in self.layers
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != dataclasses.asdict(self.config):
+            raise ValueError("compressor state was saved with another CompressionConfig")
+        names = {layer.name for layer in self.layers}
+        if set(state["layers"]) != names:
+            raise ValueError(f"compressor state is for layers {sorted(state['layers'])}, "
+                             f"this model has {sorted(names)}")
+        self.step_count, self.refreshes = state["step_count"], state["refreshes"]
+        self.skipped_steps = state["skipped_steps"]
+        self._collecting, self._active = state["collecting"], state["active"]
+        self._allocation = state["allocation"]
+        if state["chosen"] is not None:
+            self.chosen = state["chosen"]
+        spec = self.config.quantize
+        if state["format"] is not None:
+            self.format = state["format"]
+            if spec.scaling in GLOBAL_SCALINGS:
+                self._global_scaling = make_scaling(spec.scaling, **spec.scaling_options)
+                self._global_scaling.load_state_dict(state["global_scaling"])
+        for dev, st in state["generators"].items():
+            self._generator(torch.device(dev)).set_state(st)
+        for layer in self.layers:
+            ls = state["layers"][layer.name]
+            layer.numel = ls["numel"]
+            if ls["pruner"] is not None:
+                layer.pruner = Pruner(self.config.prune.sparsity, ls["pruner"]["method"])
+                layer.pruner.load_state_dict(ls["pruner"])
+            if ls["quantizer"] is not None:
+                scaling = self._global_scaling or make_scaling(spec.scaling,
+                                                               **spec.scaling_options)
+                layer.quantizer = FPQuantizer(self.format, spec.rounding, scaling,
+                                              track_metrics=False)
+                layer.quantizer.load_state_dict(ls["quantizer"])
+        self._measuring = self._active and self.step_count % self.config.metrics_every == 0
+
+    def remove(self) -> None:
+        """Remove every hook: the model is exactly as before (parameters were never touched)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def compress_gradients(model: nn.Module, config: CompressionConfig,
+                       seed: int = 0) -> CompressionHandle:
+    """Compress the neural gradients of ``model``'s selected layers as ``config`` says.
+
+    Call ``handle.step(optimizer)`` in place of ``optimizer.step()`` (it drives the statistics
+    schedule and the dynamic loss scale) and ``handle.on_epoch_start(epoch)`` at each epoch.
+    ``seed`` seeds the compressors' generators (stochastic rounding/pruning, samples).
+    """
+    return CompressionHandle(model, config, seed)

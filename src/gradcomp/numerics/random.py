@@ -1,0 +1,96 @@
+"""Counter-based random numbers: uniforms from (seed, element index) with integer bit ops.
+
+Why: a fused kernel (``torch.compile``) cannot call torch's stateful generator per element, and
+drawing a full ``torch.rand`` tensor costs a separate pass and a full-size buffer. Instead one
+int64 seed is drawn per call from the user's ``torch.Generator`` (a 0-d device tensor, so no host
+sync on CUDA) and each element hashes ``(seed, index)`` with a 32-bit integer mixer
+(the "lowbias32" mixer of C. Wellons: xor-shift / multiply rounds, bias ~0.17 of an ideal
+32-bit permutation). The same seed and shape always give the same numbers, on every device
+and in both the fused and the eager path, because only exact integer ops are used.
+
+All arithmetic is int32 with wrap-around products (two's complement, the behaviour of torch
+int32 multiplication on CPU and CUDA); right shifts are made logical by masking, since torch's
+``>>`` is arithmetic on negative values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
+]
+
+# seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
+SEED_HIGH = 1 << 62
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B - (1 << 32)  # same 32-bit pattern as a signed int32 constant
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int32 ``x`` by ``s`` bits."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Bijective 32-bit integer mixer (lowbias32) on an int32 tensor (wrap-around products).
+
+    Every output bit depends on every input bit; the map is a permutation of the 2^32 values.
+    """
+    x = x ^ _srl(x, 16)
+    x = x * _M1
+    x = x ^ _srl(x, 15)
+    x = x * _M2
+    return x ^ _srl(x, 16)
+
+
+def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    """One int64 seed in [0, 2^62) as a 0-d tensor on ``device`` (no host sync).
+
+    With ``generator=None`` torch's default generator of ``device`` is used, so
+    ``torch.manual_seed`` makes a run reproducible.
+    """
+    device = torch.device(device)
+    if generator is not None:
+        return torch.randint(0, SEED_HIGH, (), generator=generator, device=generator.device,
+                             dtype=torch.int64).to(device)
+    return torch.randint(0, SEED_HIGH, (), device=device, dtype=torch.int64)
+
+
+def seed_keys(seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 0-d int32 keys from the 62-bit int64 seed (its low and high 31-bit halves, mixed).
+
+    Call this *outside* a ``torch.compile`` region and pass the keys in: torch 2.13's CPU
+    inductor evaluates this scalar int64 -> int32 chain in wider precision when it is fused
+    into a broadcast loop (no 32-bit wrap), which silently changes the stream.
+    """
+    lo = (seed & 0x7FFFFFFF).to(torch.int32)
+    hi = ((seed >> 31) & 0x7FFFFFFF).to(torch.int32)
+    k1 = mix32(lo ^ 0x2545F491)
+    k2 = mix32(hi ^ k1)
+    return k1, k2
+
+
+def uniform_from_counter(seed: torch.Tensor, numel: int, device=None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``numel`` uniforms in [0, 1) from ``(seed, index)`` for index = 0..numel-1.
+
+    Values are multiples of 2^-24 (24 random bits: exact in float32, so ``u < 1`` always);
+    0 occurs with probability 2^-24. Two rounds of ``mix32`` keyed by both seed halves make
+    streams of different seeds independent for practical purposes. ``numel`` must be < 2^31
+    (the index is an int32 counter).
+    """
+    device = seed.device if device is None else device
+    k1, k2 = seed_keys(seed.to(device))
+    return uniform_from_keys(k1, k2, numel, device, dtype)
+
+
+def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The body of ``uniform_from_counter`` given ``seed_keys(seed)``; safe inside torch.compile."""
+    if numel >= 1 << 31:
+        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {numel}")
+    device = k1.device if device is None else device
+    idx = torch.arange(numel, device=device, dtype=torch.int32)
+    h = mix32(mix32(idx ^ k1) + k2)
+    return _srl(h, 8).to(dtype) * (2.0**-24)

@@ -1,0 +1,307 @@
+"""``quantize_fp``: round a tensor onto an :class:`FPFormat` grid with integer ops on its bits.
+
+How (one pass, branch-free, the same code on CPU and CUDA):
+
+1. Work in a *container*: float32 bits as int32 for float32/float16/bfloat16 inputs (half types
+   are upcast, exactly), float64 bits as int64 for float64 inputs (its own int64 path, so wide
+   formats and the paper's 8-exponent-bit formats are exact too). A float32/half input whose
+   format does not fit in float32 (e.g. paper 1-8-y, max 2^128) raises ValueError: pass float64.
+2. Split ``a = |bits|`` and the sign bit. In the format's normal range (|y| >= min_normal) the
+   grid spacing is the container's spacing times 2^d0, d0 = container_man_bits - man_bits, so
+   rounding is an integer add and mask on ``a``; a carry walks into the exponent by itself.
+   Nearest: add 2^(d0-1) - 1 + (bit d0 of a), then clear the low d0 bits: round half to even
+   (the even *code* of the format: even mantissa LSB; for man_bits = 0, even exponent code).
+   Stochastic: add d0 uniform random bits, then clear: rounds up with probability equal to the
+   dropped fraction (exactly unbiased).
+3. Below min_normal the grid is uniform (step 2^(emin - man_bits) with subnormals, else
+   min_normal itself). Nearest is ``(|y| + C) - C`` with C = step * 2^container_man_bits: the
+   FPU's own round-half-to-even add lands on a multiple of step. Stochastic uses
+   p = |y| / step (exact, a power-of-two product) and ``floor(p) + (u < frac(p))``.
+   Without subnormals nearest *flushes* |y| < min_normal to 0 (Eq. 2); stochastic rounding
+   stays unbiased and picks 0 or min_normal.
+4. Overflow: a rounded magnitude above max_normal (and +-inf) becomes max_normal
+   (``overflow="saturate"``) or inf (``overflow="inf"``); NaN stays NaN (payload kept).
+5. The sign bit is put back (so -0 stays -0 and a flushed negative value is -0).
+
+Random bits for stochastic rounding: ONE int64 seed is drawn per call from the user's
+``torch.Generator`` (a 0-d tensor on the generator's device: no host sync on CUDA), and each
+element hashes (seed, element index) with an integer mixer (:func:`gradcomp.numerics.random.mix32`).
+Why: inside a fused kernel there is no per-element call to torch's stateful generator, and
+``torch.rand_like`` would cost an extra full-size buffer and pass. A counter-based hash is pure
+integer math, so the fused and eager paths give bit-identical results for the same generator
+state. Per element the bits are exactly uniform over seeds (the mixer is a bijection of
+``index ^ key``); precision: 31 bits (float32 container; 24 in the sub-normal range) or 63 bits
+(float64), i.e. below min_normal the up-probability is quantised to 2^-24 (2^-53 for float64).
+
+Fused vs eager: ``compile=None`` reads ``GRADCOMP_COMPILE`` (``"1"`` default, ``"0"`` eager).
+The fused path is ``torch.compile`` of the same function (compiled lazily on first call, never
+at import; one compile per rounding mode and dtype, the format's constants are passed as
+tensors so a new format reuses it). If compilation fails the eager path is used, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache, lru_cache
+
+import numpy as np
+import torch
+
+from gradcomp.numerics._checks import require_choice, require_float_tensor
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.random import draw_seed, mix32
+
+__all__ = ["quantize_fp", "set_compile", "compile_enabled", "ROUNDINGS"]
+
+ROUNDINGS = ("nearest", "stochastic")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# container: (float dtype, int dtype, mantissa bits, exponent bits, numpy float, numpy int)
+_F32 = (torch.float32, torch.int32, 23, 8, np.float32, np.int32)
+_F64 = (torch.float64, torch.int64, 52, 11, np.float64, np.int64)
+
+_COMPILE_OVERRIDE: bool | None = None
+_COMPILE_BROKEN = False
+
+
+def set_compile(enabled: bool | None) -> None:
+    """Module switch for the fused path: True/False force it, None defers to GRADCOMP_COMPILE."""
+    global _COMPILE_OVERRIDE
+    _COMPILE_OVERRIDE = enabled
+
+
+def compile_enabled() -> bool:
+    """Whether a call with ``compile=None`` takes the fused (torch.compile) path."""
+    if _COMPILE_BROKEN:
+        return False
+    if _COMPILE_OVERRIDE is not None:
+        return _COMPILE_OVERRIDE
+    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
+    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
+    return value == "1"
+
+
+def _pow2_factors(e: int) -> tuple[float, float]:
+    """2^e as two float factors, each inside the float32 normal range (2^e may not be)."""
+    e1 = e // 2
+    return 2.0**e1, 2.0 ** (e - e1)
+
+
+@lru_cache(maxsize=256)
+def _constants_host(fmt: FPFormat, wide: bool):
+    """The format's constants for one container, as Python numbers (cached per format)."""
+    fdt, idt, T, ebits, npf, npi = _F64 if wide else _F32
+    cbias = 2 ** (ebits - 1) - 1
+    if not fmt.fits(ebits, T):
+        raise ValueError(
+            f"format {fmt.name} (min normal 2^{fmt.emin}, max {fmt.max_normal!r}, "
+            f"{fmt.man_bits} mantissa bits) is not representable in "
+            f"{'float64' if wide else 'float32'}; pass a float64 tensor"
+        )
+    m = fmt.man_bits
+    d0 = T - m
+    ints = [
+        d0,
+        (1 << (d0 - 1)) - 1 if d0 > 0 else 0,  # nearest: half - 1 (0 when nothing is dropped)
+        1 if d0 > 0 else 0,  # nearest: weight of the "odd" bit for ties to even
+        ~((1 << d0) - 1),  # mask clearing the dropped bits
+        (fmt.emin + cbias) << T,  # bits of min_normal
+        int(np.array(fmt.max_normal, dtype=npf).view(npi)),  # bits of max_normal
+        int(np.array(np.inf if fmt.overflow == "inf" else fmt.max_normal, dtype=npf).view(npi)),
+        (2 ** ebits - 1) << T,  # bits of +inf
+        (8 * np.dtype(npi).itemsize - 1) - d0,  # right shift turning random bits into d0 bits
+        # man_bits = 0: bit d0 is the container's exponent LSB; ties go to the even *format*
+        # code, whose parity differs from the container's when the biases differ in parity
+        (cbias - fmt.bias) & 1 if (m == 0 and d0 > 0) else 0,
+    ]
+    e_step = fmt.emin - m if fmt.subnormals else fmt.emin
+    inv1, inv2 = _pow2_factors(-e_step)
+    st1, st2 = _pow2_factors(e_step)
+    # nearest below min_normal: (|y| + C) - C with C = step * 2^T rounds |y| to a multiple of
+    # the subnormal step in one hardware RNE add (|y| < min_normal <= C, so ulp(|y|+C) = step)
+    magic = 2.0 ** (fmt.emin - m + T)
+    floats = [inv1, inv2, st1, st2, 1.0 if fmt.subnormals else 0.0, magic]
+    return ints, floats
+
+
+def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ints, floats = _constants_host(fmt, wide)
+    fdt, idt = (_F64 if wide else _F32)[:2]
+    return (torch.tensor(ints, dtype=idt, device=device),
+            torch.tensor(floats, dtype=fdt, device=device))
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift by a constant (torch's >> is arithmetic on negative values)."""
+    bits = 8 * x.element_size()
+    return (x >> s) & ((1 << (bits - s)) - 1)
+
+
+def _random_bits(seed: torch.Tensor, n: int, wide: bool, device) -> torch.Tensor:
+    """Non-negative random ints from hash(seed, index): 31 bits (int32) or 63 bits (int64)."""
+    lo = (seed & 0x7FFFFFFF).to(torch.int32)
+    hi = ((seed >> 31) & 0x7FFFFFFF).to(torch.int32)
+    k1 = mix32(lo ^ 0x2545F491)
+    k2 = mix32(hi ^ k1)
+    idx = torch.arange(n, device=device, dtype=torch.int32)
+    h1 = mix32(mix32(idx ^ k1) + k2)
+    if not wide:
+        return _srl(h1, 1)
+    k3 = mix32(k2 ^ 0x6A09E667)
+    k4 = mix32(k3 ^ k1)
+    h2 = mix32(mix32(idx ^ k3) + k4)
+    return ((h1.to(torch.int64) & 0x7FFFFFFF) << 32) | (h2.to(torch.int64) & 0xFFFFFFFF)
+
+
+def _quantize_flat(x, scale, ints, floats, seed, stochastic: bool, scaled: bool):
+    """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype."""
+    out_dtype = x.dtype
+    wide = out_dtype == torch.float64
+    fdt, idt, T = (_F64 if wide else _F32)[:3]
+    y = x.to(fdt)
+    if scaled:
+        s = scale.to(fdt)
+        y = y * s
+    bits = y.view(idt)
+    sign_mask = -(1 << (8 * (8 if wide else 4) - 1))
+    sign = bits & sign_mask
+    inf_bits = ints[7]
+    mag = bits & ~sign_mask
+    a = torch.minimum(mag, inf_bits)  # NaN payloads clamped: no integer overflow below
+
+    # normal range: integer rounding of the bit pattern at bit d0
+    if stochastic:
+        rbits = _random_bits(seed, y.numel(), wide, y.device)
+        ar = (a + (rbits >> ints[8])) & ints[3]
+    else:
+        ar = (a + ints[1] + (((a >> ints[0]) ^ ints[9]) & ints[2])) & ints[3]
+
+    # below min_normal: a uniform grid, p = |y| / step exactly (power-of-two products)
+    if stochastic:
+        p = (y.abs() * floats[0]) * floats[1]
+        k = torch.floor(p)
+        if wide:
+            u = (rbits >> 10).to(fdt) * 2.0**-53
+        else:
+            u = (rbits >> 7).to(fdt) * 2.0**-24
+        k = k + (u < p - k).to(fdt)
+        sub = ((k * floats[2]) * floats[3]).view(idt)
+    else:  # round half to even by the FPU; flushed to 0 when there are no subnormals
+        sub = (((y.abs() + floats[5]) - floats[5]) * floats[4]).view(idt)
+
+    r = torch.where(a < ints[4], sub, ar)
+    r = torch.where(r > ints[5], ints[6], r)  # overflow: saturate or inf
+    r = torch.where(a >= inf_bits, ints[6], r)  # +-inf in (or y*s overflowed): same policy
+    r = torch.where(mag > inf_bits, mag, r)  # NaN in -> the same NaN out (integer test)
+    out = (r | sign).view(fdt)
+    if scaled:
+        out = out / s
+    return out.to(out_dtype)
+
+
+def _nearest_flat(x, scale, ints, floats, seed):
+    return _quantize_flat(x, scale, ints, floats, seed, False, False)
+
+
+def _stochastic_flat(x, scale, ints, floats, seed):
+    return _quantize_flat(x, scale, ints, floats, seed, True, False)
+
+
+def _nearest_scaled_flat(x, scale, ints, floats, seed):
+    return _quantize_flat(x, scale, ints, floats, seed, False, True)
+
+
+def _stochastic_scaled_flat(x, scale, ints, floats, seed):
+    return _quantize_flat(x, scale, ints, floats, seed, True, True)
+
+
+_KERNELS = {
+    (False, False): _nearest_flat,
+    (True, False): _stochastic_flat,
+    (False, True): _nearest_scaled_flat,
+    (True, True): _stochastic_scaled_flat,
+}
+
+
+@cache
+def _compiled(stochastic: bool, scaled: bool):
+    # one module-level function (code object) per variant: dynamo's recompile budget is per
+    # code object and each varies only by dtype; the format's constants are tensors, not guards
+    return torch.compile(_KERNELS[(stochastic, scaled)], dynamic=True, fullgraph=True)
+
+
+def quantize_fp(
+    x: torch.Tensor,
+    fmt: FPFormat | str,
+    rounding: str = "nearest",
+    scale=None,
+    generator: torch.Generator | None = None,
+    compile: bool | None = None,
+) -> torch.Tensor:
+    """Round ``x`` onto the grid of ``fmt``; returns a new tensor of x's dtype, shape and device.
+
+    Args:
+        x: float32, float16, bfloat16 or float64 tensor (integer tensors raise TypeError).
+            Half types are upcast to float32 for the bit work and the result is cast back
+            (exact when the format fits in that half type, e.g. e5m2 in float16).
+        fmt: an :class:`FPFormat` or a name accepted by ``FPFormat.from_name``.
+        rounding: ``"nearest"``: round half to even on the grid (without subnormals,
+            |y| < min_normal is flushed to 0, Eq. 2). ``"stochastic"``: up with probability
+            equal to the distance fraction to the lower neighbour, so E[Q(y)] = y for every y
+            inside [-max_normal, max_normal] (also below min_normal, where the neighbours are 0
+            and the smallest grid value).
+        scale: None, a positive finite number or 0-d tensor s: returns Q(x*s)/s (exact
+            scaling when s is a power of two). A Python/CPU scale of 0, inf or NaN raises
+            ValueError; a device scale is not inspected (that would sync the host).
+        generator: torch.Generator for stochastic rounding (one seed drawn per call, on the
+            generator's device); None uses torch's default generator of x's device.
+        compile: True = fused torch.compile path, False = eager, None = module switch /
+            ``GRADCOMP_COMPILE`` env (see :func:`set_compile`). Both give identical bits.
+
+    Overflow per ``fmt.overflow``: saturate to +-max_normal (also +-inf inputs) or round to
+    +-inf. NaN stays NaN. Signed zeros keep their sign.
+    """
+    global _COMPILE_BROKEN
+    require_float_tensor(x, "x")
+    require_choice(x.dtype, "x.dtype", _DTYPES)
+    if isinstance(fmt, str):
+        fmt = FPFormat.from_name(fmt)
+    elif not isinstance(fmt, FPFormat):
+        raise TypeError(f"fmt must be an FPFormat or a format name, got {type(fmt).__name__}")
+    require_choice(rounding, "rounding", ROUNDINGS)
+    wide = x.dtype == torch.float64
+    fdt = torch.float64 if wide else torch.float32
+    if scale is None:
+        s = torch.ones((), dtype=fdt, device=x.device)
+    else:
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise ValueError(f"scale must be a number or a 0-d tensor, got shape "
+                                 f"{tuple(scale.shape)}")
+            s = scale.detach().reshape(()).to(device=x.device, dtype=fdt)
+            check = scale.device.type == "cpu"
+        else:
+            s = torch.tensor(float(scale), dtype=fdt, device=x.device)
+            check = True
+        if check:
+            v = float(scale)
+            if not (v > 0 and np.isfinite(v)):
+                raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    ints, floats = _constants(fmt, wide, x.device)
+    stochastic = rounding == "stochastic"
+    if stochastic:
+        seed = draw_seed(generator, x.device)
+    else:
+        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    flat = x.reshape(-1)
+    use_compile = compile_enabled() if compile is None else bool(compile)
+    if use_compile and flat.numel() > 0:
+        try:
+            out = _compiled(stochastic, scale is not None)(flat, s, ints, floats, seed)
+            return out.view(x.shape)
+        except Exception as exc:  # a missing C++ toolchain must not break training
+            _COMPILE_BROKEN = True
+            warnings.warn(f"quantize_fp: torch.compile failed ({exc!r}); using the eager path",
+                          RuntimeWarning, stacklevel=2)
+    return _KERNELS[(stochastic, scale is not None)](flat, s, ints, floats, seed).view(x.shape)

@@ -1,0 +1,292 @@
+"""Stochastic-pruning analysis: expected sparsity, thresholds, cosine similarity (notes 3-4).
+
+The operator (paper Eq. 5) keeps ``|x| >= a``, maps ``a*eps <= |x| < a`` to ``sign(x) a`` and
+zeroes the rest, eps ~ U[0, 1). An element is therefore zeroed with probability
+``max(0, 1 - |x|/a)``, which gives every threshold solver here:
+
+* ``lognormal_threshold``: ln|x| ~ N(mu, sigma^2) on the non-zeros (corrected Eq. 8), with the
+  zero correction S' = (S - z)/(1 - z) (notes section 3). Vectorised: one call solves every layer.
+* ``normal_threshold``: ATP's normal assumption (baseline).
+* ``empirical_threshold``: distribution free, exact on a sample (issue 8).
+
+All functions accept Python floats, numpy arrays or tensors (broadcast together) and return the
+same kind: a float64 tensor on the inputs' device if any input is a tensor, else a numpy array,
+else a float. Validation of the arguments reads them on the host (one sync per call, meant for
+the once-per-refresh solve); ``empirical_threshold`` and ``empirical_sparsity`` never sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.special import log_ndtr, ndtr, ndtri
+
+from gradcomp.numerics._checks import require_float_tensor
+
+__all__ = [
+    "empirical_sparsity",
+    "empirical_threshold",
+    "expected_sparsity",
+    "lognormal_threshold",
+    "normal_threshold",
+    "pruned_cosine",
+]
+
+_NEWTON_STEPS = 60  # each step at least halves the bracket: 2^-60 of a width <= ~40 in ln a
+
+
+def _prepare(*values):
+    """Broadcast to float64 tensors; remember the output kind ('tensor'/'numpy'/'float')."""
+    kind = "float"
+    device = None
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            kind = "tensor"
+            device = v.device if device is None else device
+        elif isinstance(v, np.ndarray) and kind == "float":
+            kind = "numpy"
+    ts = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]
+    return list(torch.broadcast_tensors(*ts)), kind
+
+
+def _finish(t: torch.Tensor, kind: str):
+    if kind == "tensor":
+        return t
+    if kind == "numpy":
+        return t.cpu().numpy()
+    return float(t)
+
+
+def _layer_name(i: int, names) -> str:
+    return f"layer {names[i]!r}" if names is not None else f"layer {i}"
+
+
+def _check_open_unit(t: torch.Tensor, name: str) -> None:
+    bad = ~((t > 0) & (t < 1))
+    if bool(bad.any()):
+        v = t.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]].item()
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {v!r}")
+
+
+def _check_finite(t: torch.Tensor, name: str, names=None, lo: float | None = None) -> None:
+    flat = t.reshape(-1)
+    bad = ~torch.isfinite(flat)
+    if lo is not None:
+        bad |= flat < lo
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        rule = "finite" if lo is None else f"finite and >= {lo}"
+        where = _layer_name(i, names)
+        raise ValueError(f"{name} must be {rule}, got {flat[i].item()!r} for {where}")
+
+
+def _sparsity_of_t(t: torch.Tensor, sigma: torch.Tensor):
+    """Eq. 8 (corrected) in t = ln(a) - mu for the non-zeros, and dS/dt.
+
+    S(t) = Phi(t/s) - exp(s^2/2 - t) Phi((t - s^2)/s). The second term is computed in the log
+    domain (log_ndtr) so it neither overflows nor cancels for large sigma. Its value is also the
+    derivative: dS/dt = E[|x|/a; |x| < a] (the two density terms cancel), so S is increasing.
+    """
+    term2 = torch.exp(sigma * sigma / 2 - t + log_ndtr((t - sigma * sigma) / sigma))
+    return ndtr(t / sigma) - term2, term2
+
+
+def expected_sparsity(a, mu, sigma, zero_fraction=0.0):
+    """Expected fraction of zeros after stochastic pruning at threshold ``a`` (Eq. 8, corrected).
+
+    ln|x| ~ N(mu, sigma^2) on the non-zeros; a fraction ``zero_fraction`` of exact zeros stays
+    zero: S = z + (1 - z) S_nonzero(a). ``a <= 0`` (no pruning) gives z; sigma = 0 gives the
+    point-mass limit max(0, 1 - e^mu/a). NaN in any argument propagates to the result.
+    """
+    (a, mu, sigma, z), kind = _prepare(a, mu, sigma, zero_fraction)
+    t = torch.log(a.clamp_min(torch.finfo(torch.float64).tiny)) - mu
+    s_pos, _ = _sparsity_of_t(t, sigma.clamp_min(1e-300))
+    s_point = (1 - torch.exp(-t)).clamp_min(0)
+    s = torch.where(sigma > 0, s_pos, s_point)
+    s = torch.where(a > 0, s, torch.zeros_like(s))
+    s = torch.where(torch.isnan(a) | torch.isnan(mu) | torch.isnan(sigma), torch.nan, s)
+    return _finish(z + (1 - z) * s, kind)
+
+
+def lognormal_threshold(sparsity, mu, sigma, zero_fraction=0.0, names: Sequence | None = None):
+    """Threshold ``a`` with expected sparsity ``sparsity`` for lognormal |x| (Eq. 8, notes 3).
+
+    Solves S(a) = S' with S' = (S - z)/(1 - z) on the non-zeros; where ``zero_fraction >=
+    sparsity`` the zeros already meet the target and the threshold is 0 (no pruning).
+    Convergence is guaranteed: in t = ln a - mu the root lies in the closed-form bracket
+    [sigma Phi^-1(S'), sigma^2/2 - ln(1 - S')] (S <= Phi(t/sigma) and S >= 1 - E|x|/a), and
+    every one of the fixed 60 steps is Newton (dS/dt in closed form) or, when Newton leaves the
+    bracket, bisection; the bracket shrinks each step (relative error of a ~1e-15). sigma = 0
+    gives a = e^mu / (1 - S'). Vectorised: all arguments broadcast, one call solves all layers.
+
+    Raises ValueError for sparsity outside (0, 1), zero_fraction outside [0, 1], and non-finite
+    mu or negative/non-finite sigma, naming the layer (``names[i]`` if given, else its index).
+    """
+    (s, mu, sigma, z), kind = _prepare(sparsity, mu, sigma, zero_fraction)
+    _check_open_unit(s, "sparsity")
+    _check_finite(mu, "mu", names)
+    _check_finite(sigma, "sigma", names, lo=0.0)
+    _check_finite(z, "zero_fraction", names, lo=0.0)
+    if bool((z > 1).any()):
+        raise ValueError(f"zero_fraction must be in [0, 1], got max {z.max().item()!r}")
+    prune = z < s
+    sp = torch.where(prune, (s - z) / (1 - z).clamp_min(1e-300), torch.full_like(s, 0.5))
+    sig = sigma.clamp_min(1e-300)
+    lo = sig * ndtri(sp)
+    hi = sig * sig / 2 - torch.log1p(-sp)
+    t = (lo + hi) / 2
+    for _ in range(_NEWTON_STEPS):
+        f, fp = _sparsity_of_t(t, sig)
+        f = f - sp
+        lo = torch.where(f < 0, t, lo)
+        hi = torch.where(f < 0, hi, t)
+        newton = t - f / fp
+        ok = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        t = torch.where(ok, newton, (lo + hi) / 2)
+    t = torch.where(sigma > 0, t, -torch.log1p(-sp))
+    a = torch.where(prune, torch.exp(mu + t), torch.zeros_like(t))
+    return _finish(a, kind)
+
+
+def normal_threshold(sparsity, mean_abs):
+    """ATP baseline threshold (Ye et al. 2019; notes 3): x ~ N(0, sigma_hat^2).
+
+    sigma_hat = sqrt(pi/2) * mean|g| (mean over *all* elements, zeros included, as ATP does);
+    a = sigma_hat * Phi^-1((1 + p)/2), the |x| quantile p of that normal. ``mean_abs = 0`` gives
+    a = 0 (nothing to prune). Raises ValueError for p outside (0, 1) or a negative or
+    non-finite mean_abs.
+    """
+    (p, m), kind = _prepare(sparsity, mean_abs)
+    _check_open_unit(p, "sparsity")
+    _check_finite(m, "mean_abs", lo=0.0)
+    return _finish(math.sqrt(math.pi / 2) * m * ndtri((1 + p) / 2), kind)
+
+
+def _padded(sample, counts):
+    """(rows, n) matrix with non-finite and padding entries as +inf, counts of valid entries."""
+    if isinstance(sample, torch.Tensor):
+        require_float_tensor(sample, "sample")
+        if sample.dim() == 1:
+            mat = sample.unsqueeze(0)
+        elif sample.dim() == 2:
+            mat = sample
+        else:
+            raise ValueError(f"sample must be 1-D or a padded 2-D matrix, got {sample.dim()}-D")
+    elif isinstance(sample, Sequence) and len(sample) > 0:
+        for i, s in enumerate(sample):
+            require_float_tensor(s, f"sample[{i}]")
+        flat = [s.detach().reshape(-1) for s in sample]
+        if counts is None:
+            counts = torch.tensor([f.numel() for f in flat], device=flat[0].device)
+        mat = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True, padding_value=0.0)
+    else:
+        raise TypeError("sample must be a tensor or a non-empty list of 1-D tensors")
+    mat = mat.detach().to(torch.float64).abs()
+    n = mat.shape[1]
+    col = torch.arange(n, device=mat.device)
+    if counts is None:
+        valid = torch.ones_like(mat, dtype=torch.bool)
+    else:
+        counts = torch.as_tensor(counts, device=mat.device).reshape(-1, 1)
+        valid = col.unsqueeze(0) < counts
+    valid = valid & torch.isfinite(mat)
+    mat = torch.where(valid, mat, torch.inf)
+    return mat, valid.sum(1)
+
+
+def empirical_threshold(sample, sparsity, counts=None):
+    """Threshold ``a`` solving mean_i max(0, 1 - |x_i|/a) = S exactly on a sample (issue 8).
+
+    The left side is the exact expected sparsity of stochastic pruning on those values; it is
+    continuous and increasing in a. After one sort of |x| (ascending v_1..v_n, prefix sums
+    P_j), on the segment where the first j values lie below a it equals (j - P_j/a)/n, so
+    a = P_j / (j - nS) for the segment j whose knots bracket S. Exact up to float64 rounding.
+
+    Args:
+        sample: a 1-D tensor (one layer, 0-d result), a list of 1-D tensors (one per layer,
+            padded internally) or a padded (layers, n) matrix with ``counts`` valid entries per
+            row (1-D result). Any float dtype and device; NaN/inf entries are excluded.
+        sparsity: float (or a CPU sequence/tensor, one per row) strictly inside (0, 1).
+    Returns a float64 tensor on the sample's device. Where the sample's zeros already reach
+    the target (including an all-zero or empty sample) the threshold is 0: no pruning.
+    No host synchronisation (the solve is sort, cumsum, compare, gather).
+    """
+    if isinstance(sparsity, torch.Tensor):
+        s_host = sparsity.detach().cpu().to(torch.float64)
+    else:
+        s_host = torch.as_tensor(sparsity, dtype=torch.float64)
+    _check_open_unit(s_host, "sparsity")
+    single = isinstance(sample, torch.Tensor) and sample.dim() == 1
+    mat, cnt = _padded(sample, counts)
+    v, _ = torch.sort(mat, dim=1)  # +inf (padding, non-finite) sorts last
+    rows, n = v.shape
+    s = s_host.to(mat.device).reshape(-1, 1) if s_host.dim() else s_host.to(mat.device)
+    nf = cnt.to(torch.float64).reshape(-1, 1)
+    finite_v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    P = torch.cumsum(finite_v, dim=1)  # P[:, j-1] = sum of the j smallest
+    j = torch.arange(1, n + 1, device=v.device, dtype=torch.float64).unsqueeze(0)
+    P_prev = P - finite_v
+    # f at the knot a = v_j: the j-1 smaller values contribute 1 - v_i/v_j each
+    f_knot = ((j - 1) - P_prev / v.clamp_min(1e-300)) / nf.clamp_min(1)
+    f_knot = torch.where(v > 0, f_knot, torch.zeros_like(f_knot))
+    f_knot = torch.where(j <= nf, f_knot, torch.full_like(f_knot, torch.inf))
+    jstar = (f_knot <= s).sum(1, keepdim=True)  # segment [v_j*, v_j*+1) holds the root
+    Pj = torch.gather(P, 1, (jstar - 1).clamp_min(0))
+    a = Pj / (jstar.to(torch.float64) - nf * s)
+    zeros = (v == 0).sum(1, keepdim=True).to(torch.float64)
+    no_prune = (zeros >= nf * s) | (cnt.reshape(-1, 1) == 0) | (jstar == 0)
+    a = torch.where(no_prune, torch.zeros_like(a), a).reshape(rows)
+    return a[0] if single else a
+
+
+def empirical_sparsity(sample, threshold, counts=None):
+    """Exact expected sparsity mean_i max(0, 1 - |x_i|/a) of pruning ``sample`` at ``threshold``.
+
+    Same sample forms as ``empirical_threshold``; ``threshold`` a float or a tensor with one
+    value per row. a <= 0 means no pruning (only exact zeros count). No host synchronisation.
+    """
+    single = isinstance(sample, torch.Tensor) and sample.dim() == 1
+    mat, cnt = _padded(sample, counts)
+    a = torch.as_tensor(threshold, dtype=torch.float64, device=mat.device)
+    a = a.reshape(-1, 1) if a.dim() else a
+    fin = torch.isfinite(mat)
+    frac = torch.where(a > 0, (1 - mat / a.clamp_min(1e-300)).clamp_min(0), (mat == 0).double())
+    frac = torch.where(fin, frac, torch.zeros_like(frac))
+    out = frac.sum(1) / cnt.clamp_min(1)
+    return out[0] if single else out
+
+
+def _log_diff(la, lb):
+    """log(exp(la) - exp(lb)) for la >= lb (-inf when equal)."""
+    return la + torch.log1p(-torch.exp(torch.clamp(lb - la, max=0)))
+
+
+def pruned_cosine(a, mu, sigma, truncate_k=None):
+    """Expected cosine similarity between x and its stochastically pruned T(x) (notes 4).
+
+    Unbiasedness gives E[x T(x)] = E[x^2] and E[T^2] = E[x^2; |x| > a] + a E[|x|; |x| <= a],
+    so cos = sqrt(E[x^2] / E[T^2]), with the lognormal partial moments
+    E[X^k; X <= b] = exp(k mu + k^2 sigma^2/2) Phi((ln b - mu - k sigma^2)/sigma).
+    ``truncate_k`` (e.g. 2.7) restricts both moments to |x| <= K = e^(mu + k sigma), as the
+    authors did because the untruncated value tends to 1 for large sigma. Exact zeros add
+    nothing to either moment, so the zero fraction does not enter. a <= 0 gives 1.
+    Computed in the log domain (no overflow for large sigma). Vectorised like the solvers.
+    """
+    trunc = math.inf if truncate_k is None else float(truncate_k)
+    (a, mu, sigma), kind = _prepare(a, mu, sigma)
+    sig = sigma.clamp_min(1e-300)
+    t = torch.log(a.clamp_min(torch.finfo(torch.float64).tiny)) - mu
+    T = torch.full_like(t, math.inf) if math.isinf(trunc) else trunc * sig
+    m = torch.minimum(t, T)
+    s2 = sig * sig
+    # moments relative to exp(2 mu + 2 sigma^2) (the mu factors cancel in the ratio)
+    l_num = log_ndtr((T - 2 * s2) / sig)
+    l_low2 = log_ndtr((m - 2 * s2) / sig)
+    l_lin = t + s2 / 2 - 2 * s2 + log_ndtr((m - s2) / sig)
+    l_den = torch.logaddexp(_log_diff(l_num, l_low2), l_lin)
+    cos = torch.exp(0.5 * (l_num - l_den)).clamp(max=1.0)
+    cos = torch.where(a > 0, cos, torch.ones_like(cos))
+    return _finish(cos, kind)

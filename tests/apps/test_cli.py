@@ -1,0 +1,68 @@
+"""End-to-end CLI runs (small settings)."""
+
+import json
+
+import pytest
+
+from gradcomp.apps.cli import main
+
+
+def test_unknown_names_give_one_line_errors(capsys):
+    assert main(["train", "--recipe", "nope", "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'nope'" in err and "Traceback" not in err
+    assert main(["analyze", "--model", "lenet", "--dataset", "synthetic", "--steps", "1"]) == 2
+    assert "valid models" in capsys.readouterr().err
+
+
+def test_analyze_json(tmp_path, capsys):
+    rc = main(["analyze", "--model", "cnn", "--width", "4", "--dataset", "digits", "--steps",
+               "6", "--points", "2", "--out", str(tmp_path), "--json", "--ks-sample", "2000",
+               "--contrast"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["capture_steps"] == [0, 5]
+    assert set(res["summary"]) == {"neural", "activation", "weight", "weight_grad"}
+    kinds = {row["kind"] for row in res["layers"]}
+    assert kinds == {"neural", "activation", "weight", "weight_grad"}
+    assert (tmp_path / "distributions.png").exists() and (tmp_path / "sigma_per_layer.png").exists()
+
+
+def test_train_cli_and_resume(tmp_path, capsys):
+    args = ["train", "--recipe", "prune-0.8", "--model", "cnn", "--width", "4", "--dataset",
+            "synthetic", "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "checkpoint.pt").exists()
+    i = args.index("--epochs") + 1
+    assert main(args[:i] + ["2"] + args[i + 1:] + ["--resume"]) == 2  # epochs changed: mismatch
+    assert "differs in: epochs" in capsys.readouterr().err
+
+
+def test_train_ddp_two_processes(tmp_path):
+    rc = main(["train", "--nproc", "2", "--comm", "topk", "--comm-options", '{"ratio": 0.1}',
+               "--recipe", "fp6", "--model", "mlp", "--dataset", "digits", "--epochs", "1",
+               "--batch-size", "32", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert hist[-1]["comm_compression_ratio"] > 1.5
+    assert hist[-1]["test_accuracy"] > 0.5
+
+
+def test_recipes_command(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "prune-0.85-het" in out and "fp6-e-2" in out
+    assert main(["recipes", "atp-0.8"]) == 0
+    assert json.loads(capsys.readouterr().out)["compression"]["prune"]["method"] == "atp"
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("baseline", "fp6", "fp6-e-1", "fp4-dynamic", "prune-0.8", "prune-0.85-het",
+                 "atp-0.8"):
+        assert name in out
+    assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
+    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert len(rows) == 8 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
