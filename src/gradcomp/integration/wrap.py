@@ -186,6 +186,7 @@ class _Layer:
         self.fit: LognormalFit | None = None
         self.sample: torch.Tensor | None = None
         self.numel = 0
+        self.elements = 0  # elements measured since the last metrics reset
         self.acc: dict[str, torch.Tensor] = {}
 
     def compress(self, g: torch.Tensor) -> torch.Tensor:
@@ -207,8 +208,7 @@ class _Layer:
             self.quantizer.track_metrics = measure
         out = g
         if measure:
-            self._add("elements", torch.tensor(float(g.numel()), dtype=torch.float64,
-                                               device=g.device))
+            self.elements += g.numel()  # a host number: a device scalar would be a copy
             self._add("nonfinite", (~torch.isfinite(g)).sum().double())
         if h.config.nonfinite == "zero":
             out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
@@ -421,7 +421,7 @@ class CompressionHandle:
                "nonfinite": 0.0, "bits": 0.0}
         for layer in self.layers:
             acc = {k: float(v) for k, v in layer.acc.items()}
-            n = acc.get("elements", 0.0)
+            acc["elements"] = n = float(layer.elements)
             row = {
                 "sparsity": acc.get("zeros", 0.0) / n if n else math.nan,
                 "overflow": acc.get("overflow", 0.0) / n if n else math.nan,
@@ -441,7 +441,7 @@ class CompressionHandle:
                     tot[k] += acc.get(k, 0.0)
                 tot["bits"] += row["bits_per_element"] * n
             if reset:
-                layer.acc = {}
+                layer.acc, layer.elements = {}, 0
         n = tot["elements"]
         overall = {
             "sparsity": tot["zeros"] / n if n else math.nan,

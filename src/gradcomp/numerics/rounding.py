@@ -125,7 +125,10 @@ def _constants_host(fmt: FPFormat, wide: bool):
     return ints, floats
 
 
+@lru_cache(maxsize=256)
 def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached per (format, container, device): building them on a GPU is a host-to-device copy,
+    # which would synchronise every call
     ints, floats = _constants_host(fmt, wide)
     fdt, idt = (_F64 if wide else _F32)[:2]
     return (torch.tensor(ints, dtype=idt, device=device),
@@ -288,7 +291,7 @@ def quantize_fp(
             v = float(scale)
             if not (v > 0 and np.isfinite(v)):
                 raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    ints, floats = _constants(fmt, wide, x.device)
+    ints, floats = _constants(fmt, wide, torch.device(x.device))
     stochastic = rounding == "stochastic"
     if stochastic:
         seed = draw_seed(generator, x.device)

@@ -77,7 +77,7 @@ def _sample(t: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tens
 
 
 def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAULT_TARGETS,
-                      methods=DEFAULT_METHODS, *, sample_size: int | None = 4096, seed: int = 0,
+                      methods=DEFAULT_METHODS, *, sample_size: int | None = 16384, seed: int = 0,
                       encode: bool = True) -> dict:
     """Prune every layer at every target with every method; measure achieved sparsity and size.
 
@@ -195,8 +195,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma list of target sparsities in (0, 1)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list of {', '.join(PRUNE_METHODS)}")
-    p.add_argument("--sample-size", type=int, default=4096,
-                   help="sample per layer for the empirical/ATP thresholds (default 4096)")
+    p.add_argument("--sample-size", type=int, default=16384,
+                   help="sample per layer for the empirical/ATP thresholds (default 16384)")
     p.add_argument("--synthetic", action="store_true",
                    help="synthetic lognormal layers instead of training (quick self-check)")
     p.add_argument("--no-encode", action="store_true", help="skip the encoded-size column")
