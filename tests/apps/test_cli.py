@@ -60,9 +60,9 @@ def test_recipes_command(capsys):
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in ("baseline", "fp6", "fp6-e-1", "fp4-dynamic", "prune-0.8", "prune-0.85-het",
+    for name in ("baseline", "fp6", "fp6-e-1", "fp4-dynamic", "prune-0.8", "prune-0.85-het-emp",
                  "atp-0.8"):
         assert name in out
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
-    assert len(rows) == 8 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert len(rows) == 9 and all(0 <= r["test_accuracy"] <= 1 for r in rows)

@@ -43,7 +43,7 @@ def analyze_records(
 
 
 def summarize(rows: list[dict], distributions=tuple(DISTRIBUTIONS)) -> dict:
-    """Mean and std of D per distribution over rows (layers x time), and how often each fits best."""
+    """Mean and std of D per distribution over rows (layers x time); how often each fits best."""
     out = {}
     for name in distributions:
         vals = np.array([r["D"][name] for r in rows if math.isfinite(r["D"].get(name, math.nan))])
@@ -62,9 +62,9 @@ def _pick_layers(names: list[str], k: int = 3) -> list[str]:
     return [names[0], names[len(names) // 2], names[-1]]
 
 
-def plot_distributions(records: list[GradientRecord], out_dir: Path, layers: list[str] | None = None,
-                       seed: int = 0) -> list[Path]:
-    """Fig. 2 for chosen layers: |g| histogram (linear, log axes) and Q-Q vs normal and lognormal."""
+def plot_distributions(records: list[GradientRecord], out_dir: Path,
+                       layers: list[str] | None = None, seed: int = 0) -> list[Path]:
+    """Fig. 2 for chosen layers: |g| histograms (linear, log axes), Q-Q vs normal and lognormal."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -84,7 +84,7 @@ def train_and_capture(
     progress: bool = True,
     evaluate_test: bool = True,
 ) -> CaptureRun:
-    """Train ``model`` on ``dataset`` for ``steps`` SGD steps, capturing gradients at ``capture_steps``.
+    """Train ``model`` on ``dataset`` for ``steps`` steps; capture gradients at ``capture_steps``.
 
     The regime is the paper's (SGD, momentum 0.9, weight decay 1e-4) at a constant ``lr``; steps
     run over as many epochs as needed. Everything is seeded by ``seed``.
@@ -153,7 +153,7 @@ def collect_neural_gradients(
     progress: bool = True,
     **kw,
 ) -> list[GradientRecord]:
-    """Neural-gradient records (kind "neural") of a short training run; see ``train_and_capture``."""
+    """Neural-gradient records (kind "neural") of a short run; see ``train_and_capture``."""
     run = train_and_capture(
         model, dataset, steps=steps, capture_steps=capture_steps, sample_size=sample_size,
         batch_size=batch_size, seed=seed, device=device, data_dir=data_dir, progress=progress,

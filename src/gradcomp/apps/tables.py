@@ -16,7 +16,7 @@ def _cell(v, floatfmt: str) -> str:
 
 
 def format_table(headers: list[str], rows: list[list], floatfmt: str = ".4g") -> str:
-    """Markdown pipe table with right-aligned columns: readable in a terminal, pasteable in a README."""
+    """Markdown pipe table, right-aligned: readable in a terminal, pasteable in a README."""
     cells = [[_cell(v, floatfmt) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:

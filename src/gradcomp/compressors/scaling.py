@@ -21,15 +21,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradcomp.numerics._checks import require_int_range, require_positive
+from gradcomp.numerics._checks import require_choice, require_int_range, require_positive
 from gradcomp.numerics.fit import LognormalFit
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
 
 __all__ = [
     "ScalingPolicy",
     "NoScaling",
     "PerLayerAuthors",
     "PerLayerOptimal",
+    "PerLayerEmpirical",
     "AmaxCurrent",
     "AmaxDelayed",
     "StaticLossScale",
@@ -94,7 +96,10 @@ class PerLayerAuthors(ScalingPolicy):
     """The authors' per-layer rule s = 2^(-mean(log2|g|) - margin), margin 3 (section 4.4).
 
     Puts the mean of log2|g*s| ``margin`` binades below 1, keeping the largest gradients
-    representable. mean(log2|g|) is over the finite non-zeros (the authors' code mapped zeros
+    representable. The rule was made for the authors' IEEE-like formats; in the paper's Eq. 2
+    formats (range 2^-Emax..2^Emax, centred at 1) it puts the mean near the bottom of the range
+    and flushes most gradients of FP4 to zero, which is why recipes default to
+    ``per_layer_optimal``. mean(log2|g|) is over the finite non-zeros (the authors' code mapped zeros
     to -126 inside the mean; excluding them is the consistent lognormal fit, notes section 2).
     """
 
@@ -139,6 +144,69 @@ class PerLayerOptimal(ScalingPolicy):
         w = (sigma - s0) / (s1 - s0)
         centre = (centres[i - 1] + w * (centres[i] - centres[i - 1])).reshape(())
         self._keep(torch.exp(centre - fit.mu), fit.ok)
+
+
+class PerLayerEmpirical(PerLayerOptimal):
+    """s minimising the relative error measured directly on the layer's refresh sample (issue 8).
+
+    The lognormal optimum s0 (:class:`PerLayerOptimal`) centres a grid of candidates
+    s0 * 2^(j/steps_per_octave), |j| <= octaves * steps_per_octave; each candidate is scored by
+    the mean |Q(y) - y| / y over the sample's finite non-zero values, y = |x| s (the relative
+    error of Q(x s)/s, scale-invariant as in ``empirical_relative_error``), and the argmin is
+    taken on the device: one quantization of a (candidates, n) matrix per update, no host
+    sync. Candidates are ordered by |j|, so ties go to the one nearest the lognormal optimum.
+    ``rounding="stochastic"`` scores one draw per value from a fixed-seed generator (an
+    unbiased estimate of the expected error; candidates share no random numbers).
+
+    ``wants_sample``: the model wrapper calls ``update(fit, fmt, sample)`` on refresh steps.
+    Without a sample, or with fewer than two usable values, the lognormal optimum is used.
+    ``error`` is the measured error at the chosen scale (0-d tensor; NaN before a sample).
+    """
+
+    wants_sample = True
+
+    def __init__(self, rounding: str = "nearest", octaves: int = 3, steps_per_octave: int = 4):
+        super().__init__(require_choice(rounding, "rounding", ROUNDINGS))
+        self.octaves = require_int_range(octaves, "octaves", 0, 16)
+        self.steps_per_octave = require_int_range(steps_per_octave, "steps_per_octave", 1, 64)
+        self.error = _scalar(float("nan"))
+
+    def _offsets(self, device) -> torch.Tensor:
+        k = self.octaves * self.steps_per_octave
+        j = sorted(range(-k, k + 1), key=lambda v: (abs(v), v))
+        return torch.tensor(j, dtype=torch.float64, device=device) / self.steps_per_octave
+
+    def search(self, sample: torch.Tensor, fmt: FPFormat, centre: torch.Tensor):
+        """(best scale, its measured error) over the grid around ``centre`` (0-d tensors).
+
+        ``sample``: any float tensor (zeros, NaN and inf are ignored); ``centre``: a positive
+        0-d scale. With fewer than two usable values: (centre, NaN). No host sync.
+        """
+        x = sample.detach().reshape(-1)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ax = x.to(dt).abs()
+        used = torch.isfinite(ax) & (ax > 0)
+        ax = torch.where(used, ax, torch.ones_like(ax))  # masked out below; avoids inf*s, 0/0
+        cand = centre.to(x.device, torch.float64) * torch.exp2(self._offsets(x.device))
+        y = ax.unsqueeze(0) * cand.to(dt).unsqueeze(1)
+        gen = None
+        if self.rounding == "stochastic":
+            gen = torch.Generator(device=x.device).manual_seed(0)
+        q = quantize_fp(y, fmt, self.rounding, generator=gen, compile=False)
+        yd = y.double()
+        rel = torch.where(used, (q.double() - yd).abs() / yd, 0.0)
+        errs = rel.sum(1) / used.sum().clamp_min(1)
+        i = torch.argmin(errs)  # first minimum: candidates are ordered by distance to centre
+        ok = used.sum() >= 2
+        return torch.where(ok, cand[i], centre), torch.where(ok, errs[i], float("nan"))
+
+    def update(self, fit, fmt, sample: torch.Tensor | None = None):
+        super().update(fit, fmt)
+        if sample is None:
+            return
+        s, err = self.search(sample, fmt, self._scale)
+        self._keep(s, fit.ok)
+        self.error = err
 
 
 class AmaxCurrent(ScalingPolicy):
@@ -264,6 +332,7 @@ SCALING_POLICIES = {
     "none": NoScaling,
     "per_layer": PerLayerAuthors,
     "per_layer_optimal": PerLayerOptimal,
+    "per_layer_empirical": PerLayerEmpirical,
     "amax": AmaxCurrent,
     "amax_delayed": AmaxDelayed,
     "static": StaticLossScale,

@@ -21,7 +21,8 @@ laplace     expon(scale)         (g ~ Laplace(0, b))      MLE: scale = mean a
 uniform     uniform(0, max)      (g ~ U(-m, m))           MLE: m = max a
 cauchy      halfcauchy(scale)    (g ~ Cauchy(0, c))       quantile: scale = median a
 logistic    halflogistic(scale)  (g ~ Logistic(0, s))     moment: scale = mean a / (2 ln 2)
-loglaplace  loglaplace(c=1/b, scale=e^m)                  MLE on ln a: m = median, b = mean |ln a - m|
+loglaplace  loglaplace(c=1/b, scale=e^m)                  MLE on ln a: m = median,
+                                                          b = mean |ln a - m|
 ==========  ============================================  =========================================
 """
 

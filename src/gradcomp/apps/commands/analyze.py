@@ -15,12 +15,12 @@ def add_parser(sub):
     p = sub.add_parser(
         "analyze",
         help="train briefly, capture neural gradients, fit lognormal, KS tests, Q-Q plots",
-        description="Train briefly, capture the neural gradients dL/dA of every Conv/Linear layer at "
-        "several points of training, and test them against normal, lognormal and other "
+        description="Train briefly, capture the neural gradients dL/dA of every Conv/Linear layer "
+        "at several points of training, and test them against normal, lognormal and other "
         "distributions (paper Table 1, Fig. 2).",
     )
     p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset (default: fashion-mnist)")
     p.add_argument("--data-dir", default=None, help="directory of the dataset files")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
@@ -32,7 +32,7 @@ def add_parser(sub):
     p.add_argument("--max-train", type=int, default=None, help="use at most this many train images")
     p.add_argument("--sample-size", type=int, default=100_000,
                    help="values kept per captured tensor (default 100000)")
-    p.add_argument("--ks-sample", type=int, default=30_000, help="values per KS test (default 30000)")
+    p.add_argument("--ks-sample", type=int, default=30_000, help="values per KS test (30000)")
     p.add_argument("--batchnorm", action="store_true", help="also capture BatchNorm outputs")
     p.add_argument("--contrast", action="store_true",
                    help="also analyse weights, activations and weight gradients (Fig. A.2)")

@@ -19,8 +19,9 @@ DEMO = [
     ("fp6-e-1", "worse than E* (Tab. 3: 59.7 vs 64.9)"),
     ("fp4", "per-layer scaling: small loss (Tab. 4: 64.8 vs 70.4)"),
     ("fp4-dynamic", "global dynamic scaling: far worse (Tab. 4: 3.0)"),
-    ("prune-0.8", "80% at no loss, sparsity 80% (Sec. 5)"),
-    ("prune-0.85-het", "85% heterogeneous at no loss (Sec. 5.3)"),
+    ("prune-0.8", "Eq. 8: 80% at no loss (Sec. 5)"),
+    ("prune-0.8-emp", "(ours) exact 80%, no loss expected"),
+    ("prune-0.85-het-emp", "85% heterogeneous at no loss (Sec. 5.3)"),
     ("atp-0.8", "ATP misses its 80% target (Fig. 5 right)"),
 ]
 EXTENDED = [

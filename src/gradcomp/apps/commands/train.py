@@ -1,4 +1,4 @@
-"""``gradcomp train``: train a model with a recipe (compressed neural gradients, DDP compression)."""
+"""``gradcomp train``: train with a recipe (compressed neural gradients, DDP compression)."""
 
 from __future__ import annotations
 
