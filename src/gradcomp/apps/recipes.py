@@ -13,9 +13,11 @@ Built-in names (``list_recipes()`` prints them all):
   measured sigma (paper Table 2), per-layer scaling; ``fp{N}-e+1``, ``fp{N}-e-1``, ``fp{N}-e-2``:
   the same with one more / one or two fewer exponent bits (Table 3).
 * ``fp{N}-static``, ``fp{N}-dynamic``: one global loss scale, static or dynamic, instead of
-  per-layer scaling (Table 4); ``fp{N}-optscale``: per-layer analytically optimal scale.
+  per-layer scaling (Table 4); ``fp{N}-optscale``: per-layer analytically optimal scale;
+  ``fp{N}-emp``: split and per-layer scales chosen on the refresh sample (issue 8, no model).
 * ``prune-{S}``: homogeneous stochastic pruning at sparsity S with the lognormal threshold
-  (Eq. 8); ``prune-{S}-het``: heterogeneous allocation at the same overall S; ``prune-{S}-emp``
+  (Eq. 8); ``prune-{S}-het``: heterogeneous allocation at the same overall S (``-het-emp``:
+  each layer's allocated sparsity met by the empirical threshold); ``prune-{S}-emp``
   / ``-cal``: distribution-free empirical / calibrated thresholds; ``atp-{S}``: the ATP baseline
   (normal assumption); ``topk-{S}``: deterministic top-k (meProp/SAW); ``topks-{S}``: top-k
   threshold then the stochastic operator; ``prune-{S}-fp{N}``: pruning then N-bit FP.
@@ -119,8 +121,19 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data)
 
 
-def _fp(bits: int, offset: int = 0, scaling: str = "per_layer", **kw) -> QuantizeSpec:
+def _fp(bits: int, offset: int = 0, scaling: str = "amax", **kw) -> QuantizeSpec:
     return QuantizeSpec(format="optimal", bits=bits, exp_offset=offset, scaling=scaling, **kw)
+
+
+def _comp(**kw) -> CompressionConfig:
+    """The recipes' layer selection and schedule.
+
+    Conv outputs only, as in the authors' code: compressing the classifier's neural gradient
+    (softmax - onehot) diverged in FP4 in our runs (README, "Choices measured"). Statistics are
+    refreshed at each epoch start and every 100 steps, so scales and thresholds follow the
+    gradients within an epoch.
+    """
+    return CompressionConfig(types=("conv",), refresh_every=100, **kw)
 
 
 def _builtins() -> dict[str, Recipe]:
@@ -130,41 +143,50 @@ def _builtins() -> dict[str, Recipe]:
         r[name] = Recipe(name, desc, **kw)
 
     for n in range(4, 9):
-        add(f"fp{n}", f"FP{n} neural gradients at E*, per-layer scaling",
-            compression=CompressionConfig(quantize=_fp(n)))
+        add(f"fp{n}", f"FP{n} neural gradients at E*, per-layer scaling (amax)",
+            compression=_comp(quantize=_fp(n)))
         for off, tag in ((1, "e+1"), (-1, "e-1"), (-2, "e-2")):
             add(f"fp{n}-{tag}", f"FP{n} at E*{off:+d} exponent bits, per-layer scaling",
-                compression=CompressionConfig(quantize=_fp(n, off)))
+                compression=_comp(quantize=_fp(n, off)))
         add(f"fp{n}-static", f"FP{n} at E*, one static global loss scale (Table 4 baseline)",
-            compression=CompressionConfig(quantize=_fp(n, scaling="static")))
+            compression=_comp(quantize=_fp(n, scaling="static")))
         add(f"fp{n}-dynamic", f"FP{n} at E*, dynamic global loss scaling (Table 4 baseline)",
-            compression=CompressionConfig(quantize=_fp(n, scaling="dynamic")))
-        add(f"fp{n}-optscale", f"FP{n} at E*, per-layer analytically optimal scale",
-            compression=CompressionConfig(quantize=_fp(n, scaling="per_layer_optimal")))
+            compression=_comp(quantize=_fp(n, scaling="dynamic")))
+        add(f"fp{n}-optscale", f"FP{n} at E*, per-layer scale minimising the expected relative "
+            "error", compression=_comp(quantize=_fp(n, scaling="per_layer_optimal")))
+        add(f"fp{n}-authors", f"FP{n} at E*, the authors' per-layer rule s = 2^(-mean log2|g| - 3)",
+            compression=_comp(quantize=_fp(n, scaling="per_layer")))
+        add(f"fp{n}-emp", f"FP{n} at the E* measured on the refresh sample, per-layer scale "
+            "measured there too (distribution free)",
+            compression=_comp(quantize=_fp(n, scaling="per_layer_empirical",
+                                                       select="empirical")))
     for s in SPARSITIES:
         sp = float(s)
         add(f"prune-{s}", f"stochastic pruning {s}, lognormal threshold (Eq. 8), homogeneous",
-            compression=CompressionConfig(prune=PruneSpec(sp, "lognormal")))
+            compression=_comp(prune=PruneSpec(sp, "lognormal")))
         add(f"prune-{s}-het", f"stochastic pruning {s} overall, heterogeneous allocation",
-            compression=CompressionConfig(prune=PruneSpec(sp, "lognormal", heterogeneous=True)))
+            compression=_comp(prune=PruneSpec(sp, "lognormal", heterogeneous=True)))
+        add(f"prune-{s}-het-emp", f"stochastic pruning {s} overall, heterogeneous allocation, "
+            "empirical per-layer thresholds",
+            compression=_comp(prune=PruneSpec(sp, "empirical", heterogeneous=True)))
         add(f"prune-{s}-emp", f"stochastic pruning {s}, empirical (distribution-free) threshold",
-            compression=CompressionConfig(prune=PruneSpec(sp, "empirical")))
+            compression=_comp(prune=PruneSpec(sp, "empirical")))
         add(f"prune-{s}-cal", f"stochastic pruning {s}, calibrated lognormal threshold",
-            compression=CompressionConfig(prune=PruneSpec(sp, "calibrated")))
+            compression=_comp(prune=PruneSpec(sp, "calibrated")))
         add(f"atp-{s}", f"ATP baseline at {s}: normal-assumption threshold, stochastic pruning",
-            compression=CompressionConfig(prune=PruneSpec(sp, "atp")))
+            compression=_comp(prune=PruneSpec(sp, "atp")))
         add(f"topk-{s}", f"deterministic top-k pruning at {s} (meProp/SAW baseline)",
-            compression=CompressionConfig(prune=PruneSpec(sp, "topk")))
+            compression=_comp(prune=PruneSpec(sp, "topk")))
         add(f"topks-{s}", f"top-k threshold then stochastic pruning at {s}",
-            compression=CompressionConfig(prune=PruneSpec(sp, "topk_stochastic")))
+            compression=_comp(prune=PruneSpec(sp, "topk_stochastic")))
         for n in (6, 8):
             add(f"prune-{s}-fp{n}", f"stochastic pruning {s} then FP{n} at E*",
-                compression=CompressionConfig(prune=PruneSpec(sp, "lognormal"), quantize=_fp(n)))
+                compression=_comp(prune=PruneSpec(sp, "lognormal"), quantize=_fp(n)))
     add("w4a4", "INT4 SAWB weights + INT4 PACT activations (first/last layer 8 bit)",
         forward=ForwardSpec())
     for n in (4, 5, 6):
         add(f"w4a4-fp{n}", f"W4A4 forward + FP{n} neural gradients at E*, per-layer scaling",
-            forward=ForwardSpec(), compression=CompressionConfig(quantize=_fp(n)))
+            forward=ForwardSpec(), compression=_comp(quantize=_fp(n)))
     return r
 
 

@@ -58,9 +58,10 @@ class FPQuantizer:
         require_float_tensor(x, "x")
         pol = self.scaling
         amax = None
-        if pol.amax_timing is not None:
-            finite = torch.isfinite(x)
-            amax = torch.where(finite, x.detach().abs(), 0).amax().double() if x.numel() else None
+        if pol.amax_timing is not None and x.numel():
+            # two passes (abs, max); a NaN/inf makes amax non-finite and the policy then keeps
+            # its previous scale (as TransformerEngine does), so no masking pass is needed
+            amax = x.detach().abs().amax().double()
         if pol.amax_timing == "current" and amax is not None:
             pol.observe(amax=amax)
         s = pol.scale.to(x.device)

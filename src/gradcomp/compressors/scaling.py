@@ -98,8 +98,8 @@ class PerLayerAuthors(ScalingPolicy):
     Puts the mean of log2|g*s| ``margin`` binades below 1, keeping the largest gradients
     representable. The rule was made for the authors' IEEE-like formats; in the paper's Eq. 2
     formats (range 2^-Emax..2^Emax, centred at 1) it puts the mean near the bottom of the range
-    and flushes most gradients of FP4 to zero, which is why recipes default to
-    ``per_layer_optimal``. mean(log2|g|) is over the finite non-zeros (the authors' code mapped zeros
+    and flushes many FP4 gradients to zero; the recipes use ``amax`` (README, "Choices
+    measured"). mean(log2|g|) is over the finite non-zeros (the authors' code mapped zeros
     to -126 inside the mean; excluding them is the consistent lognormal fit, notes section 2).
     """
 
@@ -192,10 +192,14 @@ class PerLayerEmpirical(PerLayerOptimal):
         gen = None
         if self.rounding == "stochastic":
             gen = torch.Generator(device=x.device).manual_seed(0)
-        q = quantize_fp(y, fmt, self.rounding, generator=gen, compile=False)
-        yd = y.double()
-        rel = torch.where(used, (q.double() - yd).abs() / yd, 0.0)
-        errs = rel.sum(1) / used.sum().clamp_min(1)
+        # scale 1 (exact) selects the same fused kernel variant as the training path, so the
+        # compiled quantizer is reused (flat input: one dynamic-shape compile at most)
+        one = torch.ones((), dtype=torch.float64, device=x.device)
+        q = quantize_fp(y, fmt, self.rounding, scale=one, generator=gen)
+        # in the sample's precision (y > 0 everywhere: masked entries are 1 * s), summed in
+        # float64; the argmin needs ~1e-4 relative resolution, float32 gives ~1e-7
+        rel = torch.where(used, (q - y).abs_().div_(y), 0.0)  # where, not *: inf * 0 = NaN
+        errs = rel.sum(1, dtype=torch.float64) / used.sum().clamp_min(1)
         i = torch.argmin(errs)  # first minimum: candidates are ordered by distance to centre
         ok = used.sum() >= 2
         return torch.where(ok, cand[i], centre), torch.where(ok, errs[i], float("nan"))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from gradcomp.numerics._checks import require_choice
+from gradcomp.numerics.random import DeviceGenerators
 
 __all__ = ["GradientRecord", "GradientCapture", "capture_gradients", "select_layers", "KINDS"]
 
@@ -122,7 +123,7 @@ class GradientCapture:
         self.records: list[GradientRecord] = []
         self._step: int | None = None
         self._calls: dict[str, int] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = DeviceGenerators(seed)
         self._handles = []
         self._leaf_hooks = []
         for name, module in layers:
@@ -153,14 +154,6 @@ class GradientCapture:
                 output.register_hook(lambda g, n=rname, s=step: self._add(n, "neural", s, g, mtype))
 
         return hook
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        g = self._generators.get(device)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[device] = g
-        return g
 
     def _add(self, name, kind, step, t: torch.Tensor, mtype: str):
         x = t.detach().reshape(-1)

@@ -94,3 +94,31 @@ def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=Non
     idx = torch.arange(numel, device=device, dtype=torch.int32)
     h = mix32(mix32(idx ^ k1) + k2)
     return _srl(h, 8).to(dtype) * (2.0**-24)
+
+
+class DeviceGenerators:
+    """One ``torch.Generator`` per device, all seeded with ``seed`` on first use.
+
+    Stateful compressors and capture draw from these so that a seeded run repeats exactly on
+    every device; ``state_dict`` keeps each generator's state for checkpoints.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device) -> torch.Generator:
+        device = torch.device(device)
+        g = self._gens.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._gens[device] = g
+        return g
+
+    def state_dict(self) -> dict:
+        return {str(d): g.get_state() for d, g in self._gens.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for dev, st in state.items():
+            self(dev).set_state(st)
