@@ -40,8 +40,8 @@ def test_train_cli_and_resume(tmp_path, capsys):
 
 def test_train_ddp_two_processes(tmp_path):
     rc = main(["train", "--nproc", "2", "--comm", "topk", "--comm-options", '{"ratio": 0.1}',
-               "--recipe", "fp6", "--model", "cnn", "--width", "4", "--dataset", "digits",
-               "--epochs", "1",
+               "--recipe", "fp6", "--model", "cnn", "--width", "8", "--dataset", "digits",
+               "--epochs", "3",
                "--batch-size", "32", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
