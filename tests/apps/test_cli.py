@@ -26,6 +26,11 @@ def test_analyze_json(tmp_path, capsys):
     kinds = {row["kind"] for row in res["layers"]}
     assert kinds == {"neural", "activation", "weight", "weight_grad"}
     assert (tmp_path / "distributions.png").exists() and (tmp_path / "sigma_per_layer.png").exists()
+    # the paper's claim on a real (tiny) model: lognormal beats normal on most layers
+    neural = [row for row in res["layers"] if row["kind"] == "neural"]
+    wins = sum(row["D"]["lognormal"] < row["D"]["normal"] for row in neural)
+    assert wins > len(neural) / 2
+    assert res["summary"]["neural"]["lognormal"]["mean"] < res["summary"]["neural"]["normal"]["mean"]
 
 
 def test_train_cli_and_resume(tmp_path, capsys):
