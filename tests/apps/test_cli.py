@@ -30,7 +30,8 @@ def test_analyze_json(tmp_path, capsys):
     neural = [row for row in res["layers"] if row["kind"] == "neural"]
     wins = sum(row["D"]["lognormal"] < row["D"]["normal"] for row in neural)
     assert wins > len(neural) / 2
-    assert res["summary"]["neural"]["lognormal"]["mean"] < res["summary"]["neural"]["normal"]["mean"]
+    summ = res["summary"]["neural"]
+    assert summ["lognormal"]["mean"] < summ["normal"]["mean"]
 
 
 def test_train_cli_and_resume(tmp_path, capsys):

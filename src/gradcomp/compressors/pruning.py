@@ -233,6 +233,9 @@ class Pruner:
         self.log_factor = 0.0
         self._prev: tuple[float, float, float] | None = None  # mu, sigma, slope dS/d ln a
         self._last_sparsity: torch.Tensor | None = None
+        # measuring the achieved sparsity costs a pass over x; a caller that counts zeros
+        # itself (the model wrapper, on metric steps) turns it off between measurements
+        self.track_sparsity = True
         self._calls_since_update = 0
 
     # --- threshold methods (a registry, not an if/elif chain) ---
@@ -308,7 +311,7 @@ class Pruner:
             out = x.clone()
         else:
             out = stochastic_prune(x, self.threshold, generator)
-        if out.numel():
+        if out.numel() and (self.track_sparsity or self.method == "calibrated"):
             self._last_sparsity = (out == 0).sum().to(torch.float64) / out.numel()
         self._calls_since_update += 1
         return out

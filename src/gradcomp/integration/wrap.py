@@ -253,6 +253,7 @@ class _Layer:
             if spec.method == "topk":
                 out = topk_prune(out, self.pruner.sparsity)
             else:
+                self.pruner.track_sparsity = measure  # the wrapper counts zeros itself
                 out = self.pruner(out, gen)
             if measure:
                 th = self.pruner.threshold

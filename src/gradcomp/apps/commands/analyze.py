@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from gradcomp.apps.commands._common import add_data_args
 from gradcomp.apps.tables import format_table, to_json, write_json
 
 DEFAULT_OUT = "runs/analyze"
@@ -19,9 +20,7 @@ def add_parser(sub):
         "at several points of training, and test them against normal, lognormal and other "
         "distributions (paper Table 1, Fig. 2).",
     )
-    p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset (default: fashion-mnist)")
-    p.add_argument("--data-dir", default=None, help="directory of the dataset files")
+    add_data_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     g.add_argument("--epochs", type=float, default=None, help="training epochs instead of steps")

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from gradcomp.apps.commands._common import add_data_args
 from gradcomp.apps.tables import format_table, write_json
 
 DEFAULT_OUT = "runs/demo"
@@ -47,10 +48,8 @@ def add_parser(sub):
     p.add_argument("--extended", action="store_true",
                    help="also E*-2, E*+1, top-k-then-stochastic, W4A4 (+FP4/FP6 gradients)")
     p.add_argument("--recipes", default=None, help="comma-separated recipes instead of the list")
-    p.add_argument("--model", default="resnet8")
+    add_data_args(p, model="resnet8")
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-train", type=int, default=20000,
                    help="training images used (default 20000 of 54000)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gradcomp.apps.commands._common import add_data_args
 from gradcomp.apps.commands.formats import _parse_bits
 from gradcomp.apps.commands.sparsity import _parse_methods, _parse_targets, synthetic_layers
 from gradcomp.apps.fitcheck import (
@@ -42,9 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "method, predicted vs held-out quantization error per FP split, and the split each "
         "selects.",
     )
-    p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset (default: fashion-mnist)")
-    p.add_argument("--data-dir", default=None, help="directory of the dataset files")
+    add_data_args(p)
     p.add_argument("--steps", type=int, default=200,
                    help="training steps; gradients captured at steps//2 and the last (200)")
     p.add_argument("--capture-size", type=int, default=1 << 18,

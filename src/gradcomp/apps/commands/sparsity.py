@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gradcomp.apps.commands._common import add_data_args
 from gradcomp.apps.tables import format_table, to_json, write_json
 from gradcomp.compressors.encoding import encode_pruned
 from gradcomp.compressors.pruning import PRUNE_METHODS, Pruner, topk_threshold
@@ -185,9 +186,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "lognormal (Eq. 8), empirical, calibrated, ATP and top-k-then-stochastic thresholds, "
         "and report achieved sparsity and encoded size (paper Fig. 5 right).",
     )
-    p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset (default: fashion-mnist)")
-    p.add_argument("--data-dir", default=None, help="directory of the dataset files")
+    add_data_args(p)
     p.add_argument("--steps", type=int, default=200, help="training steps before capture (200)")
     p.add_argument("--capture-size", type=int, default=1 << 18,
                    help="values kept per captured tensor, random subsample (default 262144)")

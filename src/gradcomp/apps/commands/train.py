@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from gradcomp.apps.commands._common import add_data_args
+
 DEFAULT_OUT = "runs/train"
 
 
@@ -20,9 +22,7 @@ def add_parser(sub):
     )
     p.add_argument("--recipe", default="baseline",
                    help="built-in recipe name or a .toml/.json recipe file (default baseline)")
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
+    add_data_args(p)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
