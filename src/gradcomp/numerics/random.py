@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
+    "sample_values",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -122,3 +123,22 @@ class DeviceGenerators:
     def load_state_dict(self, state: dict) -> None:
         for dev, st in state.items():
             self(dev).set_state(st)
+
+
+def sample_values(x: torch.Tensor, size: int | None, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """A 1-D sample of ``x``'s elements: all of them when ``x`` has at most ``size`` elements
+    (or ``size`` is None), else ``size`` indices drawn uniformly *with replacement*.
+
+    With replacement, so that each draw is an independent value of the tensor's empirical
+    distribution (the sample-based thresholds and errors are then plain Monte Carlo averages).
+    The indices are drawn on ``generator``'s device (CPU when None) and moved to ``x``'s: the
+    same generator state gives the same sample on every device. Returns a view-free tensor of
+    ``x``'s dtype; no host synchronisation.
+    """
+    flat = x.detach().reshape(-1)
+    if size is None or flat.numel() <= size:
+        return flat
+    dev = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randint(0, flat.numel(), (int(size),), generator=generator, device=dev)
+    return flat[idx.to(flat.device)]
