@@ -5,6 +5,16 @@
     resnet8/14/20/32       CIFAR ResNet 6n+2, BasicBlocks, width 16 (resnet20: ~0.27M parameters)
     resnet18               CIFAR ResNet-18 (3x3 stem, [2,2,2,2]), width 64 (~11.2M parameters)
     vgg                    VGG-11 with BatchNorm, width 32
+    gpt, gpt-tiny          decoder-only LM on token ids -> (B, T, num_classes) next-token logits;
+                           num_classes is the vocabulary (256 bytes); width/depth/heads/context
+                           128/4/4/128 (~0.83M parameters) and 64/2/4/64 (~0.12M)
+    bert, bert-tiny        encoder classifier on token ids -> (B, num_classes); same sizes, pool
+                           ``mean`` or ``cls``, ``vocab_size`` 256
+
+The sequence models (``transformer.py``) take (B, T) int64 token ids with T <= ``context``;
+in_channels and image_size do not apply to them, their options are ``context, depth, heads,
+mlp_ratio, dropout`` and ``tie_head`` (gpt) / ``pool, vocab_size`` (bert); they use GPT-2's
+initialisation instead of Kaiming's.
 
 Every conv model ends in adaptive average pooling, so 8x8 (digits), 28x28 and 32x32 inputs work.
 Weights use Kaiming init drawn from torch's global RNG: ``torch.manual_seed`` makes builds repeat.
@@ -22,9 +32,11 @@ from ._common import check_dims, kaiming_init
 from .cnn import SmallCNN, build_cnn
 from .mlp import MLP, build_mlp
 from .resnet import BasicBlock, ResNet, build_cifar_resnet, build_resnet18
+from .transformer import GPT, BertClassifier, build_bert, build_gpt
 from .vgg import VGG, build_vgg
 
-__all__ = ["MLP", "VGG", "BasicBlock", "ResNet", "SmallCNN", "build_model", "list_models"]
+__all__ = ["GPT", "MLP", "VGG", "BasicBlock", "BertClassifier", "ResNet", "SmallCNN",
+           "build_model", "list_models"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": build_mlp,
@@ -35,6 +47,10 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet32": build_cifar_resnet(32),
     "resnet18": build_resnet18,
     "vgg": build_vgg,
+    "gpt": build_gpt(width=128, depth=4, heads=4, context=128),
+    "gpt-tiny": build_gpt(width=64, depth=2, heads=4, context=64),
+    "bert": build_bert(width=128, depth=4, heads=4, context=128),
+    "bert-tiny": build_bert(width=64, depth=2, heads=4, context=64),
 }
 
 _COMMON = ("in_channels", "num_classes", "width", "image_size")

@@ -21,7 +21,11 @@ def check_dims(in_channels, num_classes, width, image_size) -> None:
 def kaiming_init(model: nn.Module) -> nn.Module:
     """He et al. (2015) init: conv and linear weights ~ N(0, 2 / fan) for ReLU nets (fan_out for
     conv, as in torchvision's ResNet; fan_in for linear), zero biases, BatchNorm gamma 1 beta 0.
-    Draws from torch's global RNG, so ``torch.manual_seed`` makes a build repeat exactly."""
+    Draws from torch's global RNG, so ``torch.manual_seed`` makes a build repeat exactly.
+    A model whose class sets ``self_initialised = True`` (the transformers: GPT-2's init) is
+    returned unchanged."""
+    if getattr(model, "self_initialised", False):
+        return model
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
