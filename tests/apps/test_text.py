@@ -171,6 +171,14 @@ def test_loader_order_depends_only_on_seed_and_epoch(tmp_path):
     x, y = a[0]
     assert x.shape == y.shape == (16, 8) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:])
+    # The device path (split moved once with TokenSplit.to) and worker processes give the same
+    # batches.
+    for opts in ({"device": "cpu"}, {"workers": 1}):
+        loader = make_loader(d.train, 16, shuffle=True, seed=3, drop_last=True, **opts)
+        loader.set_epoch(1)
+        got = list(loader)
+        assert len(got) == len(a) and all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1])
+                                          for g, w in zip(got, a))
 
 
 def test_missing_corpus_names_every_place_and_the_fix(tmp_path, monkeypatch):

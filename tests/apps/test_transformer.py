@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradcomp import compress_gradients
+from gradcomp import capture_gradients, compress_gradients
 from gradcomp.apps.models import build_model
 from gradcomp.apps.text import encode, flatten_logits
 from gradcomp.integration.wrap import CompressionConfig, PruneSpec
@@ -140,6 +140,19 @@ def test_compress_gradients_selects_projections_by_type_and_name():
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters())
         h.step(opt)
+
+
+def test_capture_records_every_projection():
+    torch.manual_seed(6)
+    m = build_model("bert-tiny", num_classes=3, **SMALL)
+    x = torch.randint(0, 256, (4, 12))
+    with capture_gradients(m, sample_size=100) as cap:
+        with cap.record(0):
+            nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0])).backward()
+    recs = cap.by("neural", step=0)
+    assert sorted(r.name for r in recs) == sorted(_expected_linears(2))
+    shapes = {r.name: r.shape for r in recs}
+    assert shapes["blocks.1.mlp.up"] == (4, 12, 64) and shapes["head"] == (4, 3)
 
 
 def _zen() -> torch.Tensor:
