@@ -101,10 +101,9 @@ class _Trunk(nn.Module):
 
     def __init__(self, vocab_size, context, width, depth, heads, mlp_ratio, dropout, *, causal):
         super().__init__()
-        for v, name, lo in ((vocab_size, "vocab_size", 1), (context, "context", 1),
-                            (width, "width", 1), (depth, "depth", 1), (heads, "heads", 1),
-                            (mlp_ratio, "mlp_ratio", 1)):
-            require_int_range(v, name, lo, _MAX)
+        for v, name in ((vocab_size, "vocab_size"), (context, "context"), (width, "width"),
+                        (depth, "depth"), (heads, "heads"), (mlp_ratio, "mlp_ratio")):
+            require_int_range(v, name, 1, _MAX)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.vocab_size, self.context, self.width, self.depth = vocab_size, context, width, depth
@@ -131,16 +130,23 @@ class _Trunk(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids, T <= context -> (B, T, width) after ``ln_f``."""
+    @staticmethod
+    def _check_ids(idx: torch.Tensor, limit: int, bound: str, note: str = "") -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input must be int64/int32 token ids (B, T), got {idx.dtype} "
                              f"{tuple(idx.shape)}")
-        t = idx.shape[1]
-        if not 1 <= t <= self.context:
-            raise ValueError(f"sequence length {t} must be in [1, context={self.context}]")
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        if not 1 <= idx.shape[1] <= limit:
+            raise ValueError(f"sequence length {idx.shape[1]} must be in [1, {bound}]{note}")
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) checked token ids -> (B, T, width) token embeddings (before positions)."""
+        self._check_ids(idx, self.context, f"context={self.context}")
+        return self.tok_emb(idx)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T', width) after ``ln_f`` (T' = T, or T + 1 with a [CLS])."""
+        x = self._embed(idx)
+        x = self.drop(x + self.pos_emb(torch.arange(x.shape[1], device=idx.device)))
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
@@ -192,22 +198,12 @@ class BertClassifier(_Trunk):
         if self.cls is not None:
             nn.init.normal_(self.cls, 0.0, _INIT_STD)
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         if self.cls is None:
-            return super().features(idx)
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input must be int64/int32 token ids (B, T), got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
-        b, t = idx.shape
-        if not 1 <= t <= self.context - 1:
-            raise ValueError(f"sequence length {t} must be in [1, context - 1 = "
-                             f"{self.context - 1}] with pool='cls'")
-        pos = torch.arange(t + 1, device=idx.device)
-        x = torch.cat([self.cls.expand(b, 1, -1), self.tok_emb(idx)], dim=1)
-        x = self.drop(x + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+            return super()._embed(idx)
+        self._check_ids(idx, self.context - 1, f"context - 1 = {self.context - 1}",
+                        " with pool='cls' (the [CLS] vector takes a position)")
+        return torch.cat([self.cls.expand(idx.shape[0], 1, -1), self.tok_emb(idx)], dim=1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.features(idx)
