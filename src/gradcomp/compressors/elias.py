@@ -1,8 +1,8 @@
-"""Elias gamma and omega (recursive) integer codes, vectorised (QSGD's encoding; notes section 6).
+"""Elias gamma and omega (recursive) integer codes, vectorised (QSGD's encoding).
 
-QSGD sends the gaps between non-zero coordinates and the quantization levels as Elias integer
-codes (seed 004, "Use Elias recursive coding"). Both codes here map an integer ``v >= 1`` to a
-prefix-free bit string:
+QSGD (Alistarh et al., "Communication vs. Convergence", sublinear theorem) sends the gaps
+between non-zero coordinates and the quantization levels as Elias recursive integer codes.
+Both codes here map an integer ``v >= 1`` to a prefix-free bit string:
 
 * gamma: ``L = floor(log2 v)`` zeros, then the ``L + 1`` binary digits of ``v`` (MSB first);
   length ``2 L + 1``.
@@ -14,12 +14,20 @@ Bits are numpy ``uint8`` arrays holding 0/1 (one element per bit, MSB first); ``
 loop over values). Decoding is vectorised too although the stream is sequential: every bit
 position is decoded speculatively as if a code started there (a bounded number of array
 passes), which gives a "next code start" map; the chain of code starts from the stream's first
-bit is then followed by pointer doubling (``O(N log count)`` array work). A corrupted or
-truncated stream raises ``ValueError``; nothing is ever silently mis-decoded into a shorter or
-longer sequence.
+bit is then followed by pointer doubling (``O(N log count)`` array work).
 
 Values must lie in ``[1, MAX_VALUE]`` (``2**57 - 1``, the widest field one 64-bit window read
 covers); 0, negatives and larger values raise ``ValueError``.
+
+Malformed input: the decoding functions (``elias_decode``, ``unpack_bits``, ``read_uint``)
+raise ``TypeError`` for an argument of the wrong type (a float count, a float bit array) and
+``ValueError`` - never another exception - for any malformed content: bits other than 0/1, a
+count or position the stream cannot hold, a truncated stream, a malformed code (e.g. a run of
+zeros longer than any valid code). Memory stays linear in the input: every code takes at least
+one bit, so a count larger than the remaining bits is refused before anything is allocated,
+and decoding ``N`` bits allocates about 100 N bytes of temporaries. A stream cut at a code
+boundary, or with bits flipped into other valid codes, decodes without error: these codes carry
+no checksum (a container format such as QSGD's stream adds one).
 """
 
 from __future__ import annotations
@@ -74,10 +82,16 @@ def emit_fields(vals: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Concatenate the ``widths[i]`` low bits of ``vals[i]`` (MSB first) into one bit array.
 
     Zero-width fields emit nothing. ``vals`` are non-negative int64 (a value wider than its field
-    is truncated to its low bits); widths in [0, 63].
+    is truncated to its low bits); widths in [0, 64]. Raises ValueError otherwise (or when the
+    two arrays differ in length), TypeError for non-integer arrays.
     """
-    vals = np.asarray(vals, dtype=np.int64).reshape(-1)
-    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    vals = _int_array(vals, "vals")
+    widths = _int_array(widths, "widths")
+    if vals.size != widths.size:
+        raise ValueError(f"vals and widths must have the same length, got {vals.size} and "
+                         f"{widths.size}")
+    if vals.size and (int(vals.min()) < 0 or int(widths.min()) < 0 or int(widths.max()) > 64):
+        raise ValueError("vals must be >= 0 and widths in [0, 64]")
     total = int(widths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -137,18 +151,70 @@ def elias_encode(values, code: str = "omega") -> np.ndarray:
     return emit_fields(vals.reshape(-1), widths.reshape(-1))
 
 
+def _int_array(a, name: str) -> np.ndarray:
+    """``a`` as a flat int64 array; TypeError unless it holds integers (or bools)."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "biu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds values above {np.iinfo(np.int64).max}")
+    return arr.astype(np.int64, copy=False).reshape(-1)
+
+
+def _as_bits(bits, name: str = "bits") -> np.ndarray:
+    """``bits`` as a flat uint8 0/1 array; TypeError for a non-integer array, ValueError for
+    any element other than 0 and 1."""
+    arr = np.asarray(bits)
+    if arr.dtype.kind not in "biu":
+        raise TypeError(f"{name} must be an integer (0/1) array, got dtype {arr.dtype}")
+    arr = arr.reshape(-1)
+    if arr.dtype != np.uint8 and arr.dtype != np.bool_:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 1):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        return arr.astype(np.uint8)
+    if arr.dtype == np.bool_:
+        return arr.view(np.uint8)
+    if arr.size and int(arr.max()) > 1:
+        raise ValueError(f"{name} must hold only 0 and 1, got {int(arr.max())}")
+    return arr
+
+
+def _as_index(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def pack_bits(bits: np.ndarray) -> tuple[np.ndarray, int]:
-    """Pack a 0/1 uint8 bit array into bytes (MSB first, zero padded); returns (bytes, nbits)."""
-    bits = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    """Pack a 0/1 uint8 bit array into bytes (MSB first, zero padded); returns (bytes, nbits).
+
+    Raises ValueError for elements other than 0/1, TypeError for a non-integer array.
+    """
+    bits = _as_bits(bits)
     return np.packbits(bits), int(bits.size)
 
 
 def unpack_bits(packed: np.ndarray, nbits: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: the first ``nbits`` bits of ``packed`` as a 0/1 uint8 array."""
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    if not 0 <= nbits <= 8 * packed.size:
-        raise ValueError(f"nbits must be in [0, {8 * packed.size}], got {nbits}")
-    return np.unpackbits(packed)[:nbits]
+    """Inverse of ``pack_bits``: the first ``nbits`` bits of ``packed`` as a 0/1 uint8 array.
+
+    ``packed`` is a uint8 array (or bytes); raises ValueError when ``nbits`` lies outside
+    ``[0, 8 * len(packed)]`` or an element is outside [0, 255], TypeError for a non-integer
+    ``nbits`` or array.
+    """
+    if isinstance(packed, (bytes, bytearray, memoryview)):
+        packed = np.frombuffer(packed, dtype=np.uint8)
+    arr = np.asarray(packed)
+    if arr.dtype.kind not in "biu":
+        raise TypeError(f"packed must be a uint8 array or bytes, got dtype {arr.dtype}")
+    arr = arr.reshape(-1)
+    if arr.dtype != np.uint8:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise ValueError("packed must hold bytes (values in [0, 255])")
+        arr = arr.astype(np.uint8)
+    nbits = _as_index(nbits, "nbits")
+    if not 0 <= nbits <= 8 * arr.size:
+        raise ValueError(f"nbits must be in [0, {8 * arr.size}], got {nbits}")
+    return np.unpackbits(arr, count=nbits)
 
 
 class _Windows:
@@ -171,7 +237,15 @@ class _Windows:
 
 
 def read_uint(bits: np.ndarray, pos: int, width: int) -> int:
-    """Unsigned integer stored in ``bits[pos:pos + width]`` (MSB first); raises past the end."""
+    """Unsigned integer stored in ``bits[pos:pos + width]`` (MSB first).
+
+    Raises ValueError when the field does not lie inside ``bits`` or is wider than 64 bits (a
+    header field, not a payload), TypeError for non-integer ``pos`` / ``width``.
+    """
+    bits = _as_bits(bits)
+    pos, width = _as_index(pos, "pos"), _as_index(width, "width")
+    if width > 64:
+        raise ValueError(f"width must be in [0, 64], got {width}")
     if pos < 0 or width < 0 or pos + width > bits.size:
         raise ValueError(
             f"truncated stream: field of {width} bits at bit {pos} exceeds length {bits.size}"
@@ -191,10 +265,11 @@ def _speculative(bits: np.ndarray, start: int, code: str):
     padded = np.concatenate([bits, np.zeros(1, dtype=np.uint8)])
     if code == "gamma":
         ones = np.flatnonzero(bits)
-        k = np.searchsorted(ones, pos)
-        nxt = np.where(k < ones.size, ones[np.minimum(k, max(ones.size - 1, 0))], n)
-        if ones.size == 0:
+        if ones.size == 0:  # no code can end: every position runs into the end of the stream
             nxt = np.full_like(pos, n)
+        else:
+            k = np.searchsorted(ones, pos)
+            nxt = np.where(k < ones.size, ones[np.minimum(k, ones.size - 1)], n)
         z = nxt - pos
         end = pos + 2 * z + 1
         valid = (z < _MAX_WIDTH) & (end <= n)
@@ -238,20 +313,25 @@ def elias_decode(bits, count: int, code: str = "omega", start: int = 0):
     Returns:
         (values int64 array of length ``count``, end) where ``end`` is the bit just after the
         last code (so a caller can read the next section).
-    Raises ValueError when the stream ends before ``count`` complete codes (truncated) or a
-    code is malformed (corrupted: e.g. a run of zeros longer than any valid code).
+    Raises ValueError when the stream ends before ``count`` complete codes (truncated), a code
+    is malformed (corrupted: e.g. a run of zeros longer than any valid code), ``bits`` holds
+    anything but 0/1, ``count`` < 0 or ``start`` lies outside ``[0, len(bits)]``; TypeError
+    for a non-integer ``count`` / ``start`` / bit array. Every decoded value lies in
+    ``[1, MAX_VALUE]``. Memory: O(len(bits) - start), whatever ``count`` says.
     """
     require_choice(code, "code", CODES)
-    bits = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    bits = _as_bits(bits)
     n = bits.size
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    count, start = _as_index(count, "count"), _as_index(start, "start")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
     if not 0 <= start <= n:
         raise ValueError(f"start must be in [0, {n}], got {start}")
     if count == 0:
         return np.zeros(0, dtype=np.int64), start
-    if start == n:
-        raise ValueError(f"truncated Elias stream: 0 of {count} codes present")
+    if count > n - start:  # every code takes at least one bit
+        raise ValueError(f"truncated Elias stream: {count} codes announced, only {n - start} "
+                         f"bits left")
     end, val, valid = _speculative(bits, start, code)
     bad, fin = n + 1, n  # sink states: malformed code, end of stream
     nxt = np.empty(n - start + 2, dtype=np.int64)
