@@ -68,14 +68,14 @@ def _as_values(values) -> np.ndarray:
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
-    """bitlength of non-negative int64 values, by binary search on shifts (exact, no float log)."""
-    x = v.copy()
-    bl = np.zeros_like(x)
-    for sh in (32, 16, 8, 4, 2, 1):
-        m = (x >> sh) > 0
-        bl += m * sh
-        x = np.where(m, x >> sh, x)
-    return bl + (x > 0)
+    """bitlength of non-negative int64 values (0 -> 0), exact.
+
+    ``frexp`` of the float64 value gives it in one pass; above 2**53 the conversion may round
+    up to the next power of two, which the shift test undoes (rounding never goes below one).
+    """
+    v = np.asarray(v, dtype=np.int64)
+    e = np.frexp(v.astype(np.float64))[1].astype(np.int64)
+    return e - ((e > 0) & ((v >> np.maximum(e - 1, 0)) == 0))
 
 
 def emit_fields(vals: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -222,12 +222,10 @@ class _Windows:
 
     def __init__(self, bits: np.ndarray):
         self.n = bits.size
-        by = np.packbits(np.concatenate([bits, np.zeros(72, dtype=np.uint8)])).astype(np.uint64)
-        nb = by.size - 8
-        w = np.zeros(nb, dtype=np.uint64)
-        for i in range(8):  # big-endian 64-bit word starting at every byte
-            w |= by[i : i + nb] << np.uint64(56 - 8 * i)
-        self.words = w
+        by = np.packbits(np.concatenate([bits, np.zeros(72, dtype=np.uint8)]))
+        # the big-endian 64-bit word starting at every byte: overlapping views, one copy
+        self.words = np.ndarray((by.size - 8,), dtype=">u8", buffer=by, strides=(1,)).astype(
+            np.uint64)
 
     def read(self, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
         """Unsigned value of bits [pos, pos + width) (width in [1, 57]; zeros past the end)."""
