@@ -351,7 +351,7 @@ def _run(name: str, seconds: float, max_inputs: int, seed: int, mem_mb: int, sho
         capped = True
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = {"inputs": 0, "decoded": 0, "value_error": 0, "crashes": 0, "silent_1bit": 0,
-             "flip1": 0, "examples": [], "by_kind": {}}
+             "silent_other": 0, "flip1": 0, "examples": [], "by_kind": {}}
 
     def record(kind, what, inp):
         stats["crashes"] += 1
@@ -393,9 +393,8 @@ def _run(name: str, seconds: float, max_inputs: int, seed: int, mem_mb: int, sho
         stats["decoded"] += 1
         k[1] += 1
         bad = check(kind, inp, orig, out)
-        if bad == "silent":
-            if kind == "flip1":
-                stats["silent_1bit"] += 1
+        if bad == "silent":  # decoded to something else although no checksum was forged
+            stats["silent_1bit" if kind == "flip1" else "silent_other"] += 1
         elif bad:
             record(kind, bad, inp)
     stats["seconds"] = time.perf_counter() - t0
@@ -440,7 +439,8 @@ def main(argv=None) -> int:
         with ctx.Pool(args.workers) as pool:  # a fresh process per worker: its own peak RSS
             results = pool.map(_worker, jobs, chunksize=1)
         tot = {k: sum(r[k] for r in results) for k in ("inputs", "decoded", "value_error",
-                                                        "crashes", "silent_1bit", "flip1")}
+                                                        "crashes", "silent_1bit", "silent_other",
+                                                        "flip1")}
         secs = max(r["seconds"] for r in results)
         peak = max(r["rss_peak_mb"] for r in results)
         start = max(r["rss_start_mb"] for r in results)
@@ -456,12 +456,15 @@ def main(argv=None) -> int:
                 kinds[k][1] += ok
         print("    decoded / tried by mutation: " + ", ".join(
             f"{k} {ok}/{n}" for k, (n, ok) in sorted(kinds.items())))
+        print(f"    multi-bit flips, cuts, extensions decoded to a different result: "
+              f"{tot['silent_other']}")
         if not all(r["capped"] for r in results):
             print("    (memory not capped: /proc/self/statm unavailable or --mem-mb 0)")
         for r in results:
             for ex in r["examples"]:
                 print(f"    crash: {ex}")
-        findings += tot["crashes"] + (tot["silent_1bit"] if name in CHECKSUMMED else 0)
+        silent_all = tot["silent_1bit"] + tot["silent_other"]
+        findings += tot["crashes"] + (silent_all if name in CHECKSUMMED else 0)
     print(f"memory cap {args.mem_mb} MiB above start-up per worker; peak RSS in MB "
           f"(growth during the run); seed {args.seed}")
     return 1 if findings else 0
