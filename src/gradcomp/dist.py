@@ -1,15 +1,16 @@
 """``gradcomp.dist``: data-parallel compressed communication, the public namespace.
 
     import gradcomp.dist as gd
-    ddp_model.register_comm_hook(gd.CommHookState(gd.QSGD(levels=16)), gd.qsgd_hook)
+    ddp_model.register_comm_hook(gd.CommHookState(gd.QSGD(levels=16)), gd.comm_hook)
     # or, by name (what ``gradcomp train --comm METHOD`` uses):
+    gd.validate_comm("scalecom", {"ratio": 0.01})   # cheap, no process group needed
     state, hook = gd.make_comm_hook("scalecom", ratio=0.01)
     ddp_model.register_comm_hook(state, hook)
     ...
     state.metrics()  # {"bytes_sent", "dense_bytes", "compression_ratio", ...}
 
-See ``gradcomp.integration.ddp_hooks`` (hooks, state, registry) and
-``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPQuantize).
+See ``gradcomp.integration.ddp_hooks`` (the hook, its state, the registry) and
+``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPCompress).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 from gradcomp.compressors.comm import (
     QSGD,
     Aggregation,
+    CommCompressor,
     ErrorFeedback,
-    FPQuantize,
+    FPCompress,
     IncompatibleAggregationError,
     ScaleCom,
     StochasticPrune,
@@ -31,6 +33,7 @@ from gradcomp.integration.ddp_hooks import (
     allreduce_hook,
     available_methods,
     check_same_config,
+    comm_hook,
     fp16_hook,
     fp_hook,
     make_comm_hook,
@@ -39,14 +42,16 @@ from gradcomp.integration.ddp_hooks import (
     qsgd_hook,
     scalecom_hook,
     topk_hook,
+    validate_comm,
 )
 
 __all__ = [
     "QSGD",
     "Aggregation",
+    "CommCompressor",
     "CommHookState",
     "ErrorFeedback",
-    "FPQuantize",
+    "FPCompress",
     "IncompatibleAggregationError",
     "ScaleCom",
     "StochasticPrune",
@@ -55,6 +60,7 @@ __all__ = [
     "allreduce_hook",
     "available_methods",
     "check_same_config",
+    "comm_hook",
     "fp16_hook",
     "fp_hook",
     "make_comm_hook",
@@ -64,4 +70,5 @@ __all__ = [
     "qsgd_hook",
     "scalecom_hook",
     "topk_hook",
+    "validate_comm",
 ]
