@@ -1,6 +1,7 @@
 """Communication compressors: QSGD statistics and bit stream, top-k, ScaleCom, FP, memory."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from gradcomp.compressors.comm import (
     QSGD,
     Aggregation,
     ErrorFeedback,
-    FPQuantize,
+    FPCompress,
     IncompatibleAggregationError,
     ScaleCom,
     StochasticPrune,
@@ -81,25 +82,43 @@ def test_qsgd_bitstream_round_trip_and_size(code):
     data = q.encode(norms, lv, x.numel())
     n2, l2, n = q.decode(data)
     assert n == 1000 and torch.equal(n2, norms) and torch.equal(l2, lv)
+    # the payload form: one uint8 tensor, decoded by decompress to the same values
+    qb = QSGD(levels=2, bucket_size=128, code=code, bitstream=True)
+    (stream,) = qb.compress(x, _gen())
+    assert stream.dtype == torch.uint8 and np.array_equal(stream.numpy(), data)
+    assert torch.equal(qb.decompress([stream], 1000), q.decompress([norms, lv], 1000))
+    assert payload_bytes([stream]) <= qb.wire_bytes(1000)
     assert data.size == -(-q.encoded_bits(norms, lv, 1000) // 8)
     # far below 32 bits per coordinate; and within the seed's (asymptotic) bound + header
     bpc = 8 * data.size / 1000
     assert bpc < qsgd_bits_bound(2, 128) + 208 / 1000 + 0.5
 
 
+def _with_crc(body: np.ndarray) -> np.ndarray:
+    """A stream body with a valid CRC-32 appended (so the decoder parses past the checksum)."""
+    crc = zlib.crc32(body.tobytes()).to_bytes(4, "big")
+    return np.concatenate([body, np.frombuffer(crc, np.uint8)])
+
+
 def test_qsgd_corrupted_streams_raise():
     q = QSGD(levels=4, bucket_size=64)
     norms, lv = q.compress(torch.randn(500), _gen())
     data = q.encode(norms, lv, 500)
-    with pytest.raises(ValueError, match="magic"):
+    with pytest.raises(ValueError, match="CRC"):
         bad = data.copy()
         bad[0] ^= 0xFF
         q.decode(bad)
-    for cut in (1, 10, data.size - 20):
+    with pytest.raises(ValueError, match="magic"):
+        bad = data[:-4].copy()
+        bad[0] ^= 0xFF
+        q.decode(_with_crc(bad))
+    for cut in (1, 10, data.size - 20, data.size - 1, data.size):
         with pytest.raises(ValueError, match="truncated|corrupted"):
             q.decode(data[:-cut])
-    with pytest.raises(ValueError, match="trailing"):
+    with pytest.raises(ValueError, match="CRC"):
         q.decode(np.concatenate([data, np.array([0xFF], np.uint8)]))
+    with pytest.raises(ValueError, match="trailing"):  # an extra byte under a valid CRC
+        q.decode(_with_crc(np.concatenate([data[:-4], np.zeros(1, np.uint8)])))
     with pytest.raises(ValueError, match="levels=4"):
         QSGD(levels=8, bucket_size=64).decode(data)
     # a level above s: rewrite the stream of a compressor with larger s but the same header s
@@ -146,7 +165,7 @@ def test_low_pass_error_feedback_formula():
     c = ef.compensate("k", g)
     sent = torch.tensor([1.5, 0.0, 0.0])
     ef.update("k", c, sent)
-    # notes section 6: m <- (1 - beta) m + beta (m + g - C(m + g))
+    # ScaleCom's low-pass filter: m <- (1 - beta) m + beta (m + g - C(m + g))
     torch.testing.assert_close(ef.memory["k"], 0.75 * m0 + 0.25 * (m0 + g - sent))
     with pytest.raises(ValueError, match="beta"):
         ErrorFeedback(beta=0.0)
@@ -158,8 +177,8 @@ def test_scalecom_selects_and_gathers():
     x = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05, 0.0, 1.0, 0.3, 0.0, 0.0])
     idx = sc.select(x)
     assert idx.tolist() == [1, 3, 6]
-    (vals,) = sc.compress(x, idx)
-    assert sc.decompress([vals], idx, 10).tolist() == [0, -5.0, 0, 3.0, 0, 0, 1.0, 0, 0, 0]
+    (vals,) = sc.compress(x, indices=idx)
+    assert sc.decompress([vals], 10, indices=idx).tolist() == [0, -5.0, 0, 3.0, 0, 0, 1.0, 0, 0, 0]
     with pytest.raises(ValueError, match="beta"):
         ScaleCom(beta=1.5)
 
@@ -175,7 +194,7 @@ def test_aggregation_pairing_refused():
 
 
 def test_fp_quantize_round_trip_and_unbiased():
-    c = FPQuantize(fmt="e4m3fn", rounding="stochastic", compile=False)
+    c = FPCompress(fmt="e4m3fn", rounding="stochastic", compile=False)
     torch.manual_seed(0)
     x = torch.randn(512) * 1e-3
     codes, s = c.compress(x, _gen())
@@ -192,9 +211,10 @@ def test_fp_quantize_round_trip_and_unbiased():
     k = torch.searchsorted(grid, (x[:64] * s).abs(), right=True)
     spacing = (grid[k] - grid[k - 1]) / s
     assert torch.all((ys.double().mean(0) - x[:64]).abs() <= 5 * spacing / (2 * math.sqrt(reps)))
-    assert FPQuantize(fmt="1-5-2").wire[0] == torch.bfloat16
+    assert FPCompress(fmt="1-5-2").wire[0] == torch.bfloat16
+    assert c.wire_bytes(512) == 512 + 4
     with pytest.raises(ValueError, match="rounding"):
-        FPQuantize(rounding="up")
+        FPCompress(rounding="up")
 
 
 def test_stochastic_prune_sparsity_and_unbiased(monkeypatch):
@@ -217,3 +237,137 @@ def test_stochastic_prune_sparsity_and_unbiased(monkeypatch):
     # an all-zero bucket is not pruned and costs nothing
     idx0, _ = c.compress(torch.zeros(100), _gen())
     assert idx0.numel() == 0
+
+
+def _old_fp_scale(x, scale, fmt):
+    """The scale rules FPCompress had before it used numerics.scales (numbers must not change)."""
+    from gradcomp.numerics.fit import fit_lognormal
+
+    if scale == "lognormal":
+        e = torch.floor(-fit_lognormal(x).mean_log2 - 3).float()
+    else:
+        e = torch.floor(torch.log2(fmt.max_normal / x.abs().amax().float()))
+    e = torch.clamp(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), -126, 126)
+    return torch.exp2(e)
+
+
+@pytest.mark.parametrize("scale", ["lognormal", "amax"])
+def test_fp_compress_scales_are_the_shared_rules(scale):
+    c = FPCompress(fmt="e4m3fn", scale=scale, compile=False)
+    g = _gen(3)
+    for _ in range(200):
+        x = torch.randn(64, generator=g) * torch.exp(8 * torch.randn(1, generator=g))
+        assert c.scale_of(x).item() == _old_fp_scale(x, scale, c.format).item()
+    for x in (torch.zeros(8), torch.full((4,), float("nan")), torch.tensor([float("inf"), 1.0])):
+        assert c.scale_of(x).item() == _old_fp_scale(x, scale, c.format).item()
+
+
+def test_fp_compress_parses_format_once_and_checks_types():
+    c = FPCompress(fmt="e5m2")
+    assert c.format is c.format  # parsed at construction, not per access
+    with pytest.raises(ValueError):
+        FPCompress(fmt="e9m9")
+    with pytest.raises(TypeError, match="compile"):
+        FPCompress(compile="yes")
+
+
+@pytest.mark.parametrize("comp", [QSGD(levels=4, bucket_size=16), TopK(ratio=0.1),
+                                  FPCompress(compile=False), StochasticPrune(sparsity=0.5),
+                                  QSGD(levels=4, bucket_size=16, bitstream=True)])
+def test_payload_matches_wire_bytes_promise(comp, monkeypatch):
+    monkeypatch.setenv("GRADCOMP_COMPILE", "0")
+    for n in (1, 37, 1000):
+        p = comp.compress(torch.randn(n, generator=_gen(n)), _gen())
+        if comp.variable_size:
+            assert payload_bytes(p) <= comp.wire_bytes(n)
+        else:
+            assert payload_bytes(p) == comp.wire_bytes(n)
+
+
+def test_empty_tensor_is_a_no_op():
+    e = torch.zeros(0)
+    idx, vals = TopK(ratio=0.1).compress(e)
+    assert idx.numel() == 0 and vals.numel() == 0
+    assert TopK(ratio=0.1).decompress([idx, vals], 0).numel() == 0
+    sc = ScaleCom(ratio=0.1)
+    sel = sc.select(e)
+    assert sel.numel() == 0 and sc.num_selected(0) == 0
+    assert sc.decompress(sc.compress(e, indices=sel), 0, indices=sel).numel() == 0
+    for comp in (QSGD(), QSGD(bitstream=True), StochasticPrune()):
+        assert comp.decompress(comp.compress(e, _gen()), 0).numel() == 0
+
+
+def test_qsgd_decoder_refuses_what_the_encoder_never_writes():
+    q = QSGD(levels=4, bucket_size=8)
+    x = torch.tensor([3.0, -4.0, 0, 0, 0, 0, 0, 0, 1.0, 1.0])
+    norms, lv = q.compress(x, _gen())
+    body = q.encode(norms, lv, 10)[:-4]
+
+    def header(n, nnz):
+        h = body[:26].copy()
+        h[10:18] = np.frombuffer(n.to_bytes(8, "big"), np.uint8)
+        h[18:26] = np.frombuffer(nnz.to_bytes(8, "big"), np.uint8)
+        return h
+
+    # a short stream announcing 2^40 coordinates: refused before any allocation
+    with pytest.raises(ValueError, match="truncated QSGD stream: .* norms"):
+        q.decode(_with_crc(np.concatenate([header(1 << 40, 0), body[26:]])))
+    with pytest.raises(ValueError, match="non-zeros"):
+        q.decode(_with_crc(np.concatenate([header(10, (1 << 63) + 5), body[26:]])))
+    with pytest.raises(ValueError, match="non-zeros"):  # more non-zeros than bits to code them
+        q.decode(_with_crc(np.concatenate([header(10, 10), body[26:35]])))
+    neg = body.copy()
+    neg[26] |= 0x80  # sign bit of the first norm
+    with pytest.raises(ValueError, match="negative norm"):
+        q.decode(_with_crc(neg))
+    zero = q.encode(torch.tensor([5.0, 0.0]), lv, 10)[:-4]  # bucket 1 has levels, norm 0
+    with pytest.raises(ValueError, match="norm 0"):
+        q.decode(_with_crc(zero))
+    # a bucket with NaN is legitimate (the encoder writes its non-finite norm)
+    nan = torch.tensor([float("nan")] + [1.0] * 9)
+    nn, nl = q.compress(nan, _gen())
+    n2, l2, _ = q.decode(q.encode(nn, nl, 10))
+    assert torch.isnan(n2[0]) and torch.isnan(q.dequantize(n2, l2, 10)[:8]).all()
+    with pytest.raises(TypeError, match="uint8"):
+        q.decode(np.zeros(40, dtype=np.int16))
+
+
+@pytest.mark.parametrize("code", ["omega", "gamma"])
+def test_qsgd_single_bit_flips_never_decode_silently(code):
+    # every single-bit flip of a valid stream must raise the documented ValueError: CRC-32
+    # detects every single-bit error, so none may decode to a different gradient (or crash)
+    q = QSGD(levels=4, bucket_size=32, code=code)
+    rng = np.random.default_rng(0)
+    streams = []
+    for n in (1, 50, 300):
+        x = torch.randn(n, generator=_gen(n)) * torch.exp(torch.randn(n, generator=_gen(n + 1)))
+        norms, lv = q.compress(x, _gen())
+        streams.append(q.encode(norms, lv, n))
+    flips = 0
+    for data in streams:
+        for _ in range(1000 // len(streams) + 1):
+            bit = int(rng.integers(8 * data.size))
+            bad = data.copy()
+            bad[bit // 8] ^= np.uint8(1 << (7 - bit % 8))
+            with pytest.raises(ValueError):
+                q.decode(bad)
+            flips += 1
+    assert flips >= 1000
+
+
+def test_qsgd_random_bodies_with_valid_crc_raise_only_value_error():
+    # past the checksum: random bytes under a valid CRC and the right header prefix must end in
+    # ValueError or decode to levels within [-s, s] (never IndexError / OverflowError)
+    q = QSGD(levels=4, bucket_size=32)
+    rng = np.random.default_rng(1)
+    prefix = q.encode(*q.compress(torch.randn(10), _gen()), 10)[:10]
+    for _ in range(1000):
+        tail = rng.integers(0, 256, size=int(rng.integers(0, 60)), dtype=np.uint8)
+        if tail.size >= 16 and rng.random() < 0.5:  # n, nnz < 256 now and then: deeper parsing
+            tail[0:7] = 0
+            tail[8:15] = 0
+        try:
+            norms, lv, n = q.decode(_with_crc(np.concatenate([prefix, tail])))
+        except ValueError:
+            continue
+        assert lv.numel() == norms.numel() * 32 and (n == 0 or lv.abs().max() <= 4)

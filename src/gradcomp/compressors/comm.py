@@ -484,15 +484,18 @@ class ScaleCom(CommCompressor):
         idx = torch.topk(flat.abs(), self.num_selected(flat.numel()), sorted=False).indices
         return torch.sort(idx).values.to(torch.int32)
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
                  indices: torch.Tensor | None = None) -> list:
         """This rank's values at the shared ``indices`` (the all-reduce payload)."""
         require_float_tensor(x, "x")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError("ScaleCom.compress: pass the shared indices as indices=, not as "
+                            "the generator argument")
         if indices is None:
             raise ValueError("ScaleCom.compress needs indices= (from the leader's select)")
         return [x.reshape(-1)[indices.long()]]
 
-    def decompress(self, payload, numel: int, dtype=torch.float32,
+    def decompress(self, payload, numel: int, dtype=torch.float32, *,
                    indices: torch.Tensor | None = None) -> torch.Tensor:
         """Dense flat tensor with the (summed or own) values at the shared ``indices``."""
         if indices is None:
