@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 class FakeBucket:
-    """The part of ``dist.GradBucket`` gradcomp's own hooks use (buffer, index, is_last)."""
+    """The part of ``dist.GradBucket`` gradcomp's hook uses (buffer, index, is_last, parameters)."""
 
     def __init__(self, buf, index=0, last=True):
         self._buf, self._index, self._last = buf, index, last
@@ -50,6 +50,9 @@ class FakeBucket:
 
     def is_last(self):
         return self._last
+
+    def parameters(self):
+        return [self._buf]
 
 
 def digits_split(rank: int, world: int):

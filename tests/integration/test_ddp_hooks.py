@@ -50,13 +50,15 @@ def _session(rank, world):
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
-    q = H.CommHookState(QSGD(), start_iter=1)
-    q.iter = 1
-    try:
-        H.scalecom_hook(q, FakeBucket(torch.zeros(10)))
-        out["pairing"] = None
-    except TypeError as e:
-        out["pairing"] = str(e)
+    # an empty bucket is a no-op on every rank: nothing sent, nothing stored, iteration counted
+    out["empty"] = {}
+    for name, comp in (("topk", TopK(ratio=0.1)), ("scalecom", ScaleCom(ratio=0.1)),
+                       ("qsgd", QSGD(bitstream=True))):
+        st = H.CommHookState(comp, start_iter=1)
+        st.iter = 1
+        res = H.comm_hook(st, FakeBucket(torch.zeros(0))).wait()
+        out["empty"][name] = (res.numel(), st.metrics()["bytes_sent"], st.iter,
+                              st.state_dict()["memory"])
     dist.barrier()
     return out
 
@@ -112,25 +114,73 @@ def test_error_feedback_conserves_residual(results, name):
     torch.testing.assert_close(sent + a["memory"] + b["memory"], grads, rtol=0, atol=1e-4)
 
 
-def test_config_mismatch_and_bad_pairing_raise(results):
+def test_config_mismatch_names_the_differing_field(results):
     for r in results:
         assert r["mismatch"] is not None and "different comm-hook configurations" in r["mismatch"]
-        assert "levels" in r["mismatch"]
-        assert r["pairing"] is not None and "ScaleCom" in r["pairing"]
+        assert "differing fields: levels)" in r["mismatch"]
+        assert "rank 0 4, rank 1 5" in r["mismatch"]
 
 
-def test_registry_rejects_unknown_names():
-    with pytest.raises(ValueError, match="'qsgd'") as e:
-        H.make_comm_hook("sgd")
-    assert "'powersgd'" in str(e.value) and "'scalecom'" in str(e.value)
+@pytest.mark.parametrize("name", ["topk", "scalecom", "qsgd"])
+def test_empty_bucket_is_a_no_op(results, name):
+    for r in results:
+        numel, sent, iters, memory = r["empty"][name]
+        assert (numel, sent, iters) == (0, 0, 2)
+        assert memory is None or memory["memory"] == {}
 
 
-def test_registry_rejects_unknown_options_and_bad_state():
-    with pytest.raises(TypeError, match="allowed: .*levels"):
-        H.make_comm_hook("qsgd", level=3)
-    with pytest.raises(TypeError, match="takes no options"):
-        H.make_comm_hook("allreduce", ratio=0.1)
-    with pytest.raises(ValueError, match="levels"):
-        H.make_comm_hook("qsgd", levels=0)
-    assert set(H.available_methods()) >= {"allreduce", "fp16", "powersgd", "qsgd", "topk",
+def test_the_named_hooks_are_one_hook():
+    assert H.qsgd_hook is H.topk_hook is H.scalecom_hook is H.prune_hook is H.fp_hook
+    assert H.qsgd_hook is H.comm_hook
+    with pytest.raises(TypeError, match="CommHookState"):
+        H.comm_hook(object(), FakeBucket(torch.zeros(3)))
+
+
+def test_validate_comm_names_method_and_suggests():
+    with pytest.raises(ValueError, match="'qsdg' is not a method; did you mean 'qsgd'") as e:
+        H.validate_comm("qsdg", {})
+    assert "allowed: allreduce, fp16, powersgd, qsgd, topk, scalecom, prune, fp" in str(e.value)
+    with pytest.raises(ValueError, match="is not a method; allowed"):
+        H.validate_comm("zzz", {})
+    with pytest.raises(ValueError, match="is not a method"):
+        H.validate_comm(None, {})
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("qsgd", {"level": 8}, "'level' is not accepted by qsgd; did you mean 'levels'.*allowed: "
+                           "bitstream, bucket_size, check_config, code, levels, seed, start_iter"),
+    ("qsgd", {"levels": "8"}, "'levels' of qsgd must be int; got str '8'"),
+    ("qsgd", {"levels": 8.0}, "'levels' of qsgd must be int"),
+    ("qsgd", {"bitstream": 1}, "'bitstream' of qsgd must be bool"),
+    ("qsgd", {"levels": 0}, "levels"),
+    ("qsgd", {"beta": 0.5}, "'beta' is not accepted by qsgd"),
+    ("topk", {"ratio": "0.1"}, "'ratio' of topk must be float"),
+    ("topk", {"ratio": 1.5}, "ratio"),
+    ("topk", {"beta": 0.0}, "'beta' must lie in"),
+    ("topk", {"start_iter": 0}, "'start_iter' must be >= 1"),
+    ("topk", {"seed": True}, "'seed' of topk must be int"),
+    ("scalecom", {"beta": 2.0}, "beta"),
+    ("fp", {"fmt": "e9m9"}, "comm option of fp"),
+    ("fp", {"compile": "no"}, "'compile' of fp must be bool | None"),
+    ("allreduce", {"ratio": 0.1}, "'ratio' is not accepted by allreduce; allowed: check_config"),
+    ("powersgd", {"rank": 2}, "did you mean 'matrix_approximation_rank'"),
+    ("powersgd", {"matrix_approximation_rank": 0}, "must be >= 1"),
+    ("qsgd", [("levels", 8)], "must be a dict"),
+])
+def test_validate_comm_refuses_bad_options(method, options, match):
+    with pytest.raises(ValueError, match=match):
+        H.validate_comm(method, options)
+    if isinstance(options, dict):  # make_comm_hook refuses them before any collective
+        with pytest.raises(ValueError, match=match):
+            H.make_comm_hook(method, **options)
+
+
+def test_validate_comm_accepts_good_options():
+    for method, options in [("qsgd", {"levels": 8, "bucket_size": 256, "bitstream": True}),
+                            ("topk", {"ratio": 0.01, "beta": 0.5, "start_iter": 3, "seed": 1}),
+                            ("scalecom", {"ratio": 0.1, "beta": 0.5}), ("prune", {}),
+                            ("fp", {"fmt": "e5m2", "compile": None, "scale": "amax"}),
+                            ("powersgd", {"matrix_approximation_rank": 2}), ("fp16", {})]:
+        assert H.validate_comm(method, options) is None
+    assert set(H.available_methods()) == {"allreduce", "fp16", "powersgd", "qsgd", "topk",
                                           "scalecom", "prune", "fp"}

@@ -71,6 +71,7 @@ __all__ = [
     "fp_hook",
     "make_comm_hook",
     "powersgd_hook",
+    "prime_buckets",
     "prune_hook",
     "qsgd_hook",
     "scalecom_hook",
@@ -124,6 +125,7 @@ class _Counters:
                  "period_bytes", "period_dense", "last_step")
 
     def __init__(self):
+        self.suspended = False  # set by prime_buckets: plain all-reduce, nothing counted
         self.iter = 0
         self.bytes_sent = 0
         self.dense_bytes = 0
@@ -305,6 +307,14 @@ class CommHookState(_Counters):
             self._generators[key] = g
 
 
+def _plain_allreduce(state, bucket):
+    """fp32 all-reduce (average) that changes no state and counts nothing."""
+    buf = bucket.buffer()
+    buf.div_(dist.get_world_size(state.process_group))
+    work = dist.all_reduce(buf, group=state.process_group, async_op=True)
+    return work.get_future().then(lambda f: f.value()[0])
+
+
 def _warmup(state, bucket):
     """Plain fp32 all-reduce (average); counted as dense."""
     buf = bucket.buffer()
@@ -356,8 +366,8 @@ def _compensate(state, bucket, buf):
         raise ValueError(
             f"error-feedback memory of bucket {key} belongs to parameters of shapes {known}, "
             f"the bucket now holds {layout} (DDP's bucket layout changed: keep start_iter >= 2 "
-            "so that memory is created after DDP's bucket rebuild, and resume with the same "
-            "model and bucket_cap_mb)"
+            "so that memory is created after DDP's bucket rebuild; after a resume, call "
+            "prime_buckets before the first step)"
         )
     return state.memory.compensate(key, buf)
 
@@ -373,6 +383,8 @@ def comm_hook(state: CommHookState, bucket):
     """
     if not isinstance(state, CommHookState):
         raise TypeError(f"comm_hook needs a CommHookState, got {type(state).__name__}")
+    if state.suspended:
+        return _plain_allreduce(state, bucket)
     comp = state.compressor
     buf = bucket.buffer()
     n = buf.numel()
@@ -421,6 +433,40 @@ def comm_hook(state: CommHookState, bucket):
     return _completed(buf)
 
 
+def prime_buckets(ddp_model, state, *inputs, **kwargs) -> None:
+    """Make a fresh DDP model rebuild its buckets without changing anything else (for resume).
+
+    DDP puts every parameter in one bucket for its first iteration and rebuilds its buckets
+    (in the order gradients became ready) at the start of the second. A run resumed from a
+    checkpoint would therefore compress its first step with another bucket layout than the
+    uninterrupted run did (QSGD's norms, top-k's k and the memory are per bucket), and not
+    continue bit for bit. Call this once after ``state.load_state_dict`` and before the first
+    training step, on every rank, with one batch of inputs: it runs a forward and a backward of
+    ``0 * sum(outputs)`` with the hook suspended (a plain all-reduce: no counter, generator or
+    memory changes), then restores the module's parameters and buffers (e.g. BatchNorm running
+    statistics), the CPU and CUDA random states, and clears the gradients it made
+    (``param.grad = None``). The next forward rebuilds the buckets.
+    """
+    module = ddp_model.module
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
+    state.suspended = True
+    try:
+        with torch.random.fork_rng(devices=devices):
+            out = ddp_model(*inputs, **kwargs)
+            leaves = [t for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not leaves:
+                raise ValueError("prime_buckets: the model's outputs need gradients")
+            (0 * sum(t.float().sum() for t in leaves)).backward()
+    finally:
+        state.suspended = False
+    with torch.no_grad():
+        module.load_state_dict(saved)
+    for p in module.parameters():
+        p.grad = None
+
+
 # Named aliases of the one hook (kept for ``gradcomp.dist.qsgd_hook`` and the README).
 qsgd_hook = topk_hook = scalecom_hook = prune_hook = fp_hook = comm_hook
 
@@ -461,6 +507,8 @@ class TorchHookState(_Counters):
 
 def allreduce_hook(state: TorchHookState, bucket):
     """torch's fp32 all-reduce (the uncompressed reference); 4 bytes per element."""
+    if state.suspended:
+        return _plain_allreduce(state, bucket)
     buf = bucket.buffer()
     state.count(bucket, buf.numel() * buf.element_size())
     return default_hooks.allreduce_hook(state.inner, bucket)
@@ -468,6 +516,8 @@ def allreduce_hook(state: TorchHookState, bucket):
 
 def fp16_hook(state: TorchHookState, bucket):
     """torch's fp16 compression hook; 2 bytes per element."""
+    if state.suspended:
+        return _plain_allreduce(state, bucket)
     state.count(bucket, 2 * bucket.buffer().numel())
     return default_hooks.fp16_compress_hook(state.inner, bucket)
 
@@ -488,6 +538,8 @@ def _powersgd_bytes(ps, bucket) -> int:
 
 def powersgd_hook(state: TorchHookState, bucket):
     """torch's PowerSGD hook (low-rank P, Q all-reduced; its own error feedback)."""
+    if state.suspended:
+        return _plain_allreduce(state, bucket)
     state.count(bucket, _powersgd_bytes(state.inner, bucket))
     return _psgd.powerSGD_hook(state.inner, bucket)
 
@@ -529,6 +581,8 @@ def _option_types(method: str) -> dict:
 
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)
+    if not close and len(word) >= 3:  # "rank" -> "matrix_approximation_rank"
+        close = [c for c in choices if word.lower() in c.lower()][:2]
     return f"did you mean {' or '.join(map(repr, close))}? " if close else ""
 
 
