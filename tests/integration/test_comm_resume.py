@@ -40,7 +40,8 @@ def _build(name, init_seed):
 
 def _steps(ddp, opt, xs, ys, rank, start, stop):
     for t in range(start, stop):  # the batch depends only on (rank, step): same after resume
-        idx = torch.randint(len(ys), (32,), generator=torch.Generator().manual_seed(1000 * t + rank))
+        g = torch.Generator().manual_seed(1000 * t + rank)
+        idx = torch.randint(len(ys), (32,), generator=g)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ddp(xs[idx]), ys[idx]).backward()
         opt.step()
@@ -84,6 +85,7 @@ def results(tmp_path_factory):
     return spawn("test_comm_resume:_session", tmp_path_factory.mktemp("resume"), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_resume_ends_with_identical_weights_and_counters(results, name):
     for r in results:
