@@ -59,6 +59,13 @@ def _session(rank, world):
         res = H.comm_hook(st, FakeBucket(torch.zeros(0))).wait()
         out["empty"][name] = (res.numel(), st.metrics()["bytes_sent"], st.iter,
                               st.state_dict()["memory"])
+    # per-period counters (one epoch, say) next to the cumulative ones
+    st = H.CommHookState(TopK(ratio=0.1), start_iter=1)
+    for _ in range(2):
+        H.comm_hook(st, FakeBucket(torch.randn(100))).wait()
+    first = st.metrics(reset=True)
+    H.comm_hook(st, FakeBucket(torch.randn(100))).wait()
+    out["period"] = (first, st.metrics())
     dist.barrier()
     return out
 
@@ -184,3 +191,12 @@ def test_validate_comm_accepts_good_options():
         assert H.validate_comm(method, options) is None
     assert set(H.available_methods()) == {"allreduce", "fp16", "powersgd", "qsgd", "topk",
                                           "scalecom", "prune", "fp"}
+
+
+def test_period_and_cumulative_counters(results):
+    first, second = results[0]["period"]
+    # step 1 is the fp32 warm-up (400 bytes), then top-k 10%: 10 int32 + 10 fp32 = 80 bytes
+    assert (first["bytes_sent"], first["period_bytes_sent"]) == (480, 480)
+    assert (second["bytes_sent"], second["period_bytes_sent"]) == (560, 80)
+    assert second["period_compression_ratio"] == 400 / 80
+    assert second["compression_ratio"] == 1200 / 560
