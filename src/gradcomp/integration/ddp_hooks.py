@@ -433,6 +433,17 @@ def comm_hook(state: CommHookState, bucket):
     return _completed(buf)
 
 
+def _tensors(obj) -> list:
+    """Tensors inside a model output (tensor, or lists / tuples / dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
 def prime_buckets(ddp_model, state, *inputs, **kwargs) -> None:
     """Make a fresh DDP model rebuild its buckets without changing anything else (for resume).
 
@@ -454,8 +465,7 @@ def prime_buckets(ddp_model, state, *inputs, **kwargs) -> None:
     try:
         with torch.random.fork_rng(devices=devices):
             out = ddp_model(*inputs, **kwargs)
-            leaves = [t for t in torch.utils._pytree.tree_leaves(out)
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            leaves = [t for t in _tensors(out) if t.requires_grad]
             if not leaves:
                 raise ValueError("prime_buckets: the model's outputs need gradients")
             (0 * sum(t.float().sum() for t in leaves)).backward()
