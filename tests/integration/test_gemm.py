@@ -1,0 +1,257 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradcomp.integration.forward import quantize_forward
+from gradcomp.integration.gemm import (
+    BackwardQuantConfig,
+    BackwardSpec,
+    OperandSpec,
+    RHTSpec,
+    backward_products,
+    quantize_backward,
+)
+from gradcomp.integration.wrap import CompressionConfig, QuantizeSpec, compress_gradients
+
+LUQ = OperandSpec("luq", 4)
+FP4 = OperandSpec("fp", "e2m1fn", "stochastic")
+FP8 = OperandSpec("fp", "e4m3fn", "stochastic")
+INT4 = OperandSpec("int", 4, "stochastic")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False)
+        self.fc = nn.Linear(8 * 3 * 3, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.fc(x.flatten(1)))
+        return self.head(x.unsqueeze(1).expand(-1, 3, -1))  # a 3-d Linear input
+
+
+def _data(seed=0, n=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 7, 7, generator=g), torch.randn(n, 3, 4, generator=g)
+
+
+def _grads(model, x, t):
+    model.zero_grad()
+    xr = x.clone().requires_grad_(True)
+    ((model(xr) - t) ** 2).sum().backward()
+    return [p.grad.clone() for p in model.parameters()] + [xr.grad.clone()]
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def test_none_specs_are_bit_exact():
+    m = _net()
+    x, t = _data()
+    ref = _grads(m, x, t)
+    with quantize_backward(m, BackwardSpec()) as h:
+        assert set(h.layers) == {"conv", "grouped", "fc", "head"}
+        got = _grads(m, x, t)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_remove_restores_and_state_dict_unchanged():
+    m = _net()
+    keys = list(m.state_dict())
+    x, t = _data()
+    ref = _grads(m, x, t)
+    h = quantize_backward(m, BackwardSpec.uniform(LUQ, FP8, FP8))
+    assert list(m.state_dict()) == keys
+    noisy = _grads(m, x, t)
+    assert not torch.equal(noisy[0], ref[0])
+    h.remove()
+    h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(ref, _grads(m, x, t)))
+    assert not any(m._forward_hooks for m in m.modules())
+    assert not any(m._forward_pre_hooks for m in m.modules())
+    quantize_backward(m, BackwardSpec()).remove()  # can be converted again
+
+
+def test_double_conversion_refused():
+    m = _net()
+    h = quantize_backward(m, BackwardSpec())
+    with pytest.raises(ValueError, match="already converted"):
+        quantize_backward(m, BackwardSpec())
+    h.remove()
+
+
+def test_rht_without_quantization_is_exact_up_to_rounding():
+    m = _net().double()
+    x, t = _data(n=10)  # 10 samples, 30 head rows: both padded to the block
+    x, t = x.double(), t.double()
+    ref = _grads(m, x, t)
+    for signs in ("fixed", "per_step"):
+        with quantize_backward(m, BackwardSpec(rht=RHTSpec(16, signs, seed=3))):
+            got = _grads(m, x, t)
+        for a, b in zip(ref, got):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _mean_se(draws):
+    d = torch.stack(draws).double()
+    return d.mean(0), d.std(0) / math.sqrt(len(draws))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("grad,other,rht", [
+    (LUQ, OperandSpec(), None),
+    (FP4, FP8, None),
+    (INT4, INT4, RHTSpec(16, "per_step")),
+])
+def test_unbiased_dgrad_wgrad(kind, grad, other, rht):
+    g = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        x = torch.randn(24, 12, generator=g)
+        w = torch.randn(6, 12, generator=g)
+        gout = torch.randn(24, 6, generator=g) * torch.exp(torch.randn(24, 6, generator=g))
+        conv = None
+    else:
+        x = torch.randn(5, 2, 6, 6, generator=g)
+        w = torch.randn(3, 2, 3, 3, generator=g)
+        gout = torch.randn(5, 3, 4, 4, generator=g) * torch.exp(torch.randn(5, 3, 4, 4,
+                                                                            generator=g))
+        conv = (1, 0, 1, 1)
+    spec = BackwardSpec(grad, other, grad, other, rht)
+    exact = backward_products(kind, gout.double(), x.double(), w.double(), BackwardSpec(),
+                              conv=conv)
+    gen = torch.Generator().manual_seed(2)
+    reps = 300
+    draws = [backward_products(kind, gout, x, w, spec, gen, conv=conv, call=i)
+             for i in range(reps)]
+    for j, name in enumerate(("dgrad", "wgrad")):
+        mean, se = _mean_se([d[j] for d in draws])
+        z = (mean - exact[j]) / se.clamp_min(1e-12)
+        # every output element within 5 standard errors; the noise is real (se > 0)
+        assert z.abs().max() < 5.5, name
+        assert (se > 0).float().mean() > 0.9, name
+    # the aggregate z over all elements (sum of errors) as well
+    for j in (0, 1):
+        tot = torch.stack([(d[j].double() - exact[j]).sum() for d in draws])
+        assert abs(float(tot.mean())) < 5 * float(tot.std()) / math.sqrt(reps)
+
+
+def test_selection_by_name_type_and_first_last():
+    m = _net()
+    cfg = BackwardQuantConfig(default=BackwardSpec.uniform(LUQ),
+                              rules=(("fc", None), (nn.Conv2d, BackwardSpec.uniform(FP4))))
+    h = quantize_backward(m, cfg)
+    assert set(h.layers) == {"conv", "grouped", "head"}
+    assert h.layers["conv"].dgrad_grad == FP4 and h.layers["head"].wgrad_grad == LUQ
+    h.remove()
+    h = quantize_backward(m, BackwardQuantConfig(default=BackwardSpec(), keep_first_last=True))
+    assert set(h.layers) == {"grouped", "fc"}
+    h.remove()
+    with pytest.raises(ValueError, match="matches no"):
+        quantize_backward(m, BackwardQuantConfig(rules=(("nope*", None),)))
+
+
+def test_per_layer_per_gemm_only_the_chosen_gradient_changes():
+    m = _net()
+    x, t = _data()
+    ref = _grads(m, x, t)
+    # wgrad only, and only in fc: fc.weight changes; dgrad (so every earlier layer) exact
+    spec = BackwardSpec(wgrad_grad=LUQ, wgrad_input=FP8)
+    with quantize_backward(m, BackwardQuantConfig(default=None, rules=(("fc", spec),))):
+        got = _grads(m, x, t)
+    names = [n for n, _ in m.named_parameters()] + ["input"]
+    for n, a, b in zip(names, ref, got):
+        assert torch.equal(a, b) == (n != "fc.weight"), n
+
+
+def test_state_dict_reproduces_the_stream():
+    m = _net()
+    x, t = _data()
+    spec = BackwardSpec.uniform(LUQ, INT4, INT4, RHTSpec(16, "per_step"))
+    h = quantize_backward(m, BackwardQuantConfig(default=spec, seed=5))
+    _grads(m, x, t)
+    state = h.state_dict()
+    assert state["calls"]["fc"] == 1
+    a = _grads(m, x, t)
+    h.load_state_dict(state)
+    b = _grads(m, x, t)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    c = _grads(m, x, t)  # a new step: new rounding, new signs
+    assert not torch.equal(a[0], c[0])
+    h.remove()
+
+
+@pytest.mark.parametrize("order", ["forward_first", "backward_first"])
+def test_composes_with_quantize_forward(order):
+    x, t = _data()
+    m = _net()
+    f = quantize_forward(m, 4, 4, first_last_bits=8)
+    ref = _grads(m, x, t)  # forward quantized, exact backward
+    f.remove()
+    if order == "forward_first":
+        f = quantize_forward(m, 4, 4, first_last_bits=8)
+        b = quantize_backward(m, BackwardSpec())
+    else:
+        b = quantize_backward(m, BackwardSpec())
+        f = quantize_forward(m, 4, 4, first_last_bits=8)
+    got = _grads(m, x, t)
+    assert len(got) == len(ref) and all(torch.equal(u, v) for u, v in zip(ref, got))
+    # and a quantized backward on top changes the weight gradients but keeps them finite
+    b.remove()
+    b = quantize_backward(m, BackwardSpec.uniform(LUQ, FP8, FP8))
+    noisy = _grads(m, x, t)
+    assert all(torch.isfinite(v).all() for v in noisy)
+    assert not torch.equal(noisy[0], ref[0])
+    b.remove()
+    f.remove()
+
+
+def test_composes_with_compress_gradients():
+    x, t = _data()
+    cfg = CompressionConfig(quantize=QuantizeSpec(format="e4m3fn", scaling="static",
+                                                  scaling_options={"scale": 1024.0}))
+
+    def run(with_backward):
+        m = _net()
+        c = compress_gradients(m, cfg, seed=0)
+        b = quantize_backward(m, BackwardSpec()) if with_backward else None
+        out = []
+        for _ in range(3):
+            out.append(_grads(m, x, t))
+            c.step(None)
+        c.remove()
+        if b is not None:
+            b.remove()
+        return out
+
+    plain, both = run(False), run(True)
+    for a, b in zip(plain, both):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # the compressed gradient really reached the layers (differs from uncompressed grads)
+    m = _net()
+    assert not torch.equal(_grads(m, x, t)[0], plain[-1][0])
+
+
+def test_operand_spec_errors():
+    with pytest.raises(ValueError, match="kind"):
+        OperandSpec("block")
+    with pytest.raises(ValueError, match="format"):
+        OperandSpec("fp")
+    with pytest.raises(ValueError, match="stochastic"):
+        OperandSpec("luq", 4, "nearest")
+    with pytest.raises(ValueError, match="samples"):
+        OperandSpec("fp", "e4m3fn", samples=2)
+    with pytest.raises(ValueError, match="block"):
+        RHTSpec(24)
+    with pytest.raises(TypeError):
+        quantize_backward(nn.Linear(2, 2), "luq")
+    assert OperandSpec("luq", 4, samples=2).name == "luq4x2"
+    assert FP4.name == "e2m1fn-sr" and INT4.unbiased and not OperandSpec(
+        "fp", "e4m3fn", "nearest").unbiased
