@@ -63,6 +63,29 @@ def test_none_specs_are_bit_exact():
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
 
 
+def test_conv_padding_modes_and_no_bias_bit_exact():
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same", bias=False),
+                      nn.Conv2d(4, 4, 3, padding="valid", dilation=2),
+                      nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"),
+                      nn.Flatten(), nn.Linear(2 * 3 * 3, 3, bias=False))
+    x = torch.randn(4, 2, 7, 7)
+    t = torch.randn(4, 3)
+    ref = _grads(m, x, t)
+    with quantize_backward(m, BackwardSpec()):
+        got = _grads(m, x, t)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_no_grad_forward_is_untouched():
+    m = _net()
+    x, _ = _data()
+    with quantize_backward(m, BackwardSpec.uniform(LUQ)) as h, torch.no_grad():
+        y = m(x)
+        assert h.state_dict()["calls"]["fc"] == 0
+    assert torch.equal(y, m(x).detach())
+
+
 def test_remove_restores_and_state_dict_unchanged():
     m = _net()
     keys = list(m.state_dict())
@@ -105,7 +128,7 @@ def _mean_se(draws):
     return d.mean(0), d.std(0) / math.sqrt(len(draws))
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("conv2d", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("grad,other,rht", [
     (LUQ, OperandSpec(), None),
     (FP4, FP8, None),
