@@ -12,6 +12,7 @@ from gradcomp.integration.gemm import (
     RHTSpec,
     backward_products,
     quantize_backward,
+    quantize_operand,
 )
 from gradcomp.integration.wrap import CompressionConfig, QuantizeSpec, compress_gradients
 
@@ -278,3 +279,27 @@ def test_operand_spec_errors():
     assert OperandSpec("luq", 4, samples=2).name == "luq4x2"
     assert FP4.name == "e2m1fn-sr" and INT4.unbiased and not OperandSpec(
         "fp", "e4m3fn", "nearest").unbiased
+
+
+class _RowMax:
+    """A stand-in block quantizer: divides each row (last dim) by its max |value|."""
+
+    per_tensor = False
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, generator=None, dims=None):
+        self.seen.append((tuple(x.shape), dims))
+        return x / x.abs().amax(-1, keepdim=True)
+
+
+def test_block_quantizers_get_the_reduction_dims_last():
+    q = _RowMax()
+    x = torch.randn(2, 3, 4, 5)
+    y = quantize_operand(q, x, None, (0, 2, 3))
+    assert q.seen == [((3, 40), (-1,))]
+    # each channel (dim 1) normalised over the reduction dims (0, 2, 3), layout restored
+    assert y.shape == x.shape
+    assert torch.allclose(y, x / x.abs().amax((0, 2, 3), keepdim=True))
+    assert quantize_operand(OperandSpec().build(), x, None, (1,)) is x

@@ -74,6 +74,7 @@ __all__ = [
     "BackwardQuantHandle",
     "quantize_backward",
     "backward_products",
+    "quantize_operand",
 ]
 
 OPERAND_KINDS = ("none", "fp", "luq", "int")
@@ -341,9 +342,16 @@ class BackwardQuantConfig:
 # the backward products
 
 
-def _q(quant: OperandQuantizer, x: torch.Tensor, gen, dims: Sequence[int]) -> torch.Tensor:
-    """Apply ``quant`` with blocks along ``dims`` (moved last and flattened) when it is blocky."""
-    if quant.per_tensor or quant.spec.kind == "none":
+def quantize_operand(quant, x: torch.Tensor, generator, dims: Sequence[int]) -> torch.Tensor:
+    """Apply an operand quantizer whose GEMM reduces ``x`` over ``dims``.
+
+    A per-tensor quantizer (``quant.per_tensor`` True) gets ``x`` as is. Any other quantizer
+    (a block format) gets ``x`` with ``dims`` moved last and flattened into one dimension, and
+    ``dims=(-1,)``: its blocks then run along the reduction dimension, as block-scaled GEMMs
+    require; the result is moved back to x's layout.
+    """
+    gen = generator
+    if getattr(quant, "per_tensor", True):
         return quant(x, gen, dims)
     nd = x.dim()
     dims = [d % nd for d in dims]
@@ -377,7 +385,7 @@ def _signs(rspec: RHTSpec, call: int, device, dtype) -> torch.Tensor:
 
 def linear_dgrad(g2d, w, qs: _Quantizers, gen):
     """dL/dx = Q_g1(G) @ Q_w(W) for G (M, out), W (out, in); reduction over ``out``."""
-    return _q(qs.g1, g2d, gen, (1,)).mm(_q(qs.w, w, gen, (0,)))
+    return quantize_operand(qs.g1, g2d, gen, (1,)).mm(quantize_operand(qs.w, w, gen, (0,)))
 
 
 def linear_wgrad(g2d, x2d, qs: _Quantizers, gen, signs=None):
@@ -386,7 +394,7 @@ def linear_wgrad(g2d, x2d, qs: _Quantizers, gen, signs=None):
         n = signs.numel()
         g2d = rht(pad_to_block(g2d, n, 0), signs, 0)
         x2d = rht(pad_to_block(x2d, n, 0), signs, 0)
-    return _q(qs.g2, g2d, gen, (0,)).t().mm(_q(qs.x, x2d, gen, (0,)))
+    return quantize_operand(qs.g2, g2d, gen, (0,)).t().mm(quantize_operand(qs.x, x2d, gen, (0,)))
 
 
 def _conv_args(stride, padding, dilation, groups, weight):
@@ -409,8 +417,9 @@ def _conv_args(stride, padding, dilation, groups, weight):
 
 def conv_dgrad(g, w, x_shape, conv, qs: _Quantizers, gen):
     stride, padding, dilation, groups = conv
-    return torch.nn.grad.conv2d_input(x_shape, _q(qs.w, w, gen, (0, 2, 3)),
-                                      _q(qs.g1, g, gen, (1,)), stride, padding, dilation, groups)
+    wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
+    gq = quantize_operand(qs.g1, g, gen, (1,))
+    return torch.nn.grad.conv2d_input(x_shape, wq, gq, stride, padding, dilation, groups)
 
 
 def conv_wgrad(g, x, w_shape, conv, qs: _Quantizers, gen, signs=None):
@@ -419,9 +428,9 @@ def conv_wgrad(g, x, w_shape, conv, qs: _Quantizers, gen, signs=None):
         n = signs.numel()
         g = rht(pad_to_block(g, n, 0), signs, 0)
         x = rht(pad_to_block(x, n, 0), signs, 0)
-    return torch.nn.grad.conv2d_weight(_q(qs.x, x, gen, (0, 2, 3)), w_shape,
-                                       _q(qs.g2, g, gen, (0, 2, 3)), stride, padding, dilation,
-                                       groups)
+    xq = quantize_operand(qs.x, x, gen, (0, 2, 3))
+    gq = quantize_operand(qs.g2, g, gen, (0, 2, 3))
+    return torch.nn.grad.conv2d_weight(xq, w_shape, gq, stride, padding, dilation, groups)
 
 
 class _LinearFn(torch.autograd.Function):
