@@ -26,8 +26,8 @@ def test_capture_real_operands(records):
 
 @pytest.mark.slow
 def test_unbiased_schemes_pass_and_nearest_is_flagged(records):
-    names = ["luq4", "fp4-sr", "int4-sr", "fp4-sr-all-rht16", "fp4-rn"]
-    rows = gemm_diagnostics(records, {n: SCHEMES[n] for n in names}, draws=24, seed=1)
+    names = ["luq4", "fp4-sr", "fp4-sr-all-rht16", "fp4-rn"]  # int4-sr: test_gemm
+    rows = gemm_diagnostics(records, {n: SCHEMES[n] for n in names}, draws=20, seed=1)
     assert len(rows) == len(records) * len(names) * 2
     for r in rows:
         if r["scheme"] == "fp4-rn":
