@@ -1,0 +1,643 @@
+"""Block-scaled formats: one scale per block of elements (OCP MX, NVFP4, FP8 blockwise).
+
+A :class:`BlockFormat` is an element :class:`FPFormat`, a block shape (1-D: ``n`` consecutive
+elements along one dimension; 2-D: ``r x c`` tiles over two dimensions), a *scale format* and
+the rule that turns a block's amax (largest magnitude) into its scale, plus optionally a second,
+per-tensor FP32 scale. :func:`quantize_block` returns the dequantized tensor ``Q(x / s) * s``
+per block (x's shape and dtype).
+
+Scale formats and rules (``s`` is the value a block is divided by; ``max`` = the element
+format's largest finite value, ``emax`` = the exponent of its top binade, floor(log2 max)):
+
+``"e8m0"`` (OCP MX): a power of two 2^k, k in [-127, 127], stored as the byte k + 127; the byte
+    0xFF is NaN; there is no zero, no sign, no inf.
+
+    * rule ``"floor"`` (OCP MX spec 1.0, section 6.3): k = floor(log2 amax) - emax, clamped to
+      [-127, 127]. floor(log2 amax) is read from the bits of amax (exact; a subnormal or zero
+      float32 amax reads as -127, like the exponent field). The largest block element can
+      exceed ``max`` (its scaled value lies in [2^emax, 2^(emax+1))) and then saturates.
+    * rule ``"rceil"`` (NVIDIA's round-up rule, ``cvt.rp.satfinite.ue8m0``; torchao's RCEIL):
+      d = amax / max rounded to the container float, k = ceil(log2 d) computed exactly from the
+      bits of d, clamped to [-127, 127]. So amax / s <= max up to the rounding of d.
+``"e4m3"`` (NVFP4): s = RNE_e4m3(clamp(amax / max / t, 2^-6, 448)) * t, where t is the
+    per-tensor FP32 scale (1 without one), rule ``"nearest"``. As in NVIDIA's recipe and torchao,
+    subnormal E4M3 scales are not used (the clamp at 2^-6) and RNE may round the scale down, so
+    the block maximum can saturate. Quantize multiplies by fp32(fp32(1/t) / s_e4m3) (by
+    fp32(1/s_e4m3) without a tensor scale); dequantize multiplies by fp32(t * s_e4m3):
+    the same float32 operations as torchao's ``nvfp4_quantize`` and ``NVFP4Tensor.dequantize``.
+``"fp32"`` (FP8 blockwise, DeepSeek-V3): s = amax / max rounded to float32, clamped to
+    [2^-126, float32 max], rule ``"nearest"``; elements are Q(x / s) (a correctly rounded
+    division), dequantized as q * s.
+
+Per-tensor scale (``tensor_scale=True``, NVFP4): t = fp32(amax_t / (448 * max)) with amax_t the
+largest *finite* magnitude of the whole tensor, clamped to [2^-126, float32 max] (so an all-zero
+tensor gives t = 2^-126, not torchao's 0 that turns the tensor into NaN; an inf or NaN element
+spoils only its own block).
+
+Elements: y = x * (1 / s) (the E8M0 reciprocal is an exact power of two, built from bits), then
+rounded onto the element grid with saturation: ``"nearest"`` = round half to even (bit for bit
+``quantize_fp(y, elem, "nearest")`` for every finite y: tested), ``"stochastic"`` = up with
+probability equal to the distance fraction to the lower neighbour (unbiased inside
+[-max, max]; the random bits come from the counter-based hash of :mod:`gradcomp.numerics.random`,
+one seed drawn per call from ``generator``, the fused and eager paths give identical bits;
+probability resolution 2^-24). Values beyond ``max`` saturate to +-max. Signed zeros keep their
+sign. The result is q * s computed in the container (float32 for float32/bfloat16/float16 input,
+float64 for float64), cast to x's dtype.
+
+Edge cases, exactly:
+
+* a block of zeros: amax 0 gives the smallest scale of the rule (E8M0 2^-127: byte 0 for floor
+  and rceil; E4M3 2^-6 * t; FP32 2^-126); the block stays zero (signs kept).
+* a block holding NaN: amax is NaN, so the scale is NaN (E8M0 byte 0xFF, E4M3 NaN, FP32 NaN)
+  and every element of that block is NaN. torchao's dequantized blocks are NaN too (its scale
+  is NaN); its stored element codes are finite.
+* a block holding +-inf (no NaN): amax is inf. E8M0 floor reads log2(inf) as 128: k = 128 -
+  emax; rceil gives k = 127 (byte 254); E4M3 clamps to 448 * t; FP32 clamps to float32 max. The
+  inf elements saturate to +-max * s, which overflows to +-inf in a float32/half result for
+  the E8M0 and FP32 rules (not for float64 output), and is +-6 * 448 * t for NVFP4; the finite
+  elements of the block are divided by that huge scale (mostly 0). Same as torchao.
+* subnormal scales: E8M0 k = -127 (byte 0, the only subnormal float32 power of two) is used as
+  2^-127 both ways: elements are Q(x * 2^127), dequantized with 2^-127 (rounded to the float32
+  subnormal grid). torchao differs here: its floor path divides by 2^-126 but dequantizes with
+  2^-127 (half the value), its rceil path divides by 1. Only blocks with amax < 2^(emax-126)
+  (floor) or amax <= max * 2^-127 (rceil) are affected.
+* amax at a power of two: floor: amax = 2^j gives k = j - emax, so the block max maps to 2^emax
+  exactly; rceil: d = 2^j exactly gives k = j (no round-up), the max maps to ``max``.
+* rceil against torchao's CPU fallback: torchao computes ceil(log2(d)) with a float log2 that
+  returns exactly j for d slightly above 2^j (within about j * 2^-24 relative); there its scale
+  is half of ours and the block maximum saturates. We follow the exact rule (the hardware
+  instruction).
+
+Block layout: 1-D blocks along ``dims[0]`` (default the last dimension), 2-D tiles over
+``dims`` (default the last two). A ragged last block is padded with zeros logically (zeros do not
+change an amax); the result has x's shape. Tensors with fewer dimensions than the tile get
+leading dimensions of size 1; 0-d tensors are one block.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gradcomp.numerics._checks import require_choice, require_float_tensor
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.random import draw_seed, seed_keys, uniform_from_keys
+
+__all__ = [
+    "BlockFormat",
+    "BlockMetrics",
+    "NAMED_BLOCK_FORMATS",
+    "SCALE_FORMATS",
+    "SCALE_RULES",
+    "block_scales",
+    "e8m0_decode",
+    "e8m0_encode",
+    "quantize_block",
+    "quantize_block_metrics",
+]
+
+SCALE_FORMATS = ("e8m0", "e4m3", "fp32")
+SCALE_RULES = ("floor", "rceil", "nearest")
+_RULES_FOR = {"e8m0": ("floor", "rceil"), "e4m3": ("nearest",), "fp32": ("nearest",)}
+_SCALE_BITS = {"e8m0": 8, "e4m3": 8, "fp32": 32}
+_ROUNDINGS = ("nearest", "stochastic")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_E4M3 = FPFormat.from_name("e4m3fn")
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+# name -> (element format name, block, scale format, rule, tensor scale)
+NAMED_BLOCK_FORMATS = {
+    "mxfp8_e4m3": ("e4m3fn", (32,), "e8m0", "floor", False),
+    "mxfp8_e5m2": ("e5m2", (32,), "e8m0", "floor", False),
+    "mxfp6_e3m2": ("e3m2fn", (32,), "e8m0", "floor", False),
+    "mxfp6_e2m3": ("e2m3fn", (32,), "e8m0", "floor", False),
+    "mxfp4": ("e2m1fn", (32,), "e8m0", "floor", False),
+    "nvfp4": ("e2m1fn", (16,), "e4m3", "nearest", True),
+    "nvfp4_2d": ("e2m1fn", (16, 16), "e4m3", "nearest", True),
+    "fp8_block128": ("e4m3fn", (128,), "fp32", "nearest", False),
+    "fp8_block128x128": ("e4m3fn", (128, 128), "fp32", "nearest", False),
+}
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A block-scaled format; see the module docstring for the exact semantics.
+
+    Attributes:
+        elem: element :class:`FPFormat` (IEEE semantics with subnormals, saturating, its name
+            round-trips through ``FPFormat.from_name``, grid inside float32's normal range).
+        block: block shape, ``(n,)`` or ``(r, c)``; each side 1..2^20.
+        scale: ``"e8m0"``, ``"e4m3"`` or ``"fp32"``.
+        rule: scale rounding: ``"floor"`` or ``"rceil"`` (e8m0), ``"nearest"`` (e4m3, fp32).
+        tensor_scale: second-level per-tensor FP32 scale (NVFP4).
+        dims: the dimensions the block spans (``(-1,)`` / ``(-2, -1)`` by default).
+        name: the standard name when the fields match one, else ``elem:block:scale:rule[:ts]
+            [:dims=...]`` (e.g. ``e4m3fn:32:e8m0:rceil``); ``from_name(f.name) == f``.
+    """
+
+    elem: FPFormat
+    block: tuple = (32,)
+    scale: str = "e8m0"
+    rule: str = "floor"
+    tensor_scale: bool = False
+    dims: tuple | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.elem, str):
+            object.__setattr__(self, "elem", FPFormat.from_name(self.elem))
+        if not isinstance(self.elem, FPFormat):
+            raise TypeError(f"elem must be an FPFormat or a format name, got "
+                            f"{type(self.elem).__name__}")
+        e = self.elem
+        if e.semantics != "ieee" or not e.subnormals or e.overflow != "saturate":
+            raise ValueError(
+                f"elem must be an IEEE-semantics format with subnormals and overflow='saturate' "
+                f"(block elements saturate, as the OCP MX spec says); got {e!r}")
+        if FPFormat.from_name(e.name) != e:
+            raise ValueError(f"elem {e.name!r} must be rebuilt exactly by FPFormat.from_name")
+        if e.emin - e.man_bits < -126 or e.emax > 126:
+            raise ValueError(f"elem {e.name} must have its grid inside float32's normal range "
+                             f"(min subnormal >= 2^-126, top binade <= 2^126)")
+        block = self.block
+        if isinstance(block, int) and not isinstance(block, bool):
+            block = (block,)
+        if (not isinstance(block, tuple) or len(block) not in (1, 2)
+                or any(isinstance(b, bool) or not isinstance(b, int) for b in block)):
+            raise TypeError(f"block must be an int or a tuple of 1 or 2 ints, got {self.block!r}")
+        if any(not 1 <= b <= 1 << 20 for b in block):
+            raise ValueError(f"block sides must be in [1, 2^20], got {block}")
+        object.__setattr__(self, "block", block)
+        require_choice(self.scale, "scale", SCALE_FORMATS)
+        require_choice(self.rule, "rule", _RULES_FOR[self.scale])
+        if not isinstance(self.tensor_scale, bool):
+            raise TypeError(f"tensor_scale must be a bool, got {self.tensor_scale!r}")
+        dims = self.dims
+        if dims is None:
+            dims = (-1,) if len(block) == 1 else (-2, -1)
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            dims = (dims,)
+        if (not isinstance(dims, tuple) or len(dims) != len(block)
+                or any(isinstance(d, bool) or not isinstance(d, int) for d in dims)):
+            raise TypeError(f"dims must be a tuple of {len(block)} int(s), got {self.dims!r}")
+        if len(dims) == 2 and dims[0] == dims[1]:
+            raise ValueError(f"dims must be two different dimensions, got {dims}")
+        object.__setattr__(self, "dims", dims)
+        if not self.name:
+            object.__setattr__(self, "name", self._default_name())
+
+    # ---- names ---------------------------------------------------------------------------
+    def _default_name(self) -> str:
+        for key, (el, bl, sc, ru, ts) in NAMED_BLOCK_FORMATS.items():
+            if (self.elem == FPFormat.from_name(el) and self.block == bl and self.scale == sc
+                    and self.rule == ru and self.tensor_scale == ts
+                    and self.dims == ((-1,) if len(bl) == 1 else (-2, -1))):
+                return key
+        parts = [self.elem.name, "x".join(str(b) for b in self.block), self.scale, self.rule]
+        if self.tensor_scale:
+            parts.append("ts")
+        default = (-1,) if len(self.block) == 1 else (-2, -1)
+        if self.dims != default:
+            parts.append("dims=" + ",".join(str(d) for d in self.dims))
+        return ":".join(parts)
+
+    @classmethod
+    def from_name(cls, name: str) -> BlockFormat:
+        """A standard name (``NAMED_BLOCK_FORMATS``) or ``elem:block:scale:rule[:ts][:dims=a,b]``
+        (block ``32`` or ``16x16``), e.g. ``e4m3fn:32:e8m0:rceil`` or ``e2m1fn:16:e4m3:nearest:ts``."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        key = name.strip().lower()
+        if key in NAMED_BLOCK_FORMATS:
+            el, bl, sc, ru, ts = NAMED_BLOCK_FORMATS[key]
+            return cls(FPFormat.from_name(el), bl, sc, ru, ts)
+        parts = key.split(":")
+        ok = len(parts) >= 4 and re.fullmatch(r"\d+(x\d+)?", parts[1] if len(parts) > 1 else "")
+        if ok:
+            rest, ts, dims = parts[4:], False, None
+            if rest and rest[0] == "ts":
+                ts, rest = True, rest[1:]
+            if rest and rest[0].startswith("dims="):
+                try:
+                    dims = tuple(int(v) for v in rest[0][5:].split(","))
+                except ValueError:
+                    ok = False
+                rest = rest[1:]
+            ok = ok and not rest
+        if not ok:
+            allowed = ", ".join(NAMED_BLOCK_FORMATS)
+            raise ValueError(f"name must be one of {allowed} or 'elem:block:scale:rule[:ts]"
+                             f"[:dims=a,b]' (e.g. 'e4m3fn:32:e8m0:rceil'); got {name!r}")
+        block = tuple(int(v) for v in parts[1].split("x"))
+        return cls(FPFormat.from_name(parts[0]), block, parts[2], parts[3], ts, dims)
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def block_numel(self) -> int:
+        return math.prod(self.block)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Element bits plus the block scale's bits amortised over the block (the per-tensor
+        FP32 scale, 32 bits per tensor, is left out: it depends on the tensor's size)."""
+        return self.elem.bits + _SCALE_BITS[self.scale] / self.block_numel
+
+    def replace(self, **changes) -> BlockFormat:
+        """A copy with some fields changed (the name is re-derived unless given)."""
+        from dataclasses import replace as _replace
+
+        changes.setdefault("name", "")
+        return _replace(self, **changes)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _as_block_format(bf) -> BlockFormat:
+    if isinstance(bf, str):
+        return BlockFormat.from_name(bf)
+    if not isinstance(bf, BlockFormat):
+        raise TypeError(f"bf must be a BlockFormat or a block format name, got "
+                        f"{type(bf).__name__}")
+    return bf
+
+
+# ---- E8M0 as a number type ------------------------------------------------------------------
+def e8m0_encode(v: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
+    """E8M0 bytes (uint8) of a float tensor: 2^k stored as k + 127, 0xFF = NaN.
+
+    For a positive finite v: k = floor(log2 v) (``"floor"``), ceil(log2 v) (``"ceil"``), or the
+    nearest power of two (``"nearest"``: midpoint 1.5 * 2^j, ties upward, as ml_dtypes'
+    float8_e8m0fnu), computed exactly from v's bits, then clamped to [-127, 127] (saturating:
+    v > 2^127 gives 254, v < 2^-127 gives 0). NaN and negative values give 0xFF (no sign).
+    Differences from ml_dtypes: 0 gives byte 0 here (ml_dtypes: NaN) and +inf gives 254 (the
+    largest scale, saturating; ml_dtypes: NaN). Accepts float32/bfloat16/float16/float64.
+    """
+    require_float_tensor(v, "v")
+    require_choice(v.dtype, "v.dtype", _DTYPES)
+    require_choice(rounding, "rounding", ("floor", "ceil", "nearest"))
+    wide = v.dtype == torch.float64
+    c = _container(wide)
+    a = v.to(c.fdt).abs()
+    k = _log2_int(a, c, {"floor": 0, "ceil": 1, "nearest": 2}[rounding])
+    k = torch.where(torch.isinf(a), 127, k)
+    code = (torch.clamp(k, -127, 127) + 127).to(torch.int32)
+    code = torch.where(torch.isnan(v) | (v < 0), 255, code)
+    return code.to(torch.uint8)
+
+
+def e8m0_decode(code: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of E8M0 bytes: 2^(code - 127) (exact, 2^-127 is a float32 subnormal); 0xFF NaN."""
+    if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8:
+        raise TypeError("code must be a torch.uint8 tensor")
+    require_choice(dtype, "dtype", (torch.float32, torch.float64))
+    c = _container(dtype == torch.float64)
+    k = code.to(c.idt) - 127
+    out = _pow2(k, c)
+    return torch.where(code == 255, float("nan"), out)
+
+
+# ---- containers and exact bit helpers ----------------------------------------------------------
+class _C(NamedTuple):
+    fdt: torch.dtype
+    idt: torch.dtype
+    T: int  # mantissa bits
+    bias: int
+    emask: int
+
+
+_C32 = _C(torch.float32, torch.int32, 23, 127, 0xFF)
+_C64 = _C(torch.float64, torch.int64, 52, 1023, 0x7FF)
+
+
+def _container(wide: bool) -> _C:
+    return _C64 if wide else _C32
+
+
+def _pow2(k: torch.Tensor, c: _C) -> torch.Tensor:
+    """2^k exactly (k an integer tensor of c.idt), subnormals included, built from bits."""
+    normal = (k + c.bias) << c.T
+    sub_shift = torch.clamp(k + c.bias - 1 + c.T, 0, c.T - 1)
+    sub = torch.ones_like(k) << sub_shift
+    return torch.where(k >= 1 - c.bias, normal, sub).view(c.fdt)
+
+
+def _log2_int(a: torch.Tensor, c: _C, mode: int) -> torch.Tensor:
+    """floor (mode 0), ceil (1) or nearest-ties-up (2) of log2(a) for a >= 0 finite (exact).
+
+    Zero and subnormals: floor reads the exponent field (-bias: as torchao's MX floor path);
+    ceil/nearest are exact on subnormals (a = B * 2^(1 - bias - T), B the bit pattern).
+    """
+    bits = a.view(c.idt)
+    ef = (bits >> c.T) & c.emask
+    mant = bits & ((1 << c.T) - 1)
+    e = ef - c.bias
+    if mode == 0:
+        return e
+    if mode == 1:
+        up = (mant != 0).to(c.idt)
+        # subnormal a = B * 2^(1-bias-T): ceil(log2 a) = ceil(log2 B) + 1 - bias - T;
+        # any a <= 2^(-bias) reads as <= -bias, which every caller clamps to -127 or lower
+        sub = torch.where(mant > (1 << (c.T - 1)), 1 - c.bias, -c.bias)
+        return torch.where(ef == 0, sub, e + up)
+    up = (mant >= (1 << (c.T - 1))).to(c.idt)  # 1.5 * 2^e and above round up (ties up)
+    sub = torch.where(mant >= (3 << (c.T - 2)), 1 - c.bias, -c.bias)
+    return torch.where(ef == 0, sub, e + up)
+
+
+@lru_cache(maxsize=256)
+def _elem_consts(elem: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element constants as tensors (so a new format reuses a compiled graph)."""
+    c = _container(wide)
+    ints = torch.tensor([elem.emin, elem.emax, elem.man_bits], dtype=c.idt, device=device)
+    flts = torch.tensor([elem.max_normal], dtype=c.fdt, device=device)
+    return ints, flts
+
+
+def _round_elems(y, ints, flts, u, c: _C):
+    """Round y onto the element grid (saturating); u = None: nearest-even, else stochastic.
+
+    |y| = k * ulp with ulp = 2^(e - m), e = clamp(exponent(|y|), emin, emax): y / ulp and
+    r * ulp are exact power-of-two products, ``torch.round`` is half to even, and a carry
+    into the next binade is just r = 2^(m+1). Signs are put back with copysign (-0 stays -0).
+    """
+    a = y.abs()
+    e = (a.view(c.idt) >> c.T) & c.emask
+    e = torch.minimum(torch.maximum(e - c.bias, ints[0]), ints[1])
+    ulp = _pow2(e - ints[2], c)
+    k = a / ulp
+    if u is None:
+        r = torch.round(k)
+    else:
+        fl = torch.floor(k)
+        r = fl + (u < (k - fl)).to(c.fdt)
+    q = torch.minimum(r * ulp, flts[0])  # saturate (+inf too); NaN propagates
+    return torch.copysign(q, y)
+
+
+# ---- the block kernels -----------------------------------------------------------------------
+def _e8m0_scale(amax, ints, flts, sc, c: _C, rceil: bool):
+    """(multiplier for quantize, multiplier for dequantize) of E8M0 blocks."""
+    if rceil:
+        d = amax / flts[0]
+        k = _log2_int(d, c, 1)
+        k = torch.where(torch.isinf(d), 127, k)
+    else:
+        k = _log2_int(amax, c, 0)
+        k = torch.where(torch.isinf(amax), 128, k) - ints[1]
+    k = torch.clamp(k, -127, 127)
+    inv, scale = _pow2(-k, c), _pow2(k, c)
+    nan = torch.isnan(amax)
+    return torch.where(nan, amax, inv), torch.where(nan, amax, scale)
+
+
+def _e4m3_scale(amax, ints, flts, sc, c: _C, t):
+    """NVFP4 scales: the float32 operation order of torchao's nvfp4_quantize / dequantize."""
+    s = amax / flts[0]
+    if t is not None:
+        s = s / t
+    s = torch.clamp(s, 2.0**-6, 448.0)  # NaN stays NaN
+    s8 = _round_elems(s, sc[0], sc[1], None, c)
+    if t is None:
+        return 1.0 / s8, s8
+    return (1.0 / t) / s8, t * s8
+
+
+def _fp32_scale(amax, flts, wide: bool):
+    s = amax / flts[0]
+    if wide:
+        s = s.to(torch.float32).to(torch.float64)  # the scale is an FP32 number
+    return torch.clamp(s, 2.0**-126, _F32_MAX)
+
+
+def _tensor_scale(x, flts, c: _C):
+    a = x.abs()
+    amax = torch.where(torch.isfinite(a), a, 0).amax()
+    t = amax / (448.0 * flts[0])
+    if c.fdt == torch.float64:
+        t = t.to(torch.float32).to(torch.float64)
+    return torch.clamp(t, 2.0**-126, _F32_MAX)
+
+
+def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
+                tensor_scale: bool, metrics: bool):
+    """The whole block quantization on the canonical (padded, split) tensor x."""
+    wide = x.dtype == torch.float64
+    c = _container(wide)
+    xf = x.to(c.fdt)
+    amax = xf.abs().amax(dim=red, keepdim=True)
+    if kind == "fp32":
+        s = _fp32_scale(amax, flts, wide)
+        y = xf / s
+        deq = s
+    else:
+        if kind == "e4m3":
+            t = _tensor_scale(xf, flts, c) if tensor_scale else None
+            inv, deq = _e4m3_scale(amax, ints, flts, sc, c, t)
+        else:
+            inv, deq = _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
+        y = xf * inv
+    u = None
+    if stochastic:
+        u = uniform_from_keys(k1, k2, y.numel(), y.device, c.fdt).view(y.shape)
+    q = _round_elems(y, ints, flts, u, c)
+    out = (q * deq).to(x.dtype)
+    if not metrics:
+        return out
+    fin = torch.isfinite(xf)
+    underflow = (fin & (xf != 0) & (q == 0)).sum()
+    saturated = (fin & (y.abs() > flts[0])).sum()
+    nonfinite = (~fin).sum()
+    return out, underflow, saturated, nonfinite
+
+
+# one module-level function per variant (dynamo's recompile budget is per code object)
+def _k_floor(x, i, f, s, k1, k2, red, st, ts, m):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m)
+
+
+def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m)
+
+
+def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m):
+    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m)
+
+
+def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m):
+    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m)
+
+
+_KERNELS = {("e8m0", "floor"): _k_floor, ("e8m0", "rceil"): _k_rceil,
+            ("e4m3", "nearest"): _k_e4m3, ("fp32", "nearest"): _k_fp32}
+_COMPILED: dict = {}
+_COMPILE_BROKEN = False
+
+
+def _compile_switch(compile) -> bool:
+    if compile is not None:
+        return bool(compile)
+    if _COMPILE_BROKEN:
+        return False
+    import os
+
+    from gradcomp.numerics import rounding
+
+    enabled = getattr(rounding, "compile_enabled", None)
+    if enabled is not None:
+        return enabled()
+    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
+    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
+    return value == "1"
+
+
+def _canonical(x: torch.Tensor, bf: BlockFormat):
+    """(canonical padded tensor, reduce dims, restore(out) -> x-shaped tensor)."""
+    shape = x.shape
+    nd = len(bf.block)
+    y = x
+    while y.dim() < nd:
+        y = y.unsqueeze(0)
+    dims = tuple(d % y.dim() if -y.dim() <= d < y.dim() else None for d in bf.dims)
+    if any(d is None for d in dims):
+        raise ValueError(f"dims {bf.dims} out of range for a tensor of shape {tuple(shape)}")
+    target = tuple(range(y.dim() - nd, y.dim()))
+    moved = dims != target
+    if moved:
+        y = torch.movedim(y, dims, target)
+    mshape = y.shape
+    lead = math.prod(mshape[: y.dim() - nd])
+    sizes = mshape[y.dim() - nd:]
+    y = y.reshape(lead, *sizes)
+    pads = [(-s) % b for s, b in zip(sizes, bf.block)]
+    if any(pads):
+        spec = []
+        for p in reversed(pads):
+            spec += [0, p]
+        y = F.pad(y, spec)
+    if nd == 1:
+        b = bf.block[0]
+        y = y.reshape(-1, b)
+        red = (1,)
+    else:
+        (b0, b1), (s0, s1) = bf.block, y.shape[1:]
+        y = y.reshape(lead, s0 // b0, b0, s1 // b1, b1)
+        red = (2, 4)
+
+    def restore(out: torch.Tensor) -> torch.Tensor:
+        o = out.reshape(lead, *[s + p for s, p in zip(sizes, pads)])
+        if any(pads):
+            o = o[(slice(None),) + tuple(slice(0, s) for s in sizes)]
+        o = o.reshape(mshape)
+        if moved:
+            o = torch.movedim(o, target, dims)
+        return o.reshape(shape)
+
+    return y, red, restore
+
+
+def _run(x, bf, rounding, generator, compile, metrics):
+    global _COMPILE_BROKEN
+    require_float_tensor(x, "x")
+    require_choice(x.dtype, "x.dtype", _DTYPES)
+    bf = _as_block_format(bf)
+    require_choice(rounding, "rounding", _ROUNDINGS)
+    wide = x.dtype == torch.float64
+    dev = torch.device(x.device)
+    ints, flts = _elem_consts(bf.elem, wide, dev)
+    sc = _elem_consts(_E4M3, wide, dev)
+    stochastic = rounding == "stochastic"
+    if stochastic:
+        k1, k2 = seed_keys(draw_seed(generator, dev))
+    else:
+        k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
+    xc, red, restore = _canonical(x.detach(), bf)
+    if xc.numel() >= 1 << 31:
+        raise ValueError(f"x has too many elements for the int32 counter: {xc.numel()}")
+    fn = _KERNELS[(bf.scale, bf.rule)]
+    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics)
+    res = None
+    if _compile_switch(compile) and xc.numel() > 0:
+        try:
+            if fn not in _COMPILED:
+                _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+            res = _COMPILED[fn](*args)
+        except Exception as exc:  # a missing C++ toolchain must not break training
+            _COMPILE_BROKEN = True
+            warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
+                          "using the eager path", RuntimeWarning, stacklevel=3)
+    if res is None:
+        res = fn(*args)
+    if not metrics:
+        return restore(res)
+    out, under, sat, nonfin = res
+    return restore(out), BlockMetrics(under, sat, nonfin)
+
+
+class BlockMetrics(NamedTuple):
+    """Per-call counts as 0-d int64 device tensors (no host sync): ``underflow`` = finite
+    non-zero inputs that became 0; ``saturated`` = finite inputs whose scaled magnitude
+    exceeded the element maximum (clipped); ``nonfinite`` = NaN/inf inputs."""
+
+    underflow: torch.Tensor
+    saturated: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def quantize_block(x: torch.Tensor, bf, rounding: str = "nearest",
+                   generator: torch.Generator | None = None,
+                   compile: bool | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` in the block format ``bf``; a new tensor of x's shape and dtype.
+
+    Args:
+        x: float32, float16, bfloat16 or float64 tensor, any shape (integers raise TypeError).
+        bf: a :class:`BlockFormat` or a name accepted by ``BlockFormat.from_name``.
+        rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased) for the elements;
+            scales always follow the format's rule.
+        generator: torch.Generator for stochastic rounding (one seed per call); None uses
+            torch's default generator of x's device.
+        compile: True = one fused torch.compile kernel, False = eager, None = the module switch
+            of :mod:`gradcomp.numerics.rounding` (``GRADCOMP_COMPILE``). Identical bits.
+
+    Semantics (zeros, NaN, inf, subnormal scales, power-of-two amax): see the module docstring.
+    """
+    return _run(x, bf, rounding, generator, compile, False)
+
+
+def quantize_block_metrics(x: torch.Tensor, bf, rounding: str = "nearest",
+                           generator: torch.Generator | None = None,
+                           compile: bool | None = None) -> tuple[torch.Tensor, BlockMetrics]:
+    """:func:`quantize_block` plus :class:`BlockMetrics` computed in the same pass."""
+    return _run(x, bf, rounding, generator, compile, True)
+
+
+def block_scales(x: torch.Tensor, bf) -> torch.Tensor:
+    """The dequantization scale of every block (float32; float64 for float64 x), shaped
+    ``(leading, blocks...)``: ``(numel / n,)``-like rows for 1-D blocks, ``(lead, r, c)``
+    tile grids for 2-D. Values of E8M0 blocks are powers of two (NaN for a NaN block)."""
+    require_float_tensor(x, "x")
+    require_choice(x.dtype, "x.dtype", _DTYPES)
+    bf = _as_block_format(bf)
+    wide = x.dtype == torch.float64
+    c = _container(wide)
+    dev = torch.device(x.device)
+    ints, flts = _elem_consts(bf.elem, wide, dev)
+    sc = _elem_consts(_E4M3, wide, dev)
+    xc, red, _ = _canonical(x.detach(), bf)
+    xf = xc.to(c.fdt)
+    amax = xf.abs().amax(dim=red, keepdim=True)
+    if bf.scale == "fp32":
+        s = _fp32_scale(amax, flts, wide)
+    elif bf.scale == "e4m3":
+        t = _tensor_scale(xf, flts, c) if bf.tensor_scale else None
+        s = _e4m3_scale(amax, ints, flts, sc, c, t)[1]
+    else:
+        s = _e8m0_scale(amax, ints, flts, sc, c, bf.rule == "rceil")[1]
+    return s.squeeze(red)
