@@ -345,10 +345,10 @@ def _log2_int(a: torch.Tensor, c: _C, mode: int) -> torch.Tensor:
         up = (mant != 0).to(c.idt)
         # subnormal a = B * 2^(1-bias-T): ceil(log2 a) = ceil(log2 B) + 1 - bias - T;
         # any a <= 2^(-bias) reads as <= -bias, which every caller clamps to -127 or lower
-        sub = torch.where(mant > (1 << (c.T - 1)), 1 - c.bias, -c.bias)
+        sub = (mant > (1 << (c.T - 1))).to(c.idt) - c.bias
         return torch.where(ef == 0, sub, e + up)
     up = (mant >= (1 << (c.T - 1))).to(c.idt)  # 1.5 * 2^e and above round up (ties up)
-    sub = torch.where(mant >= (3 << (c.T - 2)), 1 - c.bias, -c.bias)
+    sub = (mant >= (3 << (c.T - 2))).to(c.idt) - c.bias
     return torch.where(ef == 0, sub, e + up)
 
 
