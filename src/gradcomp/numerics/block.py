@@ -24,7 +24,8 @@ format's largest finite value, ``emax`` = the exponent of its top binade, floor(
     subnormal E4M3 scales are not used (the clamp at 2^-6) and RNE may round the scale down, so
     the block maximum can saturate. Quantize multiplies by fp32(fp32(1/t) / s_e4m3) (by
     fp32(1/s_e4m3) without a tensor scale); dequantize multiplies by fp32(t * s_e4m3):
-    the same float32 operations as torchao's ``nvfp4_quantize`` and ``NVFP4Tensor.dequantize``.
+    the same float32 operations as torchao's ``nvfp4_quantize`` and ``NVFP4Tensor.dequantize``
+    (for float64 input the same operations in float64; t is still an FP32 number).
 ``"fp32"`` (FP8 blockwise, DeepSeek-V3): s = amax / max rounded to float32, clamped to
     [2^-126, float32 max], rule ``"nearest"``; elements are Q(x / s) (a correctly rounded
     division), dequantized as q * s.
@@ -277,8 +278,9 @@ def e8m0_encode(v: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
     nearest power of two (``"nearest"``: midpoint 1.5 * 2^j, ties upward, as ml_dtypes'
     float8_e8m0fnu), computed exactly from v's bits, then clamped to [-127, 127] (saturating:
     v > 2^127 gives 254, v < 2^-127 gives 0). NaN and negative values give 0xFF (no sign).
-    Differences from ml_dtypes: 0 gives byte 0 here (ml_dtypes: NaN) and +inf gives 254 (the
-    largest scale, saturating; ml_dtypes: NaN). Accepts float32/bfloat16/float16/float64.
+    Differences from ml_dtypes: 0 gives byte 0 here (ml_dtypes: NaN); +inf, and with
+    ``"nearest"`` every v >= 1.5 * 2^127, give 254 (the largest scale, saturating; ml_dtypes:
+    NaN). Everything else agrees bit for bit (tested). Accepts float32/bfloat16/float16/float64.
     """
     require_float_tensor(v, "v")
     require_choice(v.dtype, "v.dtype", _DTYPES)

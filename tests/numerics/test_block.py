@@ -1,0 +1,416 @@
+"""Block formats: names, E8M0, the spec reference (every layout, dtype and edge case), stochastic
+rounding, metrics. torchao/ml_dtypes oracles: test_block_oracles.py."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from tests.numerics.conftest import neighbours, reference_nearest
+
+from gradcomp.numerics.block import (
+    NAMED_BLOCK_FORMATS,
+    BlockFormat,
+    block_scales,
+    e8m0_decode,
+    e8m0_encode,
+    quantize_block,
+    quantize_block_metrics,
+)
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.rounding import quantize_fp
+
+NONSTANDARD = [
+    "e4m3fn:32:e8m0:rceil", "e5m2:32:e8m0:rceil", "e2m1fn:32:e8m0:rceil",
+    "e2m1fn:16:e4m3:nearest", "e4m3fn:8x4:e8m0:floor", "e3m2fn:64:fp32:nearest",
+    "e2m1fn:16:e4m3:nearest:ts:dims=0", "e4m3fn:32:e8m0:floor:dims=-2", "e3m4:16:e8m0:floor",
+    "e4m3fn:4x8:fp32:nearest:dims=0,2",
+]
+ALL = list(NAMED_BLOCK_FORMATS) + NONSTANDARD
+
+
+# ---- the spec reference: numpy float64, per block, written from the rules -------------------
+def _scale_ref(amax: np.ndarray, bf: BlockFormat, t: float | None, ft=np.float32):
+    """(quantize multiplier or None, divisor or None, dequantize multiplier) per block, with
+    the scale arithmetic in ``ft`` (the container: float32, or float64 for float64 input)."""
+    mx = bf.elem.max_normal
+    if bf.scale == "e8m0":
+        k = np.empty(amax.shape)
+        for i, a in enumerate(amax.ravel()):
+            if math.isnan(a):
+                k.flat[i] = np.nan
+                continue
+            if bf.rule == "floor":
+                # floor(log2 amax) from frexp; a float32 subnormal or zero amax reads as -127
+                e = 128 if math.isinf(a) else (-127 if a < 2.0**-126 else math.frexp(a)[1] - 1)
+                k.flat[i] = min(max(e - bf.elem.emax, -127), 127)
+            else:
+                d = float(ft(a) / ft(mx))
+                if math.isinf(d):
+                    k.flat[i] = 127
+                    continue
+                m, e = math.frexp(d) if d > 0 else (0.5, -200)
+                k.flat[i] = min(max(e - 1 if m == 0.5 else e, -127), 127)
+        return np.exp2(-k), None, np.exp2(k)
+    if bf.scale == "fp32":
+        s = (ft(amax) / ft(mx)).astype(np.float32)  # an FP32 number
+        s = np.clip(s, np.float32(2.0**-126), np.finfo(np.float32).max).astype(np.float64)
+        return None, s, s
+    s = (ft(amax) / ft(mx)).astype(ft)
+    if t is not None:
+        s = (s / ft(t)).astype(ft)
+    s = np.clip(s, ft(2.0**-6), ft(448.0))
+    s8 = reference_nearest(s, FPFormat.from_name("e4m3fn")).astype(ft)
+    if t is None:
+        return (ft(1.0) / s8).astype(np.float64), None, s8.astype(np.float64)
+    inv = ((ft(1.0) / ft(t)) / s8).astype(ft)
+    return inv.astype(np.float64), None, (ft(t) * s8).astype(ft).astype(np.float64)
+
+
+def spec_reference(x: torch.Tensor, bf: BlockFormat) -> np.ndarray:
+    """Block quantization by the rules of the module docstring, block by block (slow, exact)."""
+    xs = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).numpy()
+    nd = len(bf.block)
+    a = xs.reshape((1,) * max(0, nd - xs.ndim) + xs.shape)
+    dims = tuple(d % a.ndim for d in bf.dims)
+    a = np.moveaxis(a, dims, tuple(range(a.ndim - nd, a.ndim)))
+    moved_shape = a.shape
+    a = a.reshape((-1,) + a.shape[a.ndim - nd:])
+    t = None
+    if bf.tensor_scale:
+        fin = np.abs(xs[np.isfinite(xs)])
+        amax_t = fin.max() if fin.size else 0.0
+        ft = np.float64 if x.dtype == torch.float64 else np.float32
+        t = float(np.clip(np.float32(ft(amax_t) / ft(448.0 * bf.elem.max_normal)),
+                          np.float32(2.0**-126), np.finfo(np.float32).max))
+    out = np.empty_like(a, dtype=np.float64)
+    sizes = a.shape[1:]
+    starts = [range(0, s, b) for s, b in zip(sizes, bf.block)]
+    ftype = np.float64 if x.dtype == torch.float64 else np.float32
+    for lead in range(a.shape[0]):
+        for corner in np.array(np.meshgrid(*starts, indexing="ij")).reshape(nd, -1).T:
+            sl = (lead,) + tuple(slice(c, c + b) for c, b in zip(corner, bf.block))
+            blk = a[sl].astype(np.float64)
+            amax = np.array([np.max(np.abs(blk))])
+            mul, div, deq = _scale_ref(amax, bf, t, ftype)
+            if mul is not None:
+                y = (blk.astype(ftype) * ftype(mul[0])).astype(np.float64)
+            else:
+                y = (blk.astype(ftype) / ftype(div[0])).astype(np.float64)
+            q = reference_nearest(y, bf.elem)
+            out[sl] = (q.astype(ftype) * ftype(deq[0])).astype(np.float64)
+    out = out.reshape(moved_shape)
+    out = np.moveaxis(out, tuple(range(out.ndim - nd, out.ndim)), dims)
+    return out.reshape(xs.shape)
+
+
+def _same(a: torch.Tensor, b: np.ndarray) -> bool:
+    a = a.double().numpy()
+    both_nan = np.isnan(a) & np.isnan(b)
+    return bool(np.all(both_nan | ((a == b) & (np.signbit(a) == np.signbit(b)))))
+
+
+def _lognormal(shape, sigma=2.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp(sigma * torch.randn(shape, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).double()
+    return (mag * sign).float()
+
+
+# ---- names and construction -----------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_name_round_trip(name):
+    f = BlockFormat.from_name(name)
+    assert BlockFormat.from_name(f.name) == f
+    assert f.name == name
+
+
+def test_named_fields_and_bits():
+    f = BlockFormat.from_name("mxfp8_e4m3")
+    assert (f.elem.name, f.block, f.scale, f.rule, f.tensor_scale) == (
+        "e4m3fn", (32,), "e8m0", "floor", False)
+    assert BlockFormat.from_name("mxfp8_e4m3").bits_per_element == 8.25
+    assert BlockFormat.from_name("mxfp4").bits_per_element == 4.25
+    assert BlockFormat.from_name("nvfp4").bits_per_element == 4.5
+    assert BlockFormat.from_name("nvfp4_2d").block == (16, 16)
+    assert BlockFormat.from_name("fp8_block128").bits_per_element == 8.25
+    assert BlockFormat.from_name("fp8_block128x128").bits_per_element == 8 + 32 / 128**2
+    assert f.replace(rule="rceil").name == "e4m3fn:32:e8m0:rceil"
+    assert BlockFormat("e2m1fn", 16, "e4m3", "nearest", True).name == "nvfp4"
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(elem="e4m3fn", scale="e4m3", rule="floor"), ValueError, "rule"),
+    (dict(elem="e4m3fn", scale="int8"), ValueError, "scale"),
+    (dict(elem="e4m3fn", block=(0,)), ValueError, "block"),
+    (dict(elem="e4m3fn", block=(2, 2, 2)), TypeError, "block"),
+    (dict(elem="e4m3fn", block=(8,), dims=(0, 1)), TypeError, "dims"),
+    (dict(elem="e4m3fn", block=(8, 8), dims=(1, 1)), ValueError, "dims"),
+    (dict(elem=FPFormat.from_name("e5m2", overflow="inf")), ValueError, "saturate"),
+    (dict(elem=FPFormat.from_name("1-4-3")), ValueError, "subnormals"),
+    (dict(elem="e4m3fn", tensor_scale=1), TypeError, "tensor_scale"),
+])
+def test_bad_construction(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        BlockFormat(**kwargs)
+
+
+def test_bad_calls():
+    with pytest.raises(ValueError, match="name must be one of"):
+        BlockFormat.from_name("mxfp7")
+    with pytest.raises(ValueError, match="name must be one of"):
+        BlockFormat.from_name("e4m3fn:32:e8m0:floor:junk")
+    with pytest.raises(TypeError, match="x must be"):
+        quantize_block(torch.arange(4), "mxfp4")
+    with pytest.raises(ValueError, match="rounding"):
+        quantize_block(torch.ones(4), "mxfp4", rounding="up")
+    with pytest.raises(TypeError, match="bf must be"):
+        quantize_block(torch.ones(4), 3)
+    with pytest.raises(ValueError, match="dims"):
+        quantize_block(torch.ones(4, 4), "e4m3fn:4:e8m0:floor:dims=3")
+
+
+# ---- E8M0 ------------------------------------------------------------------------------------
+def _e8m0_probes() -> np.ndarray:
+    k = np.arange(-140, 128, dtype=np.float64)
+    p = np.exp2(k)
+    vals = np.concatenate([p, p * 1.5, p * 1.25, p * 1.75, p * 1.4999999, p * 1.5000001,
+                           np.exp(np.random.default_rng(0).uniform(-95, 88, 20000))])
+    vals = vals[(vals > 0) & (vals < 2.0**127.9)].astype(np.float32)
+    up, down = np.nextafter(vals, np.float32(np.inf)), np.nextafter(vals, np.float32(0))
+    vals = np.concatenate([vals, up, down])
+    return vals[(vals > 0) & np.isfinite(vals)]
+
+
+def test_e8m0_nearest_matches_ml_dtypes():
+    v = _e8m0_probes()
+    v = v[v < 1.5 * 2.0**127]  # above, nearest rounds past 2^127: ml_dtypes NaN, ours 254
+    with np.errstate(over="ignore"):
+        ref = v.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
+    ours = e8m0_encode(torch.from_numpy(v), "nearest").numpy()
+    assert np.array_equal(ours, ref), int((ours != ref).sum())
+    # NaN and negatives agree (NaN); 0 and +inf are documented differences
+    special = torch.tensor([float("nan"), -1.0, -2.0**-130, 0.0, float("inf"), 1.5 * 2.0**127])
+    assert e8m0_encode(special, "nearest").tolist() == [255, 255, 255, 0, 254, 254]
+
+
+def test_e8m0_floor_ceil_exact_and_decode():
+    v = _e8m0_probes().astype(np.float64)
+    fl = e8m0_encode(torch.from_numpy(v), "floor").numpy().astype(int)
+    ce = e8m0_encode(torch.from_numpy(v), "ceil").numpy().astype(int)
+    m, e = np.frexp(v)
+    ref_fl = np.clip(e - 1, -127, 127) + 127
+    ref_ce = np.clip(np.where(m == 0.5, e - 1, e), -127, 127) + 127
+    assert np.array_equal(fl, ref_fl) and np.array_equal(ce, ref_ce)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    ref = codes.numpy().view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+    dec = e8m0_decode(codes).numpy()
+    assert np.array_equal(dec.view(np.int32)[:255], ref.view(np.int32)[:255])
+    assert np.isnan(dec[255]) and np.isnan(ref[255])
+    assert e8m0_decode(codes, torch.float64)[0].item() == 2.0**-127
+
+
+# ---- the spec reference, every layout ------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_spec_reference_random(name):
+    bf = BlockFormat.from_name(name)
+    shape = (3, 40, 37) if len(bf.block) == 1 else (2, 40, 37)  # ragged everywhere
+    if bf.block_numel > 2000:
+        shape = (1, 150, 140)
+    x = _lognormal(shape, 2.5, seed=len(name))
+    out = quantize_block(x, bf, compile=False)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert _same(out, spec_reference(x, bf))
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "e2m1fn:32:e8m0:rceil", "nvfp4", "fp8_block128"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_spec_reference_dtypes(name, dtype):
+    bf = BlockFormat.from_name(name)
+    x = _lognormal((5, 48), 1.5, seed=3).to(dtype)
+    out = quantize_block(x, bf, compile=False)
+    assert out.dtype == dtype
+    ref = spec_reference(x, bf)
+    if dtype == torch.float64:
+        assert _same(out, ref)
+    else:  # computed in float32, cast back once
+        assert _same(out, torch.from_numpy(ref).float().to(dtype).double().numpy())
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
+                                  "e4m3fn:32:e8m0:rceil", "e2m1fn:32:e8m0:rceil"])
+def test_elements_are_quantize_fp_of_scaled_block(name):
+    bf = BlockFormat.from_name(name)
+    x = _lognormal((64, 96), 3.0, seed=7)
+    s = block_scales(x, bf)  # powers of two, shape (64 * 3,)
+    sb = s.reshape(64, 3, 1)
+    y = (x.reshape(64, 3, 32) / sb).reshape(-1)
+    ref = (quantize_fp(y, bf.elem, compile=False).reshape(64, 3, 32) * sb).reshape(64, 96)
+    assert torch.equal(quantize_block(x, bf, compile=False), ref)
+
+
+# ---- adversarial blocks ----------------------------------------------------------------------
+def _adversarial(bf: BlockFormat) -> torch.Tensor:
+    n = bf.block[-1]
+    emax, mx = bf.elem.emax, bf.elem.max_normal
+    rows = [
+        torch.zeros(n),
+        -torch.zeros(n),
+        torch.cat([torch.tensor([1e30]), torch.full((n - 1,), 1e-3)]),
+        torch.full((n,), 2.0**-140),  # subnormal float32 amax
+        torch.linspace(-1, 1, n) * 2.0 ** (emax - 127),  # E8M0 byte 0 under floor
+        torch.linspace(-1, 1, n) * mx * 2.0**-127,  # byte 0 / 1 under rceil
+        torch.linspace(-1, 1, n) * 2.0**-120,
+        torch.linspace(-1, 1, n) * 2.0**100,
+    ]
+    for j in (-3, 0, 5):
+        for f in (1.0, 1 + 2**-23, 1 - 2**-24, 1.5):
+            rows.append(torch.linspace(-1, 1, n) * (2.0**j * f))
+            rows.append(torch.linspace(-1, 1, n) * (mx * 2.0**j * f))
+    return torch.stack(rows).float()
+
+
+ROWS_1D = [n for n in ALL if len(BlockFormat.from_name(n).block) == 1
+           and BlockFormat.from_name(n).dims == (-1,)]
+
+
+@pytest.mark.parametrize("name", ROWS_1D)
+def test_spec_reference_adversarial(name):
+    bf = BlockFormat.from_name(name)
+    x = _adversarial(bf)
+    assert _same(quantize_block(x, bf, compile=False), spec_reference(x, bf))
+
+
+@pytest.mark.parametrize("name", list(NAMED_BLOCK_FORMATS) + ["e4m3fn:32:e8m0:rceil"])
+def test_zero_nan_inf_blocks(name):
+    bf = BlockFormat.from_name(name)
+    nb = bf.block_numel
+    base = _lognormal((4 * nb,), 1.0, seed=1).reshape(4, *bf.block) if len(bf.block) == 2 \
+        else _lognormal((4 * nb,), 1.0, seed=1)
+    x = base.clone().reshape(4, -1)
+    x[0] = 0.0
+    x[0, ::2] = -0.0
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[2, 6] = -float("inf")
+    x = x.reshape(base.shape) if len(bf.block) == 1 else x.reshape(4, *bf.block)
+    if len(bf.block) == 2:  # tiles: one tile per leading index
+        x = x.reshape(4 * bf.block[0], bf.block[1])
+    out = quantize_block(x, bf, compile=False).reshape(4, -1)
+    flat = x.reshape(4, -1)
+    assert torch.equal(out[0], flat[0]) and torch.equal(out[0].signbit(), flat[0].signbit())
+    assert torch.isnan(out[1]).all()  # a NaN block is NaN throughout
+    assert not torch.isnan(out[[0, 2, 3]]).any()
+    mx = bf.elem.max_normal
+    if bf.scale == "e4m3":  # saturates at 6 * scale, the block's own scale of 448 * t
+        t = max(float(flat[torch.isfinite(flat)].abs().max()) / (448 * mx), 2.0**-126)
+        s = float(np.float32(448.0) * np.float32(t))
+        assert out[2, 5].item() == np.float32(mx * s) and out[2, 6].item() == -out[2, 5].item()
+    else:  # the inf block's scale overflows +-max * s to +-inf in float32
+        assert out[2, 5].item() == math.inf and out[2, 6].item() == -math.inf
+    if bf.tensor_scale:  # the per-tensor scale depends on the whole tensor
+        return
+    assert torch.equal(out[3], quantize_block(flat[3:4].reshape(
+        (1, -1) if len(bf.block) == 1 else (bf.block[0], bf.block[1])), bf,
+        compile=False).reshape(-1))
+
+
+def test_power_of_two_amax():
+    # floor: amax = 2^j maps to 2^emax exactly; rceil: amax = max * 2^j maps to max exactly
+    for j in (-20, 0, 13):
+        x = torch.zeros(32)
+        x[0] = 2.0**j
+        x[1] = 2.0**j * 0.3
+        f = BlockFormat.from_name("mxfp8_e4m3")
+        assert block_scales(x, f).item() == 2.0 ** (j - 8)
+        assert quantize_block(x, f, compile=False)[0].item() == 2.0**j
+        r = f.replace(rule="rceil")
+        x[0] = 448 * 2.0**j
+        assert block_scales(x, r).item() == 2.0**j
+        assert quantize_block(x, r, compile=False)[0].item() == 448 * 2.0**j
+        # floor saturates the block max above 448 * 2^(k): 480 * 2^j -> 448 * 2^j
+        x[0] = 480 * 2.0**j
+        assert quantize_block(x, f, compile=False)[0].item() == 448 * 2.0**j
+        assert quantize_block(x, r, compile=False)[0].item() == 480 * 2.0**j
+
+
+def test_scalar_and_empty_and_dims():
+    f = BlockFormat.from_name("mxfp4")
+    assert quantize_block(torch.tensor(3.3), f, compile=False).item() == 3.0
+    assert quantize_block(torch.empty(0, 5), f, compile=False).shape == (0, 5)
+    x = _lognormal((32, 5), 2.0, seed=4)
+    along0 = quantize_block(x, f.replace(dims=(0,)), compile=False)
+    assert torch.equal(along0, quantize_block(x.t().contiguous(), f, compile=False).t())
+
+
+# ---- stochastic rounding ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4", "nvfp4", "fp8_block128"])
+def test_stochastic_unbiased_and_neighbours(name):
+    bf = BlockFormat.from_name(name)
+    x = _lognormal((8, 128), 1.5, seed=11)
+    near = quantize_block(x, bf, compile=False)
+    g = torch.Generator().manual_seed(0)
+    reps = 400
+    draws = torch.stack([quantize_block(x, bf, "stochastic", generator=g, compile=False)
+                         for _ in range(reps)]).double()
+    s = block_scales(x, bf).double()
+    per = s.repeat_interleave(bf.block_numel).reshape(x.shape)
+    inside = x.double().abs() < per * bf.elem.max_normal  # not saturated
+    if bf.scale == "e8m0":  # x / s is exact: check each element's up-count (binomial)
+        y = (x.double() / per).numpy()
+        lo, hi = neighbours(y, bf.elem)
+        q = (draws / per).numpy()
+        assert np.all((q == lo) | (q == hi))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = np.where(hi != lo, (y - lo) / (hi - lo), 0.0)
+        ups = (q == hi).sum(0) * (hi != lo)
+        bound = 6 * np.sqrt(reps * p * (1 - p)) + 3
+        assert np.all(np.abs(ups - reps * p)[inside.numpy()] <= bound[inside.numpy()])
+    mean = draws.mean(0)
+    se = draws.std(0) / math.sqrt(reps)
+    # the bias summed over the unsaturated elements is noise-sized (k = 5 standard errors)
+    used = inside & (se > 0)
+    z = (mean - x.double())[used].sum() / (se[used] ** 2).sum().sqrt()
+    assert abs(z) < 5
+    assert (mean - near.double()).abs().sum() > 0  # it is not nearest
+
+
+def test_stochastic_reproducible():
+    x = _lognormal((4, 64), 2.0, seed=2)
+    a = quantize_block(x, "mxfp4", "stochastic", generator=torch.Generator().manual_seed(5),
+                       compile=False)
+    b = quantize_block(x, "mxfp4", "stochastic", generator=torch.Generator().manual_seed(5),
+                       compile=False)
+    c = quantize_block(x, "mxfp4", "stochastic", generator=torch.Generator().manual_seed(6),
+                       compile=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def test_metrics_counts():
+    f = BlockFormat.from_name("mxfp4")
+    x = torch.ones(96)
+    x[0] = 1000.0  # block 0: scale 2^(9-2): the 31 ones (1/128 on the grid) underflow to 0
+    x[32] = 7.9  # block 1: floor(log2 7.9) - 2 = 0: 7.9 > 6 is clipped
+    x[70] = float("nan")  # block 2: non-finite inputs
+    x[71] = float("inf")
+    out, m = quantize_block_metrics(x, f, compile=False)
+    torch.testing.assert_close(out, quantize_block(x, f, compile=False), rtol=0, atol=0,
+                               equal_nan=True)
+    assert (m.underflow.item(), m.saturated.item(), m.nonfinite.item()) == (31, 1, 2)
+    assert m.saturated.dtype == torch.int64 and m.saturated.dim() == 0
+
+
+@pytest.mark.slow
+def test_fused_equals_eager():
+    x = _lognormal((33, 70), 2.5, seed=9)
+    for name in ("mxfp8_e4m3", "nvfp4"):
+        for rounding in ("nearest", "stochastic"):
+            a = quantize_block(x, name, rounding, generator=torch.Generator().manual_seed(1),
+                               compile=True)
+            b = quantize_block(x, name, rounding, generator=torch.Generator().manual_seed(1),
+                               compile=False)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (name, rounding)
