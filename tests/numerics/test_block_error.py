@@ -1,0 +1,64 @@
+"""The block-format error theory against Monte Carlo with quantize_block (within 2%)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcomp.numerics.block_error import (
+    expected_block_error,
+    monte_carlo_block_error,
+    optimal_block_element,
+)
+
+CASES = [
+    ("mxfp8_e4m3", 1.0, "nearest"), ("mxfp8_e4m3", 3.0, "nearest"),
+    ("mxfp8_e5m2", 3.0, "nearest"), ("mxfp6_e3m2", 2.0, "nearest"),
+    ("mxfp6_e2m3", 1.0, "stochastic"), ("mxfp4", 1.0, "nearest"), ("mxfp4", 3.0, "nearest"),
+    ("e2m1fn:32:e8m0:rceil", 2.0, "nearest"), ("nvfp4", 1.0, "nearest"),
+    ("nvfp4", 2.0, "nearest"), ("fp8_block128", 2.0, "nearest"),
+    ("e4m3fn:8:e8m0:floor", 2.5, "nearest"), ("mxfp8_e4m3", 2.0, "stochastic"),
+]
+
+
+@pytest.mark.parametrize("name, sigma, rounding", CASES)
+def test_relative_error_matches_monte_carlo(name, sigma, rounding):
+    th = expected_block_error(name, sigma, mu=0.3, rounding=rounding)
+    g = torch.Generator().manual_seed(int(sigma * 100) + len(name))
+    mc, se = monte_carlo_block_error(name, sigma, mu=0.3, rounding=rounding, blocks=40000,
+                                     generator=g)
+    assert 4 * se.relative < 0.02 * mc.relative  # the check below can resolve 2%
+    assert abs(th.relative / mc.relative - 1) < 0.02
+
+
+@pytest.mark.parametrize("name, rounding", [("mxfp8_e4m3", "nearest"), ("mxfp4", "stochastic"),
+                                            ("fp8_block128", "nearest")])
+def test_nmse_matches_monte_carlo(name, rounding):
+    # sigma 1: E x^2 = e^(2 sigma^2) is estimable from a sample (for sigma >~ 2 it is not)
+    th = expected_block_error(name, 1.0, rounding=rounding)
+    mc, se = monte_carlo_block_error(name, 1.0, rounding=rounding, blocks=6000,
+                                     generator=torch.Generator().manual_seed(3))
+    assert abs(th.nmse - mc.nmse) < max(0.02 * mc.nmse, 4 * se.nmse)
+
+
+def test_structure():
+    # stochastic rounding costs more than nearest; a bigger block underflows more
+    a = expected_block_error("mxfp8_e4m3", 3.0)
+    assert expected_block_error("mxfp8_e4m3", 3.0, rounding="stochastic").relative > a.relative
+    assert expected_block_error("e4m3fn:128:e8m0:floor", 3.0).relative > a.relative
+    # E5M2's 32 binades cover a sigma-3 block that E4M3's 17 do not
+    best, rows = optimal_block_element(8, 4.0, block=32)
+    assert best == "e5m2" and len(rows) == 2
+    best, _ = optimal_block_element(8, 0.5, block=32)
+    assert best == "e4m3fn"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sigma"):
+        expected_block_error("mxfp4", 0.0)
+    with pytest.raises(ValueError, match="rounding"):
+        expected_block_error("mxfp4", 1.0, rounding="up")
+    with pytest.raises(ValueError, match="at least 2"):
+        expected_block_error("e4m3fn:1:e8m0:floor", 1.0)
+    with pytest.raises(ValueError, match="bits"):
+        optimal_block_element(5, 1.0)
