@@ -161,15 +161,16 @@ def _format_tables(tab, comparison, semantics, scale) -> str:
 def _step_lines(ax, xs, series: dict) -> None:
     """Step lines of whole-number values that stay visible where they coincide: each series
     is offset by a small fraction of a bit and drawn with its own marker; integer y ticks."""
-    from matplotlib.ticker import MaxNLocator
-
     markers = "osD^v<>ph*"
     k = len(series)
     for i, (label, ys) in enumerate(series.items()):
         off = (i - (k - 1) / 2) * 0.06
         ax.step(xs, np.asarray(ys, dtype=float) + off, where="mid", marker=markers[i % 10],
                 ms=4, lw=1.4, label=label)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    vals = [v for ys in series.values() for v in ys]
+    lo, hi = int(min(vals)), int(max(vals))
+    ax.set_yticks(range(lo, hi + 1))
+    ax.set_ylim(lo - 0.5, hi + 0.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
