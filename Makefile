@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps torchao==0.18.0
 	touch $@
 
 # Fashion-MNIST from the Debian package dataset-fashion-mnist (nothing downloads at run time).
