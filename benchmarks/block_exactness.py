@@ -3,8 +3,8 @@
 Cases: every MX format (E4M3, E5M2, E3M2, E2M3, E2M1 elements, 32-element blocks) under both
 scale rules (floor, rceil) and NVFP4 with and without the per-tensor scale, on float32 and
 bfloat16 lognormal data (sigma of ln|x| in {1, 3, 5}, random signs), finite inputs only; plus
-fp8_block128 against the independent reference written from the rules (numpy float32 ops,
-the element grid enumerated). Prints one line per case: values compared, mismatches.
+fp8_block128, nvfp4_2d and fp8_block128x128 (no oracle has them) against an independent
+reference written from the rules (numpy float32 operations, the element grid enumerated). Prints one line per case: values compared, mismatches.
 
     python benchmarks/block_exactness.py [--n 1048576]
 """
@@ -64,6 +64,28 @@ def _fp8_block128_reference(x: torch.Tensor) -> np.ndarray:
     return (q * s).astype(np.float32).reshape(x.shape)
 
 
+def _tile_reference(x: torch.Tensor, bf: BlockFormat) -> np.ndarray:
+    """2-D tiles (r x c over the last two dims) by the rules, float32 numpy operations."""
+    xs = x.float().numpy()
+    R, C = xs.shape
+    r, c = bf.block
+    t4 = xs.reshape(R // r, r, C // c, c)
+    amax = np.abs(t4).max(axis=(1, 3), keepdims=True)
+    mx = np.float32(bf.elem.max_normal)
+    if bf.scale == "fp32":
+        s = np.clip(amax / mx, np.float32(2.0**-126), np.finfo(np.float32).max)
+        y, deq = (t4 / s).astype(np.float32), s
+    else:  # e4m3 scales with the per-tensor FP32 scale
+        t = np.clip(np.abs(xs).max() / np.float32(448.0 * bf.elem.max_normal),
+                    np.float32(2.0**-126), np.finfo(np.float32).max).astype(np.float32)
+        sb = np.clip((amax / mx).astype(np.float32) / t, np.float32(2.0**-6), np.float32(448))
+        s8 = _grid_round(sb.astype(np.float64), FPFormat.from_name("e4m3fn")).astype(np.float32)
+        inv = ((np.float32(1.0) / t) / s8).astype(np.float32)
+        y, deq = (t4 * inv).astype(np.float32), (t * s8).astype(np.float32)
+    q = _grid_round(y.astype(np.float64), bf.elem).astype(np.float32)
+    return (q * deq).astype(np.float32).reshape(R, C)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1 << 20, help="values per (case, sigma, dtype)")
@@ -92,6 +114,10 @@ def main(argv=None) -> int:
             ref = torch.from_numpy(_fp8_block128_reference(x)).to(dtype)
             cases["fp8_block128 (spec ref)"] = (quantize_block(x, "fp8_block128",
                                                                compile=False), ref)
+            for name in ("nvfp4_2d", "fp8_block128x128"):
+                bf = BlockFormat.from_name(name)
+                ref = torch.from_numpy(_tile_reference(x, bf)).to(dtype)
+                cases[f"{name} (spec ref)"] = (quantize_block(x, bf, compile=False), ref)
             for case, (ours, ref) in cases.items():
                 mm = _mismatch(ours, ref)
                 key = (case, str(dtype).replace("torch.", ""))
