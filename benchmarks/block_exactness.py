@@ -4,7 +4,8 @@ Cases: every MX format (E4M3, E5M2, E3M2, E2M3, E2M1 elements, 32-element blocks
 scale rules (floor, rceil) and NVFP4 with and without the per-tensor scale, on float32 and
 bfloat16 lognormal data (sigma of ln|x| in {1, 3, 5}, random signs), finite inputs only; plus
 fp8_block128, nvfp4_2d and fp8_block128x128 (no oracle has them) against an independent
-reference written from the rules (numpy float32 operations, the element grid enumerated). Prints one line per case: values compared, mismatches.
+reference written from the rules (numpy float32 operations, the element grid enumerated).
+Prints one line per case: values compared, mismatches.
 
     python benchmarks/block_exactness.py [--n 1048576]
 """

@@ -211,8 +211,9 @@ class BlockFormat:
 
     @classmethod
     def from_name(cls, name: str) -> BlockFormat:
-        """A standard name (``NAMED_BLOCK_FORMATS``) or ``elem:block:scale:rule[:ts][:dims=a,b]``
-        (block ``32`` or ``16x16``), e.g. ``e4m3fn:32:e8m0:rceil`` or ``e2m1fn:16:e4m3:nearest:ts``."""
+        """A standard name (``NAMED_BLOCK_FORMATS``) or
+        ``elem:block:scale:rule[:ts][:dims=a,b]`` (block ``32`` or ``16x16``), e.g.
+        ``e4m3fn:32:e8m0:rceil`` or ``e2m1fn:16:e4m3:nearest:ts``."""
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         key = name.strip().lower()
