@@ -407,7 +407,7 @@ def test_metrics_counts():
 @pytest.mark.slow
 def test_fused_equals_eager():
     x = _lognormal((33, 70), 2.5, seed=9)
-    for name in ("mxfp8_e4m3", "nvfp4"):
+    for name in ("mxfp8_e4m3", "nvfp4", "fp8_block128"):
         for rounding in ("nearest", "stochastic"):
             a = quantize_block(x, name, rounding, generator=torch.Generator().manual_seed(1),
                                compile=True)

@@ -429,24 +429,28 @@ def _tensor_scale(x, flts, c: _C):
     return torch.clamp(t, 2.0**-126, _F32_MAX)
 
 
-def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
-                tensor_scale: bool, metrics: bool):
-    """The whole block quantization on the canonical (padded, split) tensor x."""
+def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool):
+    """(a, deq) per block: elements are y = x * a (E8M0, E4M3) or y = x / a (FP32), and the
+    result is Q(y) * deq."""
     wide = x.dtype == torch.float64
     c = _container(wide)
     xf = x.to(c.fdt)
     amax = xf.abs().amax(dim=red, keepdim=True)
     if kind == "fp32":
         s = _fp32_scale(amax, flts, wide)
-        y = xf / s
-        deq = s
-    else:
-        if kind == "e4m3":
-            t = _tensor_scale(xf, flts, c) if tensor_scale else None
-            inv, deq = _e4m3_scale(amax, ints, flts, sc, c, t)
-        else:
-            inv, deq = _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
-        y = xf * inv
+        return s, s
+    if kind == "e4m3":
+        t = _tensor_scale(xf, flts, c) if tensor_scale else None
+        return _e4m3_scale(amax, ints, flts, sc, c, t)
+    return _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
+
+
+def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, metrics: bool):
+    """Round the scaled elements and dequantize (elementwise given the block scales)."""
+    wide = x.dtype == torch.float64
+    c = _container(wide)
+    xf = x.to(c.fdt)
+    y = xf / a if kind == "fp32" else xf * a
     u = None
     if stochastic:
         u = uniform_from_keys(k1, k2, y.numel(), y.device, c.fdt).view(y.shape)
@@ -459,6 +463,13 @@ def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bo
     saturated = (fin & (y.abs() > flts[0])).sum()
     nonfinite = (~fin).sum()
     return out, underflow, saturated, nonfinite
+
+
+def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
+                tensor_scale: bool, metrics: bool):
+    """The whole block quantization on the canonical (padded, split) tensor x."""
+    a, deq = _block_scales(x, ints, flts, sc, red, kind, tensor_scale)
+    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics)
 
 
 # one module-level function per variant (dynamo's recompile budget is per code object)
@@ -478,10 +489,49 @@ def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m):
     return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m)
 
 
-_KERNELS = {("e8m0", "floor"): _k_floor, ("e8m0", "rceil"): _k_rceil,
-            ("e4m3", "nearest"): _k_e4m3, ("fp32", "nearest"): _k_fp32}
+# stochastic rounding runs as two fused kernels, block scales then elements: measured on the
+# CPU, inductor's single reduction-plus-hash kernel was about 3x slower than the two (the
+# extra traffic is the scale tensor, 1/n of x)
+def _s_floor(x, i, f, s, red, ts):
+    return _block_scales(x, i, f, s, red, "e8m0_floor", ts)
+
+
+def _s_rceil(x, i, f, s, red, ts):
+    return _block_scales(x, i, f, s, red, "e8m0_rceil", ts)
+
+
+def _s_e4m3(x, i, f, s, red, ts):
+    return _block_scales(x, i, f, s, red, "e4m3", ts)
+
+
+def _s_fp32(x, i, f, s, red, ts):
+    return _block_scales(x, i, f, s, red, "fp32", ts)
+
+
+def _e_kernel_floor(x, a, d, i, f, k1, k2, m):
+    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m)
+
+
+def _e_kernel_fp32(x, a, d, i, f, k1, k2, m):
+    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m)
+
+
+_KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
+          ("e4m3", "nearest"): "e4m3", ("fp32", "nearest"): "fp32"}
+_KERNELS = {"e8m0_floor": _k_floor, "e8m0_rceil": _k_rceil, "e4m3": _k_e4m3, "fp32": _k_fp32}
+# multiply-by-reciprocal kinds share one element kernel (the kind only selects x*a vs x/a)
+_S_KERNELS = {"e8m0_floor": _s_floor, "e8m0_rceil": _s_rceil, "e4m3": _s_e4m3,
+              "fp32": _s_fp32}
+_E_KERNELS = {"e8m0_floor": _e_kernel_floor, "e8m0_rceil": _e_kernel_floor,
+              "e4m3": _e_kernel_floor, "fp32": _e_kernel_fp32}
 _COMPILED: dict = {}
 _COMPILE_BROKEN = False
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
 
 
 def _compile_switch(compile) -> bool:
@@ -564,14 +614,17 @@ def _run(x, bf, rounding, generator, compile, metrics):
     xc, red, restore = _canonical(x.detach(), bf)
     if xc.numel() >= 1 << 31:
         raise ValueError(f"x has too many elements for the int32 counter: {xc.numel()}")
-    fn = _KERNELS[(bf.scale, bf.rule)]
+    kind = _KINDS[(bf.scale, bf.rule)]
+    fn = _KERNELS[kind]
     args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics)
     res = None
     if _compile_switch(compile) and xc.numel() > 0:
         try:
-            if fn not in _COMPILED:
-                _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-            res = _COMPILED[fn](*args)
+            if stochastic:
+                a, deq = _compiled(_S_KERNELS[kind])(xc, ints, flts, sc, red, bf.tensor_scale)
+                res = _compiled(_E_KERNELS[kind])(xc, a, deq, ints, flts, k1, k2, metrics)
+            else:
+                res = _compiled(fn)(*args)
         except Exception as exc:  # a missing C++ toolchain must not break training
             _COMPILE_BROKEN = True
             warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
