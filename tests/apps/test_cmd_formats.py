@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gradcomp.apps.cli import main
 
 
@@ -38,6 +40,7 @@ def test_figures_default_folder(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "formats" / "fig3b.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_block_table(tmp_path, capsys):
     rc = main(["formats", "--block", "--sigma", "1,4", "--block-sizes", "16,32",
                "--mc-blocks", "300", "--out", str(tmp_path), "--json"])

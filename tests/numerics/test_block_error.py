@@ -21,6 +21,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, sigma, rounding", CASES)
 def test_relative_error_matches_monte_carlo(name, sigma, rounding):
     th = expected_block_error(name, sigma, mu=0.3, rounding=rounding)
@@ -41,6 +42,7 @@ def test_nmse_matches_monte_carlo(name, rounding):
     assert abs(th.nmse - mc.nmse) < max(0.02 * mc.nmse, 4 * se.nmse)
 
 
+@pytest.mark.slow
 def test_structure():
     # stochastic rounding costs more than nearest; a bigger block underflows more
     a = expected_block_error("mxfp8_e4m3", 3.0)
