@@ -1,9 +1,10 @@
 """Compressed gradient reduce-scatter for FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-FSDP2 reduce-scatters every parameter group's flat gradient: rank r keeps the sum (or mean)
-of chunk r over the ranks. ``FSDPModule.set_custom_reduce_scatter`` replaces that collective;
-this module provides two compressed replacements, each stating how it stays correct under
-summation, and counts the bytes it hands to the collectives:
+FSDP2 reduce-scatters every parameter group's flat gradient: the input on rank r is
+``world`` equal chunks (chunk j = rank j's shard of the group's parameters, padded), and rank j
+keeps the sum (or mean) of chunk j over the ranks. ``FSDPModule.set_custom_reduce_scatter``
+replaces that collective; this module provides compressed replacements, each stating how it
+stays correct under summation, and counts the bytes it hands to the collectives:
 
 * ``FP8ReduceScatter``: one all-reduce (MAX) of the local amax agrees a power-of-two scale s
   on every rank (the FP8-LM approach), so that every rank's codes live on the same grid;
@@ -13,51 +14,185 @@ summation, and counts the bytes it hands to the collectives:
   puts the largest magnitude of any rank at or below the format's largest normal
   (``numerics.scales.amax_to_scale``), so no code overflows.
 * ``AllToAllReduceScatter(compressor)``: for codes that cannot be summed (QSGD levels with
-  their per-rank norms, pruned tensors: any ``Aggregation.ALLGATHER`` compressor without
-  error feedback), rank r compresses chunk j for rank j, an all-to-all delivers them, and rank
-  j decodes and sums the chunks it received in rank order (ZeRO++'s qgZ scheme). Unbiased
-  compressors (QSGD, stochastic pruning) give an unbiased sum.
+  their per-rank norms, pruned tensors, FP codes with per-rank scales: any
+  ``Aggregation.ALLGATHER`` compressor without error feedback), rank r compresses chunk j for
+  rank j, an all-to-all delivers them, and rank j decodes and sums the chunks it received in
+  rank order (ZeRO++'s qgZ scheme). Unbiased compressors (QSGD, stochastic pruning) give an
+  unbiased sum.
+* ``TopKReduceScatter`` and ``ScaleComReduceScatter``: biased sparsifiers with error feedback
+  (next section).
 
-Both check what they send against what they promised (RuntimeError on a difference), and
-``install(module, comm)`` sets one comm on every FSDP module of a model and returns it;
-``comm.require_compressed()`` raises after training when the custom collective never ran or
-sent more than it promised, so a run that asked for compression and did not get it fails
-loudly. Error-feedback compressors (top-k, ScaleCom) are refused: their memory would have to
-live in the sharded state.
+Error feedback in the sharded state. What rank r failed to send is a residual of *its own*
+gradient of the whole group (every destination chunk), and no other rank holds that
+information; so the memory m_r is per rank and per parameter group, sized like the rank's
+*input* of the reduce-scatter (the unsharded group, fp32), kept in the comm object (not in the
+parameters' shards). A shard-sized memory could only hold the residual of the *sum*, which the
+receiving rank never sees (it receives compressed chunks), so it could not be formed without
+the dense reduce-scatter it replaces. Per call, with x = m_r + g_r (``ErrorFeedback``):
+
+* top-k: for each destination chunk j, the k = ceil(ratio * chunk) largest |x[j]| are sent as
+  (int32 index, fp32 value) by all-to-all; rank j scatter-adds what it received, in rank order.
+  Bytes per rank and call: world * k * 8.
+* ScaleCom (Chen et al. 2020, cyclic local top-k): the leader of this group's t-th compressed
+  call is rank t mod world; it selects, for every chunk j, the k largest |x_leader[j]| and
+  broadcasts the world x k int32 indices; every rank gathers its own x at those indices into a
+  world x k matrix (row j for rank j) and an ordinary reduce-scatter *sums* the rows (the
+  supports agree across ranks, so the sum of payloads is the payload of the sum); rank j writes
+  the k sums at its indices. Bytes per rank and call: world * k * 4 values, plus world * k * 4
+  indices on the leader.
+
+In both, the memory keeps exactly what was not sent: ``m <- (1 - beta) m + beta (x - sent)``
+with sent = x at the chosen indices and 0 elsewhere; with beta = 1, ``sent + m_new == x ==
+g + m_old`` holds exactly (disjoint supports), and the sum over ranks of what they sent for
+chunk j is exactly what rank j receives. beta < 1 is ScaleCom's low-pass filter.
+
+Every comm checks what it sends against what it promised (RuntimeError on a difference);
+``install(module, comm)`` sets one comm on every FSDP module of a model, each group under its
+own key (the module's name: the error-feedback memory and ScaleCom's leader are per group);
+``comm.require_compressed()`` raises after training when the collective never ran, left a
+group out, or sent more than the ratio asked for, so a run that asked for compression and did
+not get it fails loudly.
+
+For a training loop: ``setup_fsdp(model, method, options, seed)`` shards the model, checks that
+every rank has the same comm configuration and parameter groups, installs the comm and returns
+``(model, comm)``; ``save_sharded`` / ``load_sharded`` write and read a
+``torch.distributed.checkpoint`` (DCP) checkpoint of the sharded model, the optimizer, the
+comm's state (error-feedback memory, generators, counters) and an ``extra`` dict per rank, for
+an exact resume.
 """
 
 from __future__ import annotations
 
+import io
+import os
+
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from gradcomp.compressors.comm import Aggregation, CommCompressor, payload_bytes
+from gradcomp.compressors.comm import (
+    QSGD,
+    Aggregation,
+    CommCompressor,
+    ErrorFeedback,
+    FPCompress,
+    ScaleCom,
+    StochasticPrune,
+    TopK,
+    payload_bytes,
+)
+from gradcomp.integration.ddp_hooks import check_same_config
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import quantize_fp
 from gradcomp.numerics.scales import amax_to_scale
 
-__all__ = ["AllToAllReduceScatter", "CompressedReduceScatter", "FP8ReduceScatter", "install"]
+__all__ = [
+    "AllToAllReduceScatter",
+    "CompressedReduceScatter",
+    "DenseReduceScatter",
+    "FP8ReduceScatter",
+    "METHODS",
+    "ScaleComReduceScatter",
+    "TopKReduceScatter",
+    "install",
+    "load_sharded",
+    "make_fsdp_comm",
+    "save_sharded",
+    "setup_fsdp",
+    "validate_fsdp_comm",
+]
 
 _FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_STATE_VERSION = 1
+ROOT_KEY = "<root>"
+
+
+def _check_int(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 class CompressedReduceScatter(ReduceScatter):
-    """Base: buffer allocation, the reduce op, byte counters and the promise check."""
+    """Base: buffer allocation, warm-up, the reduce op, byte counters, the promise check, state.
 
-    def __init__(self, seed: int = 0):
+    Args:
+        seed: base seed; rank r draws from its own stream derived from (seed, r).
+        start_iter: reduce-scatter calls of each parameter group run as a dense fp32
+            reduce-scatter before compressing (a warm-up, as ScaleCom's); 0 = compress from the
+            first step (FSDP's groups never change, so no rebuild has to be waited for).
+
+    Subclasses implement ``_reduce(x, group, world, rank, key) -> (chunk sum fp32, bytes sent,
+    bytes promised)`` on the flat fp32 input ``x``.
+    """
+
+    method = "base"
+    compressing = True
+
+    def __init__(self, seed: int = 0, start_iter: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        _check_int(start_iter, "start_iter", 0)
         self.seed = seed
+        self.start_iter = start_iter
         self.calls = 0
         self.bytes_sent = 0
         self.dense_bytes = 0
+        self.group_calls: dict = {}  # group key -> reduce-scatter calls so far
+        self.groups: list = []  # keys registered by install()
+        self.memory: ErrorFeedback | None = None
         self._generators: dict = {}
+
+    # ---- configuration ----
+
+    def options(self) -> dict:
+        """The method's own options (plain data)."""
+        return {}
+
+    def config(self) -> dict:
+        """Plain-data configuration, compared across ranks at setup and stored in checkpoints."""
+        return {"method": self.method, **self.options(), "seed": self.seed,
+                "start_iter": self.start_iter}
+
+    # ---- the ReduceScatter interface ----
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A plain buffer (FSDP copies the gradients in, and reads the output from it)."""
         return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        """Reduce-scatter ``input_tensor`` into ``output_tensor`` (group key ``ROOT_KEY``)."""
+        return self.reduce(output_tensor, input_tensor, group, op, key=ROOT_KEY)
+
+    def reduce(self, output_tensor, input_tensor, group, op, key: str = ROOT_KEY):
+        """Reduce-scatter one parameter group's gradient, compressed (after the warm-up)."""
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        div = self._divisor(op, world)
+        x = input_tensor.detach().reshape(-1).float()
+        if x.numel() % world:
+            raise ValueError(f"reduce-scatter input of {x.numel()} elements is not a multiple "
+                             f"of the world size {world}")
+        n = self.group_calls.get(key, 0)
+        if n < self.start_iter or not self.compressing:
+            out = torch.empty(x.numel() // world, dtype=torch.float32, device=x.device)
+            dist.reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
+            sent = promised = 4 * x.numel()
+        else:
+            out, sent, promised = self._reduce(x, group, world, rank, key)
+        output_tensor.copy_((out / div).to(output_tensor.dtype))
+        self.group_calls[key] = n + 1
+        self._count(sent, promised, x.numel())
+        return None
+
+    def _reduce(self, x, group, world: int, rank: int, key: str):
+        raise TypeError(f"{type(self).__name__} does not implement a compressed reduce")
 
     def generator(self, device, rank: int) -> torch.Generator:
         """This rank's generator on ``device`` (seeded from (seed, rank): ranks never share)."""
@@ -85,6 +220,8 @@ class CompressedReduceScatter(ReduceScatter):
         self.bytes_sent += sent
         self.dense_bytes += 4 * numel
 
+    # ---- accounting ----
+
     def metrics(self) -> dict:
         """Calls, bytes sent, bytes of an fp32 reduce-scatter of the same inputs, their ratio."""
         ratio = self.dense_bytes / self.bytes_sent if self.bytes_sent else float("nan")
@@ -92,35 +229,81 @@ class CompressedReduceScatter(ReduceScatter):
                 "dense_bytes": self.dense_bytes, "compression_ratio": ratio}
 
     def require_compressed(self, min_ratio: float = 1.5) -> None:
-        """Raise RuntimeError unless the collective ran and compressed by ``min_ratio``."""
+        """Raise RuntimeError unless the collective ran, reduced every group ``install``
+        registered, and compressed by at least ``min_ratio`` (bytes actually sent)."""
         m = self.metrics()
+        name = type(self).__name__
+        if not self.compressing:
+            raise RuntimeError(f"{name} is the uncompressed reference: no compression asked")
         if m["calls"] == 0:
-            raise RuntimeError(f"{type(self).__name__} was never called: FSDP reduced the "
-                               "gradients without compression (was install() called on the "
-                               "model before training?)")
+            raise RuntimeError(f"{name} was never called: FSDP reduced the gradients without "
+                               "compression (was install() called on the model before "
+                               "training?)")
+        missed = [k for k in self.groups if self.group_calls.get(k, 0) == 0]
+        if missed:
+            raise RuntimeError(f"{name}: parameter groups {missed} were never reduced through "
+                               "the compressed collective")
         if not m["compression_ratio"] >= min_ratio:
-            raise RuntimeError(f"{type(self).__name__} compressed by "
-                               f"{m['compression_ratio']:.2f}x, less than the {min_ratio}x "
-                               "asked for")
+            raise RuntimeError(f"{name} compressed by {m['compression_ratio']:.2f}x, less than "
+                               f"the {min_ratio}x asked for")
+
+    # ---- checkpoint ----
 
     def state_dict(self) -> dict:
-        """Counters and generator states (checkpointable)."""
-        return {"calls": self.calls, "bytes_sent": self.bytes_sent,
-                "dense_bytes": self.dense_bytes,
-                "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        """This rank's state (CPU tensors, plain data): config, rank, counters, per-group call
+        counts (warm-up, ScaleCom's leader), generator states, error-feedback memory."""
+        init = dist.is_available() and dist.is_initialized()
+        return {
+            "kind": "FSDPComm", "version": _STATE_VERSION, "config": self.config(),
+            "rank": dist.get_rank() if init else 0,
+            "world_size": dist.get_world_size() if init else 1,
+            "calls": self.calls, "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,
+            "group_calls": dict(self.group_calls),
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "memory": self.memory.state_dict() if self.memory is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict``."""
+        """Restore ``state_dict``. ValueError when it was written by another configuration
+        (naming the differing fields), another rank or world size."""
+        if not isinstance(state, dict) or state.get("kind") != "FSDPComm":
+            raise ValueError("not an FSDP comm state (state_dict() of a CompressedReduceScatter)")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"FSDP comm state version {state.get('version')!r}, expected "
+                             f"{_STATE_VERSION}")
+        mine = self.config()
+        if state["config"] != mine:
+            diff = sorted(k for k in {*state["config"], *mine}
+                          if state["config"].get(k) != mine.get(k))
+            raise ValueError("FSDP comm state was written with another configuration (differs "
+                             "in: " + ", ".join(f"{k}: saved {state['config'].get(k)!r}, now "
+                                                f"{mine.get(k)!r}" for k in diff) + ")")
+        init = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if init else (0, 1)
+        if (state["rank"], state["world_size"]) != (rank, world):
+            raise ValueError(f"FSDP comm state of rank {state['rank']} of {state['world_size']} "
+                             f"loaded on rank {rank} of {world}")
         self.calls, self.bytes_sent = int(state["calls"]), int(state["bytes_sent"])
         self.dense_bytes = int(state["dense_bytes"])
+        self.group_calls = {k: int(v) for k, v in state["group_calls"].items()}
         self._generators = {}
         for key, st in state["generators"].items():
             g = torch.Generator(device=key)
             g.set_state(st)
             self._generators[key] = g
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
 
 
-def _all_to_all(t: torch.Tensor, group, world: int) -> torch.Tensor:
+class DenseReduceScatter(CompressedReduceScatter):
+    """The uncompressed reference: fp32 reduce-scatter, 4 bytes per element, counted (so that a
+    run without compression reports its bytes the same way). ``compressing`` is False."""
+
+    method = "allreduce"
+    compressing = False
+
+
+def _all_to_all(t: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty_like(t)
     dist.all_to_all_single(out, t.contiguous(), group=group)
     return out
@@ -138,40 +321,43 @@ class FP8ReduceScatter(CompressedReduceScatter):
     Args:
         fmt: "e4m3fn" or "e5m2" (the float8 containers torch can hold).
         rounding: "stochastic" (unbiased sum; default) or "nearest" (round half to even).
-        seed: base seed; rank r draws from its own stream.
+        seed, start_iter: see ``CompressedReduceScatter``.
         compile: passed to ``quantize_fp``.
     """
 
+    method = "fp8"
+
     def __init__(self, fmt: str = "e4m3fn", rounding: str = "stochastic", seed: int = 0,
-                 compile: bool | None = None):
-        super().__init__(seed)
+                 compile: bool | None = None, start_iter: int = 0):
+        super().__init__(seed, start_iter)
         if fmt not in _FP8:
             raise ValueError(f"fmt must be one of {', '.join(_FP8)}; got {fmt!r}")
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be one of stochastic, nearest; got {rounding!r}")
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be None or a bool, got {compile!r}")
         self.fmt, self.rounding, self.compile = fmt, rounding, compile
         self.format = FPFormat.from_name(fmt)
         self.dtype = _FP8[fmt]
+
+    def options(self) -> dict:
+        # compile changes no value (the fused and eager kernels agree bit for bit): not compared
+        return {"fmt": self.fmt, "rounding": self.rounding}
 
     def wire_bytes(self, numel: int) -> int:
         """One byte per element plus the 4-byte amax."""
         return int(numel) + 4
 
-    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        div = self._divisor(op, world)
-        x = input_tensor.detach().reshape(-1).float()
+    def _reduce(self, x, group, world, rank, key):
         amax = x.abs().amax().reshape(1) if x.numel() else torch.zeros(1, device=x.device)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         s = amax_to_scale(amax[0], self.format, power_of_two=True).float()
         y = quantize_fp(x, self.format, self.rounding, scale=s,
                         generator=self.generator(x.device, rank), compile=self.compile) * s
         codes = y.to(self.dtype).view(torch.uint8)
-        got = _all_to_all(codes, group, world)
+        got = _all_to_all(codes, group)
         total = got.view(self.dtype).float().view(world, -1).sum(0) / s
-        output_tensor.copy_((total / div).to(output_tensor.dtype))
-        self._count(codes.numel() + 4, self.wire_bytes(x.numel()), x.numel())
-        return None
+        return total, codes.numel() + 4, self.wire_bytes(x.numel())
 
 
 class AllToAllReduceScatter(CompressedReduceScatter):
@@ -182,25 +368,32 @@ class AllToAllReduceScatter(CompressedReduceScatter):
     decodes the chunks it received and sums them in rank order (the same float sum on every
     rank). Fixed-size payloads travel in one all-to-all per payload tensor; variable-size ones
     exchange their sizes first (an all-to-all of int64, counted). Error-feedback compressors
-    (top-k, ScaleCom) and all-reduce compressors are refused (ValueError).
+    (top-k, ScaleCom: use ``TopKReduceScatter`` / ``ScaleComReduceScatter``) and all-reduce
+    compressors are refused (ValueError).
     """
 
-    def __init__(self, compressor: CommCompressor, seed: int = 0):
-        super().__init__(seed)
+    def __init__(self, compressor: CommCompressor, seed: int = 0, start_iter: int = 0):
+        super().__init__(seed, start_iter)
         if not isinstance(compressor, CommCompressor):
             raise TypeError(f"compressor must be a CommCompressor, got "
                             f"{type(compressor).__name__}")
         if compressor.needs_memory or compressor.aggregation is not Aggregation.ALLGATHER:
             raise ValueError(f"{type(compressor).__name__} needs error feedback or a shared "
-                             "selection; the sharded reduce-scatter supports QSGD, "
-                             "StochasticPrune and FPCompress")
+                             "selection: use TopKReduceScatter or ScaleComReduceScatter; the "
+                             "all-to-all reduce-scatter supports QSGD, StochasticPrune and "
+                             "FPCompress")
         self.compressor = compressor
+        self.method = {QSGD: "qsgd", StochasticPrune: "prune", FPCompress: "fp"}.get(
+            type(compressor), type(compressor).__name__)
 
-    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        div = self._divisor(op, world)
+    def options(self) -> dict:
+        cfg = self.compressor.config()
+        cfg.pop("name")
+        cfg.pop("compile", None)  # changes no value
+        return cfg
+
+    def _reduce(self, x, group, world, rank, key):
         comp = self.compressor
-        x = input_tensor.detach().reshape(-1).float()
         chunk = x.numel() // world
         gen = self.generator(x.device, rank)
         payloads = [comp.compress(c, gen) for c in x.view(world, chunk)]
@@ -212,7 +405,7 @@ class AllToAllReduceScatter(CompressedReduceScatter):
             flat = torch.cat(parts)
             if comp.variable_size:
                 mine = torch.tensor(sizes, dtype=torch.int64, device=x.device)
-                theirs = _all_to_all(mine, group, world)
+                theirs = _all_to_all(mine, group)
                 sent += mine.numel() * 8
                 promised += mine.numel() * 8
                 recv_sizes = theirs.tolist()  # host sync: the receive buffer depends on it
@@ -220,7 +413,7 @@ class AllToAllReduceScatter(CompressedReduceScatter):
                 dist.all_to_all_single(out, flat, recv_sizes, sizes, group=group)
             else:
                 recv_sizes = sizes
-                out = _all_to_all(flat, group, world)
+                out = _all_to_all(flat, group)
             sent += payload_bytes([flat])
             received.append(list(out.split(recv_sizes)))
         for p in payloads:
@@ -230,19 +423,342 @@ class AllToAllReduceScatter(CompressedReduceScatter):
         total = torch.zeros(chunk, dtype=torch.float32, device=x.device)
         for r in range(world):
             total += comp.decompress([received[k][r] for k in range(len(received))], chunk)
-        output_tensor.copy_((total / div).to(output_tensor.dtype))
-        self._count(sent, promised, x.numel())
-        return None
+        return total, sent, promised
+
+
+class _ErrorFeedbackReduceScatter(CompressedReduceScatter):
+    """Shared part of the error-feedback comms: memory per group key (input-sized, fp32)."""
+
+    def __init__(self, compressor, beta: float, seed: int, start_iter: int, record_sent: bool):
+        super().__init__(seed, start_iter)
+        if not isinstance(record_sent, bool):
+            raise ValueError(f"record_sent must be a bool, got {record_sent!r}")
+        self.compressor = compressor
+        self.memory = ErrorFeedback(beta)
+        self.record_sent = record_sent
+        self.last_sent: dict = {}  # group key -> dense flat tensor this rank sent (record_sent)
+
+    def _remember(self, key, x, sent_dense) -> None:
+        self.memory.update(key, x, sent_dense)
+        if self.record_sent:
+            self.last_sent[key] = sent_dense
+
+
+class TopKReduceScatter(_ErrorFeedbackReduceScatter):
+    """Top-k per destination chunk with error feedback, by all-to-all (scheme and bytes in the
+    module docstring).
+
+    Args:
+        ratio: fraction kept per chunk, k = ceil(ratio * chunk) (at least 1), in (0, 1).
+        beta: error-feedback filter in (0, 1]; 1 = plain error feedback (exact identity).
+        seed, start_iter: see ``CompressedReduceScatter`` (top-k itself draws no random numbers).
+        record_sent: keep the dense tensor each group sent last in ``last_sent`` (diagnostics
+            and tests; costs one input-sized tensor per group).
+    """
+
+    method = "topk"
+
+    def __init__(self, ratio: float = 0.01, beta: float = 1.0, seed: int = 0,
+                 start_iter: int = 0, record_sent: bool = False):
+        super().__init__(TopK(ratio=ratio), beta, seed, start_iter, record_sent)
+
+    def options(self) -> dict:
+        return {"ratio": self.compressor.ratio, "beta": self.memory.beta}
+
+    def wire_bytes(self, numel: int, world: int) -> int:
+        """world chunks of numel / world elements, each k int32 indices + k fp32 values."""
+        return world * self.compressor.wire_bytes(int(numel) // world)
+
+    def _reduce(self, x, group, world, rank, key):
+        comp = self.compressor
+        chunk = x.numel() // world
+        x = self.memory.compensate(key, x)
+        rows = x.view(world, chunk)
+        payloads = [comp.compress(row) for row in rows]  # [int32 indices, values] per chunk
+        idx = torch.stack([p[0] for p in payloads])
+        vals = torch.stack([p[1] for p in payloads]).float()
+        sent_dense = torch.zeros_like(rows).scatter_(1, idx.long(), vals).reshape(-1)
+        self._remember(key, x, sent_dense)
+        got_idx = _all_to_all(idx.reshape(-1), group).view(world, -1)
+        got_vals = _all_to_all(vals.reshape(-1), group).view(world, -1)
+        total = torch.zeros(chunk, dtype=torch.float32, device=x.device)
+        for r in range(world):  # rank order: a fixed float sum
+            total.index_add_(0, got_idx[r].long(), got_vals[r])
+        sent = payload_bytes([idx, vals])
+        return total, sent, self.wire_bytes(x.numel(), world)
+
+
+class ScaleComReduceScatter(_ErrorFeedbackReduceScatter):
+    """ScaleCom (cyclic local top-k, low-pass filtered error feedback) as a reduce-scatter:
+    the leader's per-chunk indices broadcast, then a reduce-scatter of the selected values
+    (scheme and bytes in the module docstring).
+
+    Args:
+        ratio: fraction selected per chunk, k = ceil(ratio * chunk) (at least 1), in (0, 1).
+        beta: ScaleCom's low-pass filter of the memory, in (0, 1]; 1 = plain error feedback.
+        seed, start_iter, record_sent: as ``TopKReduceScatter``.
+    """
+
+    method = "scalecom"
+
+    def __init__(self, ratio: float = 0.01, beta: float = 1.0, seed: int = 0,
+                 start_iter: int = 0, record_sent: bool = False):
+        comp = ScaleCom(ratio=ratio, beta=beta)
+        super().__init__(comp, beta, seed, start_iter, record_sent)
+        self.last_indices: dict = {}  # group key -> (world, k) indices shared at its last call
+
+    def options(self) -> dict:
+        return {"ratio": self.compressor.ratio, "beta": self.compressor.beta}
+
+    def wire_bytes(self, numel: int, world: int, leader: bool = False) -> int:
+        """world * k fp32 values; the leader also broadcasts world * k int32 indices."""
+        k = self.compressor.num_selected(int(numel) // world)
+        return world * k * 4 + (world * k * 4 if leader else 0)
+
+    def _reduce(self, x, group, world, rank, key):
+        comp = self.compressor
+        chunk = x.numel() // world
+        x = self.memory.compensate(key, x)
+        rows = x.view(world, chunk)
+        k = comp.num_selected(chunk)
+        leader = comp.leader(self.group_calls.get(key, 0) - self.start_iter, world)
+        sent = 0
+        if rank == leader:
+            idx = torch.stack([comp.select(row) for row in rows])
+            sent += payload_bytes([idx])
+        else:
+            idx = torch.empty(world, k, dtype=torch.int32, device=x.device)
+        dist.broadcast(idx, src=dist.get_global_rank(group, leader), group=group)
+        self.last_indices[key] = idx
+        vals = torch.stack([comp.compress(rows[j], indices=idx[j])[0] for j in range(world)])
+        sent_dense = torch.zeros_like(rows).scatter_(1, idx.long(), vals).reshape(-1)
+        self._remember(key, x, sent_dense)
+        summed = torch.empty(k, dtype=torch.float32, device=x.device)
+        dist.reduce_scatter_single(summed, vals.reshape(-1).contiguous(), op=dist.ReduceOp.SUM,
+                                   group=group)
+        sent += payload_bytes([vals])
+        total = comp.decompress([summed], chunk, indices=idx[rank])
+        return total, sent, self.wire_bytes(x.numel(), world, leader=rank == leader)
+
+
+class _GroupReduceScatter(ReduceScatter):
+    """What one FSDP module holds: the shared comm and this parameter group's key."""
+
+    def __init__(self, comm: CompressedReduceScatter, key: str):
+        self.comm, self.key = comm, key
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.comm.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        return self.comm.reduce(output_tensor, input_tensor, group, op, key=self.key)
 
 
 def install(module: torch.nn.Module, comm: CompressedReduceScatter) -> CompressedReduceScatter:
     """Set ``comm`` as the reduce-scatter of every FSDP module in ``module`` (after
-    ``fully_shard``); returns it. Raises ValueError when ``module`` holds no FSDP module."""
+    ``fully_shard``), each group under its module name (``ROOT_KEY`` for ``module`` itself);
+    returns ``comm``. Raises ValueError when ``module`` holds no FSDP module."""
     if not isinstance(comm, CompressedReduceScatter):
         raise TypeError(f"comm must be a CompressedReduceScatter, got {type(comm).__name__}")
-    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    mods = [(name or ROOT_KEY, m) for name, m in module.named_modules()
+            if isinstance(m, FSDPModule)]
     if not mods:
         raise ValueError("install: no FSDP module found; call fully_shard(...) first")
-    for m in mods:
-        m.set_custom_reduce_scatter(comm)
+    for name, m in mods:
+        m.set_custom_reduce_scatter(_GroupReduceScatter(comm, name))
+        # a module without parameters of its own has no group and never reduces
+        if any(True for _ in _own_parameters(m)):
+            comm.groups.append(name)
     return comm
+
+
+def _own_parameters(m: torch.nn.Module):
+    """Parameters that the FSDP module ``m`` manages (not those of nested FSDP modules)."""
+    nested = {id(p) for sub in m.modules() if sub is not m and isinstance(sub, FSDPModule)
+              for p in sub.parameters()}
+    return [p for p in m.parameters() if id(p) not in nested]
+
+
+# ---- registry, option validation, setup ----
+
+_EF = {"topk": TopKReduceScatter, "scalecom": ScaleComReduceScatter}
+_A2A = {"qsgd": QSGD, "prune": StochasticPrune, "fp": FPCompress}
+METHODS = ("allreduce", "fp8", "qsgd", "prune", "fp", "topk", "scalecom")
+_COMMON = {"seed": (int,), "start_iter": (int,)}
+_OPTIONS = {
+    "allreduce": {},
+    "fp8": {"fmt": (str,), "rounding": (str,), "compile": (bool, type(None))},
+    "topk": {"ratio": (int, float), "beta": (int, float), "record_sent": (bool,)},
+    "scalecom": {"ratio": (int, float), "beta": (int, float), "record_sent": (bool,)},
+    "qsgd": {"levels": (int,), "bucket_size": (int,), "code": (str,), "bitstream": (bool,)},
+    "prune": {"sparsity": (int, float)},
+    "fp": {"fmt": (str,), "rounding": (str,), "scale": (str,), "compile": (bool, type(None))},
+}
+
+
+def validate_fsdp_comm(method, options=None) -> None:
+    """Check an FSDP ``--comm`` method and its options without a process group (the CLI calls
+    it before spawning). ValueError naming the method or option and the allowed values."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"FSDP comm method {method!r} is not available; allowed: "
+                         f"{', '.join(METHODS)} (fp16 and powersgd exist for DDP only)")
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise ValueError(f"comm options must be a dict, got {type(options).__name__}")
+    allowed = {**_OPTIONS[method], **_COMMON}
+    for name, value in options.items():
+        if name not in allowed:
+            raise ValueError(f"comm option {name!r} is not accepted by FSDP {method}; allowed: "
+                             f"{', '.join(sorted(allowed))}")
+        want = allowed[name]
+        if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
+            names = "/".join(t.__name__ for t in want)
+            raise ValueError(f"comm option {name!r} of FSDP {method} must be {names}; got "
+                             f"{type(value).__name__} {value!r}")
+    try:
+        make_fsdp_comm(method, options, _validate=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"comm option of FSDP {method}: {exc}") from None
+
+
+def make_fsdp_comm(method: str, options: dict | None = None, seed: int | None = None, *,
+                   _validate: bool = True) -> CompressedReduceScatter:
+    """Build the comm of ``method`` (one of ``METHODS``) from its options (the compressor's
+    fields, plus ``seed`` and ``start_iter``). ``seed`` here, when given, is the default of the
+    option ``seed`` (both given and different: ValueError)."""
+    if _validate:
+        validate_fsdp_comm(method, options)
+    opts = dict(options or {})
+    if seed is not None:
+        if "seed" in opts and opts["seed"] != seed:
+            raise ValueError(f"seed given twice: {seed!r} and comm option seed {opts['seed']!r}")
+        opts["seed"] = seed
+    if method == "allreduce":
+        return DenseReduceScatter(**opts)
+    if method == "fp8":
+        return FP8ReduceScatter(**opts)
+    if method in _EF:
+        return _EF[method](**opts)
+    common = {k: opts.pop(k) for k in list(opts) if k in _COMMON}
+    return AllToAllReduceScatter(_A2A[method](**opts), **common)
+
+
+def _shard_targets(model: torch.nn.Module) -> list:
+    """(name, module) of the children that become their own FSDP group: every child with
+    parameters, looking inside ModuleList / ModuleDict (containers that never run forward)."""
+    out = []
+
+    def visit(mod, prefix):
+        for name, child in mod.named_children():
+            fqn = prefix + name
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                visit(child, fqn + ".")
+            elif any(True for _ in child.parameters()):
+                out.append((fqn, child))
+
+    visit(model, "")
+    return out
+
+
+def setup_fsdp(model: torch.nn.Module, comm_method: str = "allreduce",
+               comm_options: dict | None = None, seed: int = 0, *, mesh=None,
+               extra_config: dict | None = None, **shard_kw):
+    """Shard ``model`` with FSDP2, check the configuration on every rank, install the comm.
+
+    Every child with parameters (looking inside ModuleList / ModuleDict) becomes its own FSDP
+    group, then the root (its own parameters, if any); ``shard_kw`` goes to ``fully_shard``
+    (e.g. ``reshard_after_forward``, ``mp_policy``). Before sharding, every rank all-gathers a
+    digest of the comm's configuration, the world size, the groups' parameter shapes and
+    ``extra_config`` (e.g. the training config), and all ranks raise ValueError together naming
+    the differing fields (``ddp_hooks.check_same_config``). A collective: every rank calls it.
+
+    Returns ``(model, comm)``: the sharded model (the same object, now an FSDP module) and the
+    comm (``comm.metrics()``, ``comm.require_compressed()``, ``comm.state_dict()``).
+    """
+    comm = make_fsdp_comm(comm_method, comm_options, seed)
+    group = mesh.get_group() if mesh is not None else None
+    targets = _shard_targets(model)
+    in_groups = {id(p) for _, m in targets for p in m.parameters()}
+    shapes = [[name, [list(p.shape) for p in m.parameters()]] for name, m in targets]
+    shapes.append([ROOT_KEY, [list(p.shape) for p in model.parameters()
+                              if id(p) not in in_groups]])
+    config = {"comm": comm.config(), "world_size": dist.get_world_size(group),
+              "fsdp_groups": shapes, **(extra_config or {})}
+    try:
+        check_same_config(config, group)
+    except ValueError as exc:
+        raise ValueError(f"FSDP setup refused: {exc}") from None
+    kw = dict(shard_kw)
+    if mesh is not None:
+        kw["mesh"] = mesh
+    for _, m in targets:
+        fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    install(model, comm)
+    return model, comm
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ----
+
+
+def _blob(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unblob(data: bytes, weights_only: bool):
+    return torch.load(io.BytesIO(data), weights_only=weights_only)
+
+
+def save_sharded(path, model, optimizer, comm: CompressedReduceScatter, extra=None) -> None:
+    """Write a DCP checkpoint to the directory ``path`` (a collective: every rank calls it).
+
+    Holds the sharded model and optimizer states (each rank writes its shards,
+    ``torch.distributed.checkpoint.state_dict.get_state_dict``), and per rank the comm's
+    ``state_dict`` (error-feedback memory, generators, counters) and ``extra`` (any picklable
+    value, e.g. step counters and random states; rank r's own).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+    else:
+        msd, osd = get_model_state_dict(model), None
+    state = {"model": msd, "comm": {f"rank{rank}": _blob(comm.state_dict())},
+             "extra": {f"rank{rank}": _blob(extra)}, "world_size": world}
+    if osd is not None:
+        state["optim"] = osd
+    os.makedirs(path, exist_ok=True)
+    dcp.save(state, checkpoint_id=os.fspath(path))
+
+
+def load_sharded(path, model, optimizer, comm: CompressedReduceScatter):
+    """Load what ``save_sharded`` wrote into ``model``, ``optimizer`` and ``comm`` (a
+    collective); returns this rank's ``extra``. ValueError when the checkpoint was written by
+    another number of ranks, without an optimizer state that is asked for, or by another comm
+    configuration (``comm.load_state_dict``'s checks)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    ranks = sorted(k for k in meta if k.startswith("comm.rank"))
+    if len(ranks) != world or f"comm.rank{rank}" not in meta:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} was written by {len(ranks)} ranks; "
+                         f"this run has {world}")
+    has_optim = any(k.startswith("optim.") for k in meta)
+    if optimizer is not None and not has_optim:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} holds no optimizer state")
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+    else:
+        msd, osd = get_model_state_dict(model), None
+    state = {"model": msd, "comm": {f"rank{rank}": b""}, "extra": {f"rank{rank}": b""},
+             "world_size": 0}
+    if osd is not None:
+        state["optim"] = osd
+    dcp.load(state, checkpoint_id=os.fspath(path))
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
+    comm.load_state_dict(_unblob(state["comm"][f"rank{rank}"], weights_only=True))
+    return _unblob(state["extra"][f"rank{rank}"], weights_only=False)
