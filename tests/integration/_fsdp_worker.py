@@ -52,7 +52,16 @@ def train(method: str, options: dict, rank: int, world: int, steps: int, *, star
     with torch.no_grad():
         acc = (model(xt).argmax(1) == yt).float().mean().item()
     return {"losses": losses, "full": full_weights(model), "metrics": comm.metrics(),
-            "acc": acc, "comm": comm}
+            "acc": acc, "required": require(comm)}
+
+
+def require(comm, min_ratio: float = 1.5) -> str:
+    """"ok" or the message of ``comm.require_compressed``."""
+    try:
+        comm.require_compressed(min_ratio)
+        return "ok"
+    except RuntimeError as e:
+        return str(e)
 
 
 def _run(rank, world, port, outdir, fn_name, kwargs):

@@ -670,7 +670,9 @@ def setup_fsdp(model: torch.nn.Module, comm_method: str = "allreduce",
     (e.g. ``reshard_after_forward``, ``mp_policy``). Before sharding, every rank all-gathers a
     digest of the comm's configuration, the world size, the groups' parameter shapes and
     ``extra_config`` (e.g. the training config), and all ranks raise ValueError together naming
-    the differing fields (``ddp_hooks.check_same_config``). A collective: every rank calls it.
+    the differing fields and each rank's value (``ddp_hooks.check_same_config``; fields
+    ``comm_<option>``, ``world_size``, ``fsdp_group <name>``, and those of ``extra_config``).
+    A collective: every rank calls it.
 
     Returns ``(model, comm)``: the sharded model (the same object, now an FSDP module) and the
     comm (``comm.metrics()``, ``comm.require_compressed()``, ``comm.state_dict()``).
@@ -682,8 +684,10 @@ def setup_fsdp(model: torch.nn.Module, comm_method: str = "allreduce",
     shapes = [[name, [list(p.shape) for p in m.parameters()]] for name, m in targets]
     shapes.append([ROOT_KEY, [list(p.shape) for p in model.parameters()
                               if id(p) not in in_groups]])
-    config = {"comm": comm.config(), "world_size": dist.get_world_size(group),
-              "fsdp_groups": shapes, **(extra_config or {})}
+    config = {**{f"comm_{k}": v for k, v in comm.config().items()},
+              "world_size": dist.get_world_size(group),
+              **{f"fsdp_group {name}": shape for name, shape in shapes},
+              **(extra_config or {})}
     try:
         check_same_config(config, group)
     except ValueError as exc:
@@ -755,10 +759,11 @@ def load_sharded(path, model, optimizer, comm: CompressedReduceScatter):
     if osd is not None:
         state["optim"] = osd
     dcp.load(state, checkpoint_id=os.fspath(path))
+    # the comm's checks (configuration, rank, world size) run before any module changes
+    comm.load_state_dict(_unblob(state["comm"][f"rank{rank}"], weights_only=True))
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
-    comm.load_state_dict(_unblob(state["comm"][f"rank{rank}"], weights_only=True))
     return _unblob(state["extra"][f"rank{rank}"], weights_only=False)
