@@ -662,11 +662,13 @@ def _shard_targets(model: torch.nn.Module) -> list:
 
 def setup_fsdp(model: torch.nn.Module, comm_method: str = "allreduce",
                comm_options: dict | None = None, seed: int = 0, *, mesh=None,
-               extra_config: dict | None = None, **shard_kw):
+               groups: list | None = None, extra_config: dict | None = None, **shard_kw):
     """Shard ``model`` with FSDP2, check the configuration on every rank, install the comm.
 
     Every child with parameters (looking inside ModuleList / ModuleDict) becomes its own FSDP
-    group, then the root (its own parameters, if any); ``shard_kw`` goes to ``fully_shard``
+    group, or, with ``groups``, the submodules of those names (e.g. ``["stages.0",
+    "stages.1"]``; nested names are sharded innermost first); then the root takes the remaining
+    parameters. ``shard_kw`` goes to ``fully_shard``
     (e.g. ``reshard_after_forward``, ``mp_policy``). Before sharding, every rank all-gathers a
     digest of the comm's configuration, the world size, the groups' parameter shapes and
     ``extra_config`` (e.g. the training config), and all ranks raise ValueError together naming
@@ -679,7 +681,17 @@ def setup_fsdp(model: torch.nn.Module, comm_method: str = "allreduce",
     """
     comm = make_fsdp_comm(comm_method, comm_options, seed)
     group = mesh.get_group() if mesh is not None else None
-    targets = _shard_targets(model)
+    if groups is None:
+        targets = _shard_targets(model)
+    else:
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, str) and g for g in groups):
+            raise ValueError(f"groups must be a list of submodule names, got {groups!r}")
+        try:
+            targets = [(g, model.get_submodule(g)) for g in groups]
+        except AttributeError as exc:
+            raise ValueError(f"groups: {exc}") from None
+        targets.sort(key=lambda t: -t[0].count("."))  # inner modules before their parents
     in_groups = {id(p) for _, m in targets for p in m.parameters()}
     shapes = [[name, [list(p.shape) for p in m.parameters()]] for name, m in targets]
     shapes.append([ROOT_KEY, [list(p.shape) for p in model.parameters()
