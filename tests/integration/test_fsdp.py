@@ -118,8 +118,26 @@ def _session(rank, world):
     # asked for fp8 but every step ran the dense warm-up: compression not obtained
     out["required"]["warmup_only"] = W.train("fp8", {"start_iter": 100, "compile": False},
                                              rank, world, 2)["required"]
+    out["required"]["group_left_out"] = _group_left_out(rank, world)
     dist.barrier()
     return out
+
+
+def _group_left_out(rank, world):
+    """One group's reduce-scatter replaced after setup (another comm): it is never reduced
+    through the compressed collective, which require_compressed must notice; a frozen layer
+    (no gradient, so never reduced) must not be counted as left out."""
+    model = W.mlp(0)
+    model[0].requires_grad_(False)
+    model, comm = F.setup_fsdp(model, "fp8", {"compile": False})
+    xs, ys, _, _ = digits_split(rank, world)
+    loss = torch.nn.functional.cross_entropy(model(xs[:32]), ys[:32])
+    loss.backward()
+    frozen_ok = W.require(comm)
+    model, comm = F.setup_fsdp(W.mlp(0), "fp8", {"compile": False})
+    model[2].set_custom_reduce_scatter(F.DenseReduceScatter())
+    torch.nn.functional.cross_entropy(model(xs[:32]), ys[:32]).backward()
+    return {"frozen": frozen_ok, "replaced": W.require(comm)}
 
 
 EF_STEPS = 60
@@ -312,6 +330,8 @@ def test_other_methods_train_compressed(results, name):
 def test_compression_asked_and_not_obtained_fails(results):
     for r in results:
         assert "compressed by 1.00x" in r["required"]["warmup_only"], r["required"]
+        assert r["required"]["group_left_out"]["frozen"] == "ok"
+        assert "['2'] were never reduced" in r["required"]["group_left_out"]["replaced"]
 
 
 @pytest.mark.parametrize("method", [m for m in F.METHODS if m != "allreduce"])

@@ -566,8 +566,8 @@ def install(module: torch.nn.Module, comm: CompressedReduceScatter) -> Compresse
         raise ValueError("install: no FSDP module found; call fully_shard(...) first")
     for name, m in mods:
         m.set_custom_reduce_scatter(_GroupReduceScatter(comm, name))
-        # a module without parameters of its own has no group and never reduces
-        if any(True for _ in _own_parameters(m)):
+        # a module without trainable parameters of its own never reduces
+        if any(p.requires_grad for p in _own_parameters(m)) and name not in comm.groups:
             comm.groups.append(name)
     return comm
 
