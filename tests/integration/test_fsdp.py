@@ -401,6 +401,16 @@ def _resume_second(rank, world, ckpt):
     return out
 
 
+def _resume_other_world(rank, world, ckpt):
+    model, comm = F.setup_fsdp(W.mlp(0), "topk", RESUME["topk"], seed=7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    try:
+        F.load_sharded(f"{ckpt}/topk", model, opt, comm)
+        return None
+    except ValueError as e:
+        return str(e)
+
+
 @pytest.mark.slow
 def test_dcp_resume_is_exact(tmp_path):
     first = W.spawn("test_fsdp:_resume_first", tmp_path, WORLD, ckpt=str(tmp_path))
@@ -411,3 +421,6 @@ def test_dcp_resume_is_exact(tmp_path):
             assert torch.equal(a[m]["full"], b[m]["full"]), m
             assert a[m]["metrics"] == b[m]["metrics"], m
         assert "ratio" in b["refused"], b["refused"]
+    # one process cannot continue what two wrote (each rank's memory is its own residual)
+    (msg,) = W.spawn("test_fsdp:_resume_other_world", tmp_path, 1, ckpt=str(tmp_path))
+    assert "written by 2 ranks; this run has 1" in msg, msg
