@@ -1,4 +1,5 @@
-"""Communication compressors: QSGD statistics and bit stream, top-k, ScaleCom, FP, memory."""
+"""Communication compressors: QSGD statistics and bit stream, top-k, ScaleCom, FP, block
+formats, memory."""
 
 import math
 import zlib
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from gradcomp.compressors.comm import (
+    BLOCK_COMM_FORMATS,
     QSGD,
     Aggregation,
+    BlockCompress,
     ErrorFeedback,
     FPCompress,
     IncompatibleAggregationError,
@@ -20,6 +23,7 @@ from gradcomp.compressors.comm import (
     qsgd_bits_bound,
     require_aggregation,
 )
+from gradcomp.numerics.block import NAMED_BLOCK_FORMATS, block_scales, quantize_block
 
 
 def _gen(seed=0):
@@ -274,7 +278,9 @@ def test_fp_compress_parses_format_once_and_checks_types():
 
 @pytest.mark.parametrize("comp", [QSGD(levels=4, bucket_size=16), TopK(ratio=0.1),
                                   FPCompress(compile=False), StochasticPrune(sparsity=0.5),
-                                  QSGD(levels=4, bucket_size=16, bitstream=True)])
+                                  QSGD(levels=4, bucket_size=16, bitstream=True),
+                                  BlockCompress(compile=False),
+                                  BlockCompress(fmt="nvfp4", compile=False)])
 def test_payload_matches_wire_bytes_promise(comp, monkeypatch):
     monkeypatch.setenv("GRADCOMP_COMPILE", "0")
     for n in (1, 37, 1000):
@@ -372,3 +378,182 @@ def test_qsgd_random_bodies_with_valid_crc_raise_only_value_error():
         except ValueError:
             continue
         assert lv.numel() == norms.numel() * 32 and (n == 0 or lv.abs().max() <= 4)
+
+
+# ---- BlockCompress: block formats on the wire --------------------------------------------------
+
+def _adversarial_bucket() -> torch.Tensor:
+    """Seven 128-element segments (each a whole block for block sizes 16, 32 and 128) plus a
+    ragged tail of 5: zeros with -0, a NaN, +-inf, float32-subnormal values (E8M0 / FP32
+    subnormal-range scales), values near float32's max, lognormal sigma 3, powers of two."""
+    g = _gen(11)
+    seg = [torch.zeros(128)]
+    seg[0][1::2] = -0.0
+    nan = torch.randn(128, generator=g)
+    nan[5] = float("nan")
+    inf = torch.randn(128, generator=g)
+    inf[7], inf[40] = float("inf"), float("-inf")
+    tiny = torch.randn(128, generator=g) * 1e-40
+    huge = torch.randn(128, generator=g).clamp(-1, 1) * 3e38
+    logn = torch.exp(3 * torch.randn(128, generator=g)) * torch.sign(torch.randn(128, generator=g))
+    pow2 = 2.0 ** torch.randint(-20, 20, (128,), generator=g).float()
+    tail = torch.randn(5, generator=g) * 1e-3
+    return torch.cat([*seg, nan, inf, tiny, huge, logn, pow2, tail])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (signed zeros, infs), NaN where the other is NaN."""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("name", BLOCK_COMM_FORMATS)
+def test_block_round_trip_is_quantize_block_bit_for_bit(name, rounding):
+    c = BlockCompress(fmt=name, rounding=rounding, compile=False)
+    for x in (_adversarial_bucket(), torch.randn(1000, generator=_gen(3)) * 1e-4):
+        payload = c.compress(x, _gen(7))
+        want = quantize_block(x, name, rounding, generator=_gen(7), compile=False)
+        got = c.decompress(payload, x.numel())
+        assert got.dtype == torch.float32 and got.shape == (x.numel(),)
+        assert _same_bits(got, want)
+        assert payload_bytes(payload) == c.wire_bytes(x.numel())
+    # other input dtypes travel as their float32 values; decompress casts to the asked dtype
+    xb = _adversarial_bucket()[640:901].bfloat16()
+    got = c.decompress(c.compress(xb, _gen(1)), xb.numel(), dtype=torch.bfloat16)
+    want = quantize_block(xb.float(), name, rounding, generator=_gen(1), compile=False)
+    assert got.dtype == torch.bfloat16 and _same_bits(got.float(), want.bfloat16().float())
+
+
+@pytest.mark.parametrize("name", BLOCK_COMM_FORMATS)
+def test_block_codes_are_the_formats_own_encodings(name):
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # the dev extra's oracle
+    elem = NAMED_BLOCK_FORMATS[name][0]
+    np_dtype = {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2,
+                "e3m2fn": ml_dtypes.float6_e3m2fn, "e2m3fn": ml_dtypes.float6_e2m3fn,
+                "e2m1fn": ml_dtypes.float4_e2m1fn}[elem]
+    c = BlockCompress(fmt=name, rounding="nearest", compile=False)
+    x = _adversarial_bucket()
+    x = x[torch.isfinite(x)][:900]  # 900 finite values, ragged for every block size
+    codes, scales, t = c.parts(c.compress(x), x.numel())
+    q = quantize_block(x, name) / torch.repeat_interleave(block_scales(x, name),
+                                                          c.format.block[0])[: x.numel()]
+    want = np.asarray(q.numpy(), dtype=np_dtype).view(np.uint8)
+    assert np.array_equal(codes.numpy(), want)
+    assert (t is not None) == (name == "nvfp4")
+    assert scales.numel() == -(-900 // c.format.block[0])
+
+
+def test_mxfp4_bytes_are_torchao_packed_fp4():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked, pack_uint4
+    c = BlockCompress(fmt="mxfp4", rounding="nearest", compile=False)
+    x = torch.randn(320, generator=_gen(4))
+    (buf,) = c.compress(x)
+    q = quantize_block(x, "mxfp4") / torch.repeat_interleave(block_scales(x, "mxfp4"), 32)
+    assert torch.equal(buf[10:], pack_uint4(f32_to_f4_unpacked(q)))  # after 10 E8M0 bytes
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "nvfp4", "fp8_block128"])
+def test_block_stochastic_rounding_is_unbiased(name):
+    c = BlockCompress(fmt=name, rounding="stochastic", compile=False)
+    g = _gen(21)
+    x = torch.exp(1.5 * torch.randn(256, generator=g)) * torch.sign(torch.randn(256, generator=g))
+    reps = 2000  # 256 is a whole number of blocks: every copy gets the same scales (and t)
+    ys = c.decompress(c.compress(x.repeat(reps), _gen(5)), 256 * reps).view(reps, 256).double()
+    # elements whose scaled value exceeds the element maximum saturate (a documented bias of
+    # the floor / nearest scale rules for a block's largest element): left out
+    scaled = x.abs() / torch.repeat_interleave(block_scales(x, name), c.format.block[0])
+    inside = scaled <= c.format.elem.max_normal * (1 - 1e-6)
+    assert inside.sum() >= 240
+    # each draw is one of the two grid neighbours of x / s, so its sd is at most half their
+    # spacing and the mean of reps draws lies within 5 spacing / (2 sqrt(reps)) of x
+    deq = torch.repeat_interleave(block_scales(x, name), c.format.block[0]).double()
+    grid = torch.tensor(c.format.elem.grid(), dtype=torch.float64)
+    k = torch.searchsorted(grid, scaled.double(), right=True).clamp(max=grid.numel() - 1)
+    spacing = (grid[k] - grid[k - 1]) * deq
+    err = (ys.mean(0) - x.double()).abs()
+    assert torch.all(err[inside] <= 5 * spacing[inside] / (2 * math.sqrt(reps)))
+    # the bound has teeth: rounding to nearest misses it for most elements
+    near = quantize_block(x, name).double()
+    assert ((near - x.double()).abs()[inside] > 5 * spacing[inside] / (2 * math.sqrt(reps))
+            ).float().mean() > 0.5
+    # and the draws really are random: most elements take both neighbours
+    assert (ys.std(0)[inside] > 0).float().mean() > 0.9
+    # nearest rounding ignores the generator
+    n = BlockCompress(fmt=name, rounding="nearest", compile=False)
+    assert torch.equal(n.compress(x, _gen(1))[0], n.compress(x, _gen(2))[0])
+
+
+def test_block_wire_bytes_formula_and_compression_ratio():
+    # 1000 elements: ceil(1000 / n) scales + ceil(1000 * bits / 8) code bytes (+ 4 for t)
+    want = {"mxfp8_e4m3": 32 + 1000, "mxfp8_e5m2": 32 + 1000, "mxfp6_e3m2": 32 + 750,
+            "mxfp6_e2m3": 32 + 750, "mxfp4": 32 + 500, "nvfp4": 4 + 63 + 500,
+            "fp8_block128": 4 * 8 + 1000}
+    assert set(want) == set(BLOCK_COMM_FORMATS)
+    for name, nbytes in want.items():
+        c = BlockCompress(fmt=name, compile=False)
+        assert c.wire_bytes(1000) == nbytes
+        assert c.wire_bytes(0) == 0
+        for n in (1, 15, 16, 17, 31, 33, 127, 129):
+            assert payload_bytes(c.compress(torch.randn(n, generator=_gen(n)))) == c.wire_bytes(n)
+    n = 32 * 16 * 1000  # a whole number of blocks of every size
+    assert 4 * n / BlockCompress(fmt="mxfp4").wire_bytes(n) == 32 / 4.25
+    assert 4 * n / BlockCompress(fmt="mxfp8_e4m3").wire_bytes(n) == 32 / 8.25
+    assert BlockCompress(fmt="nvfp4").bits_per_element == 4.5
+    assert BlockCompress(fmt="nvfp4").wire_bytes(n) == 4 + n * 4.5 / 8  # + t, once per bucket
+
+
+def test_block_compress_contract():
+    c = BlockCompress(fmt="mxfp4", compile=False)
+    assert c.aggregation is Aggregation.ALLGATHER and not c.variable_size
+    with pytest.raises(IncompatibleAggregationError):
+        require_aggregation(c, Aggregation.ALLREDUCE)
+    assert c.config() == {"name": "BlockCompress", "fmt": "mxfp4", "rounding": "stochastic",
+                          "compile": False}
+    e = torch.zeros(0)
+    assert c.decompress(c.compress(e), 0).numel() == 0 and payload_bytes(c.compress(e)) == 0
+    (buf,) = c.compress(torch.randn(64))
+    with pytest.raises(ValueError, match="holds 34 bytes; 65 elements of mxfp4 take 36"):
+        c.decompress([buf], 65)
+    with pytest.raises(ValueError, match="list of one"):
+        c.decompress([buf, buf], 64)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"fmt": "nvfp4_2d"}, ValueError, r"2-D tiles \(16, 16\).*1-D blocks: one of mxfp8_e4m3, "
+                                      r"mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4, "
+                                      r"fp8_block128"),
+    ({"fmt": "fp8_block128x128"}, ValueError, "2-D tiles"),
+    ({"fmt": "e4m3fn"}, ValueError, "fmt must be a block format: one of mxfp8_e4m3.*got "
+                                    "'e4m3fn' \\(element formats such as e4m3fn are FPCompress"),
+    ({"fmt": "mxfp9"}, ValueError, "fmt must be a block format: one of mxfp8_e4m3"),
+    ({"fmt": "e4m3fn:32:e8m0:bad"}, ValueError, "fmt must be one of mxfp8_e4m3.*rule"),
+    ({"fmt": "e6m2:32:e8m0:floor"}, ValueError, "too deep in float32's subnormals"),
+    ({"fmt": "e4m3fn:32:e8m0:floor:dims=1"}, ValueError, "blocks along dimension 1"),
+    ({"fmt": 4}, TypeError, "fmt must be a block format name"),
+    ({"rounding": "up"}, ValueError, "rounding must be one of 'stochastic', 'nearest'"),
+    ({"compile": "yes"}, TypeError, "compile must be None or a bool"),
+])
+def test_block_compress_refuses_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        BlockCompress(**kw)
+
+
+def test_custom_block_formats_round_trip():
+    for fmt in ("e4m3fn:32:e8m0:rceil", "e2m1fn:16:e4m3:nearest", "e3m2fn:64:fp32:nearest",
+                "e4m3fn:32:e8m0:floor:dims=0"):
+        c = BlockCompress(fmt=fmt, compile=False)
+        x = _adversarial_bucket()
+        got = c.decompress(c.compress(x, _gen(2)), x.numel())
+        assert _same_bits(got, quantize_block(x, fmt, "stochastic", _gen(2), compile=False))
+
+
+def test_fp_compress_points_block_names_to_block_compress():
+    with pytest.raises(ValueError, match="fmt 'mxfp4' is a block format: use BlockCompress"):
+        FPCompress(fmt="mxfp4")
+    with pytest.raises(ValueError, match="e9m9.*or a block format \\(mxfp8_e4m3, .*nvfp4"):
+        FPCompress(fmt="e9m9")

@@ -37,9 +37,12 @@ import enum
 import math
 import zlib
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gradcomp.compressors import elias
 from gradcomp.compressors.pruning import stochastic_prune
@@ -49,14 +52,25 @@ from gradcomp.numerics._checks import (
     require_int_range,
     require_open_unit,
 )
+from gradcomp.numerics.block import (
+    NAMED_BLOCK_FORMATS,
+    BlockFormat,
+    block_scales,
+    e8m0_decode,
+    e8m0_encode,
+    quantize_block,
+)
 from gradcomp.numerics.fit import fit_lognormal
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.packing import pack_codes, packed_bytes, unpack_codes
 from gradcomp.numerics.rounding import quantize_fp
 from gradcomp.numerics.scales import amax_to_scale, mean_log2_to_scale
 from gradcomp.numerics.sparsity import lognormal_threshold
 
 __all__ = [
     "Aggregation",
+    "BlockCompress",
+    "BlockPayload",
     "CommCompressor",
     "ErrorFeedback",
     "FPCompress",
@@ -65,6 +79,7 @@ __all__ = [
     "ScaleCom",
     "StochasticPrune",
     "TopK",
+    "is_block_format_name",
     "payload_bytes",
     "qsgd_bits_bound",
     "require_aggregation",
@@ -541,7 +556,8 @@ class FPCompress(CommCompressor):
     torch.compile per new bucket size). Decoding divides by s. Overflow / NaN follow
     ``quantize_fp`` (the format's overflow policy; NaN stays NaN). Sums of quantized values are
     not on the grid, so the payload is all-gathered and decoded (ALLGATHER). The format name is
-    parsed once, at construction.
+    parsed once, at construction. Block format names (``mxfp4``, ``nvfp4``, ...) are refused
+    here: they are :class:`BlockCompress`'s (the ``fp`` comm method routes them there).
     """
 
     fmt: str = "e4m3fn"
@@ -558,7 +574,16 @@ class FPCompress(CommCompressor):
         require_choice(self.scale, "scale", ("lognormal", "amax", "none"))
         if self.compile is not None and not isinstance(self.compile, bool):
             raise TypeError(f"compile must be None or a bool, got {self.compile!r}")
-        f = FPFormat.from_name(self.fmt)
+        if is_block_format_name(self.fmt):
+            raise ValueError(f"fmt {self.fmt!r} is a block format: use BlockCompress(fmt="
+                             f"{self.fmt!r}) (the 'fp' comm method routes block names there)")
+        try:
+            f = FPFormat.from_name(self.fmt)
+        except ValueError as exc:
+            raise ValueError(f"fmt {self.fmt!r} is not a format ({exc}): fmt must be an element "
+                             f"format (e4m3fn, e5m2, e3m2fn, e2m3fn, e2m1fn, 'eXmY', '1-X-Y')"
+                             f" or a block format ({', '.join(BLOCK_COMM_FORMATS)} "
+                             "or 'elem:block:scale:rule[:ts]'), sent by BlockCompress") from None
         dtype, view = next(((d, v) for test, d, v in _CONTAINERS if test(f)),
                            (torch.float32, torch.int32))
         object.__setattr__(self, "_format", f)  # frozen: derived, not part of the config
@@ -602,6 +627,261 @@ class FPCompress(CommCompressor):
     def wire_bytes(self, numel: int) -> int:
         """numel codes of the container's width plus the fp32 scale."""
         return int(numel) * torch.empty(0, dtype=self.wire[1]).element_size() + 4
+
+
+# the named block formats a flat bucket can carry: 1-D blocks (2-D tiles need the
+# parameter's shape, which a DDP bucket has flattened away)
+BLOCK_COMM_FORMATS = tuple(k for k, v in NAMED_BLOCK_FORMATS.items() if len(v[1]) == 1)
+_SCALE_BYTES = {"e8m0": 1, "e4m3": 1, "fp32": 4}
+_E4M3_MAX = 448.0
+
+
+def is_block_format_name(fmt) -> bool:
+    """True when ``fmt`` names a block format (a standard name such as ``mxfp4`` or the
+    ``elem:block:scale:rule`` form), not an element format (``e4m3fn``, ``eXmY``, ``1-X-Y``).
+    The two name spaces are disjoint, so the ``fp`` comm method can route on the name."""
+    if not isinstance(fmt, str):
+        return False
+    key = fmt.strip().lower()
+    return key in NAMED_BLOCK_FORMATS or ":" in key
+
+
+@lru_cache(maxsize=64)
+def _grid_tables(elem: FPFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(midpoints between consecutive non-negative grid values, decode table of 2^(bits-1)
+    magnitudes: the grid, then NaN for the codes the encoder never writes), float32.
+
+    The index of a value in the ascending grid is its IEEE bit pattern without the sign (every
+    block element format is IEEE-like, its finite codes contiguous from 0), so the codes on
+    the wire are the format's own encodings (ml_dtypes' and torchao's).
+    """
+    grid = torch.tensor(elem.grid(), dtype=torch.float64)
+    mid = ((grid[1:] + grid[:-1]) / 2).to(torch.float32)  # one bit more than the grid: exact
+    table = torch.full((1 << (elem.bits - 1),), float("nan"), dtype=torch.float32)
+    table[: grid.numel()] = grid.to(torch.float32)
+    return mid.to(device), table.to(device)
+
+
+def _bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A uint8 slice reinterpreted as ``dtype`` (copied when the slice is misaligned)."""
+    if (t.storage_offset() * t.element_size()) % torch.empty(0, dtype=dtype).element_size():
+        t = t.clone()
+    return t.view(dtype)
+
+
+class BlockPayload(NamedTuple):
+    """The decoded fields of a :class:`BlockCompress` payload (``BlockCompress.parts``).
+
+    ``codes``: the n element codes (sign bit on top of the format's magnitude bits; uint8 for
+    formats of <= 8 bits, else int32); ``block_scales``: the stored scale of each block as
+    float32 (E8M0 2^k, NaN for byte 0xFF; the E4M3 value; the FP32 value); ``tensor_scale``:
+    the per-tensor FP32 scale t (0-d) or None.
+    """
+
+    codes: torch.Tensor
+    block_scales: torch.Tensor
+    tensor_scale: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BlockCompress(CommCompressor):
+    """Block-scaled formats on the wire (OCP MX, NVFP4, FP8 blockwise): real packed bytes.
+
+    Per bucket, the flattened gradient is quantized with ``numerics.block.quantize_block`` in
+    the block format ``fmt`` (blocks of n consecutive elements of the flat bucket, the last one
+    ragged), ``rounding`` "stochastic" (default: unbiased for every element whose scaled value
+    lies inside [-max, max]) or "nearest" (ties to even). What is sent, one uint8 tensor:
+
+    1. the per-tensor FP32 scale t, 4 bytes, when the format has one that is used (E4M3
+       scales with ``tensor_scale``: NVFP4);
+    2. one scale per block, ceil(numel / n) of them, in the scale's own format: E8M0 bytes
+       (``e8m0_encode``: 2^k as k + 127, 0xFF = NaN), E4M3 as float8_e4m3fn bytes (the block
+       scale divided by t), or FP32 as 4 bytes (native byte order);
+    3. the element codes (the element format's IEEE bit patterns: sign, exponent, mantissa) of
+       the numel elements, packed at their width by ``numerics.packing.pack_codes`` (4-bit
+       codes two per byte, first in the low nibble; 6-bit codes four per three bytes).
+
+    So ``wire_bytes(numel) = 4 [t] + ceil(numel / n) * scale bytes + ceil(numel * bits / 8)``,
+    and per element the wire holds ``bits + 8 * scale bytes / n`` bits: against an fp32
+    all-reduce's 32 the ratio tends to 32 / 4.25 = 7.53 for mxfp4, 32 / 4.5 = 7.11 for nvfp4,
+    32 / 6.25 = 5.12 for mxfp6, 32 / 8.25 = 3.88 for mxfp8 and fp8_block128.
+
+    ``decompress`` rebuilds exactly (bit for bit) the float32 tensor ``quantize_block``
+    returned: the codes give the element values q, the scale bytes the dequantization scale s
+    (t * s_e4m3 for NVFP4), and q * s is the same float32 product. The codes are read off
+    that result: q = the nearest grid value to result / s, exact because q * s was rounded to
+    float32 with a relative error far below the grid's spacing (checked at construction: the
+    smallest non-zero element times the smallest scale must be at least 2^(man_bits - 147),
+    true for every named format). Codes cannot be summed across ranks (each rank has its own
+    scales), so the payload is all-gathered and decoded rank by rank (ALLGATHER).
+
+    Zeros, NaN and inf follow ``quantize_block``: a block of zeros gets the rule's smallest
+    scale and decodes to zeros (signs kept: -0 is the code with only the sign bit); a block
+    holding NaN has a NaN scale (E8M0 byte 0xFF, E4M3 NaN byte, FP32 NaN; its element codes are
+    sent as 0) and decodes to NaN in every element; a block holding +-inf has the rule's
+    largest scale, its inf elements are sent as +-max and decode to +-max * s (+-inf where
+    that overflows float32, as in ``quantize_block``). For NVFP4, t comes from the largest
+    finite magnitude (``quantize_block``'s rule), so a non-finite value spoils only its block.
+
+    Args:
+        fmt: a block format with 1-D blocks: one of ``BLOCK_COMM_FORMATS`` (mxfp8_e4m3,
+            mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4, fp8_block128) or
+            ``elem:block:scale:rule[:ts]`` (``BlockFormat.from_name``), elements of at most 16
+            bits. 2-D tiles (nvfp4_2d, fp8_block128x128) are refused: a bucket is flat.
+        rounding: "stochastic" or "nearest" for the elements (scales follow the format's rule).
+        compile: passed to ``quantize_block`` (None: its module switch).
+
+    Input of any float dtype is quantized as float32; ``decompress`` returns ``dtype``.
+    """
+
+    fmt: str = "mxfp8_e4m3"
+    rounding: str = "stochastic"
+    compile: bool | None = None
+
+    aggregation = Aggregation.ALLGATHER
+
+    def __post_init__(self):
+        if not isinstance(self.fmt, str):
+            raise TypeError(f"fmt must be a block format name (str), got "
+                            f"{type(self.fmt).__name__}")
+        require_choice(self.rounding, "rounding", ("stochastic", "nearest"))
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be None or a bool, got {self.compile!r}")
+        allowed = (f"{', '.join(BLOCK_COMM_FORMATS)} or 'elem:block:scale:rule[:ts]' with 1-D "
+                   "blocks (e.g. 'e4m3fn:32:e8m0:rceil')")
+        if not is_block_format_name(self.fmt):
+            raise ValueError(f"fmt must be a block format: one of {allowed}; got {self.fmt!r}"
+                             " (element formats such as e4m3fn are FPCompress's)")
+        try:
+            bf = BlockFormat.from_name(self.fmt)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"fmt must be one of {allowed}; got {self.fmt!r} ({exc})") from None
+        if len(bf.block) != 1:
+            raise ValueError(f"fmt {self.fmt!r} has 2-D tiles {bf.block}; a communicated bucket "
+                             f"is a flat vector, so fmt must have 1-D blocks: one of {allowed}")
+        if bf.dims[0] not in (-1, 0):
+            raise ValueError(f"fmt {self.fmt!r} blocks along dimension {bf.dims[0]}; a flat "
+                             "bucket has one dimension (dims -1 or 0)")
+        e = bf.elem
+        if e.bits > 16:
+            raise ValueError(f"fmt {self.fmt!r}: element format {e.name} has {e.bits} bits; "
+                             "at most 16 are supported")
+        # smallest dequantization scale of the rule: E8M0 2^-127, E4M3 2^-6 (times t >= 2^-126
+        # with a tensor scale), FP32 2^-126
+        ts = bf.scale == "e4m3" and bf.tensor_scale  # block.py uses t with E4M3 scales only
+        low = {"e8m0": -127, "e4m3": -6 - (126 if ts else 0), "fp32": -126}[bf.scale]
+        if math.log2(e.min_subnormal) + low < e.man_bits - 147:
+            raise ValueError(
+                f"fmt {self.fmt!r}: its smallest element ({e.min_subnormal!r}) times its "
+                f"smallest scale (2^{low}) is too deep in float32's subnormals for the codes "
+                "to be read back exactly; use a named format or a narrower element range")
+        object.__setattr__(self, "_format", bf)  # frozen: derived, not part of the config
+        object.__setattr__(self, "_tensor_scale", ts)
+
+    @property
+    def format(self) -> BlockFormat:
+        """The parsed block format of ``fmt``."""
+        return self._format
+
+    @property
+    def bits_per_element(self) -> float:
+        """Wire bits per element for large buckets: element bits + scale bits / block size."""
+        bf = self.format
+        return bf.elem.bits + 8 * _SCALE_BYTES[bf.scale] / bf.block[0]
+
+    def _tensor_scale_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """NVFP4's t: fp32(largest finite |x| / (448 * max)), clamped to [2^-126, fp32 max];
+        the same float32 operations as ``quantize_block``."""
+        a = flat.abs()
+        amax = torch.where(torch.isfinite(a), a, 0).amax()
+        top = torch.tensor(_E4M3_MAX, dtype=torch.float32, device=flat.device)
+        t = amax / (top * self.format.elem.max_normal)
+        return torch.clamp(t, 2.0**-126, float(torch.finfo(torch.float32).max))
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list:
+        """Payload [one uint8 tensor: t (if any), block scales, packed element codes]."""
+        require_float_tensor(x, "x")
+        flat = x.detach().reshape(-1).float()
+        n = flat.numel()
+        if n == 0:
+            return [torch.zeros(0, dtype=torch.uint8, device=flat.device)]
+        bf = self.format
+        out = quantize_block(flat, bf, self.rounding, generator=generator, compile=self.compile)
+        deq = block_scales(flat, bf)  # (nb,) float32: the dequantization scale of each block
+        b, nb = bf.block[0], deq.numel()
+        y = (F.pad(out, (0, nb * b - n)).view(nb, b) / deq[:, None]).reshape(-1)[:n]
+        mid, _ = _grid_tables(bf.elem, flat.device)
+        mag = torch.searchsorted(mid, y.abs(), out_int32=True)  # index of the nearest value
+        codes = mag + (torch.signbit(y).to(torch.int32) << (bf.elem.bits - 1))
+        codes = torch.where(torch.isnan(y), 0, codes)  # a NaN block: the scale carries it
+        parts = []
+        if self._tensor_scale:
+            t = self._tensor_scale_of(flat)
+            parts.append(t.reshape(1).view(torch.uint8))
+            # deq = fp32(t * s8) with s8 an E4M3 value: deq / t is s8 up to a rounding far
+            # below E4M3's spacing, so the nearest-even cast recovers s8 exactly
+            scales = (deq / t).to(torch.float8_e4m3fn).view(torch.uint8)
+        elif bf.scale == "e4m3":
+            scales = deq.to(torch.float8_e4m3fn).view(torch.uint8)
+        elif bf.scale == "e8m0":
+            scales = e8m0_encode(deq, "floor")  # deq is 2^k exactly (or NaN)
+        else:
+            scales = deq.view(torch.uint8)
+        dt = torch.uint8 if bf.elem.bits <= 8 else torch.int32
+        parts += [scales, pack_codes(codes.to(dt), bf.elem.bits)]
+        return [torch.cat(parts)]
+
+    def parts(self, payload, numel: int) -> BlockPayload:
+        """The fields of one rank's payload (ValueError when its size is not
+        ``wire_bytes(numel)``)."""
+        if not isinstance(payload, (list, tuple)) or len(payload) != 1:
+            raise ValueError("a BlockCompress payload is a list of one uint8 tensor")
+        (buf,) = payload
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise ValueError("a BlockCompress payload is a list of one 1-D uint8 tensor")
+        n = int(numel)
+        if buf.numel() != self.wire_bytes(n):
+            raise ValueError(f"BlockCompress payload holds {buf.numel()} bytes; {n} elements "
+                             f"of {self.fmt} take {self.wire_bytes(n)}")
+        bf = self.format
+        nb = -(-n // bf.block[0])
+        off, t = 0, None
+        if self._tensor_scale and n:
+            t, off = _bytes_as(buf[0:4], torch.float32)[0], 4
+        sb = _SCALE_BYTES[bf.scale]
+        raw = buf[off: off + nb * sb]
+        if bf.scale == "e8m0":
+            scales = e8m0_decode(raw)
+        elif bf.scale == "e4m3":
+            scales = raw.view(torch.float8_e4m3fn).float()
+        else:
+            scales = _bytes_as(raw, torch.float32)
+        codes = unpack_codes(buf[off + nb * sb:], bf.elem.bits, n)
+        return BlockPayload(codes, scales, t)
+
+    def decompress(self, payload, numel: int, dtype=torch.float32) -> torch.Tensor:
+        """Dense flat tensor: element values times their block's scale (times t), in float32
+        exactly as ``quantize_block`` computed them, then cast to ``dtype``."""
+        codes, scales, t = self.parts(payload, numel)
+        bf = self.format
+        n, b, bits = int(numel), bf.block[0], bf.elem.bits
+        _, table = _grid_tables(bf.elem, codes.device)
+        c = codes.to(torch.int32)
+        q = torch.index_select(table, 0, c & ((1 << (bits - 1)) - 1))
+        q = torch.where(c >> (bits - 1) != 0, -q, q)  # -(+0) = -0: signed zeros survive
+        deq = scales if t is None else t * scales  # quantize_block's float32 product t * s8
+        nb = scales.numel()
+        out = F.pad(q, (0, nb * b - n)).view(nb, b) * deq[:, None]
+        return out.reshape(-1)[:n].to(dtype)
+
+    def wire_bytes(self, numel: int) -> int:
+        """4 (t, NVFP4) + ceil(numel / n) scale bytes + ceil(numel * bits / 8); 0 if empty."""
+        n = int(numel)
+        if n == 0:
+            return 0
+        bf = self.format
+        nb = -(-n // bf.block[0])
+        return 4 * self._tensor_scale + nb * _SCALE_BYTES[bf.scale] + packed_bytes(n, bf.elem.bits)
 
 
 @dataclass(frozen=True)

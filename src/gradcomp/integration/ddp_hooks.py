@@ -16,8 +16,8 @@ sum decodes to the sum of gradients, or all-gather and decode one by one),
 (sizes are exchanged before the all-gather) and ``needs_memory`` (error feedback). The future's
 value is the bucket's *average* gradient over the ranks, identical on every rank (each rank
 decodes the same gathered payloads in rank order, or receives the same all-reduce result).
-``qsgd_hook``, ``topk_hook``, ``scalecom_hook``, ``prune_hook`` and ``fp_hook`` are names of
-the same function.
+``qsgd_hook``, ``topk_hook``, ``scalecom_hook``, ``prune_hook``, ``fp_hook`` and ``block_hook``
+are names of the same function.
 
 Why the first iterations are plain all-reduce (``start_iter``, default 2, as in torch's
 PowerSGD): DDP rebuilds its buckets after the first iteration, so a bucket index may name a
@@ -51,12 +51,14 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as _psgd
 from gradcomp.compressors.comm import (
     QSGD,
     Aggregation,
+    BlockCompress,
     CommCompressor,
     ErrorFeedback,
     FPCompress,
     ScaleCom,
     StochasticPrune,
     TopK,
+    is_block_format_name,
     payload_bytes,
 )
 
@@ -65,6 +67,7 @@ __all__ = [
     "TorchHookState",
     "allreduce_hook",
     "available_methods",
+    "block_hook",
     "check_same_config",
     "comm_hook",
     "fp16_hook",
@@ -478,7 +481,7 @@ def prime_buckets(ddp_model, state, *inputs, **kwargs) -> None:
 
 
 # Named aliases of the one hook (kept for ``gradcomp.dist.qsgd_hook`` and the README).
-qsgd_hook = topk_hook = scalecom_hook = prune_hook = fp_hook = comm_hook
+qsgd_hook = topk_hook = scalecom_hook = prune_hook = fp_hook = block_hook = comm_hook
 
 
 # ---- torch's own hooks, wrapped so that their bytes are counted the same way ----
@@ -557,7 +560,7 @@ def powersgd_hook(state: TorchHookState, bucket):
 # ---- registry and option validation ----
 
 _COMPRESSORS = {"qsgd": QSGD, "topk": TopK, "scalecom": ScaleCom, "prune": StochasticPrune,
-                "fp": FPCompress}
+                "fp": FPCompress, "block": BlockCompress}
 _TORCH_METHODS = ("allreduce", "fp16", "powersgd")
 _POWERSGD_DEFAULTS = {"matrix_approximation_rank": 1, "start_powerSGD_iter": 2,
                       "min_compression_rate": 2, "use_error_feedback": True, "warm_start": True}
@@ -575,13 +578,30 @@ def available_methods() -> tuple:
     return (*_TORCH_METHODS, *_COMPRESSORS)
 
 
-def _option_types(method: str) -> dict:
-    """{option: annotation} accepted by ``method``."""
+def _compressor_class(method: str, options: dict):
+    """The compressor class of ``method``; "fp" with a block format name (``mxfp4``,
+    ``nvfp4``, ...) is BlockCompress, so ``--comm fp`` takes every format gradcomp has."""
+    cls = _COMPRESSORS[method]
+    if cls is FPCompress and is_block_format_name(options.get("fmt")):
+        return BlockCompress
+    return cls
+
+
+def _method_label(method: str, options: dict) -> str:
+    """How errors name the method ("fp with block format 'mxfp4'" when routed)."""
+    if _compressor_class(method, options) is not _COMPRESSORS[method]:
+        return (f"{method} with block format {options['fmt']!r} (its scales are the format's "
+                "own, one per block)")
+    return method
+
+
+def _option_types(method: str, options: dict) -> dict:
+    """{option: annotation} accepted by ``method`` with these ``options``."""
     if method == "powersgd":
         return dict(_POWERSGD_TYPES)
     if method in ("allreduce", "fp16"):
         return {"check_config": "bool"}
-    cls = _COMPRESSORS[method]
+    cls = _compressor_class(method, options)
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     state = dict(_STATE_TYPES)
     if not cls.needs_memory or "beta" in types:  # no error feedback, or the compressor's own
@@ -612,13 +632,13 @@ def validate_comm(method, options=None) -> None:
     if not isinstance(options, dict):
         raise ValueError(f"comm options must be a dict (a JSON object), got "
                          f"{type(options).__name__}")
-    types = _option_types(method)
+    types = _option_types(method, options)
     for name, value in options.items():
         if name not in types:
             hint = _did_you_mean(str(name), types)
             allowed = ", ".join(sorted(types)) if types else "(no options)"
-            raise ValueError(f"comm option {name!r} is not accepted by {method}; {hint}"
-                             f"allowed: {allowed}")
+            raise ValueError(f"comm option {name!r} is not accepted by "
+                             f"{_method_label(method, options)}; {hint}allowed: {allowed}")
         want = _TYPES[types[name]]
         if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
             raise ValueError(f"comm option {name!r} of {method} must be {types[name]}; got "
@@ -628,7 +648,7 @@ def validate_comm(method, options=None) -> None:
     if "beta" in options and not 0.0 < float(options["beta"]) <= 1.0:
         raise ValueError(f"comm option 'beta' must lie in (0, 1]; got {options['beta']!r}")
     if method in _COMPRESSORS:
-        cls = _COMPRESSORS[method]
+        cls = _compressor_class(method, options)
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             cls(**{k: v for k, v in options.items() if k in fields})
@@ -647,8 +667,10 @@ def make_comm_hook(method: str, process_group=None, **kw):
         method: one of ``available_methods()``: "allreduce" (fp32 reference), "fp16", "powersgd"
             (torch's; kw: matrix_approximation_rank=1, start_powerSGD_iter=2,
             min_compression_rate=2, use_error_feedback=True, warm_start=True, seed), "qsgd",
-            "topk", "scalecom", "prune", "fp" (kw: the compressor's fields plus start_iter,
-            seed, and beta for top-k's error feedback).
+            "topk", "scalecom", "prune", "fp", "block" (kw: the compressor's fields plus
+            start_iter, seed, and beta for top-k's error feedback). "fp" with a block format
+            name as ``fmt`` (``mxfp8_e4m3``, ``nvfp4``, ...) builds the same BlockCompress as
+            "block"; its options are BlockCompress's (fmt, rounding, compile).
         process_group: DDP's process group (None: default group).
     ``validate_comm(method, kw)`` runs first (ValueError naming the bad method or option).
     Every rank must call it with the same configuration: a config hash is all-gathered and a
@@ -665,7 +687,7 @@ def make_comm_hook(method: str, process_group=None, **kw):
         inner = _psgd.PowerSGDState(process_group=process_group, random_seed=seed, **opts)
         cfg = {"method": method, "seed": seed, **opts}
         return TorchHookState(inner, process_group, cfg, check), powersgd_hook
-    cls = _COMPRESSORS[method]
+    cls = _compressor_class(method, kw)
     fields = {f.name for f in dataclasses.fields(cls)}
     comp = cls(**{k: v for k, v in kw.items() if k in fields})
     skw = {k: v for k, v in kw.items() if k not in fields}
