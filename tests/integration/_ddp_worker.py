@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradcomp.integration import ddp_hooks as H
 
-METHODS = ["allreduce", "fp16", "powersgd", "qsgd", "qsgd_bits", "topk", "scalecom", "prune", "fp"]
+METHODS = ["allreduce", "fp16", "powersgd", "qsgd", "qsgd_bits", "topk", "scalecom", "prune", "fp",
+           "block_mxfp8", "block_nvfp4"]
 HOOK_KW = {
     "allreduce": ("allreduce", {}),
     "fp16": ("fp16", {}),
@@ -27,6 +28,9 @@ HOOK_KW = {
     "scalecom": ("scalecom", {"ratio": 0.1}),
     "prune": ("prune", {"sparsity": 0.8}),
     "fp": ("fp", {"fmt": "e4m3fn", "compile": False}),
+    # "fp" with a block format name builds the same BlockCompress as "block"
+    "block_mxfp8": ("fp", {"fmt": "mxfp8_e4m3", "compile": False}),
+    "block_nvfp4": ("block", {"fmt": "nvfp4", "compile": False}),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from _ddp_worker import METHODS, FakeBucket, spawn, train_digits
 
-from gradcomp.compressors.comm import QSGD, ScaleCom, TopK
+from gradcomp.compressors.comm import QSGD, BlockCompress, ScaleCom, TopK
 from gradcomp.integration import ddp_hooks as H
 
 WORLD = 2
@@ -40,7 +40,8 @@ def _session(rank, world):
     out = {"train": {}}
     for name in _methods():
         acc, flat, state = train_digits(name, rank, world)
-        out["train"][name] = {"acc": acc, "flat": flat, "metrics": state.metrics()}
+        out["train"][name] = {"acc": acc, "flat": flat, "metrics": state.metrics(),
+                              "compressor": state.config.get("name")}
     sc = H.CommHookState(ScaleCom(ratio=0.1), start_iter=1)
     out["scalecom"] = _ef_run(sc, H.scalecom_hook, rank)
     tk = H.CommHookState(TopK(ratio=0.1), start_iter=1)
@@ -94,6 +95,19 @@ def test_bytes_counted_and_compression_ratio(results):
         if name.split("_")[0] in H.available_methods():
             assert m[name]["last_step_ratio"] > 2.5, (name, m[name])
     assert m["qsgd_bits"]["last_step_ratio"] > m["qsgd"]["last_step_ratio"]
+    # block formats: bytes actually sent (codes + scales, + t per bucket for NVFP4) against the
+    # large-bucket limit 32 / bits_per_element; the buckets here hold ~2500 elements, so the
+    # ragged last block and t cost well under 1%
+    for name, fmt in (("block_mxfp8", "mxfp8_e4m3"), ("block_nvfp4", "nvfp4")):
+        limit = 32 / BlockCompress(fmt=fmt).bits_per_element
+        assert 0.99 * limit < m[name]["last_step_ratio"] <= limit, (name, m[name], limit)
+
+
+def test_fp_with_a_block_format_is_block_compress(results):
+    for r in results:
+        assert r["train"]["block_mxfp8"]["compressor"] == "BlockCompress"
+        assert r["train"]["block_nvfp4"]["compressor"] == "BlockCompress"
+        assert r["train"]["fp"]["compressor"] == "FPCompress"
 
 
 def test_scalecom_indices_shared_and_values_averaged(results):
@@ -138,6 +152,7 @@ def test_empty_bucket_is_a_no_op(results, name):
 
 def test_the_named_hooks_are_one_hook():
     assert H.qsgd_hook is H.topk_hook is H.scalecom_hook is H.prune_hook is H.fp_hook
+    assert H.block_hook is H.comm_hook
     assert H.qsgd_hook is H.comm_hook
     with pytest.raises(TypeError, match="CommHookState"):
         H.comm_hook(object(), FakeBucket(torch.zeros(3)))
@@ -146,7 +161,8 @@ def test_the_named_hooks_are_one_hook():
 def test_validate_comm_names_method_and_suggests():
     with pytest.raises(ValueError, match="'qsdg' is not a method; did you mean 'qsgd'") as e:
         H.validate_comm("qsdg", {})
-    assert "allowed: allreduce, fp16, powersgd, qsgd, topk, scalecom, prune, fp" in str(e.value)
+    assert "allowed: allreduce, fp16, powersgd, qsgd, topk, scalecom, prune, fp, block" in str(
+        e.value)
     with pytest.raises(ValueError, match="is not a method; allowed"):
         H.validate_comm("zzz", {})
     with pytest.raises(ValueError, match="is not a method"):
@@ -169,6 +185,21 @@ def test_validate_comm_names_method_and_suggests():
     ("scalecom", {"beta": 2.0}, "beta"),
     ("fp", {"fmt": "e9m9"}, "comm option of fp"),
     ("fp", {"compile": "no"}, "'compile' of fp must be bool | None"),
+    ("fp", {"fmt": "mxfp4", "scale": "amax"},
+     "'scale' is not accepted by fp with block format 'mxfp4' \\(its scales are the format's "
+     "own, one per block\\); allowed: check_config, compile, fmt, rounding, seed, start_iter"),
+    ("fp", {"fmt": "nvfp4_2d"}, "comm option of fp: fmt 'nvfp4_2d' has 2-D tiles.*one of "
+                                "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4, "
+                                "fp8_block128"),
+    ("fp", {"fmt": "mxfp9"}, "comm option of fp: fmt 'mxfp9' is not a format.*or a block format "
+                             "\\(mxfp8_e4m3, .*fp8_block128"),
+    ("block", {"fmt": "e4m3fn"}, "comm option of block: fmt must be a block format: one of "
+                                 "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4, "
+                                 "fp8_block128"),
+    ("block", {"rounding": "up"}, "comm option of block: rounding must be one of 'stochastic', "
+                                  "'nearest'"),
+    ("block", {"fmt": "mxfp4", "beta": 0.5}, "'beta' is not accepted by block"),
+    ("block", {"fmt": 4}, "'fmt' of block must be str"),
     ("allreduce", {"ratio": 0.1}, "'ratio' is not accepted by allreduce; allowed: check_config"),
     ("powersgd", {"rank": 2}, "did you mean 'matrix_approximation_rank'"),
     ("powersgd", {"matrix_approximation_rank": 0}, "must be >= 1"),
@@ -187,10 +218,13 @@ def test_validate_comm_accepts_good_options():
                             ("topk", {"ratio": 0.01, "beta": 0.5, "start_iter": 3, "seed": 1}),
                             ("scalecom", {"ratio": 0.1, "beta": 0.5}), ("prune", {}),
                             ("fp", {"fmt": "e5m2", "compile": None, "scale": "amax"}),
+                            ("fp", {"fmt": "mxfp8_e4m3"}), ("fp", {"fmt": "nvfp4"}),
+                            ("fp", {"fmt": "mxfp4", "rounding": "nearest", "start_iter": 3}),
+                            ("block", {}), ("block", {"fmt": "e4m3fn:32:e8m0:rceil"}),
                             ("powersgd", {"matrix_approximation_rank": 2}), ("fp16", {})]:
         assert H.validate_comm(method, options) is None
     assert set(H.available_methods()) == {"allreduce", "fp16", "powersgd", "qsgd", "topk",
-                                          "scalecom", "prune", "fp"}
+                                          "scalecom", "prune", "fp", "block"}
 
 
 def test_period_and_cumulative_counters(results):

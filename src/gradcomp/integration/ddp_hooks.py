@@ -589,7 +589,7 @@ def _compressor_class(method: str, options: dict):
 
 def _method_label(method: str, options: dict) -> str:
     """How errors name the method ("fp with block format 'mxfp4'" when routed)."""
-    if _compressor_class(method, options) is not _COMPRESSORS[method]:
+    if method in _COMPRESSORS and _compressor_class(method, options) is not _COMPRESSORS[method]:
         return (f"{method} with block format {options['fmt']!r} (its scales are the format's "
                 "own, one per block)")
     return method
