@@ -10,7 +10,9 @@
     state.metrics()  # {"bytes_sent", "dense_bytes", "compression_ratio", ...}
 
 See ``gradcomp.integration.ddp_hooks`` (the hook, its state, the registry) and
-``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPCompress).
+``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPCompress,
+BlockCompress); FSDP2's compressed reduce-scatter: ``gradcomp.integration.fsdp`` (``setup_fsdp``,
+``FP8ReduceScatter``, ``AllToAllReduceScatter``, ``save_sharded`` / ``load_sharded``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from gradcomp.compressors.comm import (
     QSGD,
     Aggregation,
+    BlockCompress,
     CommCompressor,
     ErrorFeedback,
     FPCompress,
@@ -32,6 +35,7 @@ from gradcomp.integration.ddp_hooks import (
     TorchHookState,
     allreduce_hook,
     available_methods,
+    block_hook,
     check_same_config,
     comm_hook,
     fp16_hook,
@@ -44,10 +48,31 @@ from gradcomp.integration.ddp_hooks import (
     topk_hook,
     validate_comm,
 )
+from gradcomp.integration.fsdp import (
+    AllToAllReduceScatter,
+    FP8ReduceScatter,
+    ScaleComReduceScatter,
+    TopKReduceScatter,
+    load_sharded,
+    make_fsdp_comm,
+    save_sharded,
+    setup_fsdp,
+    validate_fsdp_comm,
+)
 
 __all__ = [
+    "AllToAllReduceScatter",
+    "FP8ReduceScatter",
+    "ScaleComReduceScatter",
+    "TopKReduceScatter",
+    "load_sharded",
+    "make_fsdp_comm",
+    "save_sharded",
+    "setup_fsdp",
+    "validate_fsdp_comm",
     "QSGD",
     "Aggregation",
+    "BlockCompress",
     "CommCompressor",
     "CommHookState",
     "ErrorFeedback",
@@ -59,6 +84,7 @@ __all__ = [
     "TorchHookState",
     "allreduce_hook",
     "available_methods",
+    "block_hook",
     "check_same_config",
     "comm_hook",
     "fp16_hook",
