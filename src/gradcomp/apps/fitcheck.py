@@ -1,12 +1,13 @@
-"""When is the lognormal model enough? Model vs measurement on real neural gradients (issue 8).
+"""When is the lognormal model enough? Model vs measurement on real neural gradients.
 
 Two checks on the same captured layers, each comparing the paper's lognormal closed forms with
 the distribution-free (sample-based) methods:
 
 * Pruning (``sparsity_check``): achieved vs target ("predicted") sparsity of every threshold
-  method at every target, through ``evaluate_sparsity`` of ``gradcomp sparsity`` (same
-  numbers); the empirical method also at smaller samples (the ``sample_size`` trade-off); and
-  the drift of a threshold set at one capture and used at a later one (a refresh's staleness).
+  method at every target, through ``evaluation.evaluate_sparsity`` (the numbers of
+  ``gradcomp sparsity``); the empirical method also at smaller samples (the ``sample_size``
+  trade-off); and the drift of a threshold set at one capture and used at a later one (a
+  refresh's staleness).
 * FP quantization (``quantization_check``): for every 1-n2-n1 split of each bit width, each
   layer's values are split at random into halves A and B. Lognormal: (mu, sigma) fitted on A,
   scale ``optimal_scale``, error predicted by the exact integral ``expected_relative_error``,
@@ -23,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gradcomp.apps.commands.sparsity import evaluate_sparsity
+from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, evaluate_sparsity
+from gradcomp.apps.evaluation import group_layers as _group
 from gradcomp.compressors.pruning import Pruner
 from gradcomp.compressors.scaling import PerLayerEmpirical
 from gradcomp.integration.wrap import select_split
@@ -35,6 +37,7 @@ from gradcomp.numerics.fp_error import (
     optimal_scale,
     split_formats,
 )
+from gradcomp.numerics.random import sample_values
 
 __all__ = [
     "capture_layers",
@@ -48,8 +51,6 @@ __all__ = [
     "per_layer_tables",
 ]
 
-DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-DEFAULT_METHODS = ("lognormal", "empirical", "calibrated", "atp", "topk_stochastic")
 DEFAULT_BITS = (4, 5, 6, 7, 8)
 
 
@@ -76,18 +77,10 @@ def capture_layers(model: str = "resnet20", dataset: str = "fashion-mnist", step
 
 def group_layers(layers: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     """{name: [tensors in order]} (flattened), the time series of each layer."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for name, t in layers:
-        out.setdefault(name, []).append(t.detach().reshape(-1))
+    out = _group(layers)
     if not out:
         raise ValueError("layers is empty: nothing to check")
     return out
-
-
-def _draw(t: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    if t.numel() <= size:
-        return t  # a small layer uses every element (issue 8)
-    return t[torch.randint(0, t.numel(), (size,), generator=g)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +106,7 @@ def stale_sparsity(layers, targets=DEFAULT_TARGETS, methods=("lognormal", "empir
             for series in groups.values():
                 p = Pruner(target, method)
                 first, last = series[0], series[-1]
-                p.update(fit_lognormal(first), _draw(first, sample_size, g))
+                p.update(fit_lognormal(first), sample_values(first, sample_size, g))
                 p(last, g)
                 errs.append(float(p.metrics()["sparsity"]) - target)
             rows.append({"method": method, "target": target,

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from gradcomp.apps.commands._common import add_data_args
-from gradcomp.apps.commands.formats import _parse_bits
-from gradcomp.apps.commands.sparsity import _parse_methods, _parse_targets, synthetic_layers
+from gradcomp.apps.commands._common import (
+    add_data_args,
+    parse_bits,
+    parse_methods,
+    parse_targets,
+)
+from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, synthetic_layers
 from gradcomp.apps.fitcheck import (
     DEFAULT_BITS,
-    DEFAULT_METHODS,
-    DEFAULT_TARGETS,
     capture_layers,
     per_layer_tables,
     quantization_check,
@@ -85,9 +87,9 @@ def _parse_sizes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = _parse_targets(args.targets)
-    methods = _parse_methods(args.methods)
-    bits = _parse_bits(args.bits)
+    targets = parse_targets(args.targets)
+    methods = parse_methods(args.methods)
+    bits = parse_bits(args.bits)
     extra = _parse_sizes(args.extra_sample_sizes)
     for name in ("sample_size", "quant_values", "capture_size"):
         if getattr(args, name) < 4:
