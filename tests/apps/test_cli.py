@@ -51,7 +51,8 @@ def test_train_ddp_two_processes(tmp_path):
                "--batch-size", "32", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert hist[-1]["comm_compression_ratio"] > 1.5
+    assert hist[-1]["comm_ratio_epoch"] > 1.5  # the first steps are dense: cumulative is lower
+    assert hist[-1]["comm_ratio_cumulative"] > 1.5
     assert hist[-1]["test_accuracy"] > 0.5
 
 
@@ -73,3 +74,26 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert len(rows) == 9 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_train_bad_inputs_are_one_line(tmp_path, capsys):
+    base = ["train", "--model", "mlp", "--dataset", "digits", "--quiet", "--out",
+            str(tmp_path / "o")]
+    cases = [
+        (["--device", "tpu"], "--device must be cpu, cuda"),
+        (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be an int >= 1"),
+        (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be an int >= 1"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger"),
+        (["--nproc", "2", "--comm", "qsdg"], "method must be one of"),
+        (["--nproc", "2", "--comm", "qsgd", "--comm-options", '{"level": 8}'], "level"),
+        (["--data-dir", str(tmp_path / "nope"), "--dataset", "fashion-mnist"],
+         "does not exist"),
+    ]
+    for extra, expected in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    (tmp_path / "file").write_text("x")
+    assert main(base[:-1] + [str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
