@@ -37,6 +37,7 @@ import signal
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -490,8 +491,18 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     if world > 1:
         from gradcomp.integration.ddp_hooks import make_comm_hook
 
+        # A stateful hook keeps per-bucket state (error feedback, PowerSGD's matrices) keyed by
+        # bucket index. DDP normally starts with one bucket and re-buckets in gradient order
+        # after the first iteration, so a resumed process would meet the old layout again in
+        # its first iteration; find_unused_parameters=True disables that re-bucketing (DDP
+        # then buckets once, at construction), keeping one layout for every step of every
+        # process. The cost is one walk of the autograd graph per forward.
+        stateful = cfg.comm not in ("allreduce", "fp16")
+        # (its warning that no parameter was unused, from the first backward, is expected)
+        warnings.filterwarnings("ignore", message=".*find_unused_parameters=True.*")
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
+            model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=stateful,
         )
         comm_state, ddp_hook = make_comm_hook(cfg.comm, **cfg.comm_options)
         if ddp_hook is not None:
