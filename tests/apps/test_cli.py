@@ -97,3 +97,36 @@ def test_train_bad_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(base[:-1] + [str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, nproc):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "gradcomp.apps.cli", "train", "--model", "mlp", "--dataset",
+            "digits", "--width", "16", "--batch-size", "16", "--epochs", "12", "--out", str(out),
+            "--nproc", str(nproc), "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GRADCOMP_COMPILE="0")
+    # a new session: the SIGINT goes to the whole process group, as Ctrl-C in a terminal does
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "--resume" in stdout + stderr
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)  # the last checkpoint is kept
+    assert ck["epoch"] < 11
+    assert main(args[3:] + ["--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 11
