@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from gradcomp.compressors.encoding import encode_pruned
 from gradcomp.compressors.pruning import Pruner, topk_threshold
@@ -93,7 +94,7 @@ def synthetic_layers(n_layers: int = 8, numel: int = 50_000, seed: int = 0):
 
 def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAULT_TARGETS,
                       methods=DEFAULT_METHODS, *, sample_size: int | None = 16384, seed: int = 0,
-                      encode: bool = True) -> dict:
+                      encode: bool = True, progress: bool = False) -> dict:
     """Prune every layer at every target with every method; measure achieved sparsity and size.
 
     ``layers`` is a list of (name, tensor). A name repeated (the same layer captured at several
@@ -111,8 +112,11 @@ def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAUL
     g = torch.Generator().manual_seed(seed)
     per_layer, summary = [], []
     in_sample = all(len(v) == 1 for v in groups.values())
+    bar = tqdm(total=len(methods) * len(targets), desc="sparsity: methods x targets",
+               disable=not progress, leave=False)
     for method in methods:
         for target in targets:
+            bar.update(1)
             errs, achieved_all, bits, elems = [], [], 0.0, 0
             for name, series in groups.items():
                 p = Pruner(target, method)
@@ -145,6 +149,7 @@ def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAUL
                 "worst_abs_error": abs(errs[worst]), "worst_layer": list(groups)[worst],
                 "bits_per_element": bits / elems if elems else math.nan,
             })
+    bar.close()
     return {"layers": len(groups), "methods": list(methods), "targets": list(targets),
             "sample_size": sample_size, "calibration_in_sample": in_sample,
             "summary": summary, "per_layer": per_layer}

@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, evaluate_sparsity
 from gradcomp.apps.evaluation import group_layers as _group
@@ -117,14 +118,15 @@ def stale_sparsity(layers, targets=DEFAULT_TARGETS, methods=("lognormal", "empir
 
 
 def sparsity_check(layers, targets=DEFAULT_TARGETS, methods=DEFAULT_METHODS, *,
-                   sample_size: int = 16384, extra_sample_sizes=(4096,), seed: int = 0) -> dict:
+                   sample_size: int = 16384, extra_sample_sizes=(4096,), seed: int = 0,
+                   progress: bool = False) -> dict:
     """Predicted (target) vs achieved sparsity per method and target (``evaluate_sparsity``).
 
     ``extra_sample_sizes``: the empirical method again with smaller samples, reported as
     ``empirical@N``. ``stale``: the drift rows of ``stale_sparsity`` (lognormal, empirical).
     """
     res = evaluate_sparsity(layers, targets, methods, sample_size=sample_size, seed=seed,
-                            encode=False)
+                            encode=False, progress=progress)
     for n in extra_sample_sizes:
         extra = evaluate_sparsity(layers, targets, ("empirical",), sample_size=int(n),
                                   seed=seed, encode=False)
@@ -194,7 +196,7 @@ def split_halves(layers, max_values: int | None = 32768,
 
 def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
                        rounding: str = "nearest", max_values: int | None = 32768,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, progress: bool = False) -> dict:
     """Predicted vs held-out relative quantization error per split, lognormal vs empirical.
 
     Each layer's last tensor (at most ``max_values`` values drawn at random, without
@@ -216,10 +218,13 @@ def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
     fits = {n: fit_lognormal(halves[n][0]) for n in names}
     search = PerLayerEmpirical(rounding).search
     per_layer, per_bits = [], []
+    bar = tqdm(total=len(bits) * len(names), desc="quantization: bits x layers",
+               disable=not progress, leave=False)
     for nb in bits:
         fmts = split_formats(nb, semantics)
         rows = {}  # (layer, split) -> record
         for name in names:
+            bar.update(1)
             a, b = halves[name]
             fit = fits[name]
             mu, sigma = float(fit.mu), max(float(fit.sigma), 1e-6)
@@ -280,6 +285,7 @@ def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
         per_bits.append({"bits": nb, "select": sel, "layer_choice": layer_choice,
                          "summary": summary})
     sig = torch.stack([fits[n].sigma for n in names])
+    bar.close()
     return {"layers": len(names), "semantics": semantics, "rounding": rounding,
             "max_values": max_values, "median_sigma": float(sig.median()),
             "bits": per_bits, "per_layer": per_layer}

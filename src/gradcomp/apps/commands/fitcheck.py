@@ -105,11 +105,12 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed, device=args.device, data_dir=args.data_dir,
                                 progress=not args.quiet)
         source = f"{args.model}/{args.dataset}, {args.steps} steps"
+    show = not (args.quiet or args.json)
     with torch.no_grad():
         sp = sparsity_check(layers, targets, methods, sample_size=args.sample_size,
-                            extra_sample_sizes=extra, seed=args.seed)
+                            extra_sample_sizes=extra, seed=args.seed, progress=show)
         fp = quantization_check(layers, bits, semantics=args.semantics, rounding=args.rounding,
-                                max_values=args.quant_values, seed=args.seed)
+                                max_values=args.quant_values, seed=args.seed, progress=show)
     result = {"source": source, "sparsity": sp, "quantization": fp}
     out = Path(args.out)
     write_json(out / "fitcheck.json", result)

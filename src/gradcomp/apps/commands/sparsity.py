@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sample-size must be >= 1, got {args.sample_size}")
     layers = synthetic_layers(seed=args.seed) if args.synthetic else _capture(args)
     result = evaluate_sparsity(layers, targets, methods, sample_size=args.sample_size,
-                               seed=args.seed, encode=not args.no_encode)
+                               seed=args.seed, encode=not args.no_encode,
+                               progress=not (args.quiet or args.json))
     result["source"] = "synthetic" if args.synthetic else f"{args.model}/{args.dataset}"
     out = Path(args.out)
     write_json(out / "sparsity.json", result)
