@@ -84,7 +84,7 @@ def test_train_bad_inputs_are_one_line(tmp_path, capsys):
         (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be an int >= 1"),
         (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be an int >= 1"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger"),
-        (["--nproc", "2", "--comm", "qsdg"], "method must be one of"),
+        (["--nproc", "2", "--comm", "qsdg"], "did you mean 'qsgd'"),
         (["--nproc", "2", "--comm", "qsgd", "--comm-options", '{"level": 8}'], "level"),
         (["--data-dir", str(tmp_path / "nope"), "--dataset", "fashion-mnist"],
          "does not exist"),

@@ -100,21 +100,10 @@ DDP = dict(model="mlp", dataset="digits", batch_size=32, width=16, progress=Fals
            max_steps_per_epoch=6, max_test=64, lr=0.05, epochs=3)
 
 
-def _comm_state_complete() -> bool:
-    """Whether the communication hook checkpoints its random generators (QSGD needs them)."""
-    import inspect
-
-    from gradcomp.integration.ddp_hooks import CommHookState
-
-    return "generator" in inspect.getsource(CommHookState.state_dict)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("comm,options", [
     ("topk", {"ratio": 0.1}),
-    pytest.param("qsgd", {"levels": 8, "bucket_size": 64}, marks=pytest.mark.xfail(
-        not _comm_state_complete(), strict=True,
-        reason="QSGD's generators are not yet in CommHookState.state_dict")),
+    ("qsgd", {"levels": 8, "bucket_size": 64}),
 ])
 def test_two_workers_kill9_resume_is_bit_exact(tmp_path, comm, options):
     ref, out = tmp_path / "ref", tmp_path / "killed"

@@ -41,25 +41,11 @@ def _backend(cfg, backend: str | None) -> str:
 
 
 def validate_comm_args(method: str, options: dict) -> None:
-    """Raise ValueError/TypeError now (in the launching process) for a communication method or
-    options that ``make_comm_hook`` would refuse in every worker: builds the hook once in a
-    throw-away single-process group."""
-    from gradcomp.integration import ddp_hooks
+    """Raise ValueError now (in the launching process, before any worker starts) for a
+    communication method or options that every worker would refuse."""
+    from gradcomp.integration.ddp_hooks import validate_comm
 
-    check = getattr(ddp_hooks, "validate_comm", None)
-    if check is not None:
-        check(method, dict(options))
-        return
-    if dist.is_initialized():
-        return  # inside a running group: the workers' own construction reports the error
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        ddp_hooks.make_comm_hook(method, check_config=False, **options)
-    except (ValueError, TypeError) as exc:
-        raise type(exc)(f"--comm {method} --comm-options {options}: {exc}") from None
-    finally:
-        dist.destroy_process_group()
+    validate_comm(method, dict(options))
 
 
 def worker_main(cfg, backend: str | None = None, hook=None):

@@ -37,7 +37,6 @@ import signal
 import statistics
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -482,27 +481,14 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
         from gradcomp.integration.forward import quantize_forward
 
         fwd_handle = quantize_forward(model, **recipe.forward.kwargs())
-    handle = compress_gradients(model, recipe.compression, seed=cfg.seed) \
-        if recipe.compression is not None else None
-    hook.attach(model)
 
     net: nn.Module = model
     comm_state = None
     if world > 1:
         from gradcomp.integration.ddp_hooks import make_comm_hook
 
-        # A stateful hook keeps per-bucket state (error feedback, PowerSGD's matrices) keyed by
-        # bucket index. DDP normally starts with one bucket and re-buckets in gradient order
-        # after the first iteration, so a resumed process would meet the old layout again in
-        # its first iteration; find_unused_parameters=True disables that re-bucketing (DDP
-        # then buckets once, at construction), keeping one layout for every step of every
-        # process. The cost is one walk of the autograd graph per forward.
-        stateful = cfg.comm not in ("allreduce", "fp16")
-        # (its warning that no parameter was unused, from the first backward, is expected)
-        warnings.filterwarnings("ignore", message=".*find_unused_parameters=True.*")
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=stateful,
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
         comm_state, ddp_hook = make_comm_hook(cfg.comm, **cfg.comm_options)
         if ddp_hook is not None:
@@ -526,25 +512,37 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     history: list[dict] = []
     start_epoch = 0
     comm_totals = {"bytes_sent": 0, "dense_bytes": 0}
-    if cfg.resume:
-        ck = _resume_payload(out, identity, is_main, world)
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            mine = ck["ranks"][rank]
-            torch.set_rng_state(mine["rng_cpu"])
-            if dev.type == "cuda" and mine.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(mine["rng_cuda"], dev)
-            if handle is not None:
-                handle.load_state_dict(mine["compressor"])
-            if fwd_handle is not None:
-                fwd_handle.load_state_dict(mine["forward"])
-            if comm_state is not None and mine.get("comm") is not None:
-                comm_state.load_state_dict(mine["comm"])
-            history = ck["history"]
-            comm_totals = dict(ck.get("comm_totals", comm_totals))
-            start_epoch = ck["epoch"] + 1
+    ck = _resume_payload(out, identity, is_main, world) if cfg.resume else None
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        mine = ck["ranks"][rank]
+        torch.set_rng_state(mine["rng_cpu"])
+        if dev.type == "cuda" and mine.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"], dev)
+        if fwd_handle is not None:
+            fwd_handle.load_state_dict(mine["forward"])
+        if comm_state is not None and mine.get("comm") is not None:
+            comm_state.load_state_dict(mine["comm"])
+        history = ck["history"]
+        comm_totals = dict(ck.get("comm_totals", comm_totals))
+        start_epoch = ck["epoch"] + 1
+        if comm_state is not None:
+            # DDP buckets all parameters together for its first step and re-buckets after it;
+            # a resumed process must meet the re-bucketed layout (the one the hook's state was
+            # built on) from its first step: one forward/backward with the hook suspended that
+            # changes nothing else. Before the neural-gradient compressor is attached, so that
+            # it does not see this backward either.
+            from gradcomp.integration.ddp_hooks import prime_buckets
+
+            prime_buckets(net, comm_state, test.x[: cfg.batch_size].to(dev))
+    # attached after the resume's bucket priming; its hooks only observe the backward
+    handle = compress_gradients(model, recipe.compression, seed=cfg.seed) \
+        if recipe.compression is not None else None
+    if handle is not None and ck is not None:
+        handle.load_state_dict(ck["ranks"][rank]["compressor"])
+    hook.attach(model)
 
     t_start = time.perf_counter()
     step_times: list[float] = []
