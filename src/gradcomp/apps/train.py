@@ -626,8 +626,9 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                                  f"(cumulative {row['comm_ratio_cumulative']:.2f})")
                 history.append(row)
                 if is_main and cfg.progress:
+                    acc_txt = f"{100 * test_acc:.2f}%" if cfg.evaluate else "(not evaluated)"
                     print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
-                          f"{row['train_loss']:.4f} test acc {100 * test_acc:.2f}% sparsity "
+                          f"{row['train_loss']:.4f} test acc {acc_txt} sparsity "
                           f"{row['sparsity']:.3f} bits/elem {row['bits_per_element']:.2f}"
                           f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)
                 if out is not None:
