@@ -627,9 +627,12 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                 history.append(row)
                 if is_main and cfg.progress:
                     acc_txt = f"{100 * test_acc:.2f}%" if cfg.evaluate else "(not evaluated)"
+                    sp, bits = row.get("sparsity"), row.get("bits_per_element")
+                    comp_txt = (f"sparsity {sp:.3f} bits/elem {bits:.2f}"
+                                if sp is not None and math.isfinite(sp) else
+                                "sparsity - (no metric step ran yet)")
                     print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
-                          f"{row['train_loss']:.4f} test acc {acc_txt} sparsity "
-                          f"{row['sparsity']:.3f} bits/elem {row['bits_per_element']:.2f}"
+                          f"{row['train_loss']:.4f} test acc {acc_txt} {comp_txt}"
                           f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)
                 if out is not None:
                     states = _gather_rank_states(rank_state(), world)
