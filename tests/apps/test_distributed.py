@@ -23,13 +23,13 @@ def _pair(**per_rank):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field,values", [
-    ("lr", (0.05, 0.2)),
-    ("recipe", ("baseline", "fp4")),
-    ("max_train", (600, 1294)),  # uneven data
-    ("width", (32, 16)),
+@pytest.mark.parametrize("field,values,named", [
+    ("lr", (0.05, 0.2), "lr"),
+    ("recipe", ("baseline", "fp4"), "recipe.name"),
+    ("max_train", (600, 1294), "max_train"),  # uneven data
+    ("width", (32, 16), "width"),
 ])
-def test_ranks_refuse_together_naming_the_field(capfd, field, values):
+def test_ranks_refuse_together_naming_the_field(capfd, field, values, named):
     t0 = time.monotonic()
     assert launch_local(_pair(**{field: values}), 2) == 2
     err = capfd.readouterr().err
@@ -37,7 +37,7 @@ def test_ranks_refuse_together_naming_the_field(capfd, field, values):
     assert len(lines) == 2, err  # one line per rank, no traceback
     assert {ln.split(":")[1].strip() for ln in lines} == {"rank 0", "rank 1"}
     for ln in lines:
-        assert f"disagree on {field}" in ln
+        assert f"disagree on {named} (" in ln
         assert f"rank 0: {values[0]!r}" in ln and f"rank 1: {values[1]!r}" in ln
     assert "Traceback" not in err
     assert time.monotonic() - t0 < 120

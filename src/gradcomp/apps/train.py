@@ -288,11 +288,24 @@ def _agree(fingerprint: dict, problem: str | None) -> None:
     for key in fingerprint:
         values = [fp.get(key) for _, fp in gathered]
         if any(v != values[0] for v in values[1:]):
+            key, values = _first_difference(key, values)
             per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
             raise RankMismatchError(
                 f"data-parallel ranks disagree on {key} ({per_rank}); every rank must run the "
                 "same settings and data"
             )
+
+
+def _first_difference(key: str, values: list):
+    """Descend into dicts (the recipe) to the first field whose values differ: ("recipe.name",
+    ['baseline', 'fp4']) rather than two whole recipes."""
+    while all(isinstance(v, dict) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        sub = next((k for k in keys if any(v.get(k) != values[0].get(k) for v in values)), None)
+        if sub is None:
+            break
+        key, values = f"{key}.{sub}", [v.get(sub) for v in values]
+    return key, values
 
 
 def _prepare_out(out: Path | None, cfg: TrainConfig) -> None:
