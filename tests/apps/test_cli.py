@@ -51,7 +51,8 @@ def test_train_ddp_two_processes(tmp_path):
                "--batch-size", "32", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert hist[-1]["comm_compression_ratio"] > 1.5
+    assert hist[-1]["comm_ratio_epoch"] > 1.5  # the first steps are dense: cumulative is lower
+    assert hist[-1]["comm_ratio_cumulative"] > 1.5
     assert hist[-1]["test_accuracy"] > 0.5
 
 
@@ -73,3 +74,59 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert len(rows) == 9 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_train_bad_inputs_are_one_line(tmp_path, capsys):
+    base = ["train", "--model", "mlp", "--dataset", "digits", "--quiet", "--out",
+            str(tmp_path / "o")]
+    cases = [
+        (["--device", "tpu"], "--device must be cpu, cuda"),
+        (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be an int >= 1"),
+        (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be an int >= 1"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger"),
+        (["--nproc", "2", "--comm", "qsdg"], "did you mean 'qsgd'"),
+        (["--nproc", "2", "--comm", "qsgd", "--comm-options", '{"level": 8}'], "level"),
+        (["--data-dir", str(tmp_path / "nope"), "--dataset", "fashion-mnist"],
+         "does not exist"),
+    ]
+    for extra, expected in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    (tmp_path / "file").write_text("x")
+    assert main(base[:-1] + [str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, nproc):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "gradcomp.apps.cli", "train", "--model", "mlp", "--dataset",
+            "digits", "--width", "16", "--batch-size", "16", "--epochs", "12", "--out", str(out),
+            "--nproc", str(nproc), "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GRADCOMP_COMPILE="0")
+    # a new session: the SIGINT goes to the whole process group, as Ctrl-C in a terminal does
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "--resume" in stdout + stderr
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)  # the last checkpoint is kept
+    assert ck["epoch"] < 11
+    assert main(args[3:] + ["--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 11

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradcomp.apps.cli import main
-from gradcomp.apps.commands.sparsity import evaluate_sparsity, synthetic_layers
+from gradcomp.apps.evaluation import evaluate_sparsity, synthetic_layers
 
 
 @pytest.fixture(autouse=True)

@@ -136,21 +136,40 @@ def test_search_order(tmp_path, monkeypatch):
         return load_dataset("fashion-mnist", val_fraction=0.0, **kw).test.y.numpy()
 
     assert np.array_equal(labels(data_dir=tmp_path / "arg"), a["t10k-labels-idx1-ubyte"])
-    # data_dir without the files falls through to $GRADCOMP_DATA/<name>, then Debian.
-    assert np.array_equal(labels(data_dir=tmp_path / "empty"), e["t10k-labels-idx1-ubyte"])
+    # without data_dir: $GRADCOMP_DATA/<name>, then Debian
+    assert np.array_equal(labels(), e["t10k-labels-idx1-ubyte"])
     monkeypatch.delenv(data.ENV_VAR)
     assert np.array_equal(labels(), deb["t10k-labels-idx1-ubyte"])
+
+
+def test_given_data_dir_is_used_or_refused(tmp_path, monkeypatch):
+    # a data_dir the user gave is never silently replaced by another copy of the dataset
+    _write_idx_set(tmp_path / "env" / "fashion-mnist", 12, 5, seed=4, gz=False)
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "empty")) as e:
+        load_dataset("fashion-mnist", tmp_path / "empty")
+    assert str(tmp_path / "env") not in str(e.value)
+    with pytest.raises(DatasetNotFoundError, match="--data-dir .*nope does not exist"):
+        load_dataset("fashion-mnist", tmp_path / "nope")
+    with pytest.raises(ValueError, match="built in and reads no files"):
+        load_dataset("digits", tmp_path / "empty")
+
+
+def test_missing_cifar_names_where_it_looked(monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    with pytest.raises(DatasetNotFoundError, match="no --data-dir given, .GRADCOMP_DATA is unset"):
+        load_dataset("cifar10")
 
 
 def test_missing_dataset_message(tmp_path, monkeypatch):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
     with pytest.raises(DatasetNotFoundError) as e:
-        load_dataset("fashion-mnist", tmp_path / "arg")
+        load_dataset("fashion-mnist")
     msg = str(e.value)
     assert "\n" not in msg
     assert isinstance(e.value, FileNotFoundError)
     for d in (
-        tmp_path / "arg",
         tmp_path / "env",
         tmp_path / "env" / "fashion-mnist",
         tmp_path / "no-debian" / "fashion-mnist",

@@ -56,6 +56,12 @@ def summarize(rows: list[dict], distributions=tuple(DISTRIBUTIONS)) -> dict:
     return out
 
 
+def _label(r) -> str:
+    """A record's layer as a reader knows it: module name, type and output shape."""
+    kind = r.module_type or "layer"
+    return f"{r.name} ({kind}, {'x'.join(map(str, r.shape))})"
+
+
 def _pick_layers(names: list[str], k: int = 3) -> list[str]:
     if len(names) <= k:
         return names
@@ -80,11 +86,11 @@ def plot_distributions(records: list[GradientRecord], out_dir: Path,
         r = last[name]
         a = finite_magnitudes(r.sample, 30_000, seed)
         if a.size < 2:
-            row[0].set_title(f"{name}: no non-zero values")
+            row[0].set_title(f"{_label(r)}: no non-zero values")
             continue
         la = np.log(a)
         row[0].hist(a, bins=200, density=True, color="C0")
-        row[0].set_title(f"{name} (step {r.step}): |g|")
+        row[0].set_title(f"{_label(r)}, step {r.step}: |g|", fontsize=9)
         row[0].set_xlim(0, np.quantile(a, 0.99))
         row[1].hist(la, bins=100, density=True, color="C1")
         xs = np.linspace(la.min(), la.max(), 200)

@@ -9,6 +9,8 @@ import sys
 
 from gradcomp import __version__
 from gradcomp.apps import commands
+from gradcomp.apps.distributed import EXIT_INTERRUPTED
+from gradcomp.apps.train import PeerTimeoutError
 
 
 def _command_modules():
@@ -37,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args._run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         # Bad input (unknown names, missing data, out-of-range options): one clear line.
         print(f"gradcomp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except PeerTimeoutError as exc:  # a data-parallel peer stopped answering (torchrun)
+        print(f"gradcomp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop (loading, evaluation)
+        print(f"gradcomp {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return int(rc or 0)
 
 

@@ -9,10 +9,13 @@ std of the *training* split. Registry::
     digits                 scikit-learn's bundled 8x8x1 digits, 10 classes (file shipped in sklearn)
     synthetic              seeded Gaussian class blobs shaped as images (tests, quick runs)
 
-Directory search for file-based datasets, first hit wins: the ``data_dir`` argument (and its
-subfolders named after the dataset), ``$GRADCOMP_DATA`` (same), then the Debian package location
-(``/usr/share/datasets/<name>``). A missing dataset raises :class:`DatasetNotFoundError` with one
-line naming every directory searched and how to get the files.
+Directory search for file-based datasets: a ``data_dir`` the caller gives is the only place
+searched (it and its subfolders named after the dataset); it must exist and hold the files, and
+is never silently replaced by another copy. Without ``data_dir``: ``$GRADCOMP_DATA`` (same
+subfolders), then the Debian package location (``/usr/share/datasets/<name>``), first hit wins.
+A missing dataset raises :class:`DatasetNotFoundError` with one line naming every directory
+searched and how to get the files. The built-in datasets (digits, synthetic) read no files and
+refuse a ``data_dir``.
 """
 
 from __future__ import annotations
@@ -126,11 +129,12 @@ def list_datasets() -> list[str]:
 
 
 def _candidate_dirs(data_dir, subdirs: Sequence[str], debian: str | None) -> list[Path]:
-    """Directories to search, in order: data_dir, $GRADCOMP_DATA (each also with ``subdirs``),
-    then the Debian package directory."""
-    roots = []
+    """Directories to search, in order: data_dir alone when given (also with ``subdirs``);
+    otherwise $GRADCOMP_DATA (also with ``subdirs``), then the Debian package directory."""
     if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
+        root = Path(data_dir).expanduser()
+        return [root, *(root / s for s in subdirs)]
+    roots = []
     env = os.environ.get(ENV_VAR)
     if env:
         roots.append(Path(env).expanduser())
@@ -144,7 +148,9 @@ def _candidate_dirs(data_dir, subdirs: Sequence[str], debian: str | None) -> lis
 
 
 def _not_found(name: str, searched: Sequence[Path], files: str, how: str) -> DatasetNotFoundError:
-    dirs = ", ".join(str(p) for p in searched) or "(none)"
+    dirs = ", ".join(str(p) for p in searched) or (
+        f"no directory: no --data-dir given, ${ENV_VAR} is unset and there is no system package "
+        f"for {name}")
     return DatasetNotFoundError(f"dataset {name!r} not found: looked for {files} in {dirs}; {how}")
 
 
@@ -343,6 +349,7 @@ def _cifar100(data_dir=None, label_mode: str = "fine") -> _Raw:
 
 # ----------------------------------------------------------------------------- bundled / synthetic
 
+_BUILT_IN = ("digits", "synthetic")  # datasets that read no files
 _DIGITS_TEST_SEED = 20240601  # fixed so the digits test split never depends on split_seed
 
 
@@ -442,6 +449,13 @@ def load_dataset(
             f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; allowed: "
             f"{', '.join(allowed) or '(none)'}"
         )
+    if data_dir is not None:
+        if name in _BUILT_IN:
+            raise ValueError(f"dataset {name!r} is built in and reads no files; drop --data-dir "
+                             f"({data_dir})")
+        if not Path(data_dir).expanduser().is_dir():
+            raise DatasetNotFoundError(f"--data-dir {data_dir} does not exist or is not a "
+                                       f"directory (dataset {name!r})")
     raw = fn(data_dir, **opts)
 
     n = len(raw.y_train)

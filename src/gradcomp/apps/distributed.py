@@ -1,19 +1,31 @@
 """Data-parallel runs: ``torch.multiprocessing`` spawn on one machine, or torchrun anywhere.
 
 No launcher of our own: ``launch_local`` spawns N processes with torch's own
-``torch.multiprocessing.spawn`` and a free TCP port on localhost; under ``torchrun`` the
-environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is read by ``init_process_group``.
+``torch.multiprocessing`` and a free TCP port on localhost; under ``torchrun`` the environment
+(RANK, WORLD_SIZE, MASTER_ADDR, ...) is read by ``init_process_group``.
+
+Failures end in one line per rank: a rank whose run raises prints
+``gradcomp train: rank R: error: ...`` and exits with code 2 (bad input, ranks that disagree)
+or 1 (a peer that stopped answering); the launcher then ends the other workers (a stopped one
+included) and returns that code. Ctrl-C reaches every worker, which stops after its current step
+(see ``train``); the launcher returns 130.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch_local", "worker_main", "running_under_torchrun"]
+__all__ = ["launch_local", "worker_main", "running_under_torchrun", "validate_comm_args",
+           "EXIT_INTERRUPTED"]
+
+EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT stop
+_GRACE = 5.0  # seconds the other workers get to end on their own after one failed
 
 
 def running_under_torchrun() -> bool:
@@ -28,24 +40,45 @@ def _backend(cfg, backend: str | None) -> str:
     return "nccl" if str(cfg.device).startswith("cuda") and torch.cuda.is_available() else "gloo"
 
 
-def worker_main(cfg, backend: str | None = None):
-    """Run ``train(cfg)`` as one rank of an already configured process group environment."""
+def validate_comm_args(method: str, options: dict) -> None:
+    """Raise ValueError now (in the launching process, before any worker starts) for a
+    communication method or options that every worker would refuse."""
+    from gradcomp.integration.ddp_hooks import validate_comm
+
+    validate_comm(method, dict(options))
+
+
+def worker_main(cfg, backend: str | None = None, hook=None):
+    """Run ``train(cfg)`` as one rank of an already configured process group environment.
+
+    Collectives give up after ``cfg.timeout`` seconds without an answer from a peer."""
     from gradcomp.apps.train import train
 
-    dist.init_process_group(_backend(cfg, backend))
+    dist.init_process_group(_backend(cfg, backend),
+                            timeout=datetime.timedelta(seconds=float(cfg.timeout)))
     try:
         if dist.get_rank() != 0:
             cfg.progress = False
-        return train(cfg)
+        return train(cfg, hook)
     finally:
         dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, cfg, backend):
+def _spawned(rank: int, world: int, port: int, cfgs, backend, hooks):
+    from gradcomp.apps.train import PeerTimeoutError
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    worker_main(cfg, backend)
+    try:
+        res = worker_main(cfgs[rank], backend, hooks[rank] if hooks else None)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"gradcomp train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except PeerTimeoutError as exc:
+        print(f"gradcomp train: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    return res
 
 
 def _free_port() -> int:
@@ -54,8 +87,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(cfg, nproc: int, backend: str | None = None) -> None:
-    """Spawn ``nproc`` workers on this machine (gloo on CPU, NCCL on GPU) and wait for them."""
+def launch_local(cfg, nproc: int, backend: str | None = None, hooks=None) -> int:
+    """Spawn ``nproc`` workers on this machine (gloo on CPU, NCCL on GPU) and wait for them.
+
+    ``cfg``: one TrainConfig for every rank, or a list of ``nproc`` (one per rank, as torchrun
+    with per-rank arguments would give; the ranks then refuse together unless they agree).
+    ``hooks``: optional per-rank ``StepHook`` list (must be picklable). Returns the exit code:
+    0, 2 (a rank refused its input), 1 (a rank failed or a peer stopped answering) or 130
+    (interrupted by Ctrl-C; the last checkpoint is kept)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(nproc, _free_port(), cfg, backend), nprocs=nproc, join=True)
+    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * nproc
+    if len(cfgs) != nproc:
+        raise ValueError(f"launch_local: {len(cfgs)} configs for nproc={nproc}")
+    ctx = mp.start_processes(_spawned, args=(nproc, _free_port(), cfgs, backend, hooks),
+                             nprocs=nproc, join=False, start_method="spawn")
+    interrupted = False
+    while True:
+        try:
+            # True when all ended; raises when one failed, after ending the others (SIGTERM
+            # after the grace period, then SIGKILL: a stopped worker ignores SIGTERM)
+            if ctx.join(timeout=1.0, grace_period=_GRACE):
+                break
+        except KeyboardInterrupt:
+            interrupted = True  # the workers got the SIGINT too: they stop after their step
+        except mp.ProcessExitedException as exc:
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        except Exception:  # noqa: BLE001 - a worker raised: its traceback is already printed
+            return 1
+    return EXIT_INTERRUPTED if interrupted else 0

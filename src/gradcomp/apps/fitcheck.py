@@ -1,12 +1,13 @@
-"""When is the lognormal model enough? Model vs measurement on real neural gradients (issue 8).
+"""When is the lognormal model enough? Model vs measurement on real neural gradients.
 
 Two checks on the same captured layers, each comparing the paper's lognormal closed forms with
 the distribution-free (sample-based) methods:
 
 * Pruning (``sparsity_check``): achieved vs target ("predicted") sparsity of every threshold
-  method at every target, through ``evaluate_sparsity`` of ``gradcomp sparsity`` (same
-  numbers); the empirical method also at smaller samples (the ``sample_size`` trade-off); and
-  the drift of a threshold set at one capture and used at a later one (a refresh's staleness).
+  method at every target, through ``evaluation.evaluate_sparsity`` (the numbers of
+  ``gradcomp sparsity``); the empirical method also at smaller samples (the ``sample_size``
+  trade-off); and the drift of a threshold set at one capture and used at a later one (a
+  refresh's staleness).
 * FP quantization (``quantization_check``): for every 1-n2-n1 split of each bit width, each
   layer's values are split at random into halves A and B. Lognormal: (mu, sigma) fitted on A,
   scale ``optimal_scale``, error predicted by the exact integral ``expected_relative_error``,
@@ -22,8 +23,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from gradcomp.apps.commands.sparsity import evaluate_sparsity
+from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, evaluate_sparsity
+from gradcomp.apps.evaluation import group_layers as _group
 from gradcomp.compressors.pruning import Pruner
 from gradcomp.compressors.scaling import PerLayerEmpirical
 from gradcomp.integration.wrap import select_split
@@ -35,6 +38,7 @@ from gradcomp.numerics.fp_error import (
     optimal_scale,
     split_formats,
 )
+from gradcomp.numerics.random import sample_values
 
 __all__ = [
     "capture_layers",
@@ -48,8 +52,6 @@ __all__ = [
     "per_layer_tables",
 ]
 
-DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-DEFAULT_METHODS = ("lognormal", "empirical", "calibrated", "atp", "topk_stochastic")
 DEFAULT_BITS = (4, 5, 6, 7, 8)
 
 
@@ -76,18 +78,10 @@ def capture_layers(model: str = "resnet20", dataset: str = "fashion-mnist", step
 
 def group_layers(layers: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     """{name: [tensors in order]} (flattened), the time series of each layer."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for name, t in layers:
-        out.setdefault(name, []).append(t.detach().reshape(-1))
+    out = _group(layers)
     if not out:
         raise ValueError("layers is empty: nothing to check")
     return out
-
-
-def _draw(t: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    if t.numel() <= size:
-        return t  # a small layer uses every element (issue 8)
-    return t[torch.randint(0, t.numel(), (size,), generator=g)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +107,7 @@ def stale_sparsity(layers, targets=DEFAULT_TARGETS, methods=("lognormal", "empir
             for series in groups.values():
                 p = Pruner(target, method)
                 first, last = series[0], series[-1]
-                p.update(fit_lognormal(first), _draw(first, sample_size, g))
+                p.update(fit_lognormal(first), sample_values(first, sample_size, g))
                 p(last, g)
                 errs.append(float(p.metrics()["sparsity"]) - target)
             rows.append({"method": method, "target": target,
@@ -124,14 +118,15 @@ def stale_sparsity(layers, targets=DEFAULT_TARGETS, methods=("lognormal", "empir
 
 
 def sparsity_check(layers, targets=DEFAULT_TARGETS, methods=DEFAULT_METHODS, *,
-                   sample_size: int = 16384, extra_sample_sizes=(4096,), seed: int = 0) -> dict:
+                   sample_size: int = 16384, extra_sample_sizes=(4096,), seed: int = 0,
+                   progress: bool = False) -> dict:
     """Predicted (target) vs achieved sparsity per method and target (``evaluate_sparsity``).
 
     ``extra_sample_sizes``: the empirical method again with smaller samples, reported as
     ``empirical@N``. ``stale``: the drift rows of ``stale_sparsity`` (lognormal, empirical).
     """
     res = evaluate_sparsity(layers, targets, methods, sample_size=sample_size, seed=seed,
-                            encode=False)
+                            encode=False, progress=progress)
     for n in extra_sample_sizes:
         extra = evaluate_sparsity(layers, targets, ("empirical",), sample_size=int(n),
                                   seed=seed, encode=False)
@@ -201,7 +196,7 @@ def split_halves(layers, max_values: int | None = 32768,
 
 def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
                        rounding: str = "nearest", max_values: int | None = 32768,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, progress: bool = False) -> dict:
     """Predicted vs held-out relative quantization error per split, lognormal vs empirical.
 
     Each layer's last tensor (at most ``max_values`` values drawn at random, without
@@ -223,10 +218,13 @@ def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
     fits = {n: fit_lognormal(halves[n][0]) for n in names}
     search = PerLayerEmpirical(rounding).search
     per_layer, per_bits = [], []
+    bar = tqdm(total=len(bits) * len(names), desc="quantization: bits x layers",
+               disable=not progress, leave=False)
     for nb in bits:
         fmts = split_formats(nb, semantics)
         rows = {}  # (layer, split) -> record
         for name in names:
+            bar.update(1)
             a, b = halves[name]
             fit = fits[name]
             mu, sigma = float(fit.mu), max(float(fit.sigma), 1e-6)
@@ -287,6 +285,7 @@ def quantization_check(layers, bits=DEFAULT_BITS, *, semantics: str = "paper",
         per_bits.append({"bits": nb, "select": sel, "layer_choice": layer_choice,
                          "summary": summary})
     sig = torch.stack([fits[n].sigma for n in names])
+    bar.close()
     return {"layers": len(names), "semantics": semantics, "rounding": rounding,
             "max_values": max_values, "median_sigma": float(sig.median()),
             "bits": per_bits, "per_layer": per_layer}

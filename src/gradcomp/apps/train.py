@@ -1,25 +1,41 @@
-"""Training loop with compressed neural gradients: metrics, checkpoints, exact resume, DDP.
+"""The training loop: compressed neural gradients, metrics, checkpoints, exact resume, DDP.
 
-One function, ``train(cfg)``, serves ``gradcomp train``, the demo and the tests. Determinism: the
-model is initialised from ``cfg.seed``, batches depend only on (seed, epoch), and every random
-draw of the compressors comes from their own generators, whose states are checkpointed. A run
-killed after epoch k and resumed with ``resume=True`` therefore ends bit for bit where an
-uninterrupted run would (same machine, same thread count).
+One function, ``train(cfg, hook=None)``, serves ``gradcomp train``, the demo, the gradient
+capture of ``analyze``/``sparsity``/``fitcheck`` (through a :class:`StepHook`) and the tests.
+
+Determinism: the model is initialised from ``cfg.seed``, batches depend only on (seed, epoch),
+and every random draw of the compressors comes from their own generators, whose states are
+checkpointed. A run killed at any moment and resumed with ``resume=True`` therefore ends bit for
+bit where an uninterrupted run would (same machine, same thread count).
+
+Checkpoints (``OUT/checkpoint.pt``, one per finished epoch): written to a temporary file, then
+the previous checkpoint is renamed ``checkpoint.prev.pt`` and the new one renamed into place (both
+renames atomic), so a kill at any moment leaves at least one complete checkpoint once the first
+one exists. Everything that differs between data-parallel ranks (random states, the
+neural-gradient compressor's thresholds, the communication hook's error-feedback memory and
+counters) is gathered to rank 0 and saved in that one file, one entry per rank; on resume rank 0
+reads the file and sends each rank its entry (no shared file system needed).
 
 Data parallel: with ``world_size > 1`` (spawned by ``gradcomp train --nproc N`` or launched by
 ``torchrun``) each rank trains on its shard (rank::world_size) of the training set inside
 ``DistributedDataParallel``; ``cfg.comm`` selects the communication hook; rank 0 writes outputs.
+At start-up the ranks all-gather what shapes the trajectory (:func:`run_fingerprint`) and all
+refuse together, naming the first field that differs. A collective that gets no answer within
+``cfg.timeout`` seconds ends the run on every live rank with a line naming the silent rank(s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +45,65 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradcomp.apps.data import TensorSplit, load_dataset, make_loader
-from gradcomp.apps.experiments import evaluate, resolve_device
+from gradcomp.apps.evaluation import evaluate, resolve_device
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import Recipe, get_recipe
 from gradcomp.apps.tables import write_json
 from gradcomp.numerics._checks import require_choice
 
-__all__ = ["TrainConfig", "TrainResult", "train", "CheckpointMismatchError"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "StepHook",
+    "train",
+    "run_fingerprint",
+    "CheckpointMismatchError",
+    "CheckpointUnreadableError",
+    "RankMismatchError",
+    "PeerTimeoutError",
+    "CHECKPOINT",
+    "PREVIOUS_CHECKPOINT",
+]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+DEFAULT_TIMEOUT = 600.0  # seconds; covers a first step that compiles the fused kernels
+# data parallel: ranks agree on a Ctrl-C every this many steps (a collective, so not every step)
+_STOP_CHECK_EVERY = 8
 
 
 class CheckpointMismatchError(ValueError):
-    """Resuming from a checkpoint written by another recipe, model or dataset."""
+    """Resuming from a checkpoint of another configuration (recipe, model, world size, ...)."""
+
+
+class CheckpointUnreadableError(ValueError):
+    """The checkpoint file exists but cannot be read (truncated, empty, not a checkpoint)."""
+
+
+class RankMismatchError(ValueError):
+    """Data-parallel ranks started with different settings (names the first differing field)."""
+
+
+class PeerTimeoutError(RuntimeError):
+    """A data-parallel peer stopped answering within the collective timeout."""
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto; got {device!r}")
+
+
+def _positive_int_or_none(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an int >= 1 (or None for no limit), got {value!r}")
 
 
 @dataclass
@@ -61,38 +122,58 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False  # start over in an ``out`` that holds another run's checkpoint
     data_dir: str | None = None
     max_train: int | None = None
     width: int | None = None
     workers: int = 0
     progress: bool = True
     max_steps_per_epoch: int | None = None  # truncate epochs (quick runs, tests)
+    max_steps: int | None = None  # exactly this many steps in all, over as many epochs as needed
     max_test: int | None = None  # evaluate on the first N test images (quick runs)
+    evaluate: bool = True  # test loss/accuracy after each epoch (False: NaN, saves time)
     comm: str = "allreduce"  # DDP communication hook (world_size > 1)
     comm_options: dict = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT  # seconds a collective waits for a silent peer
 
     def __post_init__(self):
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
         require_choice(self.schedule, "schedule", SCHEDULES)
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        _check_device(str(self.device))
+        for name in ("max_steps_per_epoch", "max_steps", "max_test", "max_train"):
+            _positive_int_or_none(getattr(self, name), name)
+        if not isinstance(self.comm_options, dict):
+            raise TypeError(f"comm_options must be a dict, got {type(self.comm_options).__name__}")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout)
+                and self.timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got "
+                             f"{self.timeout!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out "
+                             "(resume) or start it over (overwrite)")
 
     def recipe_obj(self) -> Recipe:
         return self.recipe if isinstance(self.recipe, Recipe) else get_recipe(self.recipe)
 
-    def identity(self) -> dict:
-        """What a checkpoint must match to be resumed: everything that changes the trajectory."""
+    def identity(self, world_size: int | None = None) -> dict:
+        """What a checkpoint must match to be resumed: everything that changes the trajectory,
+        the data-parallel setup included (``world_size``: the current one when None)."""
         r = self.recipe_obj()
+        world = _dist_info()[1] if world_size is None else int(world_size)
         return {
             "recipe": r.to_dict(), "model": self.model, "dataset": self.dataset,
             "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
             "schedule": self.schedule, "seed": self.seed, "max_train": self.max_train,
             "width": self.width, "epochs": self.epochs, "momentum": self.momentum,
             "weight_decay": self.weight_decay, "max_steps_per_epoch": self.max_steps_per_epoch,
+            "max_steps": self.max_steps, "world_size": world, "comm": self.comm,
+            "comm_options": self.comm_options,
         }
 
 
@@ -107,6 +188,26 @@ class TrainResult:
     # ignores the first steps' one-off compilation of the fused kernels
     step_seconds: float
     loss_trace: list[float] = field(default_factory=list)  # training loss of every step (this run)
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT) after a step; last checkpoint kept
+    steps: int = 0  # optimizer steps run by this call
+
+
+class StepHook:
+    """Callbacks into :func:`train` (the base class does nothing; override what you need).
+
+    ``attach(model)`` once the model is built (before DDP wraps it); ``around(step)`` a context
+    manager wrapping the forward and backward of global step ``step`` (0-based, counted from the
+    start of training); ``detach()`` when training ends, also on an error.
+    """
+
+    def attach(self, model: nn.Module) -> None:
+        pass
+
+    def around(self, step: int):
+        return contextlib.nullcontext()
+
+    def detach(self) -> None:
+        pass
 
 
 def _make_optimizer(cfg: TrainConfig, params):
@@ -148,32 +249,251 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def _tensor_fingerprint(t: torch.Tensor) -> str:
+    """Shape, dtype and a hash of at most ~4096 evenly strided elements (cheap on 60k images)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(flat[::step].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(cfg: TrainConfig, world: int, data, model: nn.Module,
+                    steps_per_epoch: int) -> dict:
+    """Everything that shapes a data-parallel trajectory, as plain values, in a fixed order:
+    the run identity (whole config and recipe, seeds, world size, comm method and options), the
+    data (sizes and a fingerprint of the training split), the model's parameter shapes and the
+    steps per epoch. Ranks must agree on every field."""
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return {
+        **cfg.identity(world),
+        "device_type": resolve_device(cfg.device).type,
+        "train_images": len(data.train), "test_images": len(data.test),
+        "train_data": _tensor_fingerprint(data.train.x) + _tensor_fingerprint(data.train.y),
+        "model_parameters": _digest(shapes),
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def _agree(fingerprint: dict, problem: str | None) -> None:
+    """All-gather every rank's fingerprint and start-up problem; raise the same error on all."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (problem, fingerprint))
+    for r, (p, _) in enumerate(gathered):
+        if p is not None:
+            raise ValueError(p if r == dist.get_rank() else f"rank {r}: {p}")
+    for key in fingerprint:
+        values = [fp.get(key) for _, fp in gathered]
+        if any(v != values[0] for v in values[1:]):
+            key, values = _first_difference(key, values)
+            per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise RankMismatchError(
+                f"data-parallel ranks disagree on {key} ({per_rank}); every rank must run the "
+                "same settings and data"
+            )
+
+
+def _first_difference(key: str, values: list):
+    """Descend into dicts (the recipe) to the first field whose values differ: ("recipe.name",
+    ['baseline', 'fp4']) rather than two whole recipes."""
+    while all(isinstance(v, dict) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        sub = next((k for k in keys if any(v.get(k) != values[0].get(k) for v in values)), None)
+        if sub is None:
+            break
+        key, values = f"{key}.{sub}", [v.get(sub) for v in values]
+    return key, values
+
+
+def _prepare_out(out: Path | None, cfg: TrainConfig) -> None:
+    """Check the output directory before any training: not a file, writable, and no other
+    run's checkpoint unless resuming or overwriting (then the old checkpoints are removed)."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (created if missing)")
+    if cfg.resume and not out.exists():
+        raise FileNotFoundError(f"--resume: {out} does not exist (nothing to resume); check "
+                                "--out or drop --resume")
+    ck = [out / CHECKPOINT, out / PREVIOUS_CHECKPOINT]
+    if not cfg.resume and any(p.exists() for p in ck):
+        if not cfg.overwrite:
+            raise ValueError(f"--out {out} already holds a run ({CHECKPOINT}); add --resume to "
+                             "continue it, --overwrite to start it over, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out} is not writable")
+
+
+def _read_checkpoint(out: Path) -> tuple[dict | None, str]:
+    """(checkpoint, note) of ``out``; (None, note) when there is none to resume (start fresh)."""
+    cur, prev = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    if not cur.exists() and prev.exists():
+        # a kill between the two renames of a save: the previous checkpoint is complete
+        return _load_file(prev, None), f"resuming from {prev} ({CHECKPOINT} is missing)"
+    if not cur.exists():
+        return None, (f"no complete checkpoint in {out} (the run stopped before its first "
+                      "checkpoint was written): starting from scratch")
+    return _load_file(cur, prev if prev.exists() else None), ""
+
+
+def _load_file(path: Path, fallback: Path | None) -> dict:
+    try:
+        if path.is_dir():
+            raise IsADirectoryError("it is a directory")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ck, dict) or "identity_digest" not in ck:
+            raise ValueError("not a gradcomp checkpoint")
+        return ck
+    except Exception as exc:  # noqa: BLE001 - any failure to read means "unreadable"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        offer = (f"resume from the previous one (mv {fallback} {path}, then --resume), or "
+                 if fallback is not None else "")
+        raise CheckpointUnreadableError(
+            f"checkpoint {path} is unreadable ({reason}); {offer}start a fresh run with "
+            "--overwrite"
+        ) from None
+
+
+def _save_checkpoint(out: Path, ck: dict) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(ck, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    cur = out / CHECKPOINT
+    if cur.exists():
+        os.replace(cur, out / PREVIOUS_CHECKPOINT)
+    os.replace(tmp, cur)  # atomic: a kill before this leaves the previous checkpoint
+
+
+class _StopFlag:
+    """SIGINT (Ctrl-C) asks the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _world_stop(flag: _StopFlag, dev) -> bool:
+    """Data parallel: stop when any rank got a Ctrl-C (an all-reduce of one number)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag.requested else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _silent_peers(rank: int, world: int, wait: float) -> list[int]:
+    """Which ranks do not answer: every live rank marks itself in the rendezvous store, waits
+    ``wait`` seconds, and reports the ranks that never marked. The store lives with rank 0, so
+    a store that does not answer means rank 0 is the silent one."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(1.0, wait)))
+        store.set(f"gradcomp/alive/{rank}", "1")
+        deadline = time.monotonic() + wait
+        missing = list(range(world))
+        while missing and time.monotonic() < deadline:
+            missing = [p for p in missing if not store.check([f"gradcomp/alive/{p}"])]
+            time.sleep(0.2)
+        return missing
+    except Exception:  # noqa: BLE001 - the store itself does not answer
+        return [0] if rank != 0 else []
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset",
+                                   "broken pipe", "connection refused"))
+
+
+def train(cfg: TrainConfig, hook: StepHook | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.recipe``; see the module docstring."""
+    rank, world = _dist_info()
+    try:
+        return _train(cfg, hook or StepHook(), rank, world)
+    except RuntimeError as exc:
+        if world == 1 or isinstance(exc, PeerTimeoutError) or not _is_peer_failure(exc):
+            raise
+        silent = [p for p in _silent_peers(rank, world, min(10.0, cfg.timeout)) if p != rank]
+        who = (f"rank {', '.join(map(str, silent))}" if silent else "a peer")
+        raise PeerTimeoutError(
+            f"rank {rank}: {who} stopped answering (no reply within --timeout {cfg.timeout:g} s "
+            f"or the connection closed); stopping. The last checkpoint in {cfg.out} is kept: "
+            "resume with --resume"
+        ) from None
+
+
+def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResult:
     from gradcomp.integration.wrap import compress_gradients
 
     recipe = cfg.recipe_obj()
-    rank, world = _dist_info()
     dev = resolve_device(cfg.device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
     out = Path(cfg.out) if cfg.out else None
     is_main = rank == 0
-    identity = cfg.identity()
-    ckpt_path = out / "checkpoint.pt" if out else None
+    identity = cfg.identity(world)
+    problem = None
+    if is_main:
+        try:
+            _prepare_out(out, cfg)
+        except (ValueError, FileNotFoundError) as exc:
+            if world == 1:
+                raise
+            problem = str(exc)
 
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train)
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         image_size=data.image_size, width=cfg.width).to(dev)
+    loader = make_loader(_shard(data.train, rank, world), cfg.batch_size, shuffle=True,
+                         seed=cfg.seed, drop_last=True, workers=cfg.workers, device=dev)
+    # every rank runs the same number of steps: that of the smallest shard
+    steps_per_epoch = min(len(loader), (len(data.train) // world) // cfg.batch_size)
+    if steps_per_epoch == 0 and problem is None:
+        problem = (f"--batch-size {cfg.batch_size} is larger than the training split per rank "
+                   f"({len(data.train)} images / {world} rank(s)); allowed: 1.."
+                   f"{len(data.train) // world}")
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if world > 1:
+        _agree(run_fingerprint(cfg, world, data, model, steps_per_epoch), problem)
+    elif problem is not None:
+        raise ValueError(problem)
+    epochs = cfg.epochs if cfg.max_steps is None else -(-cfg.max_steps // steps_per_epoch)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
     fwd_handle = None
     if recipe.forward is not None:
         from gradcomp.integration.forward import quantize_forward
 
         fwd_handle = quantize_forward(model, **recipe.forward.kwargs())
-    handle = compress_gradients(model, recipe.compression, seed=cfg.seed) \
-        if recipe.compression is not None else None
 
     net: nn.Module = model
     comm_state = None
@@ -183,135 +503,250 @@ def train(cfg: TrainConfig) -> TrainResult:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
-        comm_state, hook = make_comm_hook(cfg.comm, **cfg.comm_options)
-        if hook is not None:
-            net.register_comm_hook(comm_state, hook)
+        comm_state, ddp_hook = make_comm_hook(cfg.comm, **cfg.comm_options)
+        if ddp_hook is not None:
+            net.register_comm_hook(comm_state, ddp_hook)
 
-    loader = make_loader(_shard(data.train, rank, world), cfg.batch_size, shuffle=True,
-                         seed=cfg.seed, drop_last=True, workers=cfg.workers, device=dev)
     test = data.test if cfg.max_test is None else TensorSplit(data.test.x[: cfg.max_test],
                                                               data.test.y[: cfg.max_test])
     test_loader = make_loader(test, 512, shuffle=False, device=dev)
-    steps_per_epoch = len(loader)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     opt = _make_optimizer(cfg, model.parameters())
-    sched = _make_schedule(cfg, opt, cfg.epochs * steps_per_epoch)
+    sched = _make_schedule(cfg, opt, total_steps)
+
+    def rank_state() -> dict:
+        return {
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "compressor": handle.state_dict() if handle is not None else None,
+            "forward": fwd_handle.state_dict() if fwd_handle is not None else None,
+            "comm": comm_state.state_dict() if hasattr(comm_state, "state_dict") else None,
+        }
 
     history: list[dict] = []
     start_epoch = 0
-    if cfg.resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck["identity_digest"] != _digest(identity):
-            diff = [k for k in identity if ck["identity"].get(k) != identity[k]]
-            raise CheckpointMismatchError(
-                f"checkpoint {ckpt_path} was written by another run configuration "
-                f"(differs in: {', '.join(diff)}); use another --out or the same settings"
-            )
+    comm_totals = {"bytes_sent": 0, "dense_bytes": 0}
+    ck = _resume_payload(out, identity, is_main, world) if cfg.resume else None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng_cpu"])
-        if dev.type == "cuda" and ck.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng_cuda"], dev)
-        if handle is not None:
-            handle.load_state_dict(ck["compressor"])
+        mine = ck["ranks"][rank]
+        torch.set_rng_state(mine["rng_cpu"])
+        if dev.type == "cuda" and mine.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"], dev)
         if fwd_handle is not None:
-            fwd_handle.load_state_dict(ck["forward"])
+            fwd_handle.load_state_dict(mine["forward"])
+        if comm_state is not None and mine.get("comm") is not None:
+            comm_state.load_state_dict(mine["comm"])
         history = ck["history"]
+        comm_totals = dict(ck.get("comm_totals", comm_totals))
         start_epoch = ck["epoch"] + 1
+        if comm_state is not None:
+            # DDP buckets all parameters together for its first step and re-buckets after it;
+            # a resumed process must meet the re-bucketed layout (the one the hook's state was
+            # built on) from its first step: one forward/backward with the hook suspended that
+            # changes nothing else. Before the neural-gradient compressor is attached, so that
+            # it does not see this backward either.
+            from gradcomp.integration.ddp_hooks import prime_buckets
+
+            prime_buckets(net, comm_state, test.x[: cfg.batch_size].to(dev))
+    # attached after the resume's bucket priming; its hooks only observe the backward
+    handle = compress_gradients(model, recipe.compression, seed=cfg.seed) \
+        if recipe.compression is not None else None
+    if handle is not None and ck is not None:
+        handle.load_state_dict(ck["ranks"][rank]["compressor"])
+    hook.attach(model)
 
     t_start = time.perf_counter()
     step_times: list[float] = []
     trace: list[torch.Tensor] = []
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
+    global_step = start_epoch * steps_per_epoch
+    steps_run = 0
+    interrupted = False
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(start_epoch, epochs):
+                loader.set_epoch(epoch)
+                if handle is not None:
+                    handle.on_epoch_start(epoch)
+                comm_before = _comm_metrics(comm_state)
+                net.train()
+                loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+                correct = torch.zeros((), dtype=torch.int64, device=dev)
+                seen, skipped = 0, 0
+                t_epoch = time.perf_counter()
+                n_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                bar = tqdm(total=n_steps, desc=f"{recipe.name} epoch {epoch + 1}/{epochs}",
+                           disable=not (cfg.progress and is_main), leave=False)
+                for i, (x, y) in enumerate(loader):
+                    if i >= n_steps:
+                        break
+                    t0 = time.perf_counter()
+                    with hook.around(global_step):
+                        out_ = net(x)
+                        loss = nn.functional.cross_entropy(out_, y)
+                        if fwd_handle is not None:
+                            loss = loss + fwd_handle.alpha_regularization()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    if handle is not None:
+                        stepped = handle.step(opt)
+                        skipped += 0 if stepped else 1
+                    else:
+                        opt.step()
+                    sched.step()
+                    step_times.append(time.perf_counter() - t0)
+                    trace.append(loss.detach())
+                    loss_sum += loss.detach().double() * y.numel()
+                    correct += (out_.detach().argmax(1) == y).sum()
+                    seen += y.numel()
+                    global_step += 1
+                    steps_run += 1
+                    bar.update(1)
+                    if world == 1:
+                        interrupted = stop.requested
+                    elif (i + 1) % _STOP_CHECK_EVERY == 0 or i + 1 == n_steps:
+                        interrupted = _world_stop(stop, dev)
+                    if interrupted:
+                        break
+                bar.close()
+                if interrupted:
+                    break
+                epoch_seconds = time.perf_counter() - t_epoch
+                if cfg.evaluate:
+                    test_loss, test_acc = evaluate(model, test_loader, dev)
+                else:
+                    test_loss, test_acc = math.nan, math.nan
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": float(loss_sum) / max(seen, 1),
+                    "train_accuracy": float(correct) / max(seen, 1),
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "lr": opt.param_groups[0]["lr"],
+                    "seconds": epoch_seconds,
+                    "skipped_steps": skipped,
+                }
+                if handle is not None:
+                    row.update(handle.metrics(reset=True)["overall"])
+                else:
+                    row.update({"sparsity": 0.0, "bits_per_element": 32.0,
+                                "overflow": 0.0, "underflow": 0.0})
+                comm_line = ""
+                if comm_before is not None:
+                    row.update(_comm_row(comm_before, _comm_metrics(comm_state), comm_totals))
+                    comm_line = (f" comm ratio {row['comm_ratio_epoch']:.2f} "
+                                 f"(cumulative {row['comm_ratio_cumulative']:.2f})")
+                history.append(row)
+                if is_main and cfg.progress:
+                    acc_txt = f"{100 * test_acc:.2f}%" if cfg.evaluate else "(not evaluated)"
+                    sp, bits = row.get("sparsity"), row.get("bits_per_element")
+                    comp_txt = (f"sparsity {sp:.3f} bits/elem {bits:.2f}"
+                                if sp is not None and math.isfinite(sp) else
+                                "sparsity - (no metric step ran yet)")
+                    print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
+                          f"{row['train_loss']:.4f} test acc {acc_txt} {comp_txt}"
+                          f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)
+                if out is not None:
+                    states = _gather_rank_states(rank_state(), world)
+                    if is_main:
+                        _save_checkpoint(out, {
+                            "identity": identity, "identity_digest": _digest(identity),
+                            "epoch": epoch, "model": model.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "ranks": states, "history": history, "comm_totals": comm_totals,
+                        })
+                        _write_metrics(out, history, cfg, recipe)
+    finally:
+        hook.detach()
         if handle is not None:
-            handle.on_epoch_start(epoch)
-        net.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        seen, skipped = 0, 0
-        t_epoch = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"{recipe.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and is_main), leave=False)
-        for i, (x, y) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            t0 = time.perf_counter()
-            out_ = net(x)
-            loss = nn.functional.cross_entropy(out_, y)
-            if fwd_handle is not None:
-                loss = loss + fwd_handle.alpha_regularization()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if handle is not None:
-                stepped = handle.step(opt)
-                skipped += 0 if stepped else 1
-            else:
-                opt.step()
-            sched.step()
-            step_times.append(time.perf_counter() - t0)
-            trace.append(loss.detach())
-            loss_sum += loss.detach().double() * y.numel()
-            correct += (out_.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            bar.update(1)
-        bar.close()
-        epoch_seconds = time.perf_counter() - t_epoch
-        test_loss, test_acc = evaluate(model, test_loader, dev)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(seen, 1),
-            "train_accuracy": float(correct) / max(seen, 1),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": epoch_seconds,
-            "skipped_steps": skipped,
-        }
-        if handle is not None:
-            row.update(handle.metrics(reset=True)["overall"])
-        else:
-            row.update({"sparsity": 0.0, "bits_per_element": 32.0,
-                        "overflow": 0.0, "underflow": 0.0})
-        if comm_state is not None and hasattr(comm_state, "metrics"):
-            cm = comm_state.metrics()
-            row["comm_compression_ratio"] = cm.get("compression_ratio", 1.0)
-            row["comm_bytes_sent"] = cm.get("bytes_sent")
-        history.append(row)
-        if is_main and cfg.progress:
-            print(f"[{recipe.name}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
-                  f"test acc {100 * test_acc:.2f}% sparsity {row['sparsity']:.3f} "
-                  f"bits/elem {row['bits_per_element']:.2f} ({epoch_seconds:.1f}s)", flush=True)
-        if out is not None and is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            ck = {
-                "identity": identity, "identity_digest": _digest(identity), "epoch": epoch,
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "compressor": handle.state_dict() if handle is not None else None,
-                "forward": fwd_handle.state_dict() if fwd_handle is not None else None,
-                "history": history,
-            }
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(ck, tmp)
-            os.replace(tmp, ckpt_path)  # atomic: a kill mid-save leaves the previous checkpoint
-            _write_metrics(out, history, cfg, recipe)
+            handle.remove()
+        if fwd_handle is not None:
+            fwd_handle.remove()
+    if interrupted and is_main:
+        where = f"the last checkpoint in {out} is kept" if out else "no checkpoint (no --out)"
+        print(f"interrupted after step {global_step} (epoch {epoch + 1}); {where}: run the same "
+              "command with --resume to continue", flush=True)
     final = history[-1] if history else {"test_accuracy": math.nan, "test_loss": math.nan}
-    if handle is not None:
-        handle.remove()
-    if fwd_handle is not None:
-        fwd_handle.remove()
     return TrainResult(
         history=history, test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
         out=out, seconds=time.perf_counter() - t_start,
         step_seconds=statistics.median(step_times) if step_times else math.nan,
         loss_trace=torch.stack(trace).float().cpu().tolist() if trace else [],
+        interrupted=interrupted, steps=steps_run,
     )
+
+
+def _resume_payload(out: Path | None, identity: dict, is_main: bool, world: int) -> dict | None:
+    """Rank 0 reads and checks the checkpoint and sends it to every rank; every rank raises the
+    same error when it cannot be used. None: nothing to resume yet (start from scratch)."""
+    payload: list = [None]
+    if is_main:
+        try:
+            if out is None:
+                raise ValueError("--resume needs --out (the directory of the run to continue)")
+            ck, note = _read_checkpoint(out)
+            if note:
+                print(f"gradcomp train: {note}", flush=True)
+            if ck is not None and ck["identity_digest"] != _digest(identity):
+                old = ck.get("identity", {})
+                diff = [f"{k} ({old.get(k)!r} -> {identity[k]!r})" for k in identity
+                        if old.get(k) != identity[k]]
+                raise CheckpointMismatchError(
+                    f"checkpoint in {out} was written by another run configuration (differs "
+                    f"in: {', '.join(diff)}); use the same settings, another --out, or "
+                    "--overwrite to start over"
+                )
+            if ck is not None and len(ck.get("ranks", ())) != world:
+                raise CheckpointMismatchError(f"checkpoint in {out} holds {len(ck['ranks'])} "
+                                              f"rank state(s) for world size {world}")
+            payload[0] = ("ok", ck)
+        except (ValueError, FileNotFoundError) as exc:
+            if world == 1:
+                raise
+            payload[0] = ("error", exc)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _gather_rank_states(state: dict, world: int) -> list[dict] | None:
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out: list | None = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(state, out, dst=0)
+    return out
+
+
+def _comm_metrics(comm_state) -> dict | None:
+    if comm_state is None or not hasattr(comm_state, "metrics"):
+        return None
+    m = comm_state.metrics()
+    return {"bytes_sent": int(m.get("bytes_sent") or 0),
+            "dense_bytes": int(m.get("dense_bytes") or 0)}
+
+
+def _comm_row(before: dict, after: dict, totals: dict) -> dict:
+    """This epoch's and the cumulative bytes and compression ratio (fp32 bytes / bytes sent).
+
+    The epoch's bytes are the difference of the hook's counters over the epoch, so they are right
+    whether or not the hook restored its counters on resume; the cumulative ones add up the
+    epochs (restored from the checkpoint)."""
+    sent = after["bytes_sent"] - before["bytes_sent"]
+    dense = after["dense_bytes"] - before["dense_bytes"]
+    totals["bytes_sent"] += sent
+    totals["dense_bytes"] += dense
+    ratio = dense / sent if sent else math.nan
+    cum = totals["dense_bytes"] / totals["bytes_sent"] if totals["bytes_sent"] else math.nan
+    return {"comm_bytes_epoch": sent, "comm_bytes_sent": totals["bytes_sent"],
+            "comm_ratio_epoch": ratio, "comm_ratio_cumulative": cum}
 
 
 def _write_metrics(out: Path, history: list[dict], cfg: TrainConfig, recipe: Recipe) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def add_parser(sub):
                    help="training images used (default 20000 of 54000)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds per recipe (SEED, SEED+1, ...): the table reports mean +- std "
+                   "and which differences to the baseline exceed the seed spread (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--quiet", action="store_true")
@@ -77,93 +81,174 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
     for name, _ in plan:
         get_recipe(name)  # fail fast on a typo
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be an int >= 1, got {args.seeds}")
     if args.quick:
         args.max_train, args.epochs, args.width, max_test = 1024, 1, 8, 1000
     else:
         max_test = None
+    seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
-    results = {}
+    results: dict[str, list] = {}
     t0 = time.perf_counter()
     for i, (name, _) in enumerate(plan):
-        if not args.quiet:
-            print(f"[{i + 1}/{len(plan)}] {name}", flush=True)
-        cfg = TrainConfig(
-            recipe=name, model=args.model, dataset=args.dataset, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-            out=str(out / name), data_dir=args.data_dir, max_train=args.max_train,
-            width=args.width, progress=not args.quiet, max_test=max_test,
-        )
-        results[name] = train(cfg)
+        for seed in seeds:
+            if not args.quiet:
+                tag = f" seed {seed}" if len(seeds) > 1 else ""
+                print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
+            run_out = out / name if len(seeds) == 1 else out / name / f"seed{seed}"
+            cfg = TrainConfig(
+                recipe=name, model=args.model, dataset=args.dataset, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
+                out=str(run_out), overwrite=True, data_dir=args.data_dir,
+                max_train=args.max_train, width=args.width, progress=not args.quiet,
+                max_test=max_test,
+            )
+            results.setdefault(name, []).append(train(cfg))
     total = time.perf_counter() - t0
 
-    base = results.get("baseline")
+    stats = {name: _stats(runs) for name, runs in results.items()}
+    base = stats.get("baseline")
     rows, data = [], []
     for name, prediction in plan:
-        r = results[name]
-        last = r.history[-1]
-        delta = 100 * (r.test_accuracy - base.test_accuracy) if base else math.nan
-        overhead = (r.step_seconds / base.step_seconds - 1) * 100 if base else math.nan
+        st = stats[name]
+        last = results[name][-1].history[-1]
         fmt = last.get("format", "")
-        rows.append([
-            name + (f" ({fmt})" if fmt else ""), 100 * r.test_accuracy, delta,
-            last.get("sparsity", 0.0), last.get("bits_per_element", 32.0), overhead, prediction,
-        ])
-        data.append({"recipe": name, "format": fmt, "test_accuracy": r.test_accuracy,
-                     "delta_pp": delta, "sparsity": last.get("sparsity"),
-                     "bits_per_element": last.get("bits_per_element"),
+        delta, verdict = _versus(st, base, len(seeds)) if name != "baseline" else ("-", "")
+        acc = (f"{st['mean']:.2f} +- {st['std']:.2f}" if len(seeds) > 1 else f"{st['mean']:.2f}")
+        rows.append([name + (f" ({fmt})" if fmt else ""), acc, delta, st["sparsity"],
+                     st["bits"], verdict, prediction])
+        data.append({"recipe": name, "format": fmt, "seeds": seeds,
+                     "test_accuracy": st["mean"] / 100, "test_accuracy_std": st["std"] / 100,
+                     "test_accuracies": [r.test_accuracy for r in results[name]],
+                     "delta_pp": delta if name != "baseline" else 0.0,
+                     "significant": verdict.startswith("yes"),
+                     "sparsity": st["sparsity"], "bits_per_element": st["bits"],
                      "overflow": last.get("overflow"), "underflow": last.get("underflow"),
-                     "step_seconds": r.step_seconds, "step_overhead_pct": overhead,
-                     "prediction": prediction, "history": r.history})
-    headers = ["recipe", "test acc %", "delta pp", "sparsity", "bits/elem", "step overhead %",
+                     "prediction": prediction,
+                     "history": [r.history for r in results[name]]})
+    acc_head = "test acc % (mean +- std)" if len(seeds) > 1 else "test acc %"
+    headers = ["recipe", acc_head, "delta pp", "sparsity", "bits/elem", "beyond seed spread?",
                "paper predicts"]
     table = format_table(headers, rows, ".2f")
+    seeds_txt = (f"seeds {seeds[0]}..{seeds[-1]} ({len(seeds)})" if len(seeds) > 1
+                 else f"seed {seeds[0]}")
     setup = (f"{args.model} (width {args.width}) on {args.dataset}, {args.epochs} epoch(s), "
              f"{args.max_train} training images, batch {args.batch_size}, SGD lr {args.lr} cosine, "
-             f"seed {args.seed}; total {total:.0f} s")
-    print(f"\n{setup}\n\n{table}\n")
+             f"{seeds_txt}; total {total:.0f} s")
+    note = _NOTE if len(seeds) > 1 else _NOTE_ONE
+    print(f"\n{setup}\n\n{table}\n\n{note}\n")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo.json", {"setup": setup, "rows": data})
     png = _plot(results, plan, out)
     (out / "report.md").write_text(
         f"# gradcomp demo\n\n{setup}\n\n{table}\n\n"
-        "sparsity: fraction of zeros in the compressed neural gradients (last epoch); "
-        "bits/elem: bits per neural-gradient element (FP width, or the entropy bound of the "
-        "pruned stream); step overhead: mean training-step time vs the baseline.\n\n"
+        "sparsity: fraction of zeros in the compressed neural gradients (last epoch, mean over "
+        "seeds); bits/elem: bits per neural-gradient element (FP width, or the entropy bound of "
+        f"the pruned stream). {note} Step times belong to `benchmarks/bench_train_step.py` "
+        "(interleaved runs), not to this table.\n\n"
         f"![curves]({png.name})\n"
     )
     print(f"wrote {out / 'report.md'}, {png}, {out / 'demo.json'}")
     return 0
 
 
+_NOTE = ("beyond seed spread?: 'yes' when |delta| exceeds twice its standard error over the seeds "
+         "(sqrt(s_r^2/n + s_b^2/n)); smaller differences are noise at this scale.")
+_NOTE_ONE = ("beyond seed spread?: needs --seeds N >= 2; with one seed, differences of a point or "
+             "two between recipes are within run-to-run noise at this scale.")
+
+
+def _stats(runs) -> dict:
+    accs = [100 * r.test_accuracy for r in runs]
+    last = [r.history[-1] for r in runs]
+    sp = [row.get("sparsity", 0.0) for row in last]
+    bits = [row.get("bits_per_element", 32.0) for row in last]
+    return {"mean": statistics.fmean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
+            "n": len(accs), "accs": accs,
+            "sparsity": statistics.fmean(sp), "bits": statistics.fmean(bits)}
+
+
+def _versus(st: dict, base: dict | None, n: int) -> tuple[float, str]:
+    """(mean difference to the baseline in points, verdict against the seed spread)."""
+    if base is None:
+        return math.nan, ""
+    delta = st["mean"] - base["mean"]
+    if n < 2:
+        return delta, "n/a (1 seed)"
+    se = math.sqrt(st["std"] ** 2 / n + base["std"] ** 2 / n)
+    if se == 0:
+        return delta, "yes" if delta != 0 else "no"
+    return delta, (f"yes ({abs(delta) / se:.1f} se)" if abs(delta) > 2 * se
+                   else f"no ({abs(delta) / se:.1f} se)")
+
+
 def _plot(results, plan, out: Path) -> Path:
+    """Three panels: training loss (mean over seeds, moving average; a distinct colour, line
+    style and marker per recipe), test accuracy (axis from 0, error bars = std over seeds), and
+    what each recipe compresses to (sparsity and bits per element)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, _ in plan:
-        tr = np.array(results[name].loss_trace)
-        if tr.size:
-            k = max(1, tr.size // 50)
-            sm = np.convolve(tr, np.ones(k) / k, mode="valid")
-            ax1.plot(np.arange(sm.size) + k - 1, sm, label=name)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (moving average)")
-    ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
     names = [n for n, _ in plan]
-    accs = [100 * results[n].test_accuracy for n in names]
-    ax2.barh(names, accs, color="C0")
-    lo = min(accs) - 2
-    ax2.set_xlim(max(0, lo), 100)
-    for i, a in enumerate(accs):
-        ax2.text(a, i, f" {a:.2f}", va="center", fontsize=7)
-    ax2.set_xlabel("test accuracy %")
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "h"]
+    cmap = plt.get_cmap("tab10")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5),
+                                        gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    for k, name in enumerate(names):
+        traces = [np.array(r.loss_trace) for r in results[name] if r.loss_trace]
+        if not traces:
+            continue
+        n = min(t.size for t in traces)
+        tr = np.mean([t[:n] for t in traces], axis=0)
+        w = max(1, tr.size // 50)
+        sm = np.convolve(tr, np.ones(w) / w, mode="valid")
+        x = np.arange(sm.size) + w - 1
+        ax1.plot(x, sm, label=name, color=cmap(k % 10), linestyle=styles[k % len(styles)],
+                 marker=markers[k % len(markers)], markevery=max(1, sm.size // 8), markersize=5,
+                 linewidth=1.4)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss (moving average, mean over seeds)")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8, ncol=2)
+    ax1.set_title("training loss")
+
+    accs = [[100 * r.test_accuracy for r in results[n]] for n in names]
+    mean = [float(np.mean(a)) for a in accs]
+    std = [float(np.std(a, ddof=1)) if len(a) > 1 else 0.0 for a in accs]
+    y = np.arange(len(names))
+    ax2.barh(y, mean, xerr=std, color=[cmap(k % 10) for k in range(len(names))], capsize=3)
+    ax2.set_yticks(y, names, fontsize=8)
+    ax2.set_xlim(0, 100)  # from 0: a collapsed recipe must look collapsed
+    for i, (a, e) in enumerate(zip(mean, std)):
+        ax2.text(min(a + e, 88) + 1, i, f"{a:.1f}", va="center", fontsize=7)
+    ax2.set_xlabel("test accuracy % (bars: std over seeds)")
     ax2.invert_yaxis()
+    ax2.set_title("test accuracy")
+
+    last = [results[n][-1].history[-1] for n in names]
+    sp = [float(row.get("sparsity") or 0.0) for row in last]
+    bits = [float(row.get("bits_per_element") or 32.0) for row in last]
+    h = 0.4
+    ax3.barh(y - h / 2, sp, height=h, color="0.35", label="sparsity (fraction of zeros)")
+    ax3.set_xlim(0, 1)
+    ax3.set_yticks(y, names, fontsize=8)
+    ax3.set_xlabel("sparsity of the neural gradients")
+    ax3b = ax3.twiny()
+    ax3b.barh(y + h / 2, bits, height=h, color="C1", label="bits per element")
+    ax3b.set_xlim(0, 33)
+    ax3b.set_xlabel("bits per neural-gradient element", color="C1")
+    ax3.invert_yaxis()
+    fig.legend(handles=[ax3.containers[0], ax3b.containers[0]], fontsize=7, loc="lower right",
+               ncol=2)
+    ax3.set_title("compression (last epoch)", pad=28)
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from gradcomp.apps.commands._common import add_data_args
-from gradcomp.apps.commands.formats import _parse_bits
-from gradcomp.apps.commands.sparsity import _parse_methods, _parse_targets, synthetic_layers
+from gradcomp.apps.commands._common import (
+    add_data_args,
+    parse_bits,
+    parse_methods,
+    parse_targets,
+)
+from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, synthetic_layers
 from gradcomp.apps.fitcheck import (
     DEFAULT_BITS,
-    DEFAULT_METHODS,
-    DEFAULT_TARGETS,
     capture_layers,
     per_layer_tables,
     quantization_check,
@@ -85,9 +87,9 @@ def _parse_sizes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = _parse_targets(args.targets)
-    methods = _parse_methods(args.methods)
-    bits = _parse_bits(args.bits)
+    targets = parse_targets(args.targets)
+    methods = parse_methods(args.methods)
+    bits = parse_bits(args.bits)
     extra = _parse_sizes(args.extra_sample_sizes)
     for name in ("sample_size", "quant_values", "capture_size"):
         if getattr(args, name) < 4:
@@ -103,11 +105,12 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed, device=args.device, data_dir=args.data_dir,
                                 progress=not args.quiet)
         source = f"{args.model}/{args.dataset}, {args.steps} steps"
+    show = not (args.quiet or args.json)
     with torch.no_grad():
         sp = sparsity_check(layers, targets, methods, sample_size=args.sample_size,
-                            extra_sample_sizes=extra, seed=args.seed)
+                            extra_sample_sizes=extra, seed=args.seed, progress=show)
         fp = quantization_check(layers, bits, semantics=args.semantics, rounding=args.rounding,
-                                max_values=args.quant_values, seed=args.seed)
+                                max_values=args.quant_values, seed=args.seed, progress=show)
     result = {"source": source, "sparsity": sp, "quantization": fp}
     out = Path(args.out)
     write_json(out / "fitcheck.json", result)

@@ -9,131 +9,21 @@ reports the achieved fraction of zeros (mean and worst layer |error|) and the en
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from gradcomp.apps.commands._common import add_data_args
+from gradcomp.apps.commands._common import add_data_args, parse_methods, parse_targets
+from gradcomp.apps.evaluation import (
+    DEFAULT_METHODS,
+    DEFAULT_TARGETS,
+    evaluate_sparsity,
+    synthetic_layers,
+)
 from gradcomp.apps.tables import format_table, to_json, write_json
-from gradcomp.compressors.encoding import encode_pruned
-from gradcomp.compressors.pruning import PRUNE_METHODS, Pruner, topk_threshold
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.compressors.pruning import PRUNE_METHODS
 
 DEFAULT_OUT = "runs/sparsity"
-DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-DEFAULT_METHODS = ("lognormal", "empirical", "calibrated", "atp", "topk_stochastic")
-
-
-def _parse_targets(text: str) -> list[float]:
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--targets must look like 0.5,0.8,0.9; got {text!r}") from None
-    if not vals:
-        raise ValueError(f"--targets is empty: {text!r}")
-    for v in vals:
-        if not 0.0 < v < 1.0:
-            raise ValueError(f"--targets values must lie in (0, 1), got {v!r}")
-    return vals
-
-
-def _parse_methods(text: str) -> list[str]:
-    vals = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in vals if m not in PRUNE_METHODS]
-    if bad or not vals:
-        raise ValueError(f"--methods must be a comma list of {', '.join(PRUNE_METHODS)}; "
-                         f"got {text!r}")
-    return vals
-
-
-def synthetic_layers(n_layers: int = 8, numel: int = 50_000, seed: int = 0):
-    """Signed lognormal tensors with sigma in [1, 4] and zero fractions in [0, 0.5] (for tests)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n_layers):
-        mu = -12 + 6 * float(torch.rand((), generator=g))
-        sigma = 1 + 3 * float(torch.rand((), generator=g))
-        z = 0.5 * float(torch.rand((), generator=g))
-        mag = torch.exp(mu + sigma * torch.randn(numel, generator=g))
-        sign = torch.where(torch.rand(numel, generator=g) < 0.5, -1.0, 1.0)
-        x = mag * sign * (torch.rand(numel, generator=g) >= z)
-        out.append((f"layer{i}", x))
-    return out
-
-
-def _group(layers: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    groups: dict[str, list[torch.Tensor]] = {}
-    for name, t in layers:
-        groups.setdefault(name, []).append(t.detach().reshape(-1))
-    return groups
-
-
-def _sample(t: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tensor:
-    if size is None or t.numel() <= size:
-        return t  # fewer elements than the sample size: use every element (issue 8)
-    idx = torch.randint(0, t.numel(), (size,), generator=g, device="cpu").to(t.device)
-    return t[idx]
-
-
-def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAULT_TARGETS,
-                      methods=DEFAULT_METHODS, *, sample_size: int | None = 16384, seed: int = 0,
-                      encode: bool = True) -> dict:
-    """Prune every layer at every target with every method; measure achieved sparsity and size.
-
-    ``layers`` is a list of (name, tensor). A name repeated (the same layer captured at several
-    steps) is a time series: every method is evaluated on its *last* tensor, and the calibrated
-    method is refreshed on each tensor in order before that (as during training); with a single
-    tensor it is refreshed three times on it (in-sample, flagged in the result). Samples for
-    'empirical' / 'atp' are ``sample_size`` values drawn with replacement (all values when the
-    layer is smaller). Returns a dict with per-layer records and per (method, target) summaries:
-    mean achieved sparsity, mean and worst-layer |achieved - target|, mean signed error and the
-    element-weighted encoded bits per element.
-    """
-    groups = _group(layers)
-    if not groups:
-        raise ValueError("layers is empty: nothing to evaluate")
-    g = torch.Generator().manual_seed(seed)
-    per_layer, summary = [], []
-    in_sample = all(len(v) == 1 for v in groups.values())
-    for method in methods:
-        for target in targets:
-            errs, achieved_all, bits, elems = [], [], 0.0, 0
-            for name, series in groups.items():
-                p = Pruner(target, method)
-                history = series if len(series) > 1 or method != "calibrated" else series * 3
-                if method != "calibrated":
-                    history = history[-1:]
-                for t in history:
-                    p.update(fit_lognormal(t), _sample(t, sample_size, g))
-                    y = p(t, g)
-                x = history[-1]
-                achieved = float(p.metrics()["sparsity"])
-                rec = {"layer": name, "method": method, "target": target, "numel": x.numel(),
-                       "achieved": achieved, "error": achieved - target}
-                if encode:
-                    a = p.threshold if p.threshold is not None else topk_threshold(x, target)
-                    nbytes = len(encode_pruned(y, float(a)))
-                    rec["bits_per_element"] = 8 * nbytes / x.numel()
-                    bits += 8 * nbytes
-                    elems += x.numel()
-                per_layer.append(rec)
-                errs.append(achieved - target)
-                achieved_all.append(achieved)
-            worst = max(range(len(errs)), key=lambda i: abs(errs[i]))
-            summary.append({
-                "method": method, "target": target,
-                "mean_achieved": sum(achieved_all) / len(errs),
-                "min_achieved": min(achieved_all), "max_achieved": max(achieved_all),
-                "mean_abs_error": sum(abs(e) for e in errs) / len(errs),
-                "mean_error": sum(errs) / len(errs),
-                "worst_abs_error": abs(errs[worst]), "worst_layer": list(groups)[worst],
-                "bits_per_element": bits / elems if elems else math.nan,
-            })
-    return {"layers": len(groups), "methods": list(methods), "targets": list(targets),
-            "sample_size": sample_size, "calibration_in_sample": in_sample,
-            "summary": summary, "per_layer": per_layer}
 
 
 def format_report(result: dict) -> str:
@@ -226,13 +116,14 @@ def _capture(args) -> list[tuple[str, torch.Tensor]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = _parse_targets(args.targets)
-    methods = _parse_methods(args.methods)
+    targets = parse_targets(args.targets)
+    methods = parse_methods(args.methods)
     if args.sample_size < 1:
         raise ValueError(f"--sample-size must be >= 1, got {args.sample_size}")
     layers = synthetic_layers(seed=args.seed) if args.synthetic else _capture(args)
     result = evaluate_sparsity(layers, targets, methods, sample_size=args.sample_size,
-                               seed=args.seed, encode=not args.no_encode)
+                               seed=args.seed, encode=not args.no_encode,
+                               progress=not (args.quiet or args.json))
     result["source"] = "synthetic" if args.synthetic else f"{args.model}/{args.dataset}"
     out = Path(args.out)
     write_json(out / "sparsity.json", result)

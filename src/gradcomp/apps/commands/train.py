@@ -7,6 +7,7 @@ import json
 import os
 
 from gradcomp.apps.commands._common import add_data_args
+from gradcomp.apps.train import DEFAULT_TIMEOUT
 
 DEFAULT_OUT = "runs/train"
 
@@ -33,10 +34,14 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--width", type=int, default=None, help="model base width")
     p.add_argument("--max-train", type=int, default=None, help="use at most N training images")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None,
+                   help="truncate each epoch to N >= 1 steps (default: the whole split)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds another run's checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine")
     p.add_argument("--comm", default="allreduce",
                    help="DDP gradient communication: allreduce, fp16, powersgd, qsgd, topk, "
@@ -45,6 +50,9 @@ def add_parser(sub):
                    help='JSON keyword arguments of the communication hook, e.g. \'{"levels": 16}\'')
     p.add_argument("--backend", default=None, help="torch.distributed backend (default: gloo on "
                    "CPU, nccl on CUDA)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a data-parallel collective waits for a silent peer before the "
+                   f"run stops with a line naming it (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -58,19 +66,37 @@ def config_from_args(args):
         raise ValueError(f"--comm-options must be a JSON object: {exc}") from None
     if not isinstance(comm_options, dict):
         raise ValueError("--comm-options must be a JSON object")
-    return TrainConfig(
-        recipe=args.recipe, model=args.model, dataset=args.dataset, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        schedule=args.schedule, weight_decay=args.weight_decay, seed=args.seed,
-        device=args.device, out=args.out, resume=args.resume, data_dir=args.data_dir,
-        max_train=args.max_train, width=args.width, workers=args.workers,
-        progress=not args.quiet, max_steps_per_epoch=args.max_steps_per_epoch,
-        comm=args.comm, comm_options=comm_options,
-    )
+    try:
+        return TrainConfig(
+            recipe=args.recipe, model=args.model, dataset=args.dataset, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+            schedule=args.schedule, weight_decay=args.weight_decay, seed=args.seed,
+            device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite,
+            data_dir=args.data_dir, timeout=args.timeout,
+            max_train=args.max_train, width=args.width, workers=args.workers,
+            progress=not args.quiet, max_steps_per_epoch=args.max_steps_per_epoch,
+            comm=args.comm, comm_options=comm_options,
+        )
+    except ValueError as exc:
+        raise ValueError(_as_flag(str(exc))) from None
+
+
+def _as_flag(msg: str) -> str:
+    """'max_steps_per_epoch must be ...' -> '--max-steps-per-epoch must be ...' (CLI wording)."""
+    field = msg.split(" ", 1)[0]
+    if field.isidentifier() and field.islower():
+        return "--" + field.replace("_", "-") + msg[len(field):]
+    return msg
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradcomp.apps.distributed import launch_local, running_under_torchrun, worker_main
+    from gradcomp.apps.distributed import (
+        EXIT_INTERRUPTED,
+        launch_local,
+        running_under_torchrun,
+        validate_comm_args,
+        worker_main,
+    )
     from gradcomp.apps.train import train
 
     cfg = config_from_args(args)
@@ -78,15 +104,35 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if running_under_torchrun():
-        worker_main(cfg, backend=args.backend)
-        return 0
+        validate_comm_args(cfg.comm, cfg.comm_options)
+        res = worker_main(cfg, backend=args.backend)
+        return EXIT_INTERRUPTED if res.interrupted else 0
     if args.nproc > 1:
-        launch_local(cfg, args.nproc, backend=args.backend)
-        return 0
+        validate_comm_args(cfg.comm, cfg.comm_options)  # before spawning: one line, not N
+        _check_out(cfg)
+        return launch_local(cfg, args.nproc, backend=args.backend)
     if args.comm != "allreduce":
         raise ValueError("--comm needs data-parallel training: add --nproc N (or run under "
                          "torchrun)")
     res = train(cfg)
+    if res.interrupted:
+        return EXIT_INTERRUPTED
     print(f"test accuracy {100 * res.test_accuracy:.2f}% after {len(res.history)} epoch(s); "
           f"outputs in {os.path.abspath(cfg.out)}")
     return 0
+
+
+def _check_out(cfg) -> None:
+    """The launcher checks --out before spawning, so a bad path is one line, not one per rank
+    (rank 0 checks it again, under torchrun the only check)."""
+    from pathlib import Path
+
+    from gradcomp.apps.train import CHECKPOINT, PREVIOUS_CHECKPOINT
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (created if missing)")
+    if (not cfg.resume and not cfg.overwrite
+            and any((out / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT))):
+        raise ValueError(f"--out {out} already holds a run ({CHECKPOINT}); add --resume to "
+                         "continue it, --overwrite to start it over, or choose another --out")
