@@ -14,7 +14,7 @@ from gradcomp.compressors.pruning import (
     topk_stochastic_prune,
     topk_threshold,
 )
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.sparsity import expected_sparsity, lognormal_threshold, pruned_cosine
 
 
@@ -136,7 +136,8 @@ def test_pruner_methods_reach_target_on_lognormal(method):
     assert torch.equal(p(x), x)  # dense until the first update
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
-        p.update(fit, sample)
+        p.update(LayerStats(fit, sample))
+        p.reset_metrics()
         y = p(x, g)
     s = float(p.metrics()["sparsity"])
     assert s == float((y == 0).double().mean())
@@ -167,7 +168,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     x = _signed_lognormal(100_000, -5.0, 2.0, seed=11)
     fit, sample = _fit_and_sample(x)
     atp = Pruner(0.8, "atp")
-    atp.update(fit, sample)
+    atp.update(LayerStats(fit, sample))
     assert float(atp.threshold) == pytest.approx(
         math.sqrt(math.pi / 2) * float(sample.abs().double().mean()) * 1.2815515655446004)
     tk = Pruner(0.8, "topk_stochastic")
@@ -175,7 +176,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     y = tk(x, torch.Generator().manual_seed(0))
     assert float((y == 0).double().mean()) < 0.8
     p = Pruner(0.7, "calibrated")
-    p.update(fit, sample)
+    p.update(LayerStats(fit, sample))
     q = Pruner(0.5, "lognormal")
     q.load_state_dict(p.state_dict())
     assert q.method == "calibrated" and q.sparsity == 0.7
@@ -187,7 +188,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     with pytest.raises(ValueError, match="sparsity"):
         Pruner(1.2)
     assert set(PRUNE_METHODS) == {"lognormal", "empirical", "calibrated", "atp",
-                                  "topk_stochastic"}
+                                  "topk_stochastic", "topk"}
 
 
 LAYERS = dict(numels=[1000, 50_000, 200_000, 3000, 80_000], mus=[-5, -8, -3, -10, -6],
