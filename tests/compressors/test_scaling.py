@@ -14,7 +14,7 @@ from gradcomp.compressors.scaling import (
     make_scaling,
 )
 from gradcomp.numerics import kernels as rounding
-from gradcomp.numerics.fit import LayerStats, fit_lognormal
+from gradcomp.numerics.fit import fit_lognormal
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.fp_error import optimal_scale
 

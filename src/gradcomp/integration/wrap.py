@@ -171,6 +171,11 @@ class CompressionHandle:
         return bool(self._hooks)
 
     @property
+    def stats(self) -> dict[str, LayerStats | None]:
+        """Each layer's statistics of the last refresh step (None before its first backward)."""
+        return {layer.name: layer.stats for layer in self._layers}
+
+    @property
     def format(self) -> FPFormat | None:
         return None if self.quantizers is None else self.quantizers.format
 
