@@ -1,4 +1,5 @@
-"""Issue 8 in the wrapper: heterogeneous + empirical thresholds, select="empirical", defaults."""
+"""Sample-based methods in the wrapper: heterogeneous + empirical thresholds, select="empirical",
+defaults."""
 
 from __future__ import annotations
 

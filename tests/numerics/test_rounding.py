@@ -64,7 +64,7 @@ def test_bit_exact_ml_dtypes(name, overflow):
     x = probe_values(fmt)
     q = quantize_fp(torch.from_numpy(x), fmt, compile=False).numpy()
     finite = np.isfinite(x)
-    # ml_dtypes does not saturate (notes: e4m3fn overflows to NaN, e5m2 to inf): clip first
+    # ml_dtypes does not saturate (e4m3fn overflows to NaN, e5m2 and e4m3 to inf): clip first
     # where our policy saturates; inf in -> our policy, checked separately below
     xin = np.clip(x, -fmt.max_normal, fmt.max_normal) if overflow == "saturate" else x
     ref = xin[finite].astype(ML_DTYPES[name]).astype(np.float32)

@@ -1,6 +1,6 @@
 """Record neural gradients (and, for contrast, weights, activations, weight gradients).
 
-A *neural gradient* is dL/dA at a layer's output (notes, vocabulary): the ``grad_output`` a Conv or
+A *neural gradient* is dL/dA at a layer's output (the paper's term): the ``grad_output`` a Conv or
 Linear layer receives in backward. ``capture_gradients`` puts a forward hook on each selected
 module; during a step opened with ``cap.record(step)`` the hook registers a tensor hook on the
 output, so the gradient is seen exactly once, when autograd produces it. Outside ``record`` the

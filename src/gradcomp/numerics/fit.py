@@ -1,4 +1,4 @@
-"""Lognormal fit of neural gradients (paper section 3; notes section 1).
+"""Lognormal fit of neural gradients (section 3: ln|g| of the non-zeros ~ N(mu, sigma^2)).
 
 ``ln|g|`` of a layer's neural gradient is close to normal. The fit drops exact zeros (after a
 ReLU many neural gradients are exactly 0) and non-finite values, and reports both counts, so a
