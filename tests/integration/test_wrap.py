@@ -221,3 +221,23 @@ def test_works_under_torch_compile():
     (cm(x) * w).sum().backward()
     assert all(torch.equal(p.grad, ref[n]) for n, p in m.named_parameters())
     h.remove()
+
+
+def test_remove_between_forward_and_backward_leaves_the_gradient_alone():
+    torch.manual_seed(0)
+    m = Toy()
+    x, w = torch.randn(16, 6), torch.randn(16, 3)
+    h = compress_gradients(m, CompressionConfig(quantize=QuantizeSpec(format="e2m1fn",
+                                                                      scaling="none"),
+                                                names=("head",)))
+    _warm(h, m, x, w)
+    ref = Toy()
+    ref.load_state_dict(m.state_dict())
+    m.zero_grad()
+    loss = (m(x) * w).sum()  # forward with the hooks in place
+    h.remove()  # ... removed before the backward
+    loss.backward()
+    (ref(x) * w).sum().backward()
+    assert not h.registered
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
