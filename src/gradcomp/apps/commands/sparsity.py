@@ -19,7 +19,7 @@ from gradcomp.apps.commands._common import add_data_args
 from gradcomp.apps.tables import format_table, to_json, write_json
 from gradcomp.compressors.encoding import encode_pruned
 from gradcomp.compressors.pruning import PRUNE_METHODS, Pruner, topk_threshold
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 
 DEFAULT_OUT = "runs/sparsity"
 DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -106,7 +106,7 @@ def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAUL
                 if method != "calibrated":
                     history = history[-1:]
                 for t in history:
-                    p.update(fit_lognormal(t), _sample(t, sample_size, g))
+                    p.update(LayerStats(fit_lognormal(t), _sample(t, sample_size, g)))
                     y = p(t, g)
                 x = history[-1]
                 achieved = float(p.metrics()["sparsity"])
