@@ -55,3 +55,37 @@ def test_prune_is_importable_from_every_public_home():
     from gradcomp.compressors import pruning
 
     assert gradcomp.stochastic_prune is stochastic_prune is pruning.stochastic_prune
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_chunks_give_identical_bits_and_bound_the_temporaries(monkeypatch, dtype):
+    x = torch.randn(10_007, generator=torch.Generator().manual_seed(0), dtype=dtype) * 1e-3
+
+    def run():
+        g = torch.Generator().manual_seed(1)
+        return (quantize_fp(x, "e4m3fn", "stochastic", scale=2.0**9, generator=g, compile=False),
+                quantize_fp(x, "1-4-1", "nearest", compile=False),
+                stochastic_prune(x, 1e-3, g, compile=False))
+
+    whole = run()
+    seen = []
+    monkeypatch.setattr(kernels, "EAGER_CHUNK", 1000)
+    orig_fn = {}
+
+    def wrap(op):
+        orig_fn[op] = op.fn
+
+        def fn(x, *rest, start=0):
+            seen.append(x.numel())  # the body never sees more than one chunk
+            return orig_fn[op](x, *rest, start=start)
+        return fn
+
+    from gradcomp.numerics import pruning, rounding
+    ops = list(rounding._KERNELS.values()) + [pruning._PRUNE]
+    for op in ops:
+        monkeypatch.setattr(op, "fn", wrap(op))
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           b.view(torch.int64 if dtype == torch.float64 else torch.int32))
+    assert seen and max(seen) == 1000 and len(seen) == 3 * 11

@@ -19,6 +19,12 @@ the compiled region: see ``seed_keys``).
 Fallback: if compiling or running the fused kernel raises (no C++ toolchain, unsupported
 backend), the fused path is switched off for the whole process (every operator), one
 ``RuntimeWarning`` says why, and the eager body answers the call.
+
+Eager memory: the eager body of an elementwise operator materialises about ten full-size
+temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
+``EAGER_CHUNK`` elements of the flat input (``start=`` tells the body where the chunk begins,
+so the counter hash draws the same bits as in one pass: identical results) and writes into one
+output tensor: peak memory about input + output + a few chunk-sized temporaries.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import torch
 from gradcomp.numerics._checks import require_choice
 
 __all__ = ["FusedOp", "compile_enabled", "set_compile"]
+
+EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large enough to be fast)
 
 _OVERRIDE: bool | None = None
 _BROKEN = False
@@ -60,11 +68,14 @@ class FusedOp:
     """One fused operator: ``op(*tensors, compile=None)`` runs ``fn`` compiled or eager.
 
     ``fn`` must be a module-level function of tensors only (constants passed as tensors, so
-    that a new format or threshold reuses the compiled graph instead of recompiling).
+    that a new format or threshold reuses the compiled graph instead of recompiling). With
+    ``elementwise=True`` its first argument is a flat tensor, its result has that tensor's
+    shape, and it takes ``start=`` (the chunk's offset in the whole tensor): the eager path
+    then runs in chunks (module docstring).
     """
 
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, name: str, elementwise: bool = False):
+        self.fn, self.name, self.elementwise = fn, name, elementwise
         self._compiled = None
 
     def __call__(self, *args, compile: bool | None = None):
@@ -80,4 +91,19 @@ class FusedOp:
                 warnings.warn(f"{self.name}: torch.compile failed ({type(exc).__name__}: {exc}); "
                               "using the eager path for every fused operator",
                               RuntimeWarning, stacklevel=3)
-        return self.fn(*args)
+        return self.eager(*args)
+
+    def eager(self, *args):
+        """The eager body, chunked for an elementwise operator."""
+        x, rest = args[0], args[1:]
+        n = x.numel()
+        if not self.elementwise or n <= EAGER_CHUNK:
+            return self.fn(*args)
+        first = self.fn(x[:EAGER_CHUNK], *rest, start=0)
+        out = torch.empty(n, dtype=first.dtype, device=first.device)
+        out[:EAGER_CHUNK] = first
+        del first
+        for i in range(EAGER_CHUNK, n, EAGER_CHUNK):
+            j = min(i + EAGER_CHUNK, n)
+            out[i:j] = self.fn(x[i:j], *rest, start=i)
+        return out

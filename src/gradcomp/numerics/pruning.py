@@ -25,7 +25,8 @@ __all__ = ["stochastic_prune", "topk_prune", "topk_stochastic_prune", "topk_thre
            "keep_count"]
 
 
-def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor):
+def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                  start: int = 0):
     """Eq. 5 on a flat tensor; ``a`` is already rounded to x's dtype, held in compute precision.
 
     |x| >= a (and NaN, whose comparisons are false): kept; u*a <= |x| < a: sign(x)*a;
@@ -33,13 +34,13 @@ def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(cdt)
-    u = uniform_from_keys(k1, k2, x.numel(), x.device, cdt)
+    u = uniform_from_keys(k1, k2, x.numel(), x.device, cdt, start)
     ax = xf.abs()
     small = torch.where(ax >= a * u, torch.copysign(a.expand_as(xf), xf), torch.zeros_like(xf))
     return torch.where(ax < a, small, xf).to(x.dtype)
 
 
-_PRUNE = FusedOp(_prune_kernel, "stochastic_prune")
+_PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
 
 
 def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | None = None, *,

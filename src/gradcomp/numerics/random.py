@@ -86,16 +86,18 @@ def uniform_from_counter(seed: torch.Tensor, numel: int, device=None,
     return uniform_from_keys(k1, k2, numel, device, dtype)
 
 
-def hash_counter(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None) -> torch.Tensor:
-    """The counter hash: int32 ``mix32(mix32(index ^ k1) + k2)`` for index = 0..numel-1.
+def hash_counter(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
+                 start: int = 0) -> torch.Tensor:
+    """The counter hash: int32 ``mix32(mix32(index ^ k1) + k2)`` for index = start..start+numel-1
+    (``start``: where a chunk of a larger tensor begins, so a chunked pass draws the same bits).
 
     The one per-element hash of the package (stochastic rounding and stochastic pruning both
     draw from it). Safe inside torch.compile given keys from ``seed_keys``.
     """
-    if numel >= 1 << 31:
-        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {numel}")
+    if start + numel >= 1 << 31:
+        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {start + numel}")
     device = k1.device if device is None else device
-    idx = torch.arange(numel, device=device, dtype=torch.int32)
+    idx = torch.arange(start, start + numel, device=device, dtype=torch.int32)
     return mix32(mix32(idx ^ k1) + k2)
 
 
@@ -105,17 +107,18 @@ def wide_keys(k1: torch.Tensor, k2: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return k3, mix32(k3 ^ k1)
 
 
-def random_bits(keys: torch.Tensor, numel: int, wide: bool, device=None) -> torch.Tensor:
+def random_bits(keys: torch.Tensor, numel: int, wide: bool, device=None,
+                start: int = 0) -> torch.Tensor:
     """Non-negative random integers per element: 31 bits (int32) or 63 bits (int64, ``wide``).
 
     ``keys``: int32 tensor ``[k1, k2, k3, k4]`` (``stacked_keys``). The 31-bit word is the top
     31 bits of ``hash_counter(k1, k2)``; the 63-bit word puts those 31 bits above the 32 bits
     of ``hash_counter(k3, k4)``.
     """
-    h1 = hash_counter(keys[0], keys[1], numel, device)
+    h1 = hash_counter(keys[0], keys[1], numel, device, start)
     if not wide:
         return _srl(h1, 1)
-    h2 = hash_counter(keys[2], keys[3], numel, device)
+    h2 = hash_counter(keys[2], keys[3], numel, device, start)
     return ((h1.to(torch.int64) & 0x7FFFFFFF) << 32) | (h2.to(torch.int64) & 0xFFFFFFFF)
 
 
@@ -128,12 +131,12 @@ def stacked_keys(seed: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
     """The body of ``uniform_from_counter`` given ``seed_keys(seed)``; safe inside torch.compile.
 
     Values: the top 24 bits of ``hash_counter`` times 2^-24.
     """
-    h = hash_counter(k1, k2, numel, device)
+    h = hash_counter(k1, k2, numel, device, start)
     return _srl(h, 8).to(dtype) * (2.0**-24)
 
 

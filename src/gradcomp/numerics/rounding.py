@@ -115,7 +115,7 @@ def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.T
             torch.tensor(floats, dtype=fdt, device=device))
 
 
-def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool):
+def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool, start=0):
     """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype."""
     out_dtype = x.dtype
     wide = out_dtype == torch.float64
@@ -133,7 +133,7 @@ def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool)
 
     # normal range: integer rounding of the bit pattern at bit d0
     if stochastic:
-        rbits = random_bits(keys, y.numel(), wide, y.device)
+        rbits = random_bits(keys, y.numel(), wide, y.device, start)
         ar = (a + (rbits >> ints[8])) & ints[3]
     else:
         ar = (a + ints[1] + (((a >> ints[0]) ^ ints[9]) & ints[2])) & ints[3]
@@ -161,29 +161,29 @@ def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool)
     return out.to(out_dtype)
 
 
-def _nearest_flat(x, scale, ints, floats, keys):
-    return _quantize_flat(x, scale, ints, floats, keys, False, False)
+def _nearest_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, False, start)
 
 
-def _stochastic_flat(x, scale, ints, floats, keys):
-    return _quantize_flat(x, scale, ints, floats, keys, True, False)
+def _stochastic_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, False, start)
 
 
-def _nearest_scaled_flat(x, scale, ints, floats, keys):
-    return _quantize_flat(x, scale, ints, floats, keys, False, True)
+def _nearest_scaled_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, True, start)
 
 
-def _stochastic_scaled_flat(x, scale, ints, floats, keys):
-    return _quantize_flat(x, scale, ints, floats, keys, True, True)
+def _stochastic_scaled_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, True, start)
 
 
 # one module-level function (code object) per variant: dynamo's recompile budget is per code
 # object and each varies only by dtype; the format's constants are tensors, not guards
 _KERNELS = {
-    (False, False): FusedOp(_nearest_flat, "quantize_fp"),
-    (True, False): FusedOp(_stochastic_flat, "quantize_fp"),
-    (False, True): FusedOp(_nearest_scaled_flat, "quantize_fp"),
-    (True, True): FusedOp(_stochastic_scaled_flat, "quantize_fp"),
+    (False, False): FusedOp(_nearest_flat, "quantize_fp", elementwise=True),
+    (True, False): FusedOp(_stochastic_flat, "quantize_fp", elementwise=True),
+    (False, True): FusedOp(_nearest_scaled_flat, "quantize_fp", elementwise=True),
+    (True, True): FusedOp(_stochastic_scaled_flat, "quantize_fp", elementwise=True),
 }
 
 
