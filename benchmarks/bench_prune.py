@@ -17,7 +17,7 @@ import time
 import torch
 
 from gradcomp.compressors.encoding import decode_pruned, encode_pruned
-from gradcomp.compressors.pruning import stochastic_prune
+from gradcomp.numerics.pruning import stochastic_prune
 from gradcomp.numerics.sparsity import empirical_threshold, lognormal_threshold
 
 

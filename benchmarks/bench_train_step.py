@@ -1,4 +1,4 @@
-"""Training-step overhead of compressed neural gradients (issue 5 speed targets).
+"""Training-step overhead of compressed neural gradients (ratio to the uncompressed step).
 
 Same model, same batch, same thread count: the median time of a full training step (forward,
 backward with compression, optimizer step) for each recipe against the uncompressed baseline

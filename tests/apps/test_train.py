@@ -86,7 +86,7 @@ def test_recipe_files(tmp_path):
     (tmp_path / "bad2.json").write_text(json.dumps({"compression": {"prune": {"method": "x"}}}))
     with pytest.raises(ValueError, match="prune.method must be one of"):
         load_recipe(tmp_path / "bad2.json")
-    with pytest.raises(ValueError, match="unknown recipe 'fp3'; valid recipes: baseline"):
+    with pytest.raises(ValueError, match="unknown recipe 'fp3'; did you mean fp8, .*fp4"):
         get_recipe("fp3")
 
 

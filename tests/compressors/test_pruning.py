@@ -14,7 +14,7 @@ from gradcomp.compressors.pruning import (
     topk_stochastic_prune,
     topk_threshold,
 )
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.sparsity import expected_sparsity, lognormal_threshold, pruned_cosine
 
 
@@ -136,7 +136,8 @@ def test_pruner_methods_reach_target_on_lognormal(method):
     assert torch.equal(p(x), x)  # dense until the first update
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
-        p.update(fit, sample)
+        p.update(LayerStats(fit, sample))
+        p.reset_metrics()
         y = p(x, g)
     s = float(p.metrics()["sparsity"])
     assert s == float((y == 0).double().mean())
@@ -167,7 +168,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     x = _signed_lognormal(100_000, -5.0, 2.0, seed=11)
     fit, sample = _fit_and_sample(x)
     atp = Pruner(0.8, "atp")
-    atp.update(fit, sample)
+    atp.update(LayerStats(fit, sample))
     assert float(atp.threshold) == pytest.approx(
         math.sqrt(math.pi / 2) * float(sample.abs().double().mean()) * 1.2815515655446004)
     tk = Pruner(0.8, "topk_stochastic")
@@ -175,7 +176,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     y = tk(x, torch.Generator().manual_seed(0))
     assert float((y == 0).double().mean()) < 0.8
     p = Pruner(0.7, "calibrated")
-    p.update(fit, sample)
+    p.update(LayerStats(fit, sample))
     q = Pruner(0.5, "lognormal")
     q.load_state_dict(p.state_dict())
     assert q.method == "calibrated" and q.sparsity == 0.7
@@ -187,7 +188,7 @@ def test_atp_and_topk_stochastic_pruners_and_state_dict():
     with pytest.raises(ValueError, match="sparsity"):
         Pruner(1.2)
     assert set(PRUNE_METHODS) == {"lognormal", "empirical", "calibrated", "atp",
-                                  "topk_stochastic"}
+                                  "topk_stochastic", "topk"}
 
 
 LAYERS = dict(numels=[1000, 50_000, 200_000, 3000, 80_000], mus=[-5, -8, -3, -10, -6],
@@ -226,3 +227,57 @@ def test_allocation_phase_two_and_infeasible():
     assert bool((low.thresholds == 0).all())  # zeros already beyond the target
     with pytest.raises(ValueError, match="sigma.*layer 1"):
         allocate_sparsity([10, 10], [0, 0], [1, math.nan], [0, 0], target=0.5)
+
+
+def test_topk_is_a_pruner_method_with_its_own_state():
+    x = _signed_lognormal(10_000, -5.0, 2.0, seed=12)
+    p = Pruner(0.9, "topk")
+    assert p.active and p.threshold is None
+    y = p(x)
+    assert torch.equal(y, topk_prune(x, 0.9))
+    assert p.metrics()["sparsity"] == pytest.approx(0.9)
+    assert p.state_dict()["method"] == "topk"
+    p.update(fit_lognormal(x))  # no threshold to refresh
+    assert p.threshold is None
+    with pytest.raises(ValueError, match="takes its threshold from each call"):
+        p.assign(torch.tensor(1.0))
+
+
+def test_metrics_accumulate_only_measured_calls():
+    x = _signed_lognormal(10_000, -5.0, 2.0, seed=13)
+    fit, sample = _fit_and_sample(x)
+    p = Pruner(0.8, "lognormal")
+    p.update(LayerStats(fit, sample))
+    g = torch.Generator().manual_seed(0)
+    y1 = p(x, g)
+    p(x, g, measure=False)
+    y3 = p(x, g)
+    m = p.metrics(reset=True)
+    assert m["elements"] == 2 * x.numel()
+    assert m["sparsity"] == pytest.approx(float(((y1 == 0).sum() + (y3 == 0).sum()) / 20_000))
+    assert math.isnan(p.metrics()["sparsity"]) and p.metrics()["elements"] == 0
+
+
+def test_group_empirical_refresh_equals_each_pruners_own():
+    from gradcomp.compressors.pruning import PrunerGroup
+
+    xs = [_signed_lognormal(5000, mu, 2.0, seed=20 + i) for i, mu in enumerate((-6, -3, -8))]
+    stats = [LayerStats(*_fit_and_sample(x, seed=i), numel=x.numel()) for i, x in enumerate(xs)]
+    group = PrunerGroup(3, 0.8, "empirical")
+    group.update(stats)
+    for p, s in zip(group, stats):
+        own = Pruner(0.8, "empirical")
+        own.update(s)
+        assert float(p.threshold) == pytest.approx(float(own.threshold), rel=1e-12)
+    het = PrunerGroup(3, 0.8, "lognormal", heterogeneous=True, cos_target=0.99)
+    het.update([stats[0], None, stats[2]])  # a layer without statistics keeps no threshold
+    assert het[1].threshold is None and het[0].threshold is not None
+    n0, n2 = stats[0].numel, stats[2].numel
+    overall = (het[0].target * n0 + het[2].target * n2) / (n0 + n2)
+    assert overall == pytest.approx(0.8, abs=1e-6)
+    other = PrunerGroup(3, 0.8, "lognormal", heterogeneous=True)
+    other.load_state_dict(het.state_dict())
+    assert other[0].target == het[0].target
+    assert torch.equal(other[2].threshold, het[2].threshold.cpu().double())
+    with pytest.raises(ValueError, match="heterogeneous needs"):
+        PrunerGroup(2, 0.8, "atp", heterogeneous=True)

@@ -7,7 +7,7 @@ import torch
 
 from gradcomp.compressors.quantizer import FPQuantizer
 from gradcomp.compressors.scaling import DynamicLossScale, make_scaling
-from gradcomp.numerics import rounding
+from gradcomp.numerics import kernels as rounding
 from gradcomp.numerics.fit import fit_lognormal
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import quantize_fp

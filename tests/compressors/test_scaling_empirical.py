@@ -13,8 +13,8 @@ from gradcomp.compressors.scaling import (
     PerLayerOptimal,
     make_scaling,
 )
-from gradcomp.numerics import rounding
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics import kernels as rounding
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.fp_error import empirical_relative_error, expected_relative_error
 
@@ -56,8 +56,10 @@ def test_without_sample_is_the_lognormal_optimum():
     x = _lognormal(20_000)
     fit = fit_lognormal(x)
     emp, opt = PerLayerEmpirical(), PerLayerOptimal()
-    emp.update(fit, FP4)
-    opt.update(fit, FP4)
+    emp.bind(FP4)
+    emp.update(fit)
+    opt.bind(FP4)
+    opt.update(fit)
     assert torch.equal(emp.scale, opt.scale)
     assert math.isnan(float(emp.error))
 
@@ -66,9 +68,11 @@ def test_lognormal_sample_close_to_the_analytic_optimum():
     x = _lognormal(16_384, seed=1)
     fit = fit_lognormal(x)
     pol = make_scaling("per_layer_empirical")
-    pol.update(fit, FP4, sample=x)
+    pol.bind(FP4)
+    pol.update(LayerStats(fit, x))
     opt = PerLayerOptimal()
-    opt.update(fit, FP4)
+    opt.bind(FP4)
+    opt.update(fit)
     # the grid includes the lognormal optimum (j = 0): in-sample it can only do better
     at_opt = float(empirical_relative_error(x, FP4, opt.scale))
     assert float(pol.error) <= at_opt + 1e-12
@@ -91,8 +95,10 @@ def test_beats_the_lognormal_scale_on_bimodal_gradients():
     a, b = _bimodal(20_000, seed=3), _bimodal(20_000, seed=4)
     fit = fit_lognormal(a)
     emp, opt = PerLayerEmpirical(), PerLayerOptimal()
-    emp.update(fit, FP4, sample=a)
-    opt.update(fit, FP4)
+    emp.bind(FP4)
+    emp.update(LayerStats(fit, a))
+    opt.bind(FP4)
+    opt.update(fit)
     e_emp = float(empirical_relative_error(b, FP4, emp.scale))
     e_opt = float(empirical_relative_error(b, FP4, opt.scale))
     # the lognormal scale splits the difference and loses most of both clusters (~0.97); the
@@ -107,10 +113,12 @@ def test_ties_go_to_the_lognormal_centre():
     x[::2] = -1.0
     fit = fit_lognormal(_lognormal(1000))  # any usable fit: it only sets the centre
     pol, opt = PerLayerEmpirical(), PerLayerOptimal()
-    opt.update(fit, FP4)
+    opt.bind(FP4)
+    opt.update(fit)
     centre = float(opt.scale)
     x = x / centre  # scaled by the centre: exact at s = centre
-    pol.update(fit, FP4, sample=x)
+    pol.bind(FP4)
+    pol.update(LayerStats(fit, x))
     assert float(pol.error) == 0.0
     assert float(pol.scale) == pytest.approx(centre, rel=1e-12)
 
@@ -118,8 +126,10 @@ def test_ties_go_to_the_lognormal_centre():
 def test_unusable_sample_keeps_the_centre():
     fit = fit_lognormal(_lognormal(1000))
     pol, opt = PerLayerEmpirical(), PerLayerOptimal()
-    opt.update(fit, FP4)
-    pol.update(fit, FP4, sample=torch.tensor([0.0, 0.0, float("nan"), float("inf"), 3.0]))
+    opt.bind(FP4)
+    opt.update(fit)
+    pol.bind(FP4)
+    pol.update(LayerStats(fit, torch.tensor([0.0, 0.0, float("nan"), float("inf"), 3.0])))
     assert torch.equal(pol.scale, opt.scale)
     assert math.isnan(float(pol.error))
 
@@ -128,10 +138,13 @@ def test_stochastic_rounding_scores_with_a_fixed_seed():
     x = _lognormal(4096, seed=5)
     fit = fit_lognormal(x)
     a, b = PerLayerEmpirical("stochastic"), PerLayerEmpirical("stochastic")
-    a.update(fit, FP4, sample=x)
-    b.update(fit, FP4, sample=x)
+    a.bind(FP4)
+    a.update(LayerStats(fit, x))
+    b.bind(FP4)
+    b.update(LayerStats(fit, x))
     assert torch.equal(a.scale, b.scale) and torch.equal(a.error, b.error)
     # stochastic rounding's expected error exceeds nearest's at the same format
     n = PerLayerEmpirical("nearest")
-    n.update(fit, FP4, sample=x)
+    n.bind(FP4)
+    n.update(LayerStats(fit, x))
     assert float(a.error) > float(n.error)

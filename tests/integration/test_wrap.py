@@ -65,9 +65,9 @@ def test_pruned_gradient_equals_operator_with_same_generator():
     cfg = CompressionConfig(prune=PruneSpec(0.7), names=("head",))
     h = compress_gradients(m, cfg, seed=5)
     _warm(h, m, x, w)
-    th = h.layers[0].pruner.threshold
+    th = h.pruners[0].threshold
     assert th is not None and float(th) > 0
-    gen_state = h._generator(torch.device("cpu")).get_state()
+    gen_state = h.generators(torch.device("cpu")).get_state()
     got = _grads(m, x, w)
     gen = torch.Generator().set_state(gen_state)
     hid = torch.relu(m.lin(x)).detach()
@@ -143,7 +143,7 @@ def test_heterogeneous_meets_budget_on_layers():
     m(x).pow(2).sum().backward()
     h.step()
     targets = h.metrics()["layers"]
-    numel = {layer.name: layer.numel for layer in h.layers}
+    numel = {n: s.numel for n, s in h.stats.items()}
     overall = sum(targets[n]["target_sparsity"] * numel[n] for n in numel) / sum(numel.values())
     assert overall == pytest.approx(0.8, abs=1e-6)
     assert all(t["target_sparsity"] <= 0.95 + 1e-12 for t in targets.values())
@@ -174,7 +174,7 @@ def test_dynamic_loss_scale_skips_on_overflow():
     _grads(m, torch.randn(4, 6), torch.ones(4, 3))
     assert h.step(opt) is False  # 2^40 * g overflows e2m1 (max 6): skipped, scale halved
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    assert float(h._global_scaling.scale) == 2.0**39
+    assert float(h.quantizers.global_scaling.scale) == 2.0**39
 
 
 def test_state_dict_round_trip_and_mismatch():
@@ -187,8 +187,8 @@ def test_state_dict_round_trip_and_mismatch():
     h.remove()
     h2 = compress_gradients(m, cfg)
     h2.load_state_dict(sd)
-    assert h2.format == h.format and h2._active
-    assert torch.equal(h2.layers[0].pruner.threshold, h.layers[0].pruner.threshold.cpu())
+    assert h2.format == h.format and h2.active
+    assert torch.equal(h2.pruners[0].threshold, h.pruners[0].threshold.cpu())
     h2.remove()
     h3 = compress_gradients(m, CompressionConfig(prune=PruneSpec(0.7)))
     with pytest.raises(ValueError, match="another CompressionConfig"):
@@ -221,3 +221,23 @@ def test_works_under_torch_compile():
     (cm(x) * w).sum().backward()
     assert all(torch.equal(p.grad, ref[n]) for n, p in m.named_parameters())
     h.remove()
+
+
+def test_remove_between_forward_and_backward_leaves_the_gradient_alone():
+    torch.manual_seed(0)
+    m = Toy()
+    x, w = torch.randn(16, 6), torch.randn(16, 3)
+    h = compress_gradients(m, CompressionConfig(quantize=QuantizeSpec(format="e2m1fn",
+                                                                      scaling="none"),
+                                                names=("head",)))
+    _warm(h, m, x, w)
+    ref = Toy()
+    ref.load_state_dict(m.state_dict())
+    m.zero_grad()
+    loss = (m(x) * w).sum()  # forward with the hooks in place
+    h.remove()  # ... removed before the backward
+    loss.backward()
+    (ref(x) * w).sum().backward()
+    assert not h.registered
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)

@@ -12,6 +12,8 @@ try:  # the bit-exact oracle for the named formats (a dev dependency)
 
     ML_DTYPES = {
         "e5m2": ml_dtypes.float8_e5m2,
+        "e4m3": ml_dtypes.float8_e4m3,
+        "e3m4": ml_dtypes.float8_e3m4,
         "e4m3fn": ml_dtypes.float8_e4m3fn,
         "e3m2fn": ml_dtypes.float6_e3m2fn,
         "e2m3fn": ml_dtypes.float6_e2m3fn,
@@ -28,9 +30,13 @@ FORMATS = [
     FPFormat.from_name("e3m2fn"),
     FPFormat.from_name("e2m3fn"),
     FPFormat.from_name("e2m1fn"),
-    FPFormat.from_name("e3m0"),
-    FPFormat.from_name("e1m2"),
-    FPFormat.from_name("e4m3", subnormals=False),
+    FPFormat.from_name("e4m3"),
+    FPFormat.from_name("e4m3_inf"),
+    FPFormat.from_name("e3m4"),
+    FPFormat.ieee(3, 0),
+    FPFormat.ieee(1, 2),
+    FPFormat.ieee(4, 3, subnormals=False),
+    FPFormat.ieee(4, 3, bias=8),
     FPFormat.from_name("e8m7", special="ieee", overflow="inf"),  # bfloat16 exactly
     FPFormat.from_name("1-3-0"),
     FPFormat.from_name("1-4-3"),

@@ -47,12 +47,59 @@ def test_paper_format_eq2():
 
 
 def test_generic_names_and_ieee():
-    f = FPFormat.from_name("e3m4")
-    assert (f.exp_bits, f.man_bits, f.bias, f.subnormals) == (3, 4, 3, True)
+    f = FPFormat.from_name("e3m4fn")
+    assert (f.exp_bits, f.man_bits, f.bias, f.subnormals, f.special) == (3, 4, 3, True, "none")
     assert f == FPFormat.ieee(3, 4)
-    assert FPFormat.from_name("e4m0").max_normal == 2.0**8
+    assert FPFormat.from_name("e4m0fn").max_normal == 2.0**8
     assert FPFormat(5, 2, special="ieee").name == "e5m2"
     assert FPFormat(5, 2, bias=10).min_normal == 2.0**-9
+
+
+def test_e4m3_is_ml_dtypes_float8_e4m3():
+    # IEEE-like with inf and NaN codes: max 240 (e4m3fn, with one NaN code and no inf, is 448)
+    f = FPFormat.from_name("e4m3")
+    assert f.has_inf and f.has_nan and f.max_normal == 240.0 and f.bias == 7
+    assert FPFormat.from_name("e4m3fn").max_normal == 448.0
+    assert FPFormat.from_name("e3m4").max_normal == 15.5
+
+
+def test_names_of_formats_that_differ_differ():
+    fs = [FPFormat(4, 3), FPFormat(4, 3, bias=8), FPFormat(4, 3, subnormals=False),
+          FPFormat(4, 3, special="ieee", overflow="inf"), FPFormat(4, 3, special="ieee"),
+          FPFormat(4, 3, special="fn"), FPFormat.paper(4, 3)]
+    names = [f.name for f in fs]
+    assert len(set(names)) == len(fs), names
+    assert names[:3] == ["e4m3fn_nonan", "e4m3fn_nonan_b8", "e4m3fn_nonan_nosub"]
+    assert names[3:] == ["e4m3_inf", "e4m3", "e4m3fn", "1-4-3"]
+    with pytest.raises(ValueError, match="its name is 'e4m3fn_nonan_b8'"):
+        FPFormat(4, 3, bias=8, name="e4m3")
+    with pytest.raises(ValueError, match="unknown modifier"):
+        FPFormat.from_name("e4m3_big")
+
+
+def _all_formats():
+    for e in range(1, 9):
+        for m in (0, 1, 2, 3, 7, 23):
+            for special in ("ieee", "fn", "none"):
+                for sub in (True, False):
+                    for overflow in ("saturate", "inf"):
+                        for bias in (None, 2 ** (e - 1) + 1, -1):
+                            try:
+                                yield FPFormat(e, m, bias=bias, subnormals=sub,
+                                               overflow=overflow, special=special)
+                            except ValueError:
+                                pass
+        for m in (0, 2, 5):
+            yield FPFormat.paper(e, m)
+
+
+def test_from_name_of_name_is_the_format_for_every_format():
+    n = 0
+    for f in _all_formats():
+        g = FPFormat.from_name(f.name)
+        assert g == f and g.name == f.name, (f, g)
+        n += 1
+    assert n > 1000  # the sweep really covers the combinations
 
 
 @pytest.mark.parametrize("kw,err", [
@@ -70,7 +117,7 @@ def test_bad_widths_and_policies(kw, err):
 
 
 def test_bad_names_and_types():
-    with pytest.raises(ValueError, match="e5m2, e4m3fn"):
+    with pytest.raises(ValueError, match="e5m2, e4m3, e4m3fn"):
         FPFormat.from_name("fp8")
     with pytest.raises(TypeError):
         FPFormat(4.0, 3)

@@ -19,7 +19,7 @@ from gradcomp.numerics.fp_error import (
 )
 from gradcomp.numerics.rounding import quantize_fp
 
-SIGMAS = (1.0, 3.5, 6.0)  # spans the issue's sigma 1-6
+SIGMAS = (1.0, 3.5, 6.0)  # spans sigma 1 to 6
 
 
 def _mc_powered(fmt, sigma, s, ex, generator, n=20_000, **kw):
@@ -76,7 +76,7 @@ def test_normal_distribution_matches_monte_carlo():
 
 
 def test_closed_form_limits():
-    # notes section 2: exact tails, log-uniform mantissa term off by ~5% for n1 = 0 only
+    # Eq. 4's tails are exact; its log-uniform mantissa term is off by ~5% for n1 = 0 only
     for n2, n1 in [(3, 0), (4, 0), (5, 0), (4, 1), (4, 3), (5, 2), (2, 5)]:
         fmt = FPFormat.paper(n2, n1)
         for sigma in (1.0, 3.0, 5.0):

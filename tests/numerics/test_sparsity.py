@@ -1,4 +1,4 @@
-"""Threshold solvers and cosine similarity of stochastic pruning (notes sections 3-4)."""
+"""Threshold solvers and cosine similarity of stochastic pruning (Eq. 6-8, section 5.3)."""
 
 import math
 
@@ -16,13 +16,13 @@ from gradcomp.numerics.sparsity import (
     pruned_cosine,
 )
 
-# notes section 3 check values (mu = 0), quoted to 4 significant digits
+# reference Eq. 8 thresholds at mu = 0, quoted to 4 significant digits
 CHECKS = [(1, 0.8, 7.822), (2, 0.5, 2.575), (2, 0.8, 16.99), (2, 0.9, 47.66), (3, 0.8, 38.06),
           (3, 0.9, 157.1)]
 
 
 @pytest.mark.parametrize("sigma,s,a_ref", CHECKS)
-def test_notes_check_values(sigma, s, a_ref):
+def test_eq8_check_values(sigma, s, a_ref):
     a = lognormal_threshold(s, 0.0, sigma)
     assert a == pytest.approx(a_ref, rel=6e-4)  # 4 printed digits: half a unit of the last
     assert expected_sparsity(a, 0.0, sigma) == pytest.approx(s, abs=1e-12)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from gradcomp.compressors.encoding import encode_pruned
 from gradcomp.compressors.pruning import Pruner, topk_threshold
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.random import sample_values
 
 __all__ = [
@@ -124,7 +124,7 @@ def evaluate_sparsity(layers: Sequence[tuple[str, torch.Tensor]], targets=DEFAUL
                 if method != "calibrated":
                     history = history[-1:]
                 for t in history:
-                    p.update(fit_lognormal(t), sample_values(t, sample_size, g))
+                    p.update(LayerStats(fit_lognormal(t), sample_values(t, sample_size, g)))
                     y = p(t, g)
                 x = history[-1]
                 achieved = float(p.metrics()["sparsity"])

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, evaluate_sparsity
 from gradcomp.apps.evaluation import group_layers as _group
 from gradcomp.compressors.pruning import Pruner
+from gradcomp.compressors.quantizer import select_split
 from gradcomp.compressors.scaling import PerLayerEmpirical
-from gradcomp.integration.wrap import select_split
 from gradcomp.numerics._checks import require_choice, require_int_range
-from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.fp_error import (
     empirical_relative_error,
     expected_relative_error,
@@ -107,7 +107,7 @@ def stale_sparsity(layers, targets=DEFAULT_TARGETS, methods=("lognormal", "empir
             for series in groups.values():
                 p = Pruner(target, method)
                 first, last = series[0], series[-1]
-                p.update(fit_lognormal(first), sample_values(first, sample_size, g))
+                p.update(LayerStats(fit_lognormal(first), sample_values(first, sample_size, g)))
                 p(last, g)
                 errs.append(float(p.metrics()["sparsity"]) - target)
             rows.append({"method": method, "target": target,

@@ -1,10 +1,14 @@
-"""Named training recipes: frozen dataclasses, loadable from TOML or JSON (issue 5 item 3).
+"""Named training recipes: frozen dataclasses, loadable from TOML or JSON.
 
 A recipe says what happens to the neural gradients (``compression``: FP quantization and/or
-stochastic pruning, see ``gradcomp.integration.wrap.CompressionConfig``) and, for fully quantized
+stochastic pruning, see :class:`gradcomp.config.CompressionConfig`) and, for fully quantized
 training, to the forward pass (``forward``: PACT activations, SAWB weights). ``get_recipe(name)``
-returns a built-in; ``load_recipe(path)`` reads a file; unknown fields or values raise an error
-naming the field and the allowed values.
+returns a built-in; ``load_recipe(path)`` reads a file; unknown fields, wrong-typed or bad values
+raise an error naming the file, the field and what it accepts.
+
+Layer selection: every recipe compresses the conv outputs of a model with convs (as the
+authors' code) and, on a model without convs, its hidden linear layers; never the classifier
+(``CompressionConfig(types="auto")``).
 
 Built-in names (``list_recipes()`` prints them all):
 
@@ -14,7 +18,8 @@ Built-in names (``list_recipes()`` prints them all):
   the same with one more / one or two fewer exponent bits (Table 3).
 * ``fp{N}-static``, ``fp{N}-dynamic``: one global loss scale, static or dynamic, instead of
   per-layer scaling (Table 4); ``fp{N}-optscale``: per-layer analytically optimal scale;
-  ``fp{N}-emp``: split and per-layer scales chosen on the refresh sample (issue 8, no model).
+  ``fp{N}-emp``: split and per-layer scales chosen on the refresh sample (no distribution
+  model).
 * ``prune-{S}``: homogeneous stochastic pruning at sparsity S with the lognormal threshold
   (Eq. 8); ``prune-{S}-het``: heterogeneous allocation at the same overall S (``-het-emp``:
   each layer's allocated sparsity met by the empirical threshold); ``prune-{S}-emp``
@@ -29,11 +34,12 @@ S in {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95}.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradcomp.integration.wrap import CompressionConfig, PruneSpec, QuantizeSpec
+from gradcomp.config import CompressionConfig, PruneSpec, QuantizeSpec
 
 __all__ = ["Recipe", "ForwardSpec", "get_recipe", "list_recipes", "load_recipe", "recipe_from_dict"]
 
@@ -42,7 +48,15 @@ SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "0.85", "0.9", "0.95")
 
 @dataclass(frozen=True)
 class ForwardSpec:
-    """Forward quantization (issue 7): SAWB weights, PACT activations, k bits each."""
+    """Forward quantization: SAWB weights, PACT activations, k bits each (None: full precision;
+    ``first_last_bits`` for the first and last layer)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"forward.{f.name} must be an int or null, got "
+                                f"{type(v).__name__} {v!r}")
 
     weight_bits: int | None = 4
     act_bits: int | None = 4
@@ -60,11 +74,18 @@ class Recipe:
     forward: ForwardSpec | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data, the recipe-file spelling: ``recipe_from_dict`` rebuilds an equal recipe."""
+        return {"name": self.name, "description": self.description,
+                "compression": None if self.compression is None else self.compression.to_dict(),
+                "forward": None if self.forward is None else self.forward.kwargs()}
+
+
+# the keyword-only shorthands of QuantizeSpec (InitVars: not dataclass fields)
+_EXTRA_FIELDS = {QuantizeSpec: ("bits", "exp_offset", "select", "semantics", "scaling_options")}
 
 
 def _check_fields(cls, d: dict, where: str) -> None:
-    allowed = [f.name for f in dataclasses.fields(cls)]
+    allowed = [f.name for f in dataclasses.fields(cls)] + list(_EXTRA_FIELDS.get(cls, ()))
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise ValueError(
@@ -78,16 +99,36 @@ def _build(cls, d, where: str):
     if not isinstance(d, dict):
         raise ValueError(f"{where} must be a table/object, got {type(d).__name__}")
     _check_fields(cls, d, where)
-    kw = dict(d)
-    for f in dataclasses.fields(cls):
-        if f.name in kw and isinstance(kw[f.name], list):
-            kw[f.name] = tuple(kw[f.name])  # TOML/JSON arrays -> tuples of the frozen fields
-    return cls(**kw)
+    kw = {k: tuple(v) if isinstance(v, list) else v  # arrays -> tuples of the frozen fields
+          for k, v in d.items()}
+    if cls is QuantizeSpec and isinstance(kw.get("scaling"), dict):
+        # scaling = {policy = "amax", margin = 1.0}: the mode's fields inline
+        sc = dict(kw["scaling"])
+        if "policy" not in sc:
+            raise ValueError(f"{where}.scaling as a table needs a 'policy' entry")
+        kw["scaling"] = sc.pop("policy")
+        if sc and kw.get("scaling_options"):
+            raise ValueError(f"{where}: give the scaling options in scaling or in "
+                             "scaling_options, not both")
+        kw["scaling_options"] = sc or kw.get("scaling_options")
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        prefix = where.split(".")[-1] + "."
+        if not msg.startswith((where, prefix)):
+            msg = f"{where}: {msg}"
+        raise type(exc)(msg) from None
 
 
 def recipe_from_dict(d: dict) -> Recipe:
     """Strict construction from plain data (what TOML/JSON produce)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a recipe must be a table/object, got {type(d).__name__}")
     _check_fields(Recipe, d, "recipe")
+    for key in ("name", "description"):
+        if key in d and not isinstance(d[key], str):
+            raise TypeError(f"recipe.{key} must be a string, got {type(d[key]).__name__}")
     comp = d.get("compression")
     if comp is not None:
         if not isinstance(comp, dict):
@@ -105,6 +146,9 @@ def recipe_from_dict(d: dict) -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a ``.toml`` or ``.json`` file (same fields as ``Recipe.to_dict()``)."""
     path = Path(path)
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"recipe file {str(path)!r}: unsupported extension "
+                         f"{path.suffix or '(none)'!r}; recipe files are .toml or .json")
     if not path.exists():
         raise FileNotFoundError(f"recipe file {path} does not exist")
     if path.suffix == ".toml":
@@ -112,13 +156,22 @@ def load_recipe(path: str | Path) -> Recipe:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
-        data = tomllib.loads(path.read_text())
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"recipe file {path}: malformed TOML: {exc}") from None
     else:
-        raise ValueError(f"recipe file must end in .toml or .json, got {path.name!r}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"recipe file {path}: malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe file {path}: expected a table/object at the top level")
     data.setdefault("name", path.stem)
-    return recipe_from_dict(data)
+    try:
+        return recipe_from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"recipe file {path}: {exc}") from None
 
 
 def _fp(bits: int, offset: int = 0, scaling: str = "amax", **kw) -> QuantizeSpec:
@@ -126,14 +179,15 @@ def _fp(bits: int, offset: int = 0, scaling: str = "amax", **kw) -> QuantizeSpec
 
 
 def _comp(**kw) -> CompressionConfig:
-    """The recipes' layer selection and schedule.
+    """The recipes' layer selection and schedule (the ``CompressionConfig`` defaults).
 
-    Conv outputs only, as in the authors' code: compressing the classifier's neural gradient
-    (softmax - onehot) diverged in FP4 in our runs (README, "Choices measured"). Statistics are
-    refreshed at each epoch start and every 100 steps, so scales and thresholds follow the
-    gradients within an epoch.
+    ``types="auto"``: conv outputs when the model has convs, as in the authors' code, else the
+    hidden linear layers; never the classifier, whose neural gradient (softmax - onehot)
+    diverged in FP4 in our runs (README, "Choices measured"). Statistics are refreshed at each
+    epoch start and every 100 steps, so scales and thresholds follow the gradients within an
+    epoch.
     """
-    return CompressionConfig(types=("conv",), refresh_every=100, **kw)
+    return CompressionConfig(types="auto", refresh_every=100, **kw)
 
 
 def _builtins() -> dict[str, Recipe]:
@@ -198,12 +252,18 @@ def list_recipes() -> list[str]:
 
 
 def get_recipe(name: str) -> Recipe:
-    """A built-in recipe by name, or a recipe file when ``name`` ends in .toml/.json."""
-    if isinstance(name, str) and name.endswith((".toml", ".json")):
+    """A built-in recipe by name, or a recipe file when ``name`` looks like a path (has a
+    directory part or a file extension such as .toml/.json/.yaml)."""
+    if not isinstance(name, str):
+        raise TypeError(f"recipe must be a name or a path, got {type(name).__name__}")
+    if name in _BUILTINS:
+        return _BUILTINS[name]
+    suffix = Path(name).suffix
+    if "/" in name or "\\" in name or (suffix[1:].isalpha() and suffix[1:]):
         return load_recipe(name)
-    if name not in _BUILTINS:
-        raise ValueError(
-            f"unknown recipe {name!r}; valid recipes: {', '.join(_BUILTINS)} "
-            "(or a path to a .toml/.json recipe file)"
-        )
-    return _BUILTINS[name]
+    close = difflib.get_close_matches(name, list(_BUILTINS), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(
+        f"unknown recipe {name!r}; {hint}`gradcomp recipes` lists the {len(_BUILTINS)} "
+        "built-in recipes (or pass a path to a .toml/.json recipe file)"
+    )

@@ -1,30 +1,28 @@
-"""Stochastic pruning of neural gradients (paper section 5, Eq. 5-8; notes sections 3-4).
+"""Stochastic pruning of neural gradients (paper section 5, Eq. 5-8): the stateful side.
 
-Operators (hot path, tensor ops, no host sync):
-    stochastic_prune(x, a)     Eq. 5, unbiased: E[T(x)] = x. One fused pass (torch.compile).
-    topk_prune(x, S)           deterministic baseline (SAW / meProp): keep the k largest |x|.
-    topk_stochastic_prune      "top-k then stochastic": a = k-th largest |x|, then Eq. 5.
-State (refreshed on a schedule): ``Pruner``; heterogeneous budgets: ``allocate_sparsity``.
-
-Speed: the fused path draws ONE int64 seed per call from the caller's generator and hashes
-(seed, element index) inside the kernel (``gradcomp.numerics.random``), so there is no
-``torch.rand`` pass and no full-size random buffer. ``GRADCOMP_COMPILE=0`` selects the eager
-path (same numbers, bit for bit; much slower on the CPU); ``1`` (default) compiles with
-``torch.compile`` and falls back to eager, with one warning, if compilation fails.
+The operators (``stochastic_prune`` Eq. 5, ``topk_prune``, ``topk_stochastic_prune``,
+``topk_threshold``) are pure functions in :mod:`gradcomp.numerics.pruning`, re-exported here.
+State refreshed on a schedule: ``Pruner`` (one layer) and ``PrunerGroup`` (every layer of a
+model: the vectorised empirical threshold refresh and the heterogeneous allocation of
+``allocate_sparsity``, appendix A.9).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
-from gradcomp.numerics.fit import LognormalFit
-from gradcomp.numerics.random import draw_seed, seed_keys, uniform_from_keys
+from gradcomp.numerics.fit import LayerStats
+from gradcomp.numerics.pruning import (
+    stochastic_prune,
+    topk_prune,
+    topk_stochastic_prune,
+    topk_threshold,
+)
 from gradcomp.numerics.sparsity import (
     _sparsity_of_t,
     empirical_sparsity,
@@ -37,8 +35,10 @@ from gradcomp.numerics.sparsity import (
 
 __all__ = [
     "Allocation",
+    "HETEROGENEOUS_METHODS",
     "PRUNE_METHODS",
     "Pruner",
+    "PrunerGroup",
     "allocate_sparsity",
     "stochastic_prune",
     "topk_prune",
@@ -47,136 +47,11 @@ __all__ = [
 ]
 
 
-def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor):
-    """Eq. 5 on a flat tensor; ``a`` is already rounded to x's dtype, held in compute precision.
-
-    |x| >= a (and NaN, whose comparisons are false): kept; u*a <= |x| < a: sign(x)*a;
-    |x| < u*a: 0; u ~ U[0,1) from the counter hash, so P(keep as a) = |x|/a: unbiased.
-    """
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(cdt)
-    u = uniform_from_keys(k1, k2, x.numel(), x.device, cdt)
-    ax = xf.abs()
-    small = torch.where(ax >= a * u, torch.copysign(a.expand_as(xf), xf), torch.zeros_like(xf))
-    return torch.where(ax < a, small, xf).to(x.dtype)
-
-
-_compiled = None
-_compile_failed = False
-
-
-def _kernel():
-    """The fused kernel per ``GRADCOMP_COMPILE`` (read at each call so tests can switch it)."""
-    global _compiled
-    flag = os.environ.get("GRADCOMP_COMPILE", "1")
-    require_choice(flag, "GRADCOMP_COMPILE", ("0", "1"))
-    if flag == "0" or _compile_failed:
-        return _prune_kernel
-    if _compiled is None:
-        _compiled = torch.compile(_prune_kernel, dynamic=None)
-    return _compiled
-
-
-def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | None = None):
-    """Unbiased stochastic pruning (Eq. 5) of ``x`` at ``threshold`` a; returns a new tensor.
-
-    Semantics per element: |x| >= a keeps x; a*u <= |x| < a gives sign(x)*a; |x| < a*u gives
-    +0, with u uniform on the 2^-24 grid of [0, 1) (so E[T(x)] = x up to that resolution).
-    a is first rounded to x's dtype (so +-a is representable and the operator is exactly
-    unbiased for that rounded a). NaN and +-inf pass through unchanged; zeros stay zero; an
-    all-zero tensor is returned unchanged. A tensor threshold that is <= 0 or NaN means no
-    pruning (checked on the device, no sync); a float threshold must be finite and >= 0.
-
-    Args:
-        x: any float dtype, any device and shape (numel < 2^31).
-        threshold: float, or a 0-d tensor (any float dtype, preferably on x's device).
-        generator: torch.Generator on x's device, or None for torch's default generator.
-            One int64 seed is drawn from it per call; same state -> same output.
-    Cost: one pass (read x, write the result) in the fused path; no host sync.
-    """
-    require_float_tensor(x, "x")
-    if isinstance(threshold, torch.Tensor):
-        if threshold.numel() != 1:
-            raise ValueError(f"threshold must be a float or a 0-d tensor, got shape "
-                             f"{tuple(threshold.shape)}")
-        a = threshold.detach().reshape(()).to(x.device)
-    else:
-        a_f = float(threshold)
-        if not math.isfinite(a_f) or a_f < 0:
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-        a = torch.tensor(a_f, dtype=torch.float64, device=x.device)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a = a.to(x.dtype).to(cdt)
-    a = torch.where(a > 0, a, torch.zeros_like(a))  # NaN / negative -> 0: nothing below it
-    if x.numel() == 0:
-        return x.clone()
-    k1, k2 = seed_keys(draw_seed(generator, x.device))
-    flat = x.detach().reshape(-1)
-    global _compile_failed
-    kernel = _kernel()
-    try:
-        out = kernel(flat, a, k1, k2)
-    except Exception as exc:  # compiler missing / unsupported backend: eager is exact too
-        if kernel is _prune_kernel:
-            raise
-        _compile_failed = True
-        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager "
-                      "stochastic_prune path", RuntimeWarning, stacklevel=2)
-        out = _prune_kernel(flat, a, k1, k2)
-    return out.view(x.shape)
-
-
-def _keep_count(n: int, sparsity: float) -> int:
-    # round-half-even of S*n zeros (Python round), never fewer than one kept element
-    return max(1, n - round(sparsity * n))
-
-
-def topk_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The k-th largest |x| (0-d tensor of x's dtype) with k = max(1, n - round(S*n)).
-
-    The "top-k then stochastic" baseline prunes at this threshold. NaN counts as largest.
-    Cost: one selection (``kthvalue``) over the tensor, no host sync.
-    """
-    require_float_tensor(x, "x")
-    s = require_open_unit(sparsity, "sparsity")
-    n = x.numel()
-    if n == 0:
-        raise ValueError("x must have at least one element")
-    k = _keep_count(n, s)
-    return torch.kthvalue(x.detach().reshape(-1).abs(), n - k + 1).values
-
-
-def topk_prune(x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Deterministic top-k pruning: keep the k = max(1, n - round(S*n)) largest |x|, zero the rest.
-
-    Biased (no rescaling). Ties at the k-th magnitude are broken by ``torch.topk`` (which
-    elements win is unspecified, but the count is exactly k). NaN counts as largest.
-    """
-    require_float_tensor(x, "x")
-    s = require_open_unit(sparsity, "sparsity")
-    flat = x.detach().reshape(-1)
-    if flat.numel() == 0:
-        return x.clone()
-    idx = torch.topk(flat.abs(), _keep_count(flat.numel(), s), sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.view(x.shape)
-
-
-def topk_stochastic_prune(x: torch.Tensor, sparsity: float,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """"Top-k then stochastic" baseline (notes 3): Eq. 5 at a = ``topk_threshold(x, S)``.
-
-    Its expected sparsity is below S (elements under a are kept as +-a with probability |x|/a).
-    """
-    return stochastic_prune(x, topk_threshold(x, sparsity), generator)
-
-
 # ---------------------------------------------------------------------------------------------
-# Pruner: one interface for the model wrapper
+# Pruner: one layer
 
 
-def _atp_mean_abs(fit: LognormalFit, sample: torch.Tensor | None) -> float:
+def _atp_mean_abs(fit, sample: torch.Tensor | None) -> float:
     if sample is not None:
         s = sample.detach().reshape(-1)
         s = s[torch.isfinite(s)]
@@ -187,30 +62,35 @@ def _atp_mean_abs(fit: LognormalFit, sample: torch.Tensor | None) -> float:
 
 
 class Pruner:
-    """Stochastic pruning of one layer's neural gradient at a target sparsity.
+    """Pruning of one layer's neural gradient at a target sparsity.
 
-    ``update(fit, sample)`` runs on the refresh schedule (e.g. once per epoch) and sets the
-    threshold; ``__call__(x, generator)`` prunes in the hot path; before the first update the
-    pruner passes tensors through unchanged (dense warm-up). Methods and their cost:
+    ``update(stats)`` runs on the refresh schedule (e.g. once per epoch) and sets the threshold
+    from a :class:`~gradcomp.numerics.fit.LayerStats`; ``__call__(x, generator)`` prunes in the
+    hot path; before the first update a threshold method passes tensors through unchanged (dense
+    warm-up). Methods and their cost:
 
-    ============== =================================================== ========================
-    method         threshold at update                                  cost
-    ============== =================================================== ========================
-    lognormal      Eq. 8 from the fit (mu, sigma, zero fraction)        update: 1 host sync
+    =============== ================================================== ========================
+    method          threshold at update                                 cost
+    =============== ================================================== ========================
+    empirical       exact expected sparsity on ``stats.sample``         update: sort of the
+                    (distribution free; the default)                    sample, no sync
+    lognormal       Eq. 8 from the fit (mu, sigma, zero fraction)       update: 1 host sync
                                                                         (60-step scalar solve)
-    empirical      exact expected sparsity on ``sample`` (issue 8)      update: sort of the
-                                                                        sample, no sync
-    calibrated     lognormal x a bounded running factor corrected by    update: 2 host syncs
-                   the achieved sparsity measured since the last        (solve + measured
-                   refresh (a Newton step in ln a using dS/d ln a);     sparsity)
-                   factor in [1/bound, bound], reset to 1 when mu or
-                   sigma jump (e.g. after a learning-rate drop)
-    atp            normal assumption, sigma from mean|g| (baseline)     update: 1 host sync
-    topk_stochastic a = k-th largest |x| of *each* call's tensor        call: + one kthvalue
-    ============== =================================================== ========================
+    calibrated      lognormal x a bounded running factor corrected by   update: 2 host syncs
+                    the achieved sparsity measured since the last       (solve + measured
+                    refresh (a Newton step in ln a using dS/d ln a);    sparsity)
+                    factor in [1/bound, bound], reset to 1 when mu or
+                    sigma jump (e.g. after a learning-rate drop)
+    atp             normal assumption, sigma from mean|g| (baseline)    update: 1 host sync
+    topk_stochastic a = k-th largest |x| of *each* call's tensor, then  call: + one kthvalue
+                    Eq. 5
+    topk            deterministic top-k (meProp/SAW; biased), no        call: one topk
+                    threshold, active from the first call
+    =============== ================================================== ========================
 
-    Every call: one fused pass over x plus one reduction for ``metrics()`` (achieved sparsity,
-    a device tensor; no sync). With ``fit.count < 2`` (nothing to fit) the threshold is 0.
+    Every call with ``measure=True`` adds its counts (elements, zeros, elements at +-a) to
+    device accumulators read by ``metrics()`` (no sync in the call). With ``fit.count < 2``
+    (nothing to fit) the model-based thresholds are 0 (no pruning).
 
     Args:
         sparsity: target fraction of zeros, in (0, 1).
@@ -219,7 +99,7 @@ class Pruner:
         jump_tolerance: reset the factor when |d mu| > tol * sigma or |d sigma| > tol * sigma.
     """
 
-    def __init__(self, sparsity: float, method: str = "lognormal", *,
+    def __init__(self, sparsity: float = 0.8, method: str = "empirical", *,
                  calibration_bound: float = 4.0, jump_tolerance: float = 0.5):
         self.sparsity = require_open_unit(sparsity, "sparsity")
         self.method = require_choice(method, "method", PRUNE_METHODS)
@@ -229,35 +109,47 @@ class Pruner:
             raise ValueError(f"jump_tolerance must be finite and > 0, got {jump_tolerance!r}")
         self.calibration_bound = float(calibration_bound)
         self.jump_tolerance = float(jump_tolerance)
-        self.threshold: torch.Tensor | None = None
+        self._threshold: torch.Tensor | None = None
+        self._target: float | None = None  # an allocated per-layer sparsity (PrunerGroup)
         self.log_factor = 0.0
         self._prev: tuple[float, float, float] | None = None  # mu, sigma, slope dS/d ln a
         self._last_sparsity: torch.Tensor | None = None
-        # measuring the achieved sparsity costs a pass over x; a caller that counts zeros
-        # itself (the model wrapper, on metric steps) turns it off between measurements
-        self.track_sparsity = True
         self._calls_since_update = 0
+        self._acc: dict[str, torch.Tensor] = {}
+        self._elements = 0
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        """The current threshold a (0-d tensor), or None (no pruning yet, or a top-k method)."""
+        return self._threshold
+
+    @property
+    def target(self) -> float:
+        """The sparsity this layer aims at: the allocated one (heterogeneous) or ``sparsity``."""
+        return self.sparsity if self._target is None else self._target
 
     # --- threshold methods (a registry, not an if/elif chain) ---
-    def _lognormal(self, fit, sample):
+    def _lognormal(self, stats):
+        fit = stats.fit
         if int(fit.count) < 2:
             return 0.0
         return lognormal_threshold(self.sparsity, fit.mu, fit.sigma, fit.zero_fraction)
 
-    def _empirical(self, fit, sample):
-        if sample is None:
-            raise ValueError("method 'empirical' needs a sample: call update(fit, sample)")
-        return empirical_threshold(sample.detach().reshape(-1), self.sparsity)
+    def _empirical(self, stats):
+        if stats.sample is None:
+            raise ValueError("method 'empirical' needs a sample: update(LayerStats(fit, sample))")
+        return empirical_threshold(stats.sample.detach().reshape(-1), self.sparsity)
 
-    def _calibrated(self, fit, sample):
+    def _calibrated(self, stats):
+        fit, sample = stats.fit, stats.sample
         if int(fit.count) < 2:
             return 0.0
         mu, sig, z = float(fit.mu), float(fit.sigma), float(fit.zero_fraction)
         measured = None
         if self._last_sparsity is not None and self._calls_since_update > 0:
             measured = float(self._last_sparsity)
-        elif sample is not None and self.threshold is not None:
-            measured = float(empirical_sparsity(sample.detach().reshape(-1), self.threshold))
+        elif sample is not None and self._threshold is not None:
+            measured = float(empirical_sparsity(sample.detach().reshape(-1), self._threshold))
         if self._prev is not None:
             pmu, psig, slope = self._prev
             tol = self.jump_tolerance * max(sig, psig, 1e-12)
@@ -277,60 +169,115 @@ class Pruner:
         self._prev = (mu, sig, slope)
         return a
 
-    def _atp(self, fit, sample):
-        return normal_threshold(self.sparsity, _atp_mean_abs(fit, sample))
+    def _atp(self, stats):
+        return normal_threshold(self.sparsity, _atp_mean_abs(stats.fit, stats.sample))
 
-    def _topk_stochastic(self, fit, sample):
-        return None  # computed from each call's tensor
+    def _per_call(self, stats):
+        return None  # top-k methods: computed from each call's tensor
 
-    def update(self, fit: LognormalFit, sample: torch.Tensor | None = None) -> None:
-        """Refresh the threshold from this layer's statistics (and a device-side sample).
+    def update(self, stats: LayerStats) -> None:
+        """Refresh the threshold from this layer's statistics.
 
-        ``fit`` is ``fit_lognormal`` of the layer's recent neural gradient; ``sample`` a 1-D
-        tensor of its values (zeros included; required by 'empirical', used by 'atp' and
-        'calibrated' when given).
+        ``stats``: a ``LayerStats`` (``fit_lognormal`` of the layer's recent neural gradient and
+        a 1-D sample of its values, zeros included: required by 'empirical', used by 'atp' and
+        'calibrated' when given); a bare ``LognormalFit`` is accepted by the methods that need
+        no sample.
         """
-        if not isinstance(fit, LognormalFit):
-            raise TypeError(f"fit must be a LognormalFit, got {type(fit).__name__}")
-        if sample is not None:
-            require_float_tensor(sample, "sample")
-        a = _METHODS[self.method](self, fit, sample)
+        stats = LayerStats.of(stats)
+        a = _METHODS[self.method](self, stats)
         if a is None:
-            self.threshold = None
+            self._threshold = None
         else:
-            dev = fit.mu.device
-            self.threshold = torch.as_tensor(a, dtype=torch.float64).to(dev).reshape(())
+            dev = stats.fit.mu.device
+            self._threshold = torch.as_tensor(a, dtype=torch.float64).to(dev).reshape(())
+        self._target = None
         self._calls_since_update = 0
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prune ``x`` with the current threshold (see ``stochastic_prune``); no host sync."""
+    def assign(self, threshold: torch.Tensor | None, target: float | None = None) -> None:
+        """Set a threshold solved elsewhere (``PrunerGroup``: the vectorised empirical refresh
+        or a heterogeneous allocation, whose per-layer sparsity is ``target``)."""
+        if self.method in ("topk", "topk_stochastic"):
+            raise ValueError(f"method {self.method!r} takes its threshold from each call")
+        if threshold is not None:
+            require_float_tensor(threshold, "threshold")
+            threshold = threshold.detach().reshape(())
+        self._threshold = threshold
+        self._target = None if target is None else float(target)
+        self._calls_since_update = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether a call prunes (a top-k method always does; the others after an update)."""
+        return self.method in ("topk", "topk_stochastic") or self._threshold is not None
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool = True) -> torch.Tensor:
+        """Prune ``x`` (see ``stochastic_prune`` / ``topk_prune``); no host sync.
+
+        ``measure`` adds this call's counts to the metrics (two reductions).
+        """
         require_float_tensor(x, "x")
-        if self.method == "topk_stochastic":
+        if self.method == "topk":
+            out = topk_prune(x, self.sparsity) if x.numel() else x.clone()
+        elif self.method == "topk_stochastic":
             out = topk_stochastic_prune(x, self.sparsity, generator) if x.numel() else x.clone()
-        elif self.threshold is None:
+        elif self._threshold is None:
             out = x.clone()
         else:
-            out = stochastic_prune(x, self.threshold, generator)
-        if out.numel() and (self.track_sparsity or self.method == "calibrated"):
-            self._last_sparsity = (out == 0).sum().to(torch.float64) / out.numel()
+            out = stochastic_prune(x, self._threshold, generator)
+        if out.numel() and (measure or self.method == "calibrated"):
+            zeros = (out == 0).sum().to(torch.float64)
+            self._last_sparsity = zeros / out.numel()
+            if measure:
+                self._add("zeros", zeros)
+                if self._threshold is not None:
+                    # the +-a symbols of the encoded stream (Appendix A.10's entropy estimate)
+                    at = (out.abs() == self._threshold.to(out.dtype)).sum()
+                    self._add("at_threshold", at)
+                self._elements += out.numel()
         self._calls_since_update += 1
         return out
 
-    def metrics(self) -> dict:
-        """Device tensors for logging: achieved sparsity of the last call, threshold, factor."""
-        nan = torch.tensor(math.nan, dtype=torch.float64)
-        return {
-            "sparsity": self._last_sparsity if self._last_sparsity is not None else nan,
-            "threshold": self.threshold if self.threshold is not None else nan,
+    def _add(self, key: str, v: torch.Tensor) -> None:
+        cur = self._acc.get(key)
+        v = v.detach().double()
+        self._acc[key] = v if cur is None else cur + v
+
+    def counts(self, reset: bool = False) -> dict:
+        """Raw accumulated counts (0-d device tensors, no sync) plus ``elements`` (int)."""
+        out = dict(self._acc)
+        out["elements"] = self._elements
+        if reset:
+            self.reset_metrics()
+        return out
+
+    def reset_metrics(self) -> None:
+        self._acc, self._elements = {}, 0
+
+    def metrics(self, reset: bool = False) -> dict:
+        """Floats (one sync): achieved sparsity over the measured calls since the last reset
+        (NaN before any), elements measured, threshold (NaN when none), target sparsity,
+        calibration factor."""
+        n = self._elements
+        z = self._acc.get("zeros")
+        out = {
+            "sparsity": float(z) / n if (z is not None and n) else math.nan,
+            "elements": n,
+            "threshold": float(self._threshold) if self._threshold is not None else math.nan,
+            "target_sparsity": self.target,
             "calibration_factor": math.exp(self.log_factor),
         }
+        if reset:
+            self.reset_metrics()
+        return out
 
     def state_dict(self) -> dict:
         """Everything needed to resume: target, method, threshold, calibration state."""
         return {
             "sparsity": self.sparsity,
             "method": self.method,
-            "threshold": None if self.threshold is None else self.threshold.detach().cpu(),
+            "threshold": None if self._threshold is None else self._threshold.detach().cpu(),
+            "target": self._target,
             "log_factor": self.log_factor,
             "prev": self._prev,
         }
@@ -340,7 +287,8 @@ class Pruner:
         self.sparsity = require_open_unit(state["sparsity"], "state['sparsity']")
         self.method = require_choice(state["method"], "state['method']", PRUNE_METHODS)
         th = state["threshold"]
-        self.threshold = None if th is None else torch.as_tensor(th, dtype=torch.float64)
+        self._threshold = None if th is None else torch.as_tensor(th, dtype=torch.float64)
+        self._target = state.get("target")
         self.log_factor = float(state["log_factor"])
         self._prev = None if state["prev"] is None else tuple(state["prev"])
 
@@ -350,13 +298,15 @@ _METHODS = {
     "empirical": Pruner._empirical,
     "calibrated": Pruner._calibrated,
     "atp": Pruner._atp,
-    "topk_stochastic": Pruner._topk_stochastic,
+    "topk_stochastic": Pruner._per_call,
+    "topk": Pruner._per_call,
 }
 PRUNE_METHODS = tuple(_METHODS)
+HETEROGENEOUS_METHODS = ("lognormal", "empirical")  # thresholds for the allocated sparsities
 
 
 # ---------------------------------------------------------------------------------------------
-# Heterogeneous allocation (paper section 5.3, appendix A.9; notes section 4)
+# Heterogeneous allocation (paper section 5.3, appendix A.9)
 
 
 @dataclass(frozen=True)
@@ -475,3 +425,104 @@ def allocate_sparsity(numels, mus, sigmas, zero_fractions, target: float, *,
     a = torch.where(prune, a, torch.zeros_like(a))
     return Allocation(sparsities=S, thresholds=a, cosines=pruned_cosine(a, mu, sig, truncate_k),
                       overall=overall(S), level=level)
+
+
+# ---------------------------------------------------------------------------------------------
+# PrunerGroup: every layer of a model, refreshed together
+
+
+class PrunerGroup:
+    """The pruners of a model's layers at one target, refreshed together by ``update``.
+
+    Homogeneous: every layer aims at ``sparsity``. Method ``empirical`` solves all layers on one
+    device with ONE padded sort of their samples (``empirical_threshold`` of a list: no host
+    sync); the other methods call each ``Pruner.update``. Heterogeneous (section 5.3, A.9):
+    ``allocate_sparsity`` picks per-layer sparsities S_i whose element-weighted mean is
+    ``sparsity`` (lognormal closed forms); method ``lognormal`` prunes each layer at the Eq. 8
+    threshold of S_i, ``empirical`` at ``empirical_threshold(sample_i, S_i)`` (each layer then
+    meets its S_i up to sampling error, so the overall budget holds on non-lognormal gradients).
+
+    Args:
+        n_layers, sparsity, method: as ``Pruner`` (one pruner per layer).
+        heterogeneous: use the allocation (methods in ``HETEROGENEOUS_METHODS``).
+        cos_target, cap, truncate_k: as ``allocate_sparsity``.
+    """
+
+    def __init__(self, n_layers: int, sparsity: float = 0.8, method: str = "empirical", *,
+                 heterogeneous: bool = False, cos_target: float = 0.9, cap: float = 0.95,
+                 truncate_k: float | None = 2.7):
+        self.pruners = [Pruner(sparsity, method) for _ in range(int(n_layers))]
+        self.sparsity, self.method = self.pruners[0].sparsity if n_layers else sparsity, method
+        if heterogeneous and method not in HETEROGENEOUS_METHODS:
+            raise ValueError(f"heterogeneous needs method 'lognormal' or 'empirical' (thresholds "
+                             f"for the allocated sparsities), got {method!r}")
+        self.heterogeneous = bool(heterogeneous)
+        self.cos_target = require_open_unit(cos_target, "cos_target")
+        self.cap = require_open_unit(cap, "cap")
+        self.truncate_k = truncate_k
+        self.level: float | None = None  # the allocation's common cosine (phase 2), if any
+
+    def __len__(self) -> int:
+        return len(self.pruners)
+
+    def __getitem__(self, i: int) -> Pruner:
+        return self.pruners[i]
+
+    def update(self, stats: Sequence[LayerStats | None]) -> None:
+        """Refresh from one entry per layer (None: no statistics for that layer this time)."""
+        if len(stats) != len(self.pruners):
+            raise ValueError(f"stats must have {len(self.pruners)} entries, got {len(stats)}")
+        live = [(p, LayerStats.of(s)) for p, s in zip(self.pruners, stats) if s is not None]
+        if not live or self.method in ("topk", "topk_stochastic"):
+            return
+        if self.heterogeneous:
+            self._allocate([(p, s) for p, s in live if bool(s.fit.ok)])
+        elif self.method == "empirical":
+            by_device: dict[torch.device, list] = {}
+            for p, s in live:
+                if s.sample is None:
+                    raise ValueError("method 'empirical' needs LayerStats with a sample")
+                by_device.setdefault(s.sample.device, []).append((p, s))
+            for group in by_device.values():
+                ths = empirical_threshold([s.sample for _, s in group], self.sparsity)
+                for (p, _), th in zip(group, ths):
+                    p.assign(th)
+        else:
+            for p, s in live:
+                p.update(s)
+
+    def _allocate(self, ok) -> None:
+        if not ok:
+            return
+        if any(s.numel is None for _, s in ok):
+            raise ValueError("a heterogeneous refresh needs LayerStats with numel")
+        alloc = allocate_sparsity(
+            [s.numel for _, s in ok],
+            torch.stack([s.fit.mu for _, s in ok]).cpu(),
+            torch.stack([s.fit.sigma for _, s in ok]).cpu(),
+            torch.stack([s.fit.zero_fraction for _, s in ok]).cpu(),
+            self.sparsity, cos_target=self.cos_target, cap=self.cap, truncate_k=self.truncate_k,
+        )
+        self.level = alloc.level
+        ths = alloc.thresholds
+        if self.method == "empirical":
+            # the allocation's S_i, met on each layer's own sample (not Eq. 8); a layer the
+            # allocation leaves unpruned (threshold 0, S_i = z_i) stays unpruned
+            pruned = alloc.thresholds > 0
+            s_i = torch.where(pruned, alloc.sparsities, torch.full_like(ths, 0.5))
+            emp = empirical_threshold([s.sample for _, s in ok], s_i).cpu()
+            ths = torch.where(pruned, emp, torch.zeros_like(emp))
+        for (p, s), th, target in zip(ok, ths, alloc.sparsities):
+            p.assign(th.to(s.fit.mu.device), target=float(target))
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "sparsity": self.sparsity, "level": self.level,
+                "pruners": [p.state_dict() for p in self.pruners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method or len(state["pruners"]) != len(self.pruners):
+            raise ValueError(f"state is for {len(state['pruners'])} {state['method']!r} pruners, "
+                             f"this group has {len(self.pruners)} {self.method!r}")
+        self.level = state["level"]
+        for p, st in zip(self.pruners, state["pruners"]):
+            p.load_state_dict(st)

@@ -1,22 +1,31 @@
-"""``FPQuantizer``: format + rounding + scaling policy, the FP compressor of neural gradients.
+"""FP quantization of neural gradients: ``FPQuantizer`` (one layer) and ``QuantizerGroup``
+(every layer of a model: the model-wide format choice and the per-layer scale refresh).
 
 ``q(x, generator)`` returns Q(x*s)/s in x's dtype (see
 :func:`gradcomp.numerics.rounding.quantize_fp` for rounding, overflow, zeros and NaN), with s
-from the scaling policy. The metrics of the last
-call stay on the device (no host sync in ``__call__``); ``metrics()`` reads them.
+from the scaling policy. On calls with ``measure=True`` the quantizer adds its own counts
+(elements, overflow, underflow, NaN, zeros of the output) to device accumulators: no host sync in
+``__call__``; ``metrics()`` reads them (one sync).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 
-from gradcomp.compressors.scaling import ScalingPolicy, make_scaling
-from gradcomp.numerics._checks import require_choice, require_float_tensor
-from gradcomp.numerics.fit import LognormalFit
+from gradcomp.compressors.scaling import PerLayerEmpirical, ScalingPolicy, make_scaling
+from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
+from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
 
-__all__ = ["FPQuantizer"]
+__all__ = ["FPQuantizer", "QuantizerGroup", "SplitChoice", "SELECTS", "select_split"]
+
+SELECTS = ("lognormal", "empirical")  # how a SplitChoice picks its split
+_COUNTS = ("elements", "overflow", "underflow", "nan", "zeros")
 
 
 class FPQuantizer:
@@ -27,11 +36,12 @@ class FPQuantizer:
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased).
         scaling: a ScalingPolicy, a registry name (``make_scaling``), or None (s = 1). A global
             policy object may be shared by many quantizers.
-        track_metrics: keep overflow/underflow/NaN fractions of the last call (extra reductions).
+        track_metrics: the default of ``__call__``'s ``measure`` (extra reductions per call).
 
-    Metrics of the last call (0-d device tensors): ``overflow`` = fraction of |x*s| above
-    max_normal (incl. inf), ``underflow`` = fraction of non-zero finite values flushed to 0,
-    ``nan`` = fraction of NaN inputs, ``scale`` = the scale used.
+    Metrics (``metrics()``), over the measured calls since the last reset: ``overflow`` =
+    fraction of |x*s| above max_normal (incl. inf), ``underflow`` = fraction of non-zero finite
+    values flushed to 0, ``nan`` = fraction of NaN inputs, ``zeros`` = fraction of zeros in the
+    output, ``elements`` = elements measured, ``scale`` = the scale of the last call.
     """
 
     def __init__(self, fmt, rounding: str = "nearest", scaling=None, track_metrics: bool = True):
@@ -48,14 +58,19 @@ class FPQuantizer:
         self.scaling = scaling
         self.scaling.bind(self.fmt)
         self.track_metrics = bool(track_metrics)
-        self._metrics: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._elements = 0
+        self._last_scale: torch.Tensor | None = None
 
-    def update(self, fit: LognormalFit) -> None:
-        """Refresh the scale from a lognormal fit of this layer's gradients (on the schedule)."""
-        self.scaling.update(fit, self.fmt)
+    def update(self, stats: LayerStats) -> None:
+        """Refresh the scale from this layer's statistics (on the schedule)."""
+        self.scaling.update(LayerStats.of(stats))
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool | None = None) -> torch.Tensor:
+        """Q(x*s)/s; ``measure`` (default ``track_metrics``) adds this call to the metrics."""
         require_float_tensor(x, "x")
+        measure = self.track_metrics if measure is None else bool(measure)
         pol = self.scaling
         amax = None
         if pol.amax_timing is not None and x.numel():
@@ -68,29 +83,56 @@ class FPQuantizer:
         q = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator)
         if pol.amax_timing == "delayed" and amax is not None:
             pol.observe(amax=amax)
-        if self.track_metrics or pol.wants_overflow:
+        if measure or pol.wants_overflow:
             # the product in the kernel's own dtype, so the count matches what was saturated
             cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
             y = x.detach().to(cdt) * s.to(cdt)
             over = (y.abs() > self.fmt.max_normal).sum()  # inf counts, NaN does not
             if pol.wants_overflow:
                 pol.observe(overflow=(over > 0) | torch.isnan(x).any())
-            if self.track_metrics:
-                n = max(x.numel(), 1)
-                flushed = ((q == 0) & (x != 0) & torch.isfinite(x)).sum()
-                self._metrics = {
-                    "overflow": over.double() / n,
-                    "underflow": flushed.double() / n,
-                    "nan": torch.isnan(x).sum().double() / n,
-                    "scale": s.detach().clone(),
-                }
+            if measure:
+                zero = q == 0
+                self._add("overflow", over)
+                self._add("underflow", (zero & (x != 0) & torch.isfinite(x)).sum())
+                self._add("nan", torch.isnan(x).sum())
+                self._add("zeros", zero.sum())
+                self._elements += x.numel()  # a host number: a device scalar would be a copy
+                self._last_scale = s.detach()
         return q
 
-    def metrics(self, sync: bool = True) -> dict:
-        """Metrics of the last call: floats (one host sync) or, with sync=False, 0-d tensors."""
+    def _add(self, key: str, v: torch.Tensor) -> None:
+        cur = self._acc.get(key)
+        v = v.detach().double()
+        self._acc[key] = v if cur is None else cur + v
+
+    def counts(self, reset: bool = False) -> dict:
+        """Raw accumulated counts as 0-d device tensors (no sync), plus ``elements`` (int)."""
+        out = dict(self._acc)
+        out["elements"] = self._elements
+        if reset:
+            self.reset_metrics()
+        return out
+
+    def reset_metrics(self) -> None:
+        self._acc, self._elements = {}, 0
+
+    def metrics(self, sync: bool = True, reset: bool = False) -> dict:
+        """Fractions over the measured calls since the last reset (NaN before any) and the
+        last scale; floats (one host sync), or 0-d tensors with ``sync=False``."""
+        n = self._elements
+        out = {}
+        for k in ("overflow", "underflow", "nan", "zeros"):
+            v = self._acc.get(k)
+            out[k] = v / n if (v is not None and n) else torch.tensor(math.nan,
+                                                                     dtype=torch.float64)
+        out["elements"] = torch.tensor(float(n), dtype=torch.float64)
+        out["scale"] = (self._last_scale if self._last_scale is not None
+                        else self.scaling.scale).detach().clone()
+        if reset:
+            self.reset_metrics()
         if not sync:
-            return dict(self._metrics)
-        return {k: float(v) for k, v in self._metrics.items()}
+            return out
+        return {k: float(v) for k, v in out.items()}
 
     def state_dict(self) -> dict:
         return {"fmt": self.fmt, "rounding": self.rounding, "scaling": self.scaling.state_dict()}
@@ -105,3 +147,162 @@ class FPQuantizer:
 
     def __repr__(self) -> str:
         return f"FPQuantizer({self.fmt.name}, rounding={self.rounding!r}, scaling={self.scaling!r})"
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """A model-wide format of ``bits`` bits whose exponent/mantissa split is chosen from the
+    first refresh's statistics (``select_split``), then shifted by ``exp_offset`` exponent bits
+    (Table 3's E*+1, E*-1, E*-2; clamped to [1, bits-1]).
+
+    select: ``"lognormal"``: the exact expected error of the lognormal model at the median
+        sigma over layers (``optimal_format``, Table 2); ``"empirical"``: the least mean over
+        layers of the error measured on each layer's refresh sample at its own best scale.
+    semantics: ``"paper"`` (Eq. 2) or ``"ieee"``.
+    """
+
+    bits: int = 6
+    exp_offset: int = 0
+    select: str = "lognormal"
+    semantics: str = "paper"
+
+    def __post_init__(self):
+        require_int_range(self.bits, "bits", 3, 16)
+        require_int_range(self.exp_offset, "exp_offset", -15, 15)
+        require_choice(self.select, "select", SELECTS)
+        require_choice(self.semantics, "semantics", ("paper", "ieee"))
+
+    def choose(self, stats: Sequence[LayerStats], rounding: str) -> tuple[FPFormat, dict]:
+        """(format, record of the choice) from the layers' statistics; host work (refresh)."""
+        ok = [s for s in stats if bool(s.fit.ok)]
+        sel = select_split(self.bits, [s.fit for s in ok], [s.sample for s in ok],
+                           select=self.select, semantics=self.semantics, rounding=rounding)
+        e_star = sel["fmt"].exp_bits
+        e = min(max(e_star + self.exp_offset, 1), self.bits - 1)
+        make = FPFormat.paper if self.semantics == "paper" else FPFormat.ieee
+        chosen = {"select": self.select, "sigma": sel["sigma"], "e_star": e_star,
+                  "exp_bits": e, "man_bits": self.bits - 1 - e, "errors": sel["errors"]}
+        return make(e, self.bits - 1 - e), chosen
+
+
+class QuantizerGroup:
+    """The FP quantizers of a model's layers: one format for all, chosen at the first refresh
+    when ``fmt`` is a ``SplitChoice``; scales refreshed per layer by ``update``.
+
+    Args:
+        n_layers: number of layers. fmt: an FPFormat (fixed) or a SplitChoice.
+        rounding: as FPQuantizer. make_scaling: builds one layer's scaling policy.
+        shared_scaling: one policy object for every layer (a global loss scale) instead.
+    Before the first ``update`` there are no quantizers (``quantizers`` is None).
+    """
+
+    def __init__(self, n_layers: int, fmt: FPFormat | SplitChoice, rounding: str,
+                 make_scaling: Callable[[], ScalingPolicy], shared_scaling: bool = False):
+        if not isinstance(fmt, (FPFormat, SplitChoice)):
+            raise TypeError(f"fmt must be an FPFormat or a SplitChoice, got {type(fmt).__name__}")
+        self.n_layers = int(n_layers)
+        self.spec, self.rounding = fmt, require_choice(rounding, "rounding", ROUNDINGS)
+        self.make_scaling, self.shared_scaling = make_scaling, bool(shared_scaling)
+        self.format: FPFormat | None = None
+        self.chosen: dict | None = None
+        self.global_scaling: ScalingPolicy | None = None
+        self.quantizers: list[FPQuantizer] | None = None
+
+    def _build(self, fmt: FPFormat) -> None:
+        self.format = fmt
+        if self.shared_scaling:
+            self.global_scaling = self.make_scaling()
+        self.quantizers = [FPQuantizer(fmt, self.rounding,
+                                       self.global_scaling or self.make_scaling(),
+                                       track_metrics=False) for _ in range(self.n_layers)]
+
+    def update(self, stats: Sequence[LayerStats | None]) -> None:
+        """Refresh from one entry per layer (None: no statistics for that layer this time)."""
+        if len(stats) != self.n_layers:
+            raise ValueError(f"stats must have {self.n_layers} entries, got {len(stats)}")
+        if self.quantizers is None:
+            if isinstance(self.spec, SplitChoice):
+                fmt, self.chosen = self.spec.choose([s for s in stats if s is not None],
+                                                    self.rounding)
+            else:
+                fmt = self.spec
+            self._build(fmt)
+        for q, s in zip(self.quantizers, stats):
+            if s is not None and bool(s.fit.ok):
+                q.update(s)
+
+    def step(self) -> torch.Tensor | None:
+        """Close a training step of the shared policy (dynamic loss scale): a 0-d bool tensor,
+        True = skip; None without a shared policy."""
+        return None if self.global_scaling is None else self.global_scaling.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "format": self.format, "chosen": self.chosen,
+            "global_scaling": None if self.global_scaling is None
+            else self.global_scaling.state_dict(),
+            "quantizers": None if self.quantizers is None
+            else [q.state_dict() for q in self.quantizers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chosen = state["chosen"]
+        if state["format"] is None:
+            self.format, self.quantizers, self.global_scaling = None, None, None
+            return
+        self._build(state["format"])
+        if self.global_scaling is not None:
+            self.global_scaling.load_state_dict(state["global_scaling"])
+        for q, st in zip(self.quantizers, state["quantizers"]):
+            q.load_state_dict(st)
+
+
+def select_split(bits: int, fits, samples=None, *, select: str = "lognormal",
+                 semantics: str = "paper", rounding: str = "nearest") -> dict:
+    """The 1-n2-n1 split E* of ``bits`` bits that a ``SplitChoice`` uses for a whole model.
+
+    Args:
+        bits: total bits (3..16). fits: one ``LognormalFit`` per layer (layers with fewer
+            than two finite non-zero values are skipped). samples: one 1-D tensor per layer
+            (same order), required by ``select="empirical"``.
+        select: ``"lognormal"``: ``optimal_format`` at the median sigma over layers (paper
+            Table 2; sigma 3 when no layer has a fit); ``"empirical"``: for each split, each
+            layer's error measured on its sample at its own best scale (the
+            ``per_layer_empirical`` search around the lognormal optimum), averaged over layers
+            (unweighted: every layer's weight gradient counts, not only the largest tensors).
+    Ties go to the smaller n2. Returns {"fmt": FPFormat, "sigma": median sigma, "errors":
+    {split name: error}} (predicted by the model, or measured on the samples). Host work:
+    meant for refresh steps only (one sync per layer and split for ``"empirical"``).
+    """
+    from gradcomp.numerics.fp_error import optimal_format, optimal_scale, split_formats
+
+    require_choice(select, "select", SELECTS)
+    fits = list(fits)
+    samples = [None] * len(fits) if samples is None else list(samples)
+    if len(samples) != len(fits):
+        raise ValueError(f"samples must have one entry per fit: {len(samples)} != {len(fits)}")
+    keep = [i for i, f in enumerate(fits) if bool(f.ok)]
+    sig = torch.stack([fits[i].sigma.detach().cpu() for i in keep]) if keep else None
+    sigma = float(sig.median()) if sig is not None else 3.0
+    if select == "lognormal" or not keep:
+        best = optimal_format(bits, sigma, semantics=semantics, rounding=rounding)
+        return {"fmt": best.fmt, "sigma": sigma,
+                "errors": {row[0]: float(row[3]) for row in best.table}}
+    if any(samples[i] is None for i in keep):
+        raise ValueError("select 'empirical' needs one sample per layer")
+    fmts = split_formats(bits, semantics)
+    errors = {}
+    search = PerLayerEmpirical(rounding).search
+    for fmt in fmts:
+        errs = []
+        for i in keep:
+            # centred on the exact lognormal optimum (one host solve per layer and split: this
+            # runs once, cheaper than the policy's interpolation table)
+            mu, sg = float(fits[i].mu), max(float(fits[i].sigma), 1e-6)
+            centre = torch.tensor(optimal_scale(fmt, mu, sg, rounding), dtype=torch.float64)
+            errs.append(search(samples[i], fmt, centre)[1].detach().cpu())
+        e = torch.stack(errs)
+        e = e[torch.isfinite(e)]
+        errors[fmt.name] = float(e.mean()) if e.numel() else math.inf
+    i = min(range(len(fmts)), key=lambda k: (errors[fmts[k].name], fmts[k].exp_bits))
+    return {"fmt": fmts[i], "sigma": sigma, "errors": errors}

@@ -1,9 +1,11 @@
 """Gradient scaling policies for FP quantization: the quantizer computes Q(g*s)/s.
 
-One interface for every policy (notes section 2, paper section 4.4 and Table 4):
+One interface for every policy (paper section 4.4 and Table 4):
 
-* ``update(fit, fmt)`` on the schedule (e.g. each epoch start) from a
-  :class:`~gradcomp.numerics.fit.LognormalFit`; tensor ops only, no host sync.
+* ``bind(fmt)`` once (the quantizer does it): the format the policy scales for.
+* ``update(stats)`` on the schedule (e.g. each epoch start) from a
+  :class:`~gradcomp.numerics.fit.LayerStats` (lognormal fit + sample; a bare ``LognormalFit``
+  is accepted where no sample is needed); tensor ops only, no host sync.
 * ``scale``: the current scale, a 0-d float64 tensor on the statistics' device.
 * ``observe(amax=None, overflow=None)``: per-call feedback, for the policies that need it
   (``amax_timing`` says when the quantizer reports the amax; ``wants_overflow`` whether it
@@ -13,7 +15,8 @@ One interface for every policy (notes section 2, paper section 4.4 and Table 4):
 
 A global policy (``static``, ``dynamic``) is one object shared by every layer's quantizer.
 Where a statistic is unusable (no non-zero value, amax 0/inf/NaN) the previous scale is kept,
-as TransformerEngine does.
+as TransformerEngine does. The amax and authors' rules are those of
+:mod:`gradcomp.numerics.scales` (shared with the communication compressors).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import numpy as np
 import torch
 
 from gradcomp.numerics._checks import require_choice, require_int_range, require_positive
-from gradcomp.numerics.fit import LognormalFit
+from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
+from gradcomp.numerics.scales import amax_to_scale, mean_log2_to_scale, scale_is_usable
 
 __all__ = [
     "ScalingPolicy",
@@ -54,6 +58,7 @@ class ScalingPolicy:
 
     def __init__(self):
         self._scale = _scalar(1.0)
+        self.fmt: FPFormat | None = None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -61,9 +66,18 @@ class ScalingPolicy:
 
     def bind(self, fmt: FPFormat) -> None:
         """Tell the policy which format it scales for (the quantizer calls it once)."""
+        if not isinstance(fmt, FPFormat):
+            raise TypeError(f"fmt must be an FPFormat, got {type(fmt).__name__}")
+        self.fmt = fmt
 
-    def update(self, fit: LognormalFit, fmt: FPFormat) -> None:
-        """Refresh the scale from statistics (no-op for policies without statistics)."""
+    def _bound(self) -> FPFormat:
+        if self.fmt is None:
+            raise ValueError(f"{type(self).__name__} needs bind(fmt) (done by FPQuantizer) first")
+        return self.fmt
+
+    def update(self, stats: LayerStats) -> None:
+        """Refresh the scale from a layer's statistics (no-op for policies without them)."""
+        LayerStats.of(stats)
 
     def observe(self, amax: torch.Tensor | None = None, overflow: torch.Tensor | None = None):
         """Per-call feedback (no-op unless the policy needs it)."""
@@ -100,15 +114,17 @@ class PerLayerAuthors(ScalingPolicy):
     formats (range 2^-Emax..2^Emax, centred at 1) it puts the mean near the bottom of the range
     and flushes many FP4 gradients to zero; the recipes use ``amax`` (README, "Choices
     measured"). mean(log2|g|) is over the finite non-zeros (the authors' code mapped zeros
-    to -126 inside the mean; excluding them is the consistent lognormal fit, notes section 2).
+    to -126 inside the mean; excluding them fits the lognormal model of section 3, which is
+    a model of the non-zero magnitudes).
     """
 
     def __init__(self, margin: float = 3.0):
         super().__init__()
         self.margin = float(margin)
 
-    def update(self, fit, fmt):
-        self._keep(torch.exp2(-fit.mean_log2 - self.margin), fit.ok)
+    def update(self, stats):
+        fit = LayerStats.of(stats).fit
+        self._keep(mean_log2_to_scale(fit.mean_log2, margin=self.margin), fit.ok)
 
 
 class PerLayerOptimal(ScalingPolicy):
@@ -136,8 +152,9 @@ class PerLayerOptimal(ScalingPolicy):
                                  torch.tensor(centres, dtype=torch.float64, device=device))
         return self._tables[key]
 
-    def update(self, fit, fmt):
-        sig_grid, centres = self._table(fmt, fit.mu.device)
+    def update(self, stats):
+        fit = LayerStats.of(stats).fit
+        sig_grid, centres = self._table(self._bound(), fit.mu.device)
         sigma = fit.sigma.to(torch.float64).clamp(sig_grid[0], sig_grid[-1])
         i = torch.searchsorted(sig_grid, sigma.reshape(1)).clamp(1, len(sig_grid) - 1)
         s0, s1 = sig_grid[i - 1], sig_grid[i]
@@ -147,7 +164,7 @@ class PerLayerOptimal(ScalingPolicy):
 
 
 class PerLayerEmpirical(PerLayerOptimal):
-    """s minimising the relative error measured directly on the layer's refresh sample (issue 8).
+    """s minimising the relative error measured directly on the layer's refresh sample.
 
     The lognormal optimum s0 (:class:`PerLayerOptimal`) centres a grid of candidates
     s0 * 2^(j/steps_per_octave), |j| <= octaves * steps_per_octave; each candidate is scored by
@@ -158,12 +175,10 @@ class PerLayerEmpirical(PerLayerOptimal):
     ``rounding="stochastic"`` scores one draw per value from a fixed-seed generator (an
     unbiased estimate of the expected error; candidates share no random numbers).
 
-    ``wants_sample``: the model wrapper calls ``update(fit, fmt, sample)`` on refresh steps.
-    Without a sample, or with fewer than two usable values, the lognormal optimum is used.
+    ``update(stats)`` uses ``stats.sample``; without a sample, or with fewer than two usable
+    values, the lognormal optimum is used.
     ``error`` is the measured error at the chosen scale (0-d tensor; NaN before a sample).
     """
-
-    wants_sample = True
 
     def __init__(self, rounding: str = "nearest", octaves: int = 3, steps_per_octave: int = 4):
         super().__init__(require_choice(rounding, "rounding", ROUNDINGS))
@@ -204,12 +219,13 @@ class PerLayerEmpirical(PerLayerOptimal):
         ok = used.sum() >= 2
         return torch.where(ok, cand[i], centre), torch.where(ok, errs[i], float("nan"))
 
-    def update(self, fit, fmt, sample: torch.Tensor | None = None):
-        super().update(fit, fmt)
-        if sample is None:
+    def update(self, stats):
+        stats = LayerStats.of(stats)
+        super().update(stats)
+        if stats.sample is None:
             return
-        s, err = self.search(sample, fmt, self._scale)
-        self._keep(s, fit.ok)
+        s, err = self.search(stats.sample, self._bound(), self._scale)
+        self._keep(s, stats.fit.ok)
         self.error = err
 
 
@@ -221,22 +237,13 @@ class AmaxCurrent(ScalingPolicy):
     def __init__(self, margin: float = 0.0):
         super().__init__()
         self.margin = float(margin)
-        self._max = None
-
-    def bind(self, fmt):
-        self._max = fmt.max_normal
-
-    def update(self, fit, fmt):
-        self._max = fmt.max_normal
 
     def observe(self, amax=None, overflow=None):
         if amax is None:
             return
-        if self._max is None:
-            raise ValueError("amax scaling needs bind(fmt) (done by FPQuantizer) first")
         amax = amax.detach().to(torch.float64)
-        new = self._max / (amax * 2.0**self.margin)
-        self._keep(new, torch.isfinite(amax) & (amax > 0))
+        self._keep(amax_to_scale(amax, self._bound(), margin=self.margin),
+                   scale_is_usable(amax))
 
 
 class AmaxDelayed(AmaxCurrent):
@@ -258,8 +265,7 @@ class AmaxDelayed(AmaxCurrent):
     def observe(self, amax=None, overflow=None):
         if amax is None:
             return
-        if self._max is None:
-            raise ValueError("amax scaling needs bind(fmt) (done by FPQuantizer) first")
+        fmt = self._bound()
         amax = amax.detach().to(torch.float64).reshape(())
         hist = self._hist.to(amax.device)
         good = torch.isfinite(amax) & (amax > 0)
@@ -268,7 +274,7 @@ class AmaxDelayed(AmaxCurrent):
         self._pos = (self._pos + 1) % self.history
         self._hist = hist
         top = hist.max()
-        self._keep(self._max / (top * 2.0**self.margin), top > 0)
+        self._keep(amax_to_scale(top, fmt, margin=self.margin), top > 0)
 
     def state_dict(self):
         return {**super().state_dict(), "hist": self._hist.clone(), "pos": self._pos}

@@ -1,6 +1,6 @@
 """Record neural gradients (and, for contrast, weights, activations, weight gradients).
 
-A *neural gradient* is dL/dA at a layer's output (notes, vocabulary): the ``grad_output`` a Conv or
+A *neural gradient* is dL/dA at a layer's output (the paper's term): the ``grad_output`` a Conv or
 Linear layer receives in backward. ``capture_gradients`` puts a forward hook on each selected
 module; during a step opened with ``cap.record(step)`` the hook registers a tensor hook on the
 output, so the gradient is seen exactly once, when autograd produces it. Outside ``record`` the
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradcomp.numerics._checks import require_choice
-from gradcomp.numerics.random import DeviceGenerators
+from gradcomp.numerics.random import DeviceGenerators, sample_values
 
 __all__ = ["GradientRecord", "GradientCapture", "capture_gradients", "select_layers", "KINDS"]
 
@@ -162,14 +162,8 @@ class GradientCapture:
         zeros = (a == 0).sum()
         nonfinite = (~finite).sum()
         amax = torch.where(finite, a, torch.zeros_like(a)).amax() if x.numel() else a.sum()
-        if self.sample_size is None or x.numel() <= self.sample_size:
-            sample = x.float().clone()
-        else:
-            idx = torch.randint(
-                x.numel(), (self.sample_size,), device=x.device,
-                generator=self._generator(x.device),
-            )
-            sample = x[idx].float()
+        # the one with-replacement sampler; a copy, so records never alias the live gradient
+        sample = sample_values(x, self.sample_size, self._generator(x.device)).float().clone()
         self.records.append(
             GradientRecord(
                 name=name, kind=kind, step=step, shape=tuple(t.shape), numel=x.numel(),

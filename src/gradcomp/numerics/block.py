@@ -539,16 +539,9 @@ def _compile_switch(compile) -> bool:
         return bool(compile)
     if _COMPILE_BROKEN:
         return False
-    import os
+    from gradcomp.numerics.kernels import compile_enabled  # the one compile policy
 
-    from gradcomp.numerics import rounding
-
-    enabled = getattr(rounding, "compile_enabled", None)
-    if enabled is not None:
-        return enabled()
-    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
-    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
-    return value == "1"
+    return compile_enabled()
 
 
 def _canonical(x: torch.Tensor, bf: BlockFormat):

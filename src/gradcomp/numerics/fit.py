@@ -1,4 +1,4 @@
-"""Lognormal fit of neural gradients (paper section 3; notes section 1).
+"""Lognormal fit of neural gradients (section 3: ln|g| of the non-zeros ~ N(mu, sigma^2)).
 
 ``ln|g|`` of a layer's neural gradient is close to normal. The fit drops exact zeros (after a
 ReLU many neural gradients are exactly 0) and non-finite values, and reports both counts, so a
@@ -17,8 +17,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor
+from gradcomp.numerics.random import sample_values
 
-__all__ = ["LognormalFit", "fit_lognormal", "lognormal_moments"]
+__all__ = ["LayerStats", "LognormalFit", "fit_lognormal", "layer_stats", "lognormal_moments"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,47 @@ def lognormal_moments(mu, sigma):
     mean = torch.exp(mu + sigma**2 / 2)
     var = (torch.exp(sigma**2) - 1) * torch.exp(2 * mu + sigma**2)
     return mean, var
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What a refresh step knows about one layer's gradient: every compressor's ``update`` input.
+
+    fit: ``fit_lognormal`` of the whole tensor (mu, sigma, zero fraction, amax, counts: device
+        tensors). sample: a 1-D float32 sample of its values (zeros included; drawn with
+        replacement, ``gradcomp.numerics.random.sample_values``), or None. numel: the tensor's
+        element count as a host int (the element weights of the heterogeneous allocation),
+        or None when unknown.
+    """
+
+    fit: LognormalFit
+    sample: torch.Tensor | None = None
+    numel: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.fit, LognormalFit):
+            raise TypeError(f"fit must be a LognormalFit, got {type(self.fit).__name__}")
+        if self.sample is not None:
+            require_float_tensor(self.sample, "sample")
+
+    @property
+    def amax(self) -> torch.Tensor:
+        """max |g| over the finite values (0-d device tensor)."""
+        return self.fit.amax
+
+    @classmethod
+    def of(cls, stats) -> LayerStats:
+        """``stats`` itself, or ``LayerStats(stats)`` for a bare ``LognormalFit``."""
+        if isinstance(stats, LayerStats):
+            return stats
+        if isinstance(stats, LognormalFit):
+            return cls(stats)
+        raise TypeError(f"stats must be a LayerStats or a LognormalFit, got {type(stats).__name__}")
+
+
+def layer_stats(g: torch.Tensor, sample_size: int | None,
+                generator: torch.Generator | None = None) -> LayerStats:
+    """``LayerStats`` of a gradient: its lognormal fit and a sample of ``sample_size`` values
+    (float32, a copy) drawn on ``generator`` (``sample_values``). Device work only."""
+    sample = sample_values(g, sample_size, generator).float().clone()
+    return LayerStats(fit_lognormal(g), sample, int(g.numel()))

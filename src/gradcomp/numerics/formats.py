@@ -1,9 +1,9 @@
 """``FPFormat``: the one source of truth for a low-precision floating-point format.
 
 A format is 1 sign bit, ``exp_bits`` exponent bits and ``man_bits`` mantissa bits (the paper's
-1-n2-n1 notation, notes section 2), with one of two *semantics*:
+1-n2-n1 notation, section 4), with one of two *semantics*:
 
-``"ieee"`` (IEEE-754-like, what the authors' code and ml_dtypes use; notes section 7)
+``"ieee"`` (IEEE-754-like, what the authors' code and ml_dtypes use)
     value = 2^(e - bias) * 1.m for exponent codes e >= 1, and 2^(1 - bias) * 0.m for e = 0
     (subnormals) when ``subnormals`` is on. ``special`` says which codes are not finite:
 
@@ -23,13 +23,30 @@ Policies shared by every format (and implemented by :func:`gradcomp.numerics.rou
 * NaN: a NaN input stays NaN in the output dtype, whatever the format (a format without a NaN
   code has no better answer, and hiding it would hide a diverging run); quantizers count them.
 * zeros keep their sign (-0 stays -0; a negative value flushed to zero becomes -0).
+
+Names identify formats: ``FPFormat.from_name(f.name) == f`` for every format. Grammar::
+
+    1-X-Y                       the paper's Eq. 2 format (nothing else to say: Eq. 2 fixes it)
+    eXmY                        IEEE-like, special="ieee" (inf and NaN codes), as ml_dtypes'
+                                float8_e5m2, float8_e4m3 (max 240), float8_e3m4
+    eXmYfn                      IEEE-like without inf, as ml_dtypes' "fn" names: special="fn"
+                                (one NaN code) for e4m3fn (max 448), special="none" (no NaN
+                                either) for every other width (float6_e3m2fn, float4_e2m1fn...)
+    then, in this order, only where the field differs from that default:
+    _nan / _nonan               special "fn" / "none" where the fn-default is the other one
+    _b<bias>                    exponent bias other than 2^(X-1) - 1
+    _nosub                      no subnormals (flush to zero)
+    _inf                        overflow to inf instead of saturating (special "ieee" only)
+
+e.g. ``FPFormat(4, 3)`` (special "none") is ``e4m3fn_nonan``, ``FPFormat(4, 3, bias=8)``
+``e4m3fn_nonan_b8``, ``FPFormat.from_name("e5m2", overflow="inf")`` ``e5m2_inf``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -43,15 +60,22 @@ _SEMANTICS = ("ieee", "paper")
 _SPECIAL = ("ieee", "fn", "none")
 _OVERFLOW = ("saturate", "inf")
 
-# Named formats, bit-exact with ml_dtypes (float8_e5m2, float8_e4m3fn, float6_e3m2fn,
-# float6_e2m3fn, float4_e2m1fn) and torch.float8_* where those exist.
+# Named formats, bit-exact with ml_dtypes (float8_e5m2, float8_e4m3, float8_e4m3fn,
+# float6_e3m2fn, float6_e2m3fn, float4_e2m1fn) and torch.float8_* where those exist.
 NAMED_FORMATS = {
     "e5m2": dict(exp_bits=5, man_bits=2, special="ieee"),
+    "e4m3": dict(exp_bits=4, man_bits=3, special="ieee"),
     "e4m3fn": dict(exp_bits=4, man_bits=3, special="fn"),
     "e3m2fn": dict(exp_bits=3, man_bits=2, special="none"),
     "e2m3fn": dict(exp_bits=2, man_bits=3, special="none"),
     "e2m1fn": dict(exp_bits=2, man_bits=1, special="none"),
 }
+
+
+def _fn_special(exp_bits: int, man_bits: int) -> str:
+    """What the "fn" suffix means at this width, as in ml_dtypes: float8_e4m3fn keeps one NaN
+    code ("fn"); the other fn formats (float6_e3m2fn, float6_e2m3fn, float4_e2m1fn) have none."""
+    return "fn" if (exp_bits, man_bits) == (4, 3) else "none"
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,8 @@ class FPFormat:
         overflow: ``"saturate"`` or ``"inf"`` (the latter needs ``special="ieee"``).
         special: ``"ieee"`` | ``"fn"`` | ``"none"``: which codes are inf/NaN (IEEE semantics).
         semantics: ``"ieee"`` or ``"paper"``.
-        name: label used in tables (derived when empty).
+        name: the format's name, always derived from the fields (module docstring); passing
+            another name raises ValueError.
     """
 
     exp_bits: int
@@ -78,7 +103,7 @@ class FPFormat:
     overflow: str = "saturate"
     special: str = "none"
     semantics: str = "ieee"
-    name: str = ""
+    name: str = field(default="", compare=False)
 
     def __post_init__(self):
         require_int_range(self.exp_bits, "exp_bits", *EXP_BITS_RANGE)
@@ -109,8 +134,11 @@ class FPFormat:
             raise ValueError("special='ieee' needs exp_bits >= 2 (one exponent code is reserved)")
         if self.special == "fn" and self.exp_bits + self.man_bits < 2:
             raise ValueError("special='fn' needs at least 2 exponent+mantissa bits")
-        if not self.name:
-            object.__setattr__(self, "name", self._default_name())
+        derived = self._default_name()
+        if self.name and self.name.strip().lower() != derived:
+            raise ValueError(f"name {self.name!r} does not describe this format: its name is "
+                             f"{derived!r}")
+        object.__setattr__(self, "name", derived)
         if self.max_normal <= 0:
             raise ValueError(f"format {self.name} has no positive finite value")
 
@@ -119,25 +147,40 @@ class FPFormat:
     def from_name(cls, name: str, **overrides) -> FPFormat:
         """Build a format from a name.
 
-        ``"e5m2"``, ``"e4m3fn"``, ``"e3m2fn"``, ``"e2m3fn"``, ``"e2m1fn"``: the ml_dtypes formats
-        (saturating by default; pass ``overflow="inf"`` for IEEE overflow on e5m2).
-        ``"eXmY"``: IEEE-like, bias 2^(X-1)-1, subnormals, no inf/NaN codes (``special="none"``).
-        ``"1-X-Y"``: the paper's notation, the idealised Eq. 2 format (``FPFormat.paper``).
-        Keyword overrides replace fields (e.g. ``subnormals=False``).
+        The grammar is in the module docstring: ``"e5m2"``, ``"e4m3"`` (IEEE-like with inf,
+        max 240), ``"e4m3fn"`` (max 448), ``"e3m2fn"``, ``"e2m3fn"``, ``"e2m1fn"`` are the
+        ml_dtypes formats (saturating by default: ``"e5m2_inf"`` or ``overflow="inf"`` for IEEE
+        overflow); ``"eXmY"`` / ``"eXmYfn"`` the same rules at any width, with the modifiers
+        ``_nan``, ``_nonan``, ``_b<bias>``, ``_nosub``, ``_inf``; ``"1-X-Y"`` the paper's
+        idealised Eq. 2 format (``FPFormat.paper``). Keyword overrides replace fields (e.g.
+        ``subnormals=False``); the result's name then says so.
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         key = name.strip().lower()
-        if key in NAMED_FORMATS:
-            return cls(name=key, **{**NAMED_FORMATS[key], **overrides})
-        m = re.fullmatch(r"e(\d+)m(\d+)", key)
-        if m:
-            return cls(int(m.group(1)), int(m.group(2)), **overrides)
         m = re.fullmatch(r"1-(\d+)-(\d+)", key)
         if m:
             return cls.paper(int(m.group(1)), int(m.group(2)), **overrides)
-        allowed = ", ".join(NAMED_FORMATS)
-        raise ValueError(f"name must be one of {allowed}, 'eXmY' or '1-X-Y'; got {name!r}")
+        m = re.fullmatch(r"e(\d+)m(\d+)(fn)?((?:_[a-z0-9-]+)*)", key)
+        if not m:
+            allowed = ", ".join(NAMED_FORMATS)
+            raise ValueError(f"name must be one of {allowed}, 'eXmY[fn][_nan|_nonan][_b<bias>]"
+                             f"[_nosub][_inf]' or '1-X-Y'; got {name!r}")
+        e, mb = int(m.group(1)), int(m.group(2))
+        kw: dict = {"special": _fn_special(e, mb) if m.group(3) else "ieee"}
+        for tag in m.group(4).split("_")[1:]:
+            if tag in ("nan", "nonan") and m.group(3):
+                kw["special"] = "fn" if tag == "nan" else "none"
+            elif re.fullmatch(r"b-?\d+", tag):
+                kw["bias"] = int(tag[1:])
+            elif tag == "nosub":
+                kw["subnormals"] = False
+            elif tag == "inf":
+                kw["overflow"] = "inf"
+            else:
+                raise ValueError(f"unknown modifier {'_' + tag!r} in format name {name!r}; "
+                                 "allowed: _nan, _nonan (after fn), _b<bias>, _nosub, _inf")
+        return cls(e, mb, **{**kw, **overrides})
 
     @classmethod
     def ieee(cls, exp_bits: int, man_bits: int, **kw) -> FPFormat:
@@ -158,15 +201,21 @@ class FPFormat:
         return replace(self, **changes)
 
     def _default_name(self) -> str:
+        e, m = self.exp_bits, self.man_bits
         if self.semantics == "paper":
-            return f"1-{self.exp_bits}-{self.man_bits}"
-        suffix = {"ieee": "", "fn": "fn", "none": ""}[self.special]
-        for key, spec in NAMED_FORMATS.items():
-            if (spec["exp_bits"], spec["man_bits"], spec["special"]) == (
-                self.exp_bits, self.man_bits, self.special
-            ) and self.bias == 2 ** (self.exp_bits - 1) - 1 and self.subnormals:
-                return key
-        return f"e{self.exp_bits}m{self.man_bits}{suffix}"
+            return f"1-{e}-{m}"
+        name = f"e{e}m{m}"
+        if self.special != "ieee":
+            name += "fn"
+            if self.special != _fn_special(e, m):
+                name += "_nan" if self.special == "fn" else "_nonan"
+        if self.bias != 2 ** (e - 1) - 1:
+            name += f"_b{self.bias}"
+        if not self.subnormals:
+            name += "_nosub"
+        if self.overflow == "inf":
+            name += "_inf"
+        return name
 
     # ---- derived quantities ----------------------------------------------------------------
     @property

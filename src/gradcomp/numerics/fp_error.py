@@ -1,4 +1,4 @@
-"""Expected relative error of FP quantization and the optimal format / scale (notes section 2).
+"""Expected relative error of FP quantization and the optimal format / scale (Eq. 3-4, Table 2).
 
 The quantity is E|Q(x*s)/s - x| / |x| = E|Q(y) - y| / y with y = |x|*s (scaling by s is
 exact in the relative error), for |x| lognormal (ln|x| ~ N(mu, sigma^2), sigma of the
@@ -14,7 +14,8 @@ Limits: formats with more than 2^20 non-negative grid values (man_bits + exp_bit
 refused; ``overflow="inf"`` formats have infinite expected error (any lognormal sample can
 overflow), reported as inf.
 
-``method="closed_form"`` is the paper's Eq. 4 as corrected in notes section 2, for the
+``method="closed_form"`` is the paper's Eq. 4 (its in-range term rederived here as
+2^-n1/(8 ln 2), with exact flush and saturation tails), for the
 idealised format (semantics "paper") and nearest rounding only, generalised to a centre
 m = mu + ln s: in-range error 2^-n1/(8 ln 2) (log-uniform mantissa assumption: off by about
 5% for n1 = 0 and by less for larger n1), plus the flush and saturation tails, which are exact.

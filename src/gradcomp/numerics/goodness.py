@@ -2,7 +2,8 @@
 
 The paper's test: Kolmogorov-Smirnov statistic D (the largest distance between the empirical CDF
 of |g| and the fitted CDF) for a lognormal against a normal and the other candidates of the
-appendix. As in the notes (section 1), every test is run on the finite non-zero magnitudes |g| of a
+appendix. As in the paper's section 3 (a fit of the non-zero magnitudes), every test is run on the
+finite non-zero magnitudes |g| of a
 random subsample (the authors used about 30,000 values per tensor).
 
 What "normal" means for a magnitude: neural gradients are centred at zero, so the symmetric

@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
-    "sample_values",
+    "sample_values", "hash_counter", "random_bits", "stacked_keys", "wide_keys",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -86,14 +86,57 @@ def uniform_from_counter(seed: torch.Tensor, numel: int, device=None,
     return uniform_from_keys(k1, k2, numel, device, dtype)
 
 
-def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The body of ``uniform_from_counter`` given ``seed_keys(seed)``; safe inside torch.compile."""
-    if numel >= 1 << 31:
-        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {numel}")
+def hash_counter(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
+                 start: int = 0) -> torch.Tensor:
+    """The counter hash: int32 ``mix32(mix32(index ^ k1) + k2)`` for index = start..start+numel-1
+    (``start``: where a chunk of a larger tensor begins, so a chunked pass draws the same bits).
+
+    The one per-element hash of the package (stochastic rounding and stochastic pruning both
+    draw from it). Safe inside torch.compile given keys from ``seed_keys``.
+    """
+    if start + numel >= 1 << 31:
+        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {start + numel}")
     device = k1.device if device is None else device
-    idx = torch.arange(numel, device=device, dtype=torch.int32)
-    h = mix32(mix32(idx ^ k1) + k2)
+    idx = torch.arange(start, start + numel, device=device, dtype=torch.int32)
+    return mix32(mix32(idx ^ k1) + k2)
+
+
+def wide_keys(k1: torch.Tensor, k2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second, independent key pair derived from ``seed_keys``' (for 63-bit random words)."""
+    k3 = mix32(k2 ^ 0x6A09E667)
+    return k3, mix32(k3 ^ k1)
+
+
+def random_bits(keys: torch.Tensor, numel: int, wide: bool, device=None,
+                start: int = 0) -> torch.Tensor:
+    """Non-negative random integers per element: 31 bits (int32) or 63 bits (int64, ``wide``).
+
+    ``keys``: int32 tensor ``[k1, k2, k3, k4]`` (``stacked_keys``). The 31-bit word is the top
+    31 bits of ``hash_counter(k1, k2)``; the 63-bit word puts those 31 bits above the 32 bits
+    of ``hash_counter(k3, k4)``.
+    """
+    h1 = hash_counter(keys[0], keys[1], numel, device, start)
+    if not wide:
+        return _srl(h1, 1)
+    h2 = hash_counter(keys[2], keys[3], numel, device, start)
+    return ((h1.to(torch.int64) & 0x7FFFFFFF) << 32) | (h2.to(torch.int64) & 0xFFFFFFFF)
+
+
+def stacked_keys(seed: torch.Tensor) -> torch.Tensor:
+    """``[k1, k2, k3, k4]`` (int32, on seed's device) for ``random_bits``; computed eagerly,
+    outside any compiled region (see ``seed_keys``)."""
+    k1, k2 = seed_keys(seed)
+    k3, k4 = wide_keys(k1, k2)
+    return torch.stack([k1, k2, k3, k4])
+
+
+def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
+                      dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+    """The body of ``uniform_from_counter`` given ``seed_keys(seed)``; safe inside torch.compile.
+
+    Values: the top 24 bits of ``hash_counter`` times 2^-24.
+    """
+    h = hash_counter(k1, k2, numel, device, start)
     return _srl(h, 8).to(dtype) * (2.0**-24)
 
 

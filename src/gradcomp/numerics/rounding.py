@@ -25,32 +25,32 @@ How (one pass, branch-free, the same code on CPU and CUDA):
 
 Random bits for stochastic rounding: ONE int64 seed is drawn per call from the user's
 ``torch.Generator`` (a 0-d tensor on the generator's device: no host sync on CUDA), and each
-element hashes (seed, element index) with an integer mixer (:func:`gradcomp.numerics.random.mix32`).
-Why: inside a fused kernel there is no per-element call to torch's stateful generator, and
-``torch.rand_like`` would cost an extra full-size buffer and pass. A counter-based hash is pure
-integer math, so the fused and eager paths give bit-identical results for the same generator
-state. Per element the bits are exactly uniform over seeds (the mixer is a bijection of
-``index ^ key``); precision: 31 bits (float32 container; 24 in the sub-normal range) or 63 bits
-(float64), i.e. below min_normal the up-probability is quantised to 2^-24 (2^-53 for float64).
+element hashes (seed, element index) with the package's counter hash
+(:func:`gradcomp.numerics.random.random_bits`). Why: inside a fused kernel there is no
+per-element call to torch's stateful generator, and ``torch.rand_like`` would cost an extra
+full-size buffer and pass. A counter-based hash is pure integer math, so the fused and eager
+paths give bit-identical results for the same generator state. Per element the bits are exactly
+uniform over seeds (the mixer is a bijection of ``index ^ key``); precision: 31 bits (float32
+container; 24 in the sub-normal range) or 63 bits (float64), i.e. below min_normal the
+up-probability is quantised to 2^-24 (2^-53 for float64).
 
-Fused vs eager: ``compile=None`` reads ``GRADCOMP_COMPILE`` (``"1"`` default, ``"0"`` eager).
-The fused path is ``torch.compile`` of the same function (compiled lazily on first call, never
-at import; one compile per rounding mode and dtype, the format's constants are passed as
-tensors so a new format reuses it). If compilation fails the eager path is used, with a warning.
+Fused vs eager: the compile policy of :mod:`gradcomp.numerics.kernels` (``set_compile``,
+``GRADCOMP_COMPILE``; ``compile=`` per call). One fused kernel per rounding mode and scaling;
+the format's constants are passed as tensors, so a new format reuses it. Both paths give
+identical bits; if compilation fails the eager path is used, with a warning.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.random import draw_seed, mix32
+from gradcomp.numerics.kernels import FusedOp, compile_enabled, set_compile
+from gradcomp.numerics.random import draw_seed, random_bits, stacked_keys
 
 __all__ = ["quantize_fp", "set_compile", "compile_enabled", "ROUNDINGS"]
 
@@ -60,26 +60,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # container: (float dtype, int dtype, mantissa bits, exponent bits, numpy float, numpy int)
 _F32 = (torch.float32, torch.int32, 23, 8, np.float32, np.int32)
 _F64 = (torch.float64, torch.int64, 52, 11, np.float64, np.int64)
-
-_COMPILE_OVERRIDE: bool | None = None
-_COMPILE_BROKEN = False
-
-
-def set_compile(enabled: bool | None) -> None:
-    """Module switch for the fused path: True/False force it, None defers to GRADCOMP_COMPILE."""
-    global _COMPILE_OVERRIDE
-    _COMPILE_OVERRIDE = enabled
-
-
-def compile_enabled() -> bool:
-    """Whether a call with ``compile=None`` takes the fused (torch.compile) path."""
-    if _COMPILE_BROKEN:
-        return False
-    if _COMPILE_OVERRIDE is not None:
-        return _COMPILE_OVERRIDE
-    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
-    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
-    return value == "1"
 
 
 def _pow2_factors(e: int) -> tuple[float, float]:
@@ -135,29 +115,7 @@ def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.T
             torch.tensor(floats, dtype=fdt, device=device))
 
 
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift by a constant (torch's >> is arithmetic on negative values)."""
-    bits = 8 * x.element_size()
-    return (x >> s) & ((1 << (bits - s)) - 1)
-
-
-def _random_bits(seed: torch.Tensor, n: int, wide: bool, device) -> torch.Tensor:
-    """Non-negative random ints from hash(seed, index): 31 bits (int32) or 63 bits (int64)."""
-    lo = (seed & 0x7FFFFFFF).to(torch.int32)
-    hi = ((seed >> 31) & 0x7FFFFFFF).to(torch.int32)
-    k1 = mix32(lo ^ 0x2545F491)
-    k2 = mix32(hi ^ k1)
-    idx = torch.arange(n, device=device, dtype=torch.int32)
-    h1 = mix32(mix32(idx ^ k1) + k2)
-    if not wide:
-        return _srl(h1, 1)
-    k3 = mix32(k2 ^ 0x6A09E667)
-    k4 = mix32(k3 ^ k1)
-    h2 = mix32(mix32(idx ^ k3) + k4)
-    return ((h1.to(torch.int64) & 0x7FFFFFFF) << 32) | (h2.to(torch.int64) & 0xFFFFFFFF)
-
-
-def _quantize_flat(x, scale, ints, floats, seed, stochastic: bool, scaled: bool):
+def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool, start=0):
     """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype."""
     out_dtype = x.dtype
     wide = out_dtype == torch.float64
@@ -175,7 +133,7 @@ def _quantize_flat(x, scale, ints, floats, seed, stochastic: bool, scaled: bool)
 
     # normal range: integer rounding of the bit pattern at bit d0
     if stochastic:
-        rbits = _random_bits(seed, y.numel(), wide, y.device)
+        rbits = random_bits(keys, y.numel(), wide, y.device, start)
         ar = (a + (rbits >> ints[8])) & ints[3]
     else:
         ar = (a + ints[1] + (((a >> ints[0]) ^ ints[9]) & ints[2])) & ints[3]
@@ -203,35 +161,30 @@ def _quantize_flat(x, scale, ints, floats, seed, stochastic: bool, scaled: bool)
     return out.to(out_dtype)
 
 
-def _nearest_flat(x, scale, ints, floats, seed):
-    return _quantize_flat(x, scale, ints, floats, seed, False, False)
+def _nearest_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, False, start)
 
 
-def _stochastic_flat(x, scale, ints, floats, seed):
-    return _quantize_flat(x, scale, ints, floats, seed, True, False)
+def _stochastic_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, False, start)
 
 
-def _nearest_scaled_flat(x, scale, ints, floats, seed):
-    return _quantize_flat(x, scale, ints, floats, seed, False, True)
+def _nearest_scaled_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, True, start)
 
 
-def _stochastic_scaled_flat(x, scale, ints, floats, seed):
-    return _quantize_flat(x, scale, ints, floats, seed, True, True)
+def _stochastic_scaled_flat(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, True, start)
 
 
+# one module-level function (code object) per variant: dynamo's recompile budget is per code
+# object and each varies only by dtype; the format's constants are tensors, not guards
 _KERNELS = {
-    (False, False): _nearest_flat,
-    (True, False): _stochastic_flat,
-    (False, True): _nearest_scaled_flat,
-    (True, True): _stochastic_scaled_flat,
+    (False, False): FusedOp(_nearest_flat, "quantize_fp", elementwise=True),
+    (True, False): FusedOp(_stochastic_flat, "quantize_fp", elementwise=True),
+    (False, True): FusedOp(_nearest_scaled_flat, "quantize_fp", elementwise=True),
+    (True, True): FusedOp(_stochastic_scaled_flat, "quantize_fp", elementwise=True),
 }
-
-
-@cache
-def _compiled(stochastic: bool, scaled: bool):
-    # one module-level function (code object) per variant: dynamo's recompile budget is per
-    # code object and each varies only by dtype; the format's constants are tensors, not guards
-    return torch.compile(_KERNELS[(stochastic, scaled)], dynamic=True, fullgraph=True)
 
 
 def quantize_fp(
@@ -260,12 +213,12 @@ def quantize_fp(
         generator: torch.Generator for stochastic rounding (one seed drawn per call, on the
             generator's device); None uses torch's default generator of x's device.
         compile: True = fused torch.compile path, False = eager, None = module switch /
-            ``GRADCOMP_COMPILE`` env (see :func:`set_compile`). Both give identical bits.
+            ``GRADCOMP_COMPILE`` env (:func:`gradcomp.numerics.kernels.set_compile`). Both
+            give identical bits.
 
     Overflow per ``fmt.overflow``: saturate to +-max_normal (also +-inf inputs) or round to
     +-inf. NaN stays NaN. Signed zeros keep their sign.
     """
-    global _COMPILE_BROKEN
     require_float_tensor(x, "x")
     require_choice(x.dtype, "x.dtype", _DTYPES)
     if isinstance(fmt, str):
@@ -294,17 +247,17 @@ def quantize_fp(
     ints, floats = _constants(fmt, wide, torch.device(x.device))
     stochastic = rounding == "stochastic"
     if stochastic:
-        seed = draw_seed(generator, x.device)
+        keys = stacked_keys(draw_seed(generator, x.device))
     else:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+        keys = _zero_keys(torch.device(x.device))
     flat = x.reshape(-1)
-    use_compile = compile_enabled() if compile is None else bool(compile)
-    if use_compile and flat.numel() > 0:
-        try:
-            out = _compiled(stochastic, scale is not None)(flat, s, ints, floats, seed)
-            return out.view(x.shape)
-        except Exception as exc:  # a missing C++ toolchain must not break training
-            _COMPILE_BROKEN = True
-            warnings.warn(f"quantize_fp: torch.compile failed ({exc!r}); using the eager path",
-                          RuntimeWarning, stacklevel=2)
-    return _KERNELS[(stochastic, scale is not None)](flat, s, ints, floats, seed).view(x.shape)
+    if flat.numel() == 0:
+        return x.clone()
+    op = _KERNELS[(stochastic, scale is not None)]
+    return op(flat, s, ints, floats, keys, compile=compile).view(x.shape)
+
+
+@lru_cache(maxsize=16)
+def _zero_keys(device) -> torch.Tensor:
+    # cached per device: building it on a GPU each call would be a host-to-device copy
+    return torch.zeros(4, dtype=torch.int32, device=device)

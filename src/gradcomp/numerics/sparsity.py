@@ -1,13 +1,14 @@
-"""Stochastic-pruning analysis: expected sparsity, thresholds, cosine similarity (notes 3-4).
+"""Stochastic-pruning analysis: expected sparsity, thresholds, cosine similarity (Eq. 6-8, A.9).
 
 The operator (paper Eq. 5) keeps ``|x| >= a``, maps ``a*eps <= |x| < a`` to ``sign(x) a`` and
 zeroes the rest, eps ~ U[0, 1). An element is therefore zeroed with probability
 ``max(0, 1 - |x|/a)``, which gives every threshold solver here:
 
 * ``lognormal_threshold``: ln|x| ~ N(mu, sigma^2) on the non-zeros (corrected Eq. 8), with the
-  zero correction S' = (S - z)/(1 - z) (notes section 3). Vectorised: one call solves every layer.
+  zero correction S' = (S - z)/(1 - z): exact zeros are already pruned, so only the remaining
+  fraction is asked of the lognormal non-zeros. Vectorised: one call solves every layer.
 * ``normal_threshold``: ATP's normal assumption (baseline).
-* ``empirical_threshold``: distribution free, exact on a sample (issue 8).
+* ``empirical_threshold``: distribution free, exact on a sample (no model of |x|).
 
 All functions accept Python floats, numpy arrays or tensors (broadcast together) and return the
 same kind: a float64 tensor on the inputs' device if any input is a tensor, else a numpy array,
@@ -112,7 +113,7 @@ def expected_sparsity(a, mu, sigma, zero_fraction=0.0):
 
 
 def lognormal_threshold(sparsity, mu, sigma, zero_fraction=0.0, names: Sequence | None = None):
-    """Threshold ``a`` with expected sparsity ``sparsity`` for lognormal |x| (Eq. 8, notes 3).
+    """Threshold ``a`` with expected sparsity ``sparsity`` for lognormal |x| (Eq. 8).
 
     Solves S(a) = S' with S' = (S - z)/(1 - z) on the non-zeros; where ``zero_fraction >=
     sparsity`` the zeros already meet the target and the threshold is 0 (no pruning).
@@ -152,7 +153,7 @@ def lognormal_threshold(sparsity, mu, sigma, zero_fraction=0.0, names: Sequence 
 
 
 def normal_threshold(sparsity, mean_abs):
-    """ATP baseline threshold (Ye et al. 2019; notes 3): x ~ N(0, sigma_hat^2).
+    """ATP baseline threshold (Ye et al. 2019): x ~ N(0, sigma_hat^2).
 
     sigma_hat = sqrt(pi/2) * mean|g| (mean over *all* elements, zeros included, as ATP does);
     a = sigma_hat * Phi^-1((1 + p)/2), the |x| quantile p of that normal. ``mean_abs = 0`` gives
@@ -198,7 +199,7 @@ def _padded(sample, counts):
 
 
 def empirical_threshold(sample, sparsity, counts=None):
-    """Threshold ``a`` solving mean_i max(0, 1 - |x_i|/a) = S exactly on a sample (issue 8).
+    """Threshold ``a`` solving mean_i max(0, 1 - |x_i|/a) = S exactly on a sample.
 
     The left side is the exact expected sparsity of stochastic pruning on those values; it is
     continuous and increasing in a. After one sort of |x| (ascending v_1..v_n, prefix sums
@@ -265,7 +266,7 @@ def _log_diff(la, lb):
 
 
 def pruned_cosine(a, mu, sigma, truncate_k=None):
-    """Expected cosine similarity between x and its stochastically pruned T(x) (notes 4).
+    """Expected cosine similarity between x and its stochastically pruned T(x) (section 5.3, A.9).
 
     Unbiasedness gives E[x T(x)] = E[x^2] and E[T^2] = E[x^2; |x| > a] + a E[|x|; |x| <= a],
     so cos = sqrt(E[x^2] / E[T^2]), with the lognormal partial moments

@@ -1,0 +1,109 @@
+"""The fused-kernel machinery shared by every hot-path operator (``quantize_fp``,
+``stochastic_prune``): one compile policy, one eager fallback.
+
+Compile policy (the only place that reads ``GRADCOMP_COMPILE``):
+
+* :func:`set_compile` ``(True | False)`` forces the fused or the eager path for every fused
+  operator; ``set_compile(None)`` defers to the environment variable ``GRADCOMP_COMPILE``
+  (``"1"``, the default: fused; ``"0"``: eager), read at each call so that tests can switch it.
+* An operator's ``compile=`` argument (True/False) overrides both for one call.
+
+A :class:`FusedOp` wraps one module-level function (its eager body). The fused path is
+``torch.compile(fn, dynamic=True, fullgraph=True)``, built lazily on first use (never at import);
+``dynamic=True`` so that a new tensor length does not recompile, ``fullgraph=True`` so that a
+graph break is an error rather than a silent slow path. The eager body and the compiled one
+compute the same integer/float operations, so both give identical bits (the random bits come
+from the counter-based hash in :mod:`gradcomp.numerics.random`, whose keys are computed *outside*
+the compiled region: see ``seed_keys``).
+
+Fallback: if compiling or running the fused kernel raises (no C++ toolchain, unsupported
+backend), the fused path is switched off for the whole process (every operator), one
+``RuntimeWarning`` says why, and the eager body answers the call.
+
+Eager memory: the eager body of an elementwise operator materialises about ten full-size
+temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
+``EAGER_CHUNK`` elements of the flat input (``start=`` tells the body where the chunk begins,
+so the counter hash draws the same bits as in one pass: identical results) and writes into one
+output tensor: peak memory about input + output + a few chunk-sized temporaries.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from gradcomp.numerics._checks import require_choice
+
+__all__ = ["FusedOp", "compile_enabled", "set_compile"]
+
+EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large enough to be fast)
+
+_OVERRIDE: bool | None = None
+_BROKEN = False
+
+
+def set_compile(enabled: bool | None) -> None:
+    """Process-wide switch of every fused operator: True/False force the fused/eager path,
+    None defers to ``GRADCOMP_COMPILE``."""
+    global _OVERRIDE
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    _OVERRIDE = enabled
+
+
+def compile_enabled() -> bool:
+    """Whether a call with ``compile=None`` takes the fused (torch.compile) path."""
+    if _BROKEN:
+        return False
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
+    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
+    return value == "1"
+
+
+class FusedOp:
+    """One fused operator: ``op(*tensors, compile=None)`` runs ``fn`` compiled or eager.
+
+    ``fn`` must be a module-level function of tensors only (constants passed as tensors, so
+    that a new format or threshold reuses the compiled graph instead of recompiling). With
+    ``elementwise=True`` its first argument is a flat tensor, its result has that tensor's
+    shape, and it takes ``start=`` (the chunk's offset in the whole tensor): the eager path
+    then runs in chunks (module docstring).
+    """
+
+    def __init__(self, fn, name: str, elementwise: bool = False):
+        self.fn, self.name, self.elementwise = fn, name, elementwise
+        self._compiled = None
+
+    def __call__(self, *args, compile: bool | None = None):
+        global _BROKEN
+        use = compile_enabled() if compile is None else bool(compile)
+        if use and not _BROKEN:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                return self._compiled(*args)
+            except Exception as exc:  # a missing C++ toolchain must not break training
+                _BROKEN = True
+                warnings.warn(f"{self.name}: torch.compile failed ({type(exc).__name__}: {exc}); "
+                              "using the eager path for every fused operator",
+                              RuntimeWarning, stacklevel=3)
+        return self.eager(*args)
+
+    def eager(self, *args):
+        """The eager body, chunked for an elementwise operator."""
+        x, rest = args[0], args[1:]
+        n = x.numel()
+        if not self.elementwise or n <= EAGER_CHUNK:
+            return self.fn(*args)
+        first = self.fn(x[:EAGER_CHUNK], *rest, start=0)
+        out = torch.empty(n, dtype=first.dtype, device=first.device)
+        out[:EAGER_CHUNK] = first
+        del first
+        for i in range(EAGER_CHUNK, n, EAGER_CHUNK):
+            j = min(i + EAGER_CHUNK, n)
+            out[i:j] = self.fn(x[i:j], *rest, start=i)
+        return out
