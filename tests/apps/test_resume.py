@@ -26,6 +26,7 @@ import torch
 import gradcomp.apps.train as tr
 cfg = tr.TrainConfig(**json.loads(sys.argv[1]))
 kill_step, kill_save = int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # the parent's thread count: same float reductions
 
 class Kill(tr.StepHook):
     def around(self, step):
@@ -50,7 +51,8 @@ def _run_killed(cfg: TrainConfig, kill_step: int = -1, kill_save: int = 0) -> in
     fields = {k: v for k, v in cfg.__dict__.items() if k != "recipe"} | {"recipe": cfg.recipe}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GRADCOMP_COMPILE="0")
     return subprocess.run([sys.executable, "-c", _CHILD, json.dumps(fields), str(kill_step),
-                           str(kill_save)], env=env, timeout=300).returncode
+                           str(kill_save), str(torch.get_num_threads())], env=env,
+                          timeout=300).returncode
 
 
 def _weights(out):
