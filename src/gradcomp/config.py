@@ -7,8 +7,10 @@ TypeError naming the field and what it accepts, never at the first refresh.
 
 Modes are small frozen dataclasses rather than strings plus keyword bags:
 
-* the format: an :class:`FPFormat` (or a format name) or :class:`SplitChoice` (``"optimal"``:
-  the split E* chosen from the first refresh's statistics, Table 2);
+* the format: an :class:`FPFormat` (or a format name), :class:`SplitChoice` (``"optimal"``:
+  the split E* chosen from the first refresh's statistics, Table 2), or a :class:`BlockFormat`
+  (or a block format name: ``"mxfp8_e4m3"``, ``"mxfp4"``, ``"nvfp4"``, ...): one scale per
+  block, which replaces the per-layer scaling;
 * the scale (section 4.4, Table 4): :class:`AmaxScaling` (default), :class:`AuthorsScaling`,
   :class:`OptimalScaling`, :class:`EmpiricalScaling`, :class:`LossScaling` (one global loss
   scale, static or dynamic), :class:`NoScaling`. A registry name (``"amax"``, ``"per_layer"``,
@@ -29,9 +31,10 @@ import dataclasses
 from dataclasses import InitVar, dataclass
 
 from gradcomp.compressors.pruning import HETEROGENEOUS_METHODS, PRUNE_METHODS
-from gradcomp.compressors.quantizer import SELECTS, SplitChoice
+from gradcomp.compressors.quantizer import BLOCK_DIMS, SELECTS, SplitChoice
 from gradcomp.compressors.scaling import ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_open_unit
+from gradcomp.numerics.block import NAMED_BLOCK_FORMATS, BlockFormat
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import ROUNDINGS
 
@@ -183,18 +186,29 @@ class QuantizeSpec:
 
     format: a :class:`SplitChoice` (``"optimal"``, the default: the split E* of ``bits`` bits
         chosen at the first refresh, then shifted by ``exp_offset`` exponent bits), an
-        :class:`FPFormat`, or a format name (``"e5m2"``, ``"e4m3fn"``, ``"1-4-1"``, ...).
+        :class:`FPFormat`, a format name (``"e5m2"``, ``"e4m3fn"``, ``"1-4-1"``, ...), a
+        :class:`BlockFormat` or a block format name (``"mxfp8_e4m3"``, ``"mxfp4"``, ``"nvfp4"``,
+        ``"e4m3fn:32:e8m0:rceil"``: any name ``BlockFormat.from_name`` accepts).
     rounding: ``"nearest"`` (ties to even) or ``"stochastic"``.
-    scaling: a scaling mode (default :class:`AmaxScaling`) or a registry name.
+    scaling: a scaling mode (default :class:`AmaxScaling`) or a registry name. With a block
+        format the per-block scale (from each block's amax, the format's rule) IS the scaling:
+        only the default ``AmaxScaling()`` or ``"none"`` are accepted, both stored as
+        :class:`NoScaling` (no per-layer pre-scale); anything else raises ValueError.
+    block_dims: block formats only: ``"channels"`` (default: a 4-D/5-D neural gradient, a conv
+        output (N, C, H, W), has its channel dim 1 moved last before blocking, so blocks run
+        along the output channels, the reduction dimension of the input-gradient GEMM; 2-D/3-D
+        tensors, linear outputs (..., features), are blocked along their last dim as they are)
+        or ``"format"`` (the BlockFormat's own ``dims`` on the tensor as it is).
     bits, exp_offset, select, semantics: shorthands building the ``SplitChoice`` of
         ``format="optimal"`` (``semantics`` also picks the meaning of a ``"1-X-Y"`` name);
         scaling_options: the options of a ``scaling`` given by name. After construction
         ``format`` is an FPFormat or a SplitChoice and ``scaling`` a mode object.
     """
 
-    format: str | FPFormat | SplitChoice = "optimal"
+    format: str | FPFormat | SplitChoice | BlockFormat = "optimal"
     rounding: str = "nearest"
     scaling: object = "amax"
+    block_dims: str = "channels"
     bits: InitVar[int | None] = None
     exp_offset: InitVar[int | None] = None
     select: InitVar[str | None] = None
@@ -224,12 +238,26 @@ class QuantizeSpec:
                 if key.count("-") == 2 and semantics == "ieee":  # 1-X-Y, IEEE-like
                     _, e, m = key.split("-")
                     fmt = FPFormat.ieee(int(e), int(m))
+                elif key in NAMED_BLOCK_FORMATS or ":" in key:
+                    try:
+                        fmt = BlockFormat.from_name(key)
+                    except (TypeError, ValueError) as exc:
+                        raise type(exc)(f"quantize.format: {exc}") from None
                 else:
-                    fmt = FPFormat.from_name(fmt)
-            elif not isinstance(fmt, (FPFormat, SplitChoice)):
-                raise TypeError(f"quantize.format must be 'optimal', a format name, an FPFormat "
-                                f"or a SplitChoice, got {type(fmt).__name__}")
+                    try:
+                        fmt = FPFormat.from_name(fmt)
+                    except ValueError as exc:
+                        raise ValueError(f"quantize.format: {exc}; or a block format: "
+                                         f"{', '.join(NAMED_BLOCK_FORMATS)}") from None
+            elif not isinstance(fmt, (FPFormat, SplitChoice, BlockFormat)):
+                raise TypeError(f"quantize.format must be 'optimal', a format name, an "
+                                f"FPFormat, a SplitChoice or a BlockFormat, got "
+                                f"{type(fmt).__name__}")
         object.__setattr__(self, "format", fmt)
+        require_choice(self.block_dims, "quantize.block_dims", BLOCK_DIMS)
+        is_block = isinstance(fmt, BlockFormat)
+        if not is_block and self.block_dims != "channels":
+            raise ValueError("quantize.block_dims applies to block formats only")
         sc = self.scaling
         if isinstance(sc, str):
             sc = scaling_from_name(sc, **dict(scaling_options or {}))
@@ -239,7 +267,21 @@ class QuantizeSpec:
             names = ", ".join(c.__name__ for c in SCALINGS)
             raise TypeError(f"quantize.scaling must be a registry name or one of {names}, "
                             f"got {type(sc).__name__}")
+        if is_block:
+            # the per-block scale is the scaling: a per-layer policy on top would only move
+            # the E8M0/E4M3 scales (powers of two or rounded) and is not what MX/NVFP4 define
+            if sc not in (AmaxScaling(), NoScaling()):
+                raise ValueError(
+                    f"quantize.scaling: a block format ({fmt.name}) is scaled per block by its "
+                    f"own rule; scaling must be 'amax' (the default) or 'none', got "
+                    f"{sc.policy!r} {sc!r}")
+            sc = NoScaling()
         object.__setattr__(self, "scaling", sc)
+
+    @property
+    def is_block(self) -> bool:
+        """The format is a :class:`BlockFormat` (one scale per block, no per-layer scaling)."""
+        return isinstance(self.format, BlockFormat)
 
     @property
     def shared_scaling(self) -> bool:
@@ -252,6 +294,11 @@ class QuantizeSpec:
 
     def to_dict(self) -> dict:
         fmt = self.format
+        if isinstance(fmt, BlockFormat):
+            if BlockFormat.from_name(fmt.name) != fmt:
+                raise ValueError(f"block format {fmt!r} has no name that rebuilds it")
+            return {"format": fmt.name, "rounding": self.rounding, "scaling": "none",
+                    "scaling_options": {}, "block_dims": self.block_dims}
         out = {"format": fmt.name if isinstance(fmt, FPFormat) else "optimal",
                "rounding": self.rounding}
         if isinstance(fmt, FPFormat) and FPFormat.from_name(fmt.name) != fmt:

@@ -1,5 +1,7 @@
-"""FP quantization of neural gradients: ``FPQuantizer`` (one layer) and ``QuantizerGroup``
-(every layer of a model: the model-wide format choice and the per-layer scale refresh).
+"""FP quantization of neural gradients: ``FPQuantizer`` (one layer, per-tensor scale),
+``BlockQuantizer`` (one layer, a block-scaled format: MX, NVFP4, FP8 blockwise) and
+``QuantizerGroup`` (every layer of a model: the model-wide format choice and the per-layer scale
+refresh).
 
 ``q(x, generator)`` returns Q(x*s)/s in x's dtype (see
 :func:`gradcomp.numerics.rounding.quantize_fp` for rounding, overflow, zeros and NaN), with s
@@ -18,13 +20,16 @@ import torch
 
 from gradcomp.compressors.scaling import PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
+from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
 
-__all__ = ["FPQuantizer", "QuantizerGroup", "SplitChoice", "SELECTS", "select_split"]
+__all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
+           "SELECTS", "select_split"]
 
 SELECTS = ("lognormal", "empirical")  # how a SplitChoice picks its split
+BLOCK_DIMS = ("channels", "format")  # where a BlockQuantizer's blocks run
 _COUNTS = ("elements", "overflow", "underflow", "nan", "zeros")
 
 
@@ -149,6 +154,102 @@ class FPQuantizer:
         return f"FPQuantizer({self.fmt.name}, rounding={self.rounding!r}, scaling={self.scaling!r})"
 
 
+class BlockQuantizer:
+    """Quantize tensors to a block-scaled format (``numerics.block.quantize_block``): each block
+    of ``fmt.block`` elements gets its own scale from its amax by the format's rule, so there
+    is no per-layer scaling policy (``update`` is a no-op kept for the group's contract).
+
+    Args:
+        fmt: a :class:`BlockFormat` or a block format name (``"mxfp8_e4m3"``, ``"nvfp4"``, ...).
+        rounding: elements ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased inside
+            the element range; a block maximum beyond the element maximum, possible with the
+            OCP ``floor`` rule and with NVFP4's rounded E4M3 scale, saturates and is counted).
+        dims: ``"channels"``: a 4-D or 5-D input (a conv output N, C, ...) has dim 1 moved last
+            before blocking (blocks along the channels), other inputs are blocked as they are;
+            ``"format"``: the format's own ``dims`` on the input as it is.
+        track_metrics: the default of ``__call__``'s ``measure``.
+
+    Metrics over the measured calls (``metrics()``; ``counts()`` raw device sums), from
+    ``quantize_block_metrics`` in the same pass: ``underflow`` = finite non-zero inputs that
+    became 0, ``overflow`` = finite inputs saturated at the element maximum (the block format's
+    "saturated" count), ``nan`` = non-finite inputs (NaN and inf: a non-finite element spoils
+    its whole block, see ``numerics.block``), ``zeros`` = zeros of the output, ``elements``.
+    ``bits_per_element``: ``fmt.bits_per_element`` (elements plus block scales; the NVFP4
+    per-tensor FP32 scale is not counted).
+    """
+
+    def __init__(self, fmt, rounding: str = "nearest", dims: str = "channels",
+                 track_metrics: bool = True):
+        self.fmt = BlockFormat.from_name(fmt) if isinstance(fmt, str) else fmt
+        if not isinstance(self.fmt, BlockFormat):
+            raise TypeError(f"fmt must be a BlockFormat or a block format name, got "
+                            f"{type(fmt).__name__}")
+        self.rounding = require_choice(rounding, "rounding", ROUNDINGS)
+        self.dims = require_choice(dims, "dims", BLOCK_DIMS)
+        self.track_metrics = bool(track_metrics)
+        self._acc: dict[str, torch.Tensor] = {}
+        self._elements = 0
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.fmt.bits_per_element
+
+    def update(self, stats: LayerStats) -> None:
+        """Nothing to refresh: every block's scale is computed from the block itself."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool | None = None) -> torch.Tensor:
+        """The block-quantized tensor (x's shape and dtype); ``measure`` adds the counts."""
+        require_float_tensor(x, "x")
+        measure = self.track_metrics if measure is None else bool(measure)
+        move = self.dims == "channels" and x.dim() in (4, 5)
+        y = x.movedim(1, -1) if move else x
+        if measure:
+            q, m = quantize_block_metrics(y, self.fmt, self.rounding, generator)
+            zeros = (q == 0).sum()
+            self._add("underflow", m.underflow)
+            self._add("overflow", m.saturated)
+            self._add("nan", m.nonfinite)
+            self._add("zeros", zeros)
+            self._elements += x.numel()
+        else:
+            q = quantize_block(y, self.fmt, self.rounding, generator)
+        return q.movedim(-1, 1) if move else q
+
+    _add = FPQuantizer._add
+    counts = FPQuantizer.counts
+    reset_metrics = FPQuantizer.reset_metrics
+
+    def metrics(self, sync: bool = True, reset: bool = False) -> dict:
+        """Fractions over the measured calls since the last reset (NaN before any) and
+        ``bits_per_element``; floats (one host sync), or 0-d tensors with ``sync=False``."""
+        n = self._elements
+        out = {}
+        for k in ("overflow", "underflow", "nan", "zeros"):
+            v = self._acc.get(k)
+            out[k] = v / n if (v is not None and n) else torch.tensor(math.nan,
+                                                                     dtype=torch.float64)
+        out["elements"] = torch.tensor(float(n), dtype=torch.float64)
+        out["bits_per_element"] = torch.tensor(self.bits_per_element, dtype=torch.float64)
+        if reset:
+            self.reset_metrics()
+        if not sync:
+            return out
+        return {k: float(v) for k, v in out.items()}
+
+    def state_dict(self) -> dict:
+        return {"fmt": self.fmt.name, "rounding": self.rounding, "dims": self.dims}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        if state != mine:
+            raise ValueError(f"state is for {state}, this quantizer is {mine}")
+
+    def __repr__(self) -> str:
+        return (f"BlockQuantizer({self.fmt.name}, rounding={self.rounding!r}, "
+                f"dims={self.dims!r})")
+
+
 @dataclass(frozen=True)
 class SplitChoice:
     """A model-wide format of ``bits`` bits whose exponent/mantissa split is chosen from the
@@ -190,26 +291,49 @@ class QuantizerGroup:
     when ``fmt`` is a ``SplitChoice``; scales refreshed per layer by ``update``.
 
     Args:
-        n_layers: number of layers. fmt: an FPFormat (fixed) or a SplitChoice.
+        n_layers: number of layers. fmt: an FPFormat (fixed), a SplitChoice, or a BlockFormat
+            (``BlockQuantizer`` per layer: the per-block scale replaces ``make_scaling``, which
+            is then not called; ``shared_scaling`` must be False).
         rounding: as FPQuantizer. make_scaling: builds one layer's scaling policy.
         shared_scaling: one policy object for every layer (a global loss scale) instead.
+        block_dims: a BlockFormat's ``dims`` argument of ``BlockQuantizer``.
     Before the first ``update`` there are no quantizers (``quantizers`` is None).
     """
 
-    def __init__(self, n_layers: int, fmt: FPFormat | SplitChoice, rounding: str,
-                 make_scaling: Callable[[], ScalingPolicy], shared_scaling: bool = False):
-        if not isinstance(fmt, (FPFormat, SplitChoice)):
-            raise TypeError(f"fmt must be an FPFormat or a SplitChoice, got {type(fmt).__name__}")
+    def __init__(self, n_layers: int, fmt: FPFormat | SplitChoice | BlockFormat, rounding: str,
+                 make_scaling: Callable[[], ScalingPolicy], shared_scaling: bool = False,
+                 block_dims: str = "channels"):
+        if not isinstance(fmt, (FPFormat, SplitChoice, BlockFormat)):
+            raise TypeError(f"fmt must be an FPFormat, a SplitChoice or a BlockFormat, got "
+                            f"{type(fmt).__name__}")
+        if isinstance(fmt, BlockFormat) and shared_scaling:
+            raise ValueError("a block format is scaled per block: shared_scaling must be False")
         self.n_layers = int(n_layers)
         self.spec, self.rounding = fmt, require_choice(rounding, "rounding", ROUNDINGS)
         self.make_scaling, self.shared_scaling = make_scaling, bool(shared_scaling)
-        self.format: FPFormat | None = None
+        self.block_dims = require_choice(block_dims, "block_dims", BLOCK_DIMS)
+        self.format: FPFormat | BlockFormat | None = None
         self.chosen: dict | None = None
         self.global_scaling: ScalingPolicy | None = None
-        self.quantizers: list[FPQuantizer] | None = None
+        self.quantizers: list[FPQuantizer | BlockQuantizer] | None = None
 
-    def _build(self, fmt: FPFormat) -> None:
+    @property
+    def bits_per_element(self) -> float | None:
+        """Bits per element of the chosen format (block formats: elements plus block scales);
+        None before the format is known."""
+        if self.format is None:
+            return None
+        if isinstance(self.format, BlockFormat):
+            return self.format.bits_per_element
+        return float(self.format.bits)
+
+    def _build(self, fmt: FPFormat | BlockFormat) -> None:
         self.format = fmt
+        if isinstance(fmt, BlockFormat):
+            self.quantizers = [BlockQuantizer(fmt, self.rounding, self.block_dims,
+                                              track_metrics=False)
+                               for _ in range(self.n_layers)]
+            return
         if self.shared_scaling:
             self.global_scaling = self.make_scaling()
         self.quantizers = [FPQuantizer(fmt, self.rounding,

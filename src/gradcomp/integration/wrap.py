@@ -150,7 +150,8 @@ class CompressionHandle:
         n = len(sel)
         q, p = config.quantize, config.prune
         self.quantizers = None if q is None else QuantizerGroup(
-            n, q.format, q.rounding, q.make_scaling, shared_scaling=q.shared_scaling)
+            n, q.format, q.rounding, q.make_scaling, shared_scaling=q.shared_scaling,
+            block_dims=q.block_dims)
         self.pruners = None if p is None else PrunerGroup(
             n, p.sparsity, p.method, heterogeneous=p.heterogeneous, cos_target=p.cos_target,
             cap=p.cap, truncate_k=p.truncate_k)
@@ -238,7 +239,8 @@ class CompressionHandle:
 
     # -- metrics --------------------------------------------------------------------------
     def _width(self) -> float:
-        return float(self.format.bits) if self.format is not None else 32.0
+        bpe = None if self.quantizers is None else self.quantizers.bits_per_element
+        return 32.0 if bpe is None else bpe  # block formats: elements + block scales
 
     def bits_per_element(self, counts: dict) -> float:
         """Bits per neural-gradient element of one layer's compressed stream, from its counts
