@@ -56,6 +56,14 @@ SCHEMES: dict[str, BackwardSpec] = {
     "fp4-sr-all": BackwardSpec.uniform(_FP4_SR, _FP4_SR, _FP4_SR),
     "fp4-sr-all-rht16": BackwardSpec.uniform(_FP4_SR, _FP4_SR, _FP4_SR, RHTSpec(16)),
     "int4-sr": BackwardSpec.uniform(OperandSpec("int", 4, "stochastic")),
+    # block-scaled gradients (1x16 NVFP4, 1x32 MXFP4) with SR, blocks along the reduction dim
+    "nvfp4-sr": BackwardSpec.uniform(OperandSpec("block", "nvfp4", "stochastic")),
+    "mxfp4-sr": BackwardSpec.uniform(OperandSpec("block", "mxfp4", "stochastic")),
+    # NVIDIA's NVFP4 recipe's backward: SR gradients, 16x16 weight tiles, RHT16 on wgrad
+    "nvfp4-recipe": BackwardSpec(
+        OperandSpec("block", "nvfp4", "stochastic"), OperandSpec("block", "nvfp4_2d", "nearest"),
+        OperandSpec("block", "nvfp4", "stochastic"), OperandSpec("block", "nvfp4", "nearest"),
+        RHTSpec(16)),
 }
 
 

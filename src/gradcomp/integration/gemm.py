@@ -6,7 +6,7 @@ A Linear/Conv2d layer y = x W^T (+ b) has two backward products, each with two o
     wgrad = dL/dW = Q_g2(G)^T @ Q_x(x)         reduction over batch * tokens (or positions)
 
 with G = dL/dy. Each of the four operands gets its own :class:`OperandSpec` (kind "none", "fp",
-"luq" or "int"), so a recipe can e.g. stochastically round G to FP4 in both products while
+"block", "luq" or "int"), so a recipe can e.g. stochastically round G to FP4 in both products while
 keeping W and x in 8 bits, as NVIDIA's NVFP4 recipe, Quartet and LUQ do. The bias gradient is
 sum(G) in the input precision (no quantization). The forward is the layer's own product, so
 forward quantization (``quantize_forward``: PACT inputs, SAWB weights) composes: the operands
@@ -38,13 +38,18 @@ per call, so a seeded run repeats exactly. With data parallelism give each rank 
 ``RHTSpec.seed`` (and the step), so they agree across ranks.
 
 Operand layout passed to a quantizer: ``q(x, generator, dims)`` where ``dims`` are the reduction
-dims of that operand in its GEMM. Per-tensor quantizers (every kind here) ignore ``dims``; a
-block quantizer (``per_tensor = False``) receives the tensor with those dims moved last and
-flattened, so that its blocks run along the reduction dimension.
+dims of that operand in its GEMM. Per-tensor quantizers (every kind but "block") ignore
+``dims``; a block quantizer (kind "block", ``per_tensor = False``) receives the tensor with those
+dims moved last and flattened, so that its blocks run along the reduction dimension; a 2-D block
+(e.g. NVFP4's 16x16 weight tiles) gets the other dims flattened too, a (rest, reduction) matrix.
+
+Plain-data form (recipe files): ``BackwardQuantConfig.to_dict()`` and
+:func:`backward_config_from_dict` (strict: unknown fields raise, naming them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradcomp.numerics._checks import require_choice, require_int_range
+from gradcomp.numerics.block import BlockFormat, quantize_block
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.hadamard import pad_to_block, rht, rht_signs
 from gradcomp.numerics.luq import luq_quantize
@@ -74,10 +80,11 @@ __all__ = [
     "BackwardQuantHandle",
     "quantize_backward",
     "backward_products",
+    "backward_config_from_dict",
     "quantize_operand",
 ]
 
-OPERAND_KINDS = ("none", "fp", "luq", "int")
+OPERAND_KINDS = ("none", "fp", "block", "luq", "int")
 FP_SCALINGS = ("amax", "amax-pow2", "none")
 RHT_SIGNS = ("fixed", "per_step")
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -100,6 +107,14 @@ class OperandSpec:
             max|x|, so the largest magnitude maps to the top value: no overflow), "amax-pow2"
             (that s rounded down to a power of two: exact scaling), "none" (s = 1). Saturating
             formats clamp; NaN stays NaN.
+        ``"block"``: ``quantize_block`` onto a block-scaled ``format`` (a :class:`BlockFormat`
+            or a block format name: "mxfp4", "nvfp4", "nvfp4_2d", "mxfp8_e4m3", ...) with
+            ``rounding`` for the elements; the blocks run along the GEMM's reduction dimension
+            (see "Operand layout" above); each block's scale comes from its own amax by the
+            format's rule, so ``scaling`` must stay "amax". Unbiased under stochastic rounding
+            when no element saturates, which the round-up scale rule ``rceil`` guarantees; with
+            the OCP ``floor`` rule and NVFP4's rounded E4M3 scale the block maximum can saturate
+            (a small bias on that element).
         ``"luq"``: ``luq_quantize`` with ``format`` = bits (default 4) and ``samples``;
             always stochastic (``rounding`` must be "stochastic").
         ``"int"``: symmetric integer grid {j * max|x| / n : |j| <= n}, n = 2^(bits-1) - 1,
@@ -127,6 +142,20 @@ class OperandSpec:
                 self.format)
             object.__setattr__(self, "format", fmt)
             require_choice(self.scaling, "scaling", FP_SCALINGS)
+        elif self.kind == "block":
+            if self.format is None:
+                raise ValueError("kind 'block' needs format (a BlockFormat or a block format "
+                                 "name such as 'mxfp4', 'nvfp4', 'nvfp4_2d')")
+            fmt = self.format if isinstance(self.format, BlockFormat) else \
+                BlockFormat.from_name(self.format)
+            object.__setattr__(self, "format", fmt)
+            if self.scaling != "amax":
+                raise ValueError(f"kind 'block' is scaled per block by the format's rule: "
+                                 f"scaling must be 'amax', got {self.scaling!r}")
+            if fmt.dims != ((-1,) if len(fmt.block) == 1 else (-2, -1)):
+                raise ValueError(f"kind 'block': the blocks run along the GEMM's reduction "
+                                 f"dimension, so format.dims must be the default; got "
+                                 f"{fmt.dims} in {fmt.name}")
         elif self.kind in ("luq", "int"):
             bits = 4 if self.format is None else self.format
             lo, hi = (2, 8) if self.kind == "luq" else (2, 16)
@@ -146,6 +175,8 @@ class OperandSpec:
         if self.kind == "fp":
             return f"{self.format.name}-{r}" + ("" if self.scaling == "amax" else
                                                 f"-{self.scaling}")
+        if self.kind == "block":
+            return f"{self.format.name}-{r}"
         if self.kind == "luq":
             return f"luq{self.format}" + (f"x{self.samples}" if self.samples > 1 else "")
         return f"int{self.format}-{r}"
@@ -157,7 +188,17 @@ class OperandSpec:
             return True
         if self.kind == "fp":
             return self.rounding == "stochastic" and self.scaling != "none"
+        if self.kind == "block":  # only the round-up scale rule excludes saturation
+            return self.rounding == "stochastic" and self.format.rule == "rceil"
         return self.rounding == "stochastic"
+
+    def to_dict(self) -> dict:
+        """Plain data: ``OperandSpec(**d)`` rebuilds an equal spec."""
+        fmt = self.format
+        if isinstance(fmt, (FPFormat, BlockFormat)):
+            fmt = fmt.name
+        return {"kind": self.kind, "format": fmt, "rounding": self.rounding,
+                "scaling": self.scaling, "samples": self.samples}
 
     def build(self) -> OperandQuantizer:
         return OperandQuantizer(self)
@@ -184,16 +225,16 @@ def _int_quantize(x: torch.Tensor, bits: int, stochastic: bool, generator) -> to
 class OperandQuantizer:
     """Callable ``q(x, generator=None, dims=None) -> x_hat`` built from an :class:`OperandSpec`.
 
-    ``name`` labels tables; ``per_tensor`` is True for every kind here (dims are ignored);
-    ``unbiased`` mirrors the spec. The result has x's shape and dtype.
+    ``name`` labels tables; ``per_tensor`` is False for kind "block" (``quantize_operand`` then
+    hands the tensor with its reduction dims last and flattened) and True otherwise (dims are
+    ignored); ``unbiased`` mirrors the spec. The result has x's shape and dtype.
     """
-
-    per_tensor = True
 
     def __init__(self, spec: OperandSpec):
         self.spec = spec
         self.name = spec.name
         self.unbiased = spec.unbiased
+        self.per_tensor = spec.kind != "block"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  dims: Sequence[int] | None = None) -> torch.Tensor:
@@ -204,6 +245,12 @@ class OperandQuantizer:
             return luq_quantize(x, s.format, samples=s.samples, generator=generator)
         if s.kind == "int":
             return _int_quantize(x, s.format, s.rounding == "stochastic", generator)
+        if s.kind == "block":
+            if len(s.format.block) == 2 and x.dim() > 2:
+                # 2-D tiles over (rest, reduction): flatten the other dims into one
+                return quantize_block(x.reshape(-1, x.shape[-1]), s.format, s.rounding,
+                                      generator).reshape(x.shape)
+            return quantize_block(x, s.format, s.rounding, generator)
         scale = None
         if s.scaling != "none":
             a = x.detach().abs()
@@ -243,6 +290,9 @@ class RHTSpec:
     def name(self) -> str:
         return f"rht{self.block}" + ("" if self.signs == "fixed" else "-fresh")
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 @dataclass(frozen=True)
 class BackwardSpec:
@@ -274,6 +324,12 @@ class BackwardSpec:
             s.kind == "none" for s in (self.dgrad_grad, self.dgrad_weight, self.wgrad_grad,
                                        self.wgrad_input))
 
+    def to_dict(self) -> dict:
+        """Plain data; :func:`backward_config_from_dict` reads it back (``spec`` entries)."""
+        out = {f: getattr(self, f).to_dict() for f in _OPERANDS}
+        out["rht"] = None if self.rht is None else self.rht.to_dict()
+        return out
+
     def describe(self) -> dict:
         return {"dgrad": f"{self.dgrad_grad.name} x {self.dgrad_weight.name}",
                 "wgrad": f"{self.wgrad_grad.name} x {self.wgrad_input.name}"
@@ -290,6 +346,8 @@ class BackwardQuantConfig:
         (e.g. ``nn.Linear``); a None spec keeps that layer in full precision.
     keep_first_last: leave the first and the last Linear/Conv2d (``named_modules`` order) in
         full precision, as the NVIDIA recipe and the LUQ paper keep the last layers.
+    keep_last: additionally leave the last ``keep_last`` Linear/Conv2d layers in full
+        precision (0..; the NVIDIA NVFP4 recipe keeps a fraction of the last blocks in BF16).
     seed: seed of the stochastic-rounding generators (one per device).
     """
 
@@ -297,6 +355,7 @@ class BackwardQuantConfig:
     rules: tuple = field(default_factory=tuple)
     keep_first_last: bool = False
     seed: int = 0
+    keep_last: int = 0
 
     def __post_init__(self):
         if self.default is not None and not isinstance(self.default, BackwardSpec):
@@ -313,7 +372,23 @@ class BackwardQuantConfig:
             if spec is not None and not isinstance(spec, BackwardSpec):
                 raise TypeError(f"a rule spec must be a BackwardSpec or None, got {spec!r}")
         object.__setattr__(self, "rules", rules)
+        if not isinstance(self.keep_first_last, bool):
+            raise TypeError(f"keep_first_last must be a bool, got {self.keep_first_last!r}")
         require_int_range(self.seed, "seed", 0, (1 << 62) - 1)
+        require_int_range(self.keep_last, "keep_last", 0, 1 << 20)
+
+    def to_dict(self) -> dict:
+        """Plain data (the recipe-file spelling): :func:`backward_config_from_dict` rebuilds an
+        equal config. Rules with a module-type selector have no plain form (ValueError)."""
+        rules = []
+        for sel, spec in self.rules:
+            if not isinstance(sel, str):
+                raise ValueError(f"rule selector {sel!r} is a module type: only name patterns "
+                                 "have a plain-data form")
+            rules.append([sel, None if spec is None else spec.to_dict()])
+        return {"default": None if self.default is None else self.default.to_dict(),
+                "rules": rules, "keep_first_last": self.keep_first_last,
+                "keep_last": self.keep_last, "seed": self.seed}
 
     def select(self, model: nn.Module) -> dict[str, BackwardSpec]:
         """``{layer name: spec}`` of the layers this config converts in ``model``."""
@@ -321,6 +396,8 @@ class BackwardQuantConfig:
         if not cands:
             raise ValueError("model has no nn.Linear or nn.Conv2d layer")
         ends = {cands[0][0], cands[-1][0]} if self.keep_first_last else set()
+        if self.keep_last:
+            ends |= {n for n, _ in cands[-self.keep_last:]}
         for sel, _ in self.rules:
             if isinstance(sel, str) and not any(fnmatch.fnmatchcase(n, sel) for n, _ in cands):
                 raise ValueError(f"rule pattern {sel!r} matches no Linear/Conv2d layer; layers: "
@@ -336,6 +413,65 @@ class BackwardQuantConfig:
                 continue
             out[n] = spec
         return out
+
+
+_OPERANDS = ("dgrad_grad", "dgrad_weight", "wgrad_grad", "wgrad_input")
+
+
+def _strict(cls, d, where: str, extra: tuple = ()):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a table/object, got {type(d).__name__}")
+    allowed = [f.name for f in dataclasses.fields(cls)] + list(extra)
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} in {where}; allowed: "
+                         f"{', '.join(allowed)}")
+
+
+def _build(cls, d, where: str, **kw):
+    try:
+        return cls(**{**d, **kw})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def _spec_from_dict(d, where: str) -> BackwardSpec | None:
+    if d is None:
+        return None
+    _strict(BackwardSpec, d, where)
+    kw = {}
+    for f in _OPERANDS:
+        if d.get(f) is not None:
+            _strict(OperandSpec, d[f], f"{where}.{f}")
+            kw[f] = _build(OperandSpec, d[f], f"{where}.{f}")
+    if d.get("rht") is not None:
+        _strict(RHTSpec, d["rht"], f"{where}.rht")
+        kw["rht"] = _build(RHTSpec, d["rht"], f"{where}.rht")
+    return BackwardSpec(**kw)
+
+
+def backward_config_from_dict(d: dict, where: str = "backward") -> BackwardQuantConfig:
+    """Strict construction of a :class:`BackwardQuantConfig` from plain data (what TOML/JSON
+    produce, the spelling of ``to_dict``): ``default`` and each rule's spec are tables with the
+    four operand tables (``kind``, ``format``, ``rounding``, ``scaling``, ``samples``) and
+    ``rht`` (``block``, ``signs``, ``seed``); ``rules`` is a list of ``[pattern, spec or
+    null]``. Unknown fields and bad values raise, naming ``where`` and the field."""
+    _strict(BackwardQuantConfig, d, where)
+    kw = dict(d)
+    if "default" in kw:
+        kw["default"] = _spec_from_dict(kw["default"], f"{where}.default")
+    if "rules" in kw:
+        rules = kw["rules"]
+        if not isinstance(rules, (list, tuple)):
+            raise ValueError(f"{where}.rules must be a list of [pattern, spec] pairs")
+        out = []
+        for i, r in enumerate(rules):
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str)):
+                raise ValueError(f"{where}.rules[{i}] must be a [pattern, spec or null] pair, "
+                                 f"got {r!r}")
+            out.append((r[0], _spec_from_dict(r[1], f"{where}.rules[{i}]")))
+        kw["rules"] = tuple(out)
+    return _build(BackwardQuantConfig, kw, where)
 
 
 # ---------------------------------------------------------------------------------------------
