@@ -78,7 +78,7 @@ def test_recipes_round_trip_through_files(tmp_path):
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps(r.to_dict()))
         assert load_recipe(p).compression == r.compression, name
-    assert len(list_recipes()) == 120
+    assert len(list_recipes()) == 135  # 120 + 10 block-format + 5 per-GEMM recipes
 
 
 @pytest.mark.parametrize("name", ["fp6", "prune-0.8-emp", "prune-0.8-het-emp", "topk-0.8"])

@@ -1,8 +1,10 @@
 """Named training recipes: frozen dataclasses, loadable from TOML or JSON.
 
-A recipe says what happens to the neural gradients (``compression``: FP quantization and/or
-stochastic pruning, see :class:`gradcomp.config.CompressionConfig`) and, for fully quantized
-training, to the forward pass (``forward``: PACT activations, SAWB weights). ``get_recipe(name)``
+A recipe says what happens to the neural gradients (``compression``: FP or block-format
+quantization and/or stochastic pruning, see :class:`gradcomp.config.CompressionConfig`), for
+fully quantized training to the forward pass (``forward``: PACT activations, SAWB weights), and
+per backward GEMM (``backward``: a :class:`gradcomp.integration.gemm.BackwardQuantConfig`, each
+operand of dgrad and wgrad quantized on its own, optional RHT on wgrad). ``get_recipe(name)``
 returns a built-in; ``load_recipe(path)`` reads a file; unknown fields, wrong-typed or bad values
 raise an error naming the file, the field and what it accepts.
 
@@ -28,6 +30,13 @@ Built-in names (``list_recipes()`` prints them all):
   threshold then the stochastic operator; ``prune-{S}-fp{N}``: pruning then N-bit FP.
 * ``w4a4``: INT4 SAWB weights and INT4 PACT activations; ``w4a4-fp{N}``: plus N-bit FP neural
   gradients at E* with per-layer scaling.
+* Block formats on the neural gradients (one scale per block, stochastic rounding of the
+  elements as the FP4/FP8 training papers and TransformerEngine use it on gradients):
+  ``mxfp8`` (MXFP8 E4M3), ``mxfp8-e5m2``, ``mxfp6`` (MXFP6 E3M2), ``mxfp4``, ``nvfp4``; each with
+  a ``-rn`` variant (round to nearest even).
+* Per-GEMM backward quantization (``backward``): ``luq-fp4`` (``luq-fp4-smp``: two samples),
+  ``nvfp4-recipe``, ``quartet-mxfp4``, ``fp4-all-the-way``; each description says which paper,
+  which setting and what is left out.
 S in {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95}.
 """
 
@@ -40,6 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradcomp.config import CompressionConfig, PruneSpec, QuantizeSpec
+from gradcomp.integration.gemm import (
+    BackwardQuantConfig,
+    BackwardSpec,
+    OperandSpec,
+    RHTSpec,
+    backward_config_from_dict,
+)
 
 __all__ = ["Recipe", "ForwardSpec", "get_recipe", "list_recipes", "load_recipe", "recipe_from_dict"]
 
@@ -68,16 +84,30 @@ class ForwardSpec:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named training recipe. ``backward``: per-GEMM backward quantization (a
+    ``BackwardQuantConfig`` or its plain-data dict, converted at construction), applied by
+    ``train`` with ``quantize_backward``; composes with ``forward`` and ``compression``."""
+
     name: str
     description: str = ""
     compression: CompressionConfig | None = None
     forward: ForwardSpec | None = None
+    backward: BackwardQuantConfig | None = None
+
+    def __post_init__(self):
+        b = self.backward
+        if isinstance(b, dict):
+            object.__setattr__(self, "backward", backward_config_from_dict(b))
+        elif b is not None and not isinstance(b, BackwardQuantConfig):
+            raise TypeError(f"backward must be a BackwardQuantConfig, its dict form or None, "
+                            f"got {type(b).__name__}")
 
     def to_dict(self) -> dict:
         """Plain data, the recipe-file spelling: ``recipe_from_dict`` rebuilds an equal recipe."""
         return {"name": self.name, "description": self.description,
                 "compression": None if self.compression is None else self.compression.to_dict(),
-                "forward": None if self.forward is None else self.forward.kwargs()}
+                "forward": None if self.forward is None else self.forward.kwargs(),
+                "backward": None if self.backward is None else self.backward.to_dict()}
 
 
 # the keyword-only shorthands of QuantizeSpec (InitVars: not dataclass fields)
@@ -137,9 +167,15 @@ def recipe_from_dict(d: dict) -> Recipe:
         comp["quantize"] = _build(QuantizeSpec, comp.get("quantize"), "compression.quantize")
         comp["prune"] = _build(PruneSpec, comp.get("prune"), "compression.prune")
         comp = _build(CompressionConfig, comp, "compression")
+    back = d.get("backward")
+    if back is not None:
+        if not isinstance(back, dict):
+            raise ValueError("backward must be a table/object")
+        back = backward_config_from_dict(back, "backward")
     return Recipe(
         name=d.get("name", "custom"), description=d.get("description", ""),
         compression=comp, forward=_build(ForwardSpec, d.get("forward"), "forward"),
+        backward=back,
     )
 
 
@@ -241,7 +277,95 @@ def _builtins() -> dict[str, Recipe]:
     for n in (4, 5, 6):
         add(f"w4a4-fp{n}", f"W4A4 forward + FP{n} neural gradients at E*, per-layer scaling",
             forward=ForwardSpec(), compression=_comp(quantize=_fp(n)))
+    _block_recipes(add)
+    _gemm_recipes(add)
     return r
+
+
+# block format of each block recipe, and what it is
+_BLOCK_RECIPES = {
+    "mxfp8": ("mxfp8_e4m3", "OCP MXFP8 E4M3 (32-element blocks, E8M0 scale, spec floor rule)"),
+    "mxfp8-e5m2": ("mxfp8_e5m2", "OCP MXFP8 E5M2 (32-element blocks, E8M0 scale, floor rule)"),
+    "mxfp6": ("mxfp6_e3m2", "OCP MXFP6 E3M2 (32-element blocks, E8M0 scale, floor rule)"),
+    "mxfp4": ("mxfp4", "OCP MXFP4 E2M1 (32-element blocks, E8M0 scale, floor rule)"),
+    "nvfp4": ("nvfp4", "NVFP4 E2M1 (16-element blocks, E4M3 scale, FP32 tensor scale)"),
+}
+
+
+def _block_recipes(add) -> None:
+    """Neural gradients in a block format at the conv outputs / hidden linears (the same
+    layers and schedule as ``fp{N}``): blocks along the output channels of a conv output
+    (the reduction dimension of the input-gradient GEMM) and along the features of a linear
+    output. Stochastic rounding is what TransformerEngine's NVFP4 recipe, "FP4 All the Way"
+    and the MXFP4 training papers use on gradients; ``-rn`` rounds to nearest even."""
+    for name, (fmt, what) in _BLOCK_RECIPES.items():
+        for suffix, rounding, how in (("", "stochastic", "stochastic rounding"),
+                                      ("-rn", "nearest", "round to nearest even")):
+            add(name + suffix, f"{what} neural gradients, {how}; the per-block scale replaces "
+                "per-layer scaling",
+                compression=_comp(quantize=QuantizeSpec(format=fmt, rounding=rounding)))
+
+
+def _op(kind: str, fmt, rounding: str = "stochastic", **kw) -> OperandSpec:
+    return OperandSpec(kind, fmt, rounding, **kw)
+
+
+def _gemm_recipes(add) -> None:
+    """Per-GEMM backward recipes (``backward``); see each description for the source."""
+    luq = _op("luq", 4)
+    add("luq-fp4",
+        "LUQ (Chmiel et al., ICLR 2023, 'Accurate neural training with 4-bit matrix "
+        "multiplications at standard formats'), its fully 4-bit setting (the paper's main "
+        "ImageNet result: ResNet-50 75.4% vs 76.5%). Forward: INT4 SAWB weights + INT4 PACT "
+        "activations; backward: the neural gradient of both GEMMs (dgrad and wgrad) in the LUQ "
+        "4-bit radix-2 log format (stochastic underflow below max|g|/2^8, stochastic rounding "
+        "between powers of two, unbiased); W and x in the backward are the forward's INT4 "
+        "tensors. First and last layer in full precision (forward and backward). Left out: the "
+        "repeated-sampling variance reduction (luq-fp4-smp has it) and the paper's high-"
+        "precision fine-tuning phase.",
+        forward=ForwardSpec(first_last_bits=None),
+        backward=BackwardQuantConfig(BackwardSpec(dgrad_grad=luq, wgrad_grad=luq),
+                                     keep_first_last=True))
+    luq2 = _op("luq", 4, samples=2)
+    add("luq-fp4-smp",
+        "luq-fp4 with LUQ's repeated sampling (SMP, 2 samples averaged) on the gradient "
+        "operands: lower variance at the same 4-bit format. Same paper and omissions otherwise.",
+        forward=ForwardSpec(first_last_bits=None),
+        backward=BackwardQuantConfig(BackwardSpec(dgrad_grad=luq2, wgrad_grad=luq2),
+                                     keep_first_last=True))
+    nv_sr, nv_rn = _op("block", "nvfp4"), _op("block", "nvfp4", "nearest")
+    add("nvfp4-recipe",
+        "NVIDIA's NVFP4 pretraining recipe ('Pretraining large language models with NVFP4', "
+        "2025; its method section, the 12B-model setting): backward GEMMs with NVFP4 1x16 "
+        "stochastic rounding on the gradient (dgrad and wgrad), 16x16 2-D NVFP4 tiles on the "
+        "weight (nearest), 1x16 nearest on the saved input, a 16-point random Hadamard "
+        "transform on both wgrad operands with one fixed sign vector; first and last layer in "
+        "full precision (the paper keeps about 15% of the linear layers, the first and last "
+        "blocks, in BF16). Left out: the NVFP4 forward GEMM (quantize_forward has no block "
+        "formats) and the BF16/FP32 master weights and optimizer details.",
+        backward=BackwardQuantConfig(
+            BackwardSpec(nv_sr, _op("block", "nvfp4_2d", "nearest"), nv_sr, nv_rn,
+                         RHTSpec(16, "fixed")), keep_first_last=True))
+    mx = _op("block", "e2m1fn:32:e8m0:rceil")
+    add("quartet-mxfp4",
+        "Quartet (Castro et al., 2025, 'Quartet: native FP4 training can be optimal for large "
+        "language models'), its backward: MXFP4 (E2M1, 32-element blocks, E8M0 scale) on all "
+        "four backward operands with stochastic rounding, a 32-point random Hadamard transform "
+        "with fresh signs every step on the wgrad operands; the E8M0 scale is rounded up "
+        "(rceil) so that stochastic rounding never clips (unbiased). First and last layer in "
+        "full precision. Left out: Quartet's forward (Hadamard + QuEST RMSE-clipped MXFP4: not "
+        "in quantize_forward) and the Hadamard on the dgrad operands (gemm applies the RHT to "
+        "wgrad only).",
+        backward=BackwardQuantConfig(
+            BackwardSpec.uniform(mx, mx, mx, RHTSpec(32, "per_step")), keep_first_last=True))
+    add("fp4-all-the-way",
+        "'FP4 All the Way' (Chmiel et al., 2025): NVFP4 (1x16 blocks, E4M3 scale) with "
+        "stochastic rounding on every backward operand (gradient, weight, input of dgrad and "
+        "wgrad); first and last layer in full precision. Left out: the NVFP4 round-to-nearest "
+        "forward GEMMs (quantize_forward has no block formats), SR in the weight update, and "
+        "the paper's closing high-precision (QAF) phase.",
+        backward=BackwardQuantConfig(BackwardSpec.uniform(nv_sr, nv_sr, nv_sr),
+                                     keep_first_last=True))
 
 
 _BUILTINS = _builtins()

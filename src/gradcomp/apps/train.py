@@ -494,6 +494,15 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
         from gradcomp.integration.forward import quantize_forward
 
         fwd_handle = quantize_forward(model, **recipe.forward.kwargs())
+    bwd_handle = None
+    if recipe.backward is not None:
+        from gradcomp.integration.gemm import quantize_backward
+
+        # each rank (and each run seed) its own stochastic-rounding stream; RHT signs depend
+        # only on the recipe's RHTSpec seed, so they agree across ranks
+        bwd_cfg = dataclasses.replace(
+            recipe.backward, seed=(recipe.backward.seed + cfg.seed * 1_000_003 + rank) % (1 << 62))
+        bwd_handle = quantize_backward(model, bwd_cfg)
 
     net: nn.Module = model
     comm_state = None
@@ -519,6 +528,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "compressor": handle.state_dict() if handle is not None else None,
             "forward": fwd_handle.state_dict() if fwd_handle is not None else None,
+            "backward": bwd_handle.state_dict() if bwd_handle is not None else None,
             "comm": comm_state.state_dict() if hasattr(comm_state, "state_dict") else None,
         }
 
@@ -536,6 +546,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             torch.cuda.set_rng_state(mine["rng_cuda"], dev)
         if fwd_handle is not None:
             fwd_handle.load_state_dict(mine["forward"])
+        if bwd_handle is not None:
+            bwd_handle.load_state_dict(mine["backward"])
         if comm_state is not None and mine.get("comm") is not None:
             comm_state.load_state_dict(mine["comm"])
         history = ck["history"]
@@ -663,6 +675,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             handle.remove()
         if fwd_handle is not None:
             fwd_handle.remove()
+        if bwd_handle is not None:
+            bwd_handle.remove()
     if interrupted and is_main:
         where = f"the last checkpoint in {out} is kept" if out else "no checkpoint (no --out)"
         print(f"interrupted after step {global_step} (epoch {epoch + 1}); {where}: run the same "

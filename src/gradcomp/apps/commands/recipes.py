@@ -19,5 +19,8 @@ def run(args) -> int:
         print(to_json(get_recipe(args.name).to_dict()))
         return 0
     for name in list_recipes():
-        print(f"{name:18s} {get_recipe(name).description}")
+        desc = get_recipe(name).description
+        if len(desc) > 100:  # the long paper recipes: `gradcomp recipes NAME` shows it all
+            desc = desc[:97] + "..."
+        print(f"{name:18s} {desc}")
     return 0
