@@ -20,6 +20,8 @@ LUQ = OperandSpec("luq", 4)
 FP4 = OperandSpec("fp", "e2m1fn", "stochastic")
 FP8 = OperandSpec("fp", "e4m3fn", "stochastic")
 INT4 = OperandSpec("int", 4, "stochastic")
+# MXFP4 elements with the round-up (rceil) E8M0 scale: no element can saturate, so SR is unbiased
+MXR = OperandSpec("block", "e2m1fn:32:e8m0:rceil", "stochastic")
 
 
 class Net(nn.Module):
@@ -134,6 +136,8 @@ def _mean_se(draws):
     (LUQ, OperandSpec(), None),
     (FP4, FP8, None),
     (INT4, INT4, RHTSpec(16, "per_step")),
+    (MXR, MXR, None),
+    (MXR, MXR, RHTSpec(16, "fixed")),
 ])
 def test_unbiased_dgrad_wgrad(kind, grad, other, rht):
     g = torch.Generator().manual_seed(1)
@@ -264,8 +268,18 @@ def test_composes_with_compress_gradients():
 
 
 def test_operand_spec_errors():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        OperandSpec("blok")
+    with pytest.raises(ValueError, match="kind 'block' needs format"):
         OperandSpec("block")
+    with pytest.raises(ValueError, match="name must be one of"):
+        OperandSpec("block", "e2m1fn")
+    with pytest.raises(ValueError, match="scaling must be 'amax'"):
+        OperandSpec("block", "nvfp4", scaling="none")
+    with pytest.raises(ValueError, match="format.dims must be the default"):
+        OperandSpec("block", "e2m1fn:32:e8m0:floor:dims=0")
+    assert MXR.unbiased and not OperandSpec("block", "mxfp4").unbiased  # floor can saturate
+    assert OperandSpec("block", "nvfp4", "nearest").name == "nvfp4-rn"
     with pytest.raises(ValueError, match="format"):
         OperandSpec("fp")
     with pytest.raises(ValueError, match="stochastic"):
@@ -303,3 +317,48 @@ def test_block_quantizers_get_the_reduction_dims_last():
     assert y.shape == x.shape
     assert torch.allclose(y, x / x.abs().amax((0, 2, 3), keepdim=True))
     assert quantize_operand(OperandSpec().build(), x, None, (1,)) is x
+
+
+def test_block_kind_equals_quantize_block_along_the_reduction_dim():
+    from gradcomp.numerics.block import quantize_block
+
+    g = torch.Generator().manual_seed(3)
+    gout = torch.randn(40, 24, generator=g) * torch.exp(2 * torch.randn(40, 24, generator=g))
+    for rounding in ("nearest", "stochastic"):
+        q = OperandSpec("block", "nvfp4", rounding).build()
+        assert not q.per_tensor
+        # wgrad: G reduces over rows (dim 0): blocks of 16 run down each column
+        got = quantize_operand(q, gout, torch.Generator().manual_seed(9), (0,))
+        want = quantize_block(gout.t(), "nvfp4", rounding,
+                              torch.Generator().manual_seed(9)).t()
+        assert torch.equal(got, want), rounding
+    # 2-D 16x16 tiles: a conv gradient (N, C, H, W) reduced over C (dgrad) becomes the
+    # (N*H*W, C) matrix, tiled over both of its dims
+    g4 = torch.randn(2, 20, 5, 5, generator=g)
+    q2 = OperandSpec("block", "nvfp4_2d", "nearest").build()
+    got = quantize_operand(q2, g4, None, (1,))
+    mat = g4.permute(0, 2, 3, 1).reshape(-1, 20)
+    want = quantize_block(mat, "nvfp4_2d").reshape(2, 5, 5, 20).permute(0, 3, 1, 2)
+    assert torch.equal(got, want)
+    # a weight (out, in) reduced over out (dgrad): tiles over (in, out)
+    w = torch.randn(24, 40, generator=g)
+    assert torch.equal(quantize_operand(q2, w, None, (0,)), quantize_block(w.t(), "nvfp4_2d").t())
+
+
+def test_backward_config_plain_data_round_trip():
+    import json
+
+    from gradcomp.integration.gemm import backward_config_from_dict
+
+    spec = BackwardSpec(MXR, OperandSpec("block", "nvfp4_2d", "nearest"), LUQ, INT4,
+                        RHTSpec(32, "per_step", seed=5))
+    cfg = BackwardQuantConfig(spec, rules=(("head", None), ("fc", BackwardSpec.uniform(FP4))),
+                              keep_last=1, seed=7)
+    back = backward_config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    with pytest.raises(ValueError, match="module type"):
+        BackwardQuantConfig(rules=((nn.Linear, None),)).to_dict()
+    with pytest.raises(ValueError, match=r"backward\.rules\[0\] must be a \[pattern, spec"):
+        backward_config_from_dict({"rules": [["fc"]]})
+    # keep_last: the last N layers stay in full precision
+    assert list(BackwardQuantConfig(spec, keep_last=2).select(_net())) == ["conv", "grouped"]
