@@ -84,3 +84,42 @@ def test_bad_input():
         FPQuantizer("e5m2", scaling="bogus")
     with pytest.raises(TypeError):
         FPQuantizer("e5m2")(torch.ones(3, dtype=torch.int64))
+
+
+def test_block_quantizer_blocks_conv_gradients_along_channels_and_counts():
+    from gradcomp.compressors.quantizer import BlockQuantizer, QuantizerGroup
+    from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.exp(torch.randn(4, 48, 3, 3, generator=g) * 3) * torch.randn(4, 48, 3, 3,
+                                                                            generator=g).sign()
+    x[0, 0, 0, 0] = 0.0
+    q = BlockQuantizer("mxfp4", "stochastic")
+    out = q(x, torch.Generator().manual_seed(5))
+    ref, m = quantize_block_metrics(x.movedim(1, -1), "mxfp4", "stochastic",
+                                    torch.Generator().manual_seed(5))
+    assert torch.equal(out, ref.movedim(-1, 1))  # blocks of 32 along the 48 channels
+    c = q.counts()
+    assert c["elements"] == x.numel()
+    assert float(c["underflow"]) == float(m.underflow) > 0  # sigma 3: many flushed to 0
+    assert float(c["overflow"]) == float(m.saturated) > 0  # the floor rule saturates maxima
+    assert float(c["zeros"]) == float((out == 0).sum())
+    met = q.metrics()
+    assert met["bits_per_element"] == 4.25 and met["underflow"] == float(m.underflow) / x.numel()
+    # 2-D tensors (linear outputs) and dims="format" are blocked as they are
+    y = torch.randn(8, 40, generator=g)
+    assert torch.equal(BlockQuantizer("nvfp4")(y), quantize_block(y, "nvfp4"))
+    assert torch.equal(BlockQuantizer("nvfp4", dims="format")(x), quantize_block(x, "nvfp4"))
+    # a group of block quantizers: no per-layer scaling, bits from the format
+    grp = QuantizerGroup(2, BlockFormat.from_name("nvfp4"), "nearest", make_scaling=None)
+    grp.update([None, None])
+    assert grp.bits_per_element == 4.5 and all(isinstance(b, BlockQuantizer)
+                                               for b in grp.quantizers)
+    state = grp.state_dict()
+    grp2 = QuantizerGroup(2, BlockFormat.from_name("nvfp4"), "nearest", make_scaling=None)
+    grp2.load_state_dict(state)
+    assert grp2.format == grp.format and torch.equal(grp2.quantizers[0](y), grp.quantizers[0](y))
+    with pytest.raises(ValueError, match="shared_scaling must be False"):
+        QuantizerGroup(1, BlockFormat.from_name("nvfp4"), "nearest", None, shared_scaling=True)
+    with pytest.raises(TypeError, match="BlockFormat or a block format name"):
+        BlockQuantizer(FPFormat.from_name("e2m1fn"))
