@@ -182,7 +182,8 @@ def scaling_to_dict(mode) -> dict:
 
 @dataclass(frozen=True)
 class QuantizeSpec:
-    """FP quantization of neural gradients: Q(g*s)/s per layer.
+    """FP quantization of neural gradients: Q(g*s)/s per layer, or a block-scaled format (one
+    scale per block of each layer's neural gradient, ``numerics.block.quantize_block``).
 
     format: a :class:`SplitChoice` (``"optimal"``, the default: the split E* of ``bits`` bits
         chosen at the first refresh, then shifted by ``exp_offset`` exponent bits), an

@@ -33,6 +33,12 @@ EXTENDED = [
     ("w4a4", "INT4 W/A: small loss"),
     ("w4a4-fp4", "W4A4 + FP4 grads: ~0.3% loss (paper Sec. 6)"),
     ("w4a4-fp6", "W4A4 + FP6 grads: small loss"),
+    ("fp8", "per-tensor FP8 at E*: = baseline (Tab. 3)"),
+    ("mxfp8", "MXFP8 E4M3 blocks, SR: = baseline"),
+    ("mxfp4", "MXFP4 blocks, SR: small loss"),
+    ("nvfp4", "NVFP4 1x16 blocks, SR: small loss (FP4 All the Way)"),
+    ("luq-fp4", "LUQ 4-bit: ~1 pt loss (LUQ, ResNet-50 75.4 vs 76.5)"),
+    ("nvfp4-recipe", "NVFP4 recipe backward: ~ baseline (NVIDIA 2025)"),
 ]
 
 
