@@ -59,6 +59,10 @@ SCHEMES: dict[str, BackwardSpec] = {
     # block-scaled gradients (1x16 NVFP4, 1x32 MXFP4) with SR, blocks along the reduction dim
     "nvfp4-sr": BackwardSpec.uniform(OperandSpec("block", "nvfp4", "stochastic")),
     "mxfp4-sr": BackwardSpec.uniform(OperandSpec("block", "mxfp4", "stochastic")),
+    # the round-up E8M0 scale: no element saturates, so SR stays unbiased (the OCP floor rule
+    # of mxfp4 lets block maxima in (6, 8) * scale clip to 6: a bias gemmcheck measures)
+    "mxfp4-rceil-sr": BackwardSpec.uniform(OperandSpec("block", "e2m1fn:32:e8m0:rceil",
+                                                       "stochastic")),
     # NVIDIA's NVFP4 recipe's backward: SR gradients, 16x16 weight tiles, RHT16 on wgrad
     "nvfp4-recipe": BackwardSpec(
         OperandSpec("block", "nvfp4", "stochastic"), OperandSpec("block", "nvfp4_2d", "nearest"),
