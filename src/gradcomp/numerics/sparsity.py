@@ -241,12 +241,13 @@ def _padded(sample, counts):
     A list is padded with NaN; with ``counts`` given, entries past each row's count become NaN
     (excluded like the sample's own NaN/inf entries).
     """
+    fresh = False  # whether mat is a copy this function may modify in place
     if isinstance(sample, torch.Tensor):
         require_float_tensor(sample, "sample")
         if sample.dim() == 1:
-            mat = sample.unsqueeze(0)
+            mat = sample.detach().unsqueeze(0)
         elif sample.dim() == 2:
-            mat = sample
+            mat = sample.detach()
         else:
             raise ValueError(f"sample must be 1-D or a padded 2-D matrix, got {sample.dim()}-D")
     elif isinstance(sample, Sequence) and len(sample) > 0:
@@ -254,12 +255,13 @@ def _padded(sample, counts):
             require_float_tensor(s, f"sample[{i}]")
         flat = [s.detach().reshape(-1) for s in sample]
         mat = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True, padding_value=math.nan)
+        fresh = True
     else:
         raise TypeError("sample must be a tensor or a non-empty list of 1-D tensors")
-    mat = mat.detach()
     if mat.dtype not in (torch.float32, torch.float64):
-        mat = mat.float()  # exact; the sort below needs a dtype numpy also has
-    mat = mat.abs()  # a new tensor: the in-place steps below never touch the caller's
+        mat, fresh = mat.float(), True  # exact; the sort needs a dtype numpy also has
+    # never modify the caller's tensor: the sort works in place
+    mat = mat.abs_() if fresh else mat.abs()
     if counts is not None:
         counts = torch.as_tensor(counts, device=mat.device).reshape(-1, 1)
         mat.masked_fill_(torch.arange(mat.shape[1], device=mat.device) >= counts, math.nan)
@@ -306,33 +308,49 @@ def empirical_threshold(sample, sparsity, counts=None):
         s_host = torch.as_tensor(sparsity, dtype=torch.float64)
     _check_open_unit(s_host, "sparsity")
     single = isinstance(sample, torch.Tensor) and sample.dim() == 1
-    mat = _padded(sample, counts)
-    n_fin = torch.isfinite(mat).sum(1, keepdim=True)  # inf sorts after them, NaN last
-    v = _sorted_rows(mat)
+    v = _sorted_rows(_padded(sample, counts))  # finite |x| ascending, then +inf, then NaN
     rows, n = v.shape
+
+    def knot(j):
+        """v_j (1-based, float64) and whether 1 <= j <= n; j may run past the row."""
+        i = j.clamp(1, n) - 1
+        return torch.gather(v, 1, i).to(torch.float64), j <= n
+
+    def finite(j):
+        vj, inside = knot(j)
+        return (vj < math.inf) & inside
+
+    n_fin = _count_monotone(finite, n, rows, v.device)  # the sample size n of each row
     s = s_host.to(v.device).reshape(-1, 1) if s_host.dim() else s_host.to(v.device)
-    ns = n_fin.to(torch.float64) * s  # n S with n the finite count of each row
-    P = torch.cumsum(v, dim=1, dtype=torch.float64)  # P[:, j-1] = sum of the j smallest
+    ns = n_fin.to(torch.float64) * s
+    P = v.to(torch.float64, copy=True).cumsum_(1)  # P[:, j-1] = sum of the j smallest
 
     def below(j):
-        """Knot a = v_j at or below the root: (j - nS) v_j <= P_j (1 <= j <= n_fin)."""
-        i = j.clamp(1, n) - 1
-        vj = torch.gather(v, 1, i).to(torch.float64)
-        return ((j - ns) * vj <= torch.gather(P, 1, i)) & (j <= n_fin)
+        """Knot a = v_j at or below the root: (j - nS) v_j <= P_j, for j <= n_fin."""
+        vj, _ = knot(j)
+        Pj = torch.gather(P, 1, j.clamp(1, n) - 1)
+        return ((j - ns) * vj <= Pj) & (j <= n_fin)
 
-    # j* = number of knots below the root (true up to j*, false after): count it on every
-    # B-th knot, then on the B - 1 knots after the last true one (two small passes, B ~ sqrt n)
-    B = max(1, math.isqrt(n))
-    coarse = torch.arange(B, n + 1, B, device=v.device).expand(rows, -1)
-    q = below(coarse).sum(1, keepdim=True) * B
-    jstar = q + below(q + torch.arange(1, B, device=v.device)).sum(1, keepdim=True)
+    jstar = _count_monotone(below, n, rows, v.device)  # the root lies in [v_j*, v_j*+1)
     Pj = torch.gather(P, 1, (jstar - 1).clamp_min(0))
-    a = Pj / (jstar.to(torch.float64) - ns)  # the root lies in [v_j*, v_j*+1)
+    a = Pj / (jstar.to(torch.float64) - ns)
     # zeros >= nS  <=>  the ceil(nS)-th smallest value is 0: the zeros meet the target alone
     m = torch.ceil(ns).to(torch.int64).clamp(1, n) - 1
     no_prune = (torch.gather(v, 1, m) == 0) | (n_fin == 0)
     a = torch.where(no_prune, torch.zeros_like(a), a).reshape(rows)
     return a[0] if single else a
+
+
+def _count_monotone(pred, n: int, rows: int, device) -> torch.Tensor:
+    """Per row, the number of knots j in 1..n with ``pred(j)`` (true up to some j, then false).
+
+    Counted on every B-th knot, then on the B - 1 knots after the last true one: two small
+    passes of ~sqrt(n) gathers per row instead of one over all n knots.
+    """
+    B = max(1, math.isqrt(n))
+    coarse = torch.arange(B, n + 1, B, device=device).expand(rows, -1)
+    q = pred(coarse).sum(1, keepdim=True) * B
+    return q + pred(q + torch.arange(1, B, device=device)).sum(1, keepdim=True)
 
 
 def empirical_sparsity(sample, threshold, counts=None):
