@@ -160,3 +160,163 @@ def test_cosine_matches_monte_carlo_untruncated_and_truncated():
     a = torch.tensor([0.0, 0.1, 1.0, 10.0, 100.0])
     c = pruned_cosine(a, torch.zeros(5), torch.full((5,), 2.0), 2.7)
     assert float(c[0]) == 1.0 and bool((c[1:] < c[:-1]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 8 solver accuracy over a wide range, against an independent scipy oracle
+
+
+def _eq8_oracle_t(s: float, sigma: float) -> float:
+    """t = ln a - mu solving Eq. 8 with scipy's special functions and Brent's method.
+
+    Solves in the quantity that is computed without cancellation: ln S (S <= 1/2, S a small
+    difference there only for tiny sigma) or ln(1 - S) = ln(Phi(-u) + e^(s^2/2 - t) Phi(u - s))
+    (S > 1/2, both terms positive), to Brent's xtol of a few ulp.
+    """
+    from scipy.optimize import brentq
+    from scipy.special import log_ndtr, ndtr, ndtri
+
+    def log_t2(t):
+        return sigma * sigma / 2 - t + log_ndtr(t / sigma - sigma)
+
+    if s > 0.5:
+        def f(t):
+            return np.logaddexp(log_ndtr(-t / sigma), log_t2(t)) - np.log1p(-s)
+    else:
+        def f(t):
+            return np.log(ndtr(t / sigma) - np.exp(log_t2(t))) - np.log(s)
+    lo = sigma * ndtri(s)
+    hi = sigma * sigma / 2 - np.log1p(-s)
+    return brentq(f, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 1.0, 2.0, 4.0, 8.0])
+def test_eq8_matches_oracle_from_near_zero_to_near_one(sigma):
+    s = torch.tensor([1e-4, 0.01, 0.3, 0.5, 0.5 + 1e-9, 0.8, 0.99, 1 - 1e-6, 1 - 1e-12],
+                     dtype=torch.float64)
+    t = torch.log(lognormal_threshold(s, 0.0, sigma))
+    ref = torch.tensor([_eq8_oracle_t(float(si), sigma) for si in s], dtype=torch.float64)
+    # a few ulp of t (the error in t is the relative error of a); both sides round, so the
+    # bound is 1e-13 * (1 + |t|), far below the 1e-12 the vectorised/scalar test pins
+    assert torch.allclose(t, ref, rtol=1e-13, atol=1e-13), (t - ref).abs().max()
+
+
+def test_eq8_targets_near_one_keep_relative_accuracy():
+    # tiny sigma, a far above every |x| ~ e^mu: 1 - S = E|x|/a = e^(mu + sigma^2/2)/a exactly
+    # (Phi((t - sigma^2)/sigma) = 1), so the solver must resolve 1 - S to full relative
+    # precision at S = 1 - 1e-12 (a linear-domain S would give only ~1e-4 of it)
+    for s in (1 - 1e-12, 0.999, 1 - 2.0**-52):
+        a = lognormal_threshold(s, 0.0, 1e-6)
+        assert a == pytest.approx(math.exp(0.5e-12) / (1 - s), rel=1e-14)  # 1 - s is exact
+
+
+def test_eq8_many_layers_one_call_matches_per_layer_solves_and_handles_mixed_layers():
+    g = torch.Generator().manual_seed(11)
+    L = 100
+    mu = -12 + 6 * torch.rand(L, generator=g, dtype=torch.float64)
+    sig = 1 + 3 * torch.rand(L, generator=g, dtype=torch.float64)
+    z = 0.5 * torch.rand(L, generator=g, dtype=torch.float64)
+    sig[3], z[5], z[7] = 0.0, 0.9, 1.0  # point mass; zeros beyond the target; all zeros
+    a = lognormal_threshold(0.8, mu, sig, z)
+    assert float(a[3]) == pytest.approx(math.exp(float(mu[3])) / (1 - (0.8 - float(z[3]))
+                                                                    / (1 - float(z[3]))))
+    assert float(a[5]) == 0.0 and float(a[7]) == 0.0
+    for i in (0, 3, 17, 42, 99):
+        ai = lognormal_threshold(0.8, float(mu[i]), float(sig[i]), float(z[i]))
+        assert float(a[i]) == pytest.approx(ai, rel=1e-12)
+    live = (z < 0.8) & (sig > 0)
+    assert torch.allclose(expected_sparsity(a[live], mu[live], sig[live], z[live]),
+                          torch.full((int(live.sum()),), 0.8, dtype=torch.float64), atol=1e-12)
+
+
+def test_eq8_extreme_sigma_still_meets_the_target():
+    # sigma ~ 7e3: t ~ -93 is resolved only to ~1e-8 (relative rounding of sigma^2-sized
+    # terms), where Newton's monotone steps stall and the bracketed solve finishes the job
+    s, sigma = 0.49477031828932844, 7186.244051097342
+    a = lognormal_threshold(s, 0.0, sigma)
+    assert 0 < a < 1 and math.isfinite(math.log(a))
+    assert expected_sparsity(a, 0.0, sigma) == pytest.approx(s, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# empirical threshold: against a plain per-row reference on random and degenerate samples
+
+
+def _empirical_reference(x, s: float) -> float:
+    """Scan the segments of one sample in float64 (the definition, one layer at a time)."""
+    v = np.sort(np.abs(np.asarray(x, dtype=np.float64)))
+    v = v[np.isfinite(v)]
+    n = v.size
+    if n == 0 or np.count_nonzero(v == 0) >= n * s:
+        return 0.0
+    P = np.cumsum(v)
+    for j in range(1, n + 1):  # segment: a in [v_j, v_j+1) (unbounded for j = n)
+        if j <= n * s:
+            continue
+        a = P[j - 1] / (j - n * s)
+        if a >= v[j - 1] * (1 - 1e-15) and (j == n or a <= v[j] * (1 + 1e-15)):
+            return a
+    raise AssertionError("no segment holds the root")
+
+
+def _random_sample(g, case: int):
+    n = int(torch.randint(1, 400, (1,), generator=g))
+    x = torch.exp(3 * torch.randn(n, generator=g, dtype=torch.float64))
+    if case == 1:  # many exact zeros
+        x[torch.rand(n, generator=g) < 0.6] = 0
+    elif case == 2:  # ties
+        x = torch.round(4 * x) / 4
+    elif case == 3:  # all equal
+        x = torch.full((n,), 2.5, dtype=torch.float64)
+    elif case == 4:  # tiny sample
+        x = x[:2]
+    elif case == 5:  # excluded entries
+        x[torch.rand(n, generator=g) < 0.2] = math.inf
+        x[torch.rand(n, generator=g) < 0.1] = math.nan
+    return x * torch.where(torch.rand(x.numel(), generator=g) < 0.5, -1.0, 1.0).double()
+
+
+def test_empirical_threshold_matches_reference_on_random_and_degenerate_samples():
+    g = torch.Generator().manual_seed(12)
+    targets = (1e-9, 0.01, 0.37, 0.8, 0.999, 1 - 1e-9)
+    for trial in range(60):
+        x = _random_sample(g, trial % 6)
+        for s in targets:
+            a = float(empirical_threshold(x, s))
+            ref = _empirical_reference(x.numpy(), s)
+            assert a == pytest.approx(ref, rel=1e-13, abs=0.0), (trial, s, x.numel())
+            if a > 0:  # the threshold solves its equation
+                assert float(empirical_sparsity(x, a)) == pytest.approx(s, abs=1e-12)
+
+
+def test_empirical_threshold_one_padded_solve_equals_per_layer_solves():
+    g = torch.Generator().manual_seed(13)
+    xs = [_random_sample(g, i % 6).float() for i in range(30)]
+    xs.append(torch.tensor([0.0, -0.0]))  # all zeros
+    s = 0.05 + 0.9 * torch.rand(len(xs), generator=g, dtype=torch.float64)
+    a = empirical_threshold(xs, s)
+    for i, x in enumerate(xs):
+        assert float(a[i]) == pytest.approx(_empirical_reference(x.numpy(), float(s[i])),
+                                            rel=1e-13, abs=0.0)
+    # the same layers as one padded matrix with counts
+    n = max(x.numel() for x in xs)
+    mat = torch.zeros(len(xs), n)
+    for i, x in enumerate(xs):
+        mat[i, : x.numel()] = x
+    counts = torch.tensor([x.numel() for x in xs])
+    assert torch.equal(empirical_threshold(mat, s, counts=counts), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_empirical_threshold_any_float_dtype_leaves_the_sample_unchanged(dtype):
+    g = torch.Generator().manual_seed(14)
+    x = (torch.randn(257, generator=g) * 3).to(dtype)
+    mat = torch.stack([x, x.flip(0)]).t().contiguous().t()  # a non-contiguous (2, 257) view
+    before_x, before_mat = x.clone(), mat.clone()
+    a = empirical_threshold(x, 0.7)
+    b = empirical_threshold(mat, 0.7)
+    c = empirical_threshold([x, x.flip(0)], 0.7)
+    assert torch.equal(x, before_x) and torch.equal(mat, before_mat)  # sorted on a copy
+    ref = _empirical_reference(x.double().numpy(), 0.7)  # the values, cast exactly
+    assert float(a) == pytest.approx(ref, rel=1e-13)
+    assert torch.equal(b, c) and float(b[0]) == float(a) == float(b[1])
