@@ -40,11 +40,12 @@ from gradcomp.numerics.rounding import ROUNDINGS
 
 __all__ = [
     "AmaxScaling", "AuthorsScaling", "CompressionConfig", "EmpiricalScaling", "LAYER_TYPES",
-    "LossScaling", "NoScaling", "OptimalScaling", "PruneSpec", "QuantizeSpec", "SCALINGS",
+    "LossScaling", "NONFINITE_POLICIES", "NoScaling", "OptimalScaling", "PruneSpec", "QuantizeSpec", "SCALINGS",
     "SplitChoice", "scaling_from_name",
 ]
 
 LAYER_TYPES = ("conv", "linear", "batchnorm")
+NONFINITE_POLICIES = ("skip", "keep", "zero")  # CompressionConfig.nonfinite
 
 
 # --- scaling modes ------------------------------------------------------------------------------
@@ -388,8 +389,15 @@ class CompressionConfig:
         buys little: refresh more often instead.
     metrics_every: count sparsity / overflow / underflow / non-finite every N steps (extra
         reductions cost time; metrics are then a systematic sample of the steps).
-    nonfinite: ``keep`` (non-finite neural gradients flow on unchanged) or ``zero`` (replaced
-        by 0, one extra pass); either way they are excluded from every statistic.
+    nonfinite: what a step does when a NaN or inf reaches a compressed layer's neural
+        gradient (they are excluded from every statistic in every mode):
+        ``"skip"`` (default, as ``torch.amp.GradScaler``): ``handle.step(optimizer)`` skips the
+        optimizer step (also when the optimizer's gradients are non-finite), counts it in
+        ``skipped_steps`` and returns False; a refresh due on that step moves to the next one.
+        Costs one device reduction per layer and step and one host read per step (the
+        decision). ``"keep"``: the values flow on unchanged and the step is taken (the weights
+        become non-finite unless a dynamic loss scale skips the step). ``"zero"``: they are
+        replaced by 0 (one extra pass) and the step is taken.
     """
 
     quantize: QuantizeSpec | None = None
@@ -403,7 +411,7 @@ class CompressionConfig:
     refresh_each_epoch: bool = True
     sample_size: int = 16384
     metrics_every: int = 10
-    nonfinite: str = "keep"
+    nonfinite: str = "skip"
 
     def __post_init__(self):
         if isinstance(self.types, str):
@@ -422,7 +430,7 @@ class CompressionConfig:
                 if isinstance(v, str) or not all(isinstance(n, str) for n in v):
                     raise TypeError(f"{name} must be a tuple of module names, got {v!r}")
                 object.__setattr__(self, name, tuple(v))
-        require_choice(self.nonfinite, "nonfinite", ("keep", "zero"))
+        require_choice(self.nonfinite, "nonfinite", NONFINITE_POLICIES)
         for name in ("skip_first", "skip_last", "refresh_each_epoch"):
             _require_bool(getattr(self, name), name)
         for name in ("sample_size", "metrics_every"):

@@ -22,9 +22,26 @@ compressed with the previous thresholds; the statistics come from the raw gradie
 statistics (``fit_lognormal``: mu, sigma, zero fraction, amax) are device reductions; the only
 host synchronisation is the refresh itself (one per refresh, all layers at once).
 
-Non-finite neural gradients: excluded from every statistic; with ``nonfinite="keep"`` (default)
-they flow on unchanged (a dynamic loss scale sees them and skips the step), with ``"zero"`` they
-are replaced by 0 (one extra pass). Either way they are counted on metric steps.
+Non-finite neural gradients (NaN, +-inf) are excluded from every statistic and counted on metric
+steps; ``CompressionConfig.nonfinite`` says what happens to the step:
+
+* ``"skip"`` (default, what ``torch.amp.GradScaler`` users expect): ``handle.step(optimizer)``
+  does not call ``optimizer.step()`` when any compressed layer's neural gradient of the step (or,
+  when an optimizer is given, any of its parameters' gradients) held a non-finite value; the step
+  is counted in ``skipped_steps`` and ``step`` returns False. Detection costs no extra host sync
+  per step beyond the decision itself: each hook reduces its gradient to a 0-d device value
+  (max |g|, which is NaN/inf exactly when some element is; on metric steps the non-finite count
+  already computed serves), the optimizer's gradients are reduced with ``torch._foreach_norm``
+  (inf-norm), and ``step`` reads the OR of these flags once: the one host read per step, as
+  GradScaler's ``found_inf``. Under torch.distributed (world > 1) the flag is all-reduced (MAX)
+  first, so every rank skips the same steps. A statistics step that is skipped gathers nothing:
+  the refresh moves to the next step.
+* ``"keep"``: non-finite values flow on unchanged and the step is taken (a dynamic loss scale
+  still sees them as an overflow and skips); no per-step check.
+* ``"zero"``: non-finite values are replaced by 0 (one extra pass) and the step is taken.
+
+On a refresh, a layer whose statistics saw a non-finite value or fewer than two finite non-zero
+values keeps its previous threshold and scale (its ``LayerStats`` is passed as None).
 """
 
 from __future__ import annotations
@@ -103,22 +120,35 @@ class _Layer:
         self.numel = 0
         self.elements = 0  # elements measured since the last metrics reset (a host int)
         self.nonfinite: torch.Tensor | None = None
+        self.found: torch.Tensor | None = None  # 0-d bool: a non-finite value this step
+
+    def _flag(self, bad: torch.Tensor) -> None:
+        bad = bad.reshape(())
+        self.found = bad if self.found is None else self.found | bad.to(self.found.device)
 
     def compress(self, g: torch.Tensor) -> torch.Tensor:
         h = self.handle
         if not h.registered:  # removed between this forward and its backward
             return g
         self.numel = g.numel()
+        skip_mode = h.config.nonfinite == "skip"
         if h.collecting:
             self.stats = layer_stats(g, h.config.sample_size, h.generators(g.device))
-        if not h.active:
-            return g
-        measure = h.measuring
-        out = g
+            if skip_mode:  # the fit already counted the non-finite values: no extra pass
+                self._flag(self.stats.fit.nonfinite > 0)
+        measure = h.measuring and h.active
         if measure:
             self.elements += g.numel()
             bad = (~torch.isfinite(g)).sum().double()
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+            if skip_mode and not h.collecting:
+                self._flag(bad > 0)
+        elif skip_mode and not h.collecting and g.numel():
+            # one fused reduction: max |g| is NaN or inf exactly when some element is
+            self._flag(~torch.isfinite(torch.linalg.vector_norm(g.detach(), float("inf"))))
+        if not h.active:
+            return g
+        out = g
         if h.config.nonfinite == "zero":
             out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
         gen = h.generators(g.device)
@@ -159,10 +189,11 @@ class CompressionHandle:
         self.step_count = 0
         self.refreshes = 0
         self.skipped_steps = 0
+        self._skipped_since_reset = 0
+        self._metric_steps = 0  # metric steps since the last metrics reset
         self.collecting = True  # the first step gathers statistics
         self.active = False  # nothing is compressed before the first refresh
         self.measuring = False
-        self._collect_next = False
         self._hooks = [m.register_forward_hook(self._make_hook(layer))
                        for layer, (_, m) in zip(self._layers, sel)]
 
@@ -205,37 +236,97 @@ class CompressionHandle:
             self.collecting = True
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Finish a training step: optimizer step (unless a dynamic loss scale overflowed),
-        then the scheduled refresh. Returns False when the step was skipped."""
-        skip = False
+        """Finish a training step: ``optimizer.step()`` unless the step must be skipped, then the
+        scheduled refresh. Returns False when the step was skipped (call ``optimizer.step()``
+        yourself only when it returns True if you pass no optimizer).
+
+        Skipped: a dynamic loss scale overflowed, or (``nonfinite="skip"``) a non-finite value
+        reached a compressed layer's neural gradient or ``optimizer``'s gradients. One host read
+        of one device flag decides (none with ``"keep"``/``"zero"`` and no dynamic loss scale).
+        """
+        found = None  # 0-d bool device tensor: skip this step
+        nonfinite_found = None
         if self.quantizers is not None and self.active:
-            found = self.quantizers.step()
-            if found is not None:
-                skip = bool(found)  # one sync, global loss scaling only
+            found = self.quantizers.step()  # the dynamic loss scale's overflow (or None)
+        if self.config.nonfinite == "skip":
+            nonfinite_found = self._nonfinite_flag(optimizer)
+            if nonfinite_found is not None:
+                found = nonfinite_found if found is None else \
+                    found.to(nonfinite_found.device) | nonfinite_found
+        if found is not None and nonfinite_found is not None:
+            both = torch.stack([found.reshape(()), nonfinite_found.reshape(())]).tolist()
+            skip, bad = bool(both[0]), bool(both[1])  # the one host read of the step
+        else:
+            skip = bool(found) if found is not None else False
+            bad = False
         if optimizer is not None and not skip:
             optimizer.step()
         self.skipped_steps += int(skip)
-        if self.collecting:
-            self._refresh()
+        self._skipped_since_reset += int(skip)
+        self._metric_steps += int(self.measuring)
+        # a non-finite step's statistics are discarded; an incomplete refresh is retried
+        pending = self.collecting and (bad or not self._refresh())
         self.step_count += 1
         every = self.config.refresh_every
-        self.collecting = self._collect_next or bool(every and self.step_count % every == 0)
-        self._collect_next = False
+        self.collecting = pending or bool(every and self.step_count % every == 0)
         self.measuring = self.active and self.step_count % self.config.metrics_every == 0
         return not skip
 
-    def _refresh(self) -> None:
+    def _nonfinite_flag(self, optimizer) -> torch.Tensor | None:
+        """OR of the hooks' per-layer flags and the optimizer's gradients' check (device work),
+        all-reduced across ranks under torch.distributed; the layers' flags are reset."""
+        flags = [layer.found for layer in self._layers if layer.found is not None]
+        for layer in self._layers:
+            layer.found = None
+        if optimizer is not None:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not p.grad.is_sparse:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+            for grads in by_device.values():
+                norms = torch._foreach_norm(grads, float("inf"))
+                flags.append(~torch.isfinite(torch.stack(norms)).all())
+        if not flags:
+            return None
+        dev = flags[0].device
+        found = torch.stack([f.reshape(()).to(dev) for f in flags]).any()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # every rank must skip the same steps (a local NaN may not reach the others)
+            t = found.to(torch.int32)
+            if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
+                t = t.cuda()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            found = t.to(dev).bool()
+        return found
+
+    def _refresh(self) -> bool:
+        """Update both groups from the layers' statistics; False when nothing was usable yet
+        (no backward reached the layers, or only unusable statistics before the first refresh):
+        the next step gathers statistics again."""
         stats = [layer.stats for layer in self._layers]
-        if all(s is None for s in stats):
-            return  # no backward reached the layers yet: try again next step
-        self.collecting = False
+        live = [i for i, s in enumerate(stats) if s is not None]
+        if not live:
+            return False
+        # one host read for all layers: a layer whose statistics saw a non-finite value or
+        # fewer than two finite non-zero values keeps its previous threshold and scale
+        dev = stats[live[0]].fit.count.device
+        rows = torch.stack([torch.stack([stats[i].fit.nonfinite.reshape(()).to(dev),
+                                         stats[i].fit.count.reshape(()).to(dev)]).double()
+                            for i in live]).tolist()
+        for i, (nonfinite, count) in zip(live, rows):
+            if nonfinite > 0 or count < 2:
+                stats[i] = None
+        if self.refreshes == 0 and all(s is None for s in stats):
+            return False
         if self.quantizers is not None:
             self.quantizers.update(stats)
         if self.pruners is not None:
             self.pruners.update(stats)
         self.active = True
         self.refreshes += 1
-        self.measuring = self.step_count % self.config.metrics_every == 0
+        return True
 
     # -- metrics --------------------------------------------------------------------------
     def _width(self) -> float:
@@ -267,7 +358,10 @@ class CompressionHandle:
 
         Keys: sparsity (fraction of zeros in the compressed gradient), overflow and underflow
         (fractions of elements, FP only), nonfinite (count), bits_per_element, threshold /
-        target sparsity per layer where pruning. NaN where no metric step ran yet.
+        target sparsity per layer where pruning. Overall also: ``metric_steps`` (steps measured
+        since the last reset), ``skipped_steps`` (since the last reset) and
+        ``skipped_steps_total``. Where no metric step ran (yet) the measured fractions and
+        bits_per_element are None ("not measured"), never a number that reads as a result.
         """
         layers = {}
         tot = {"elements": 0.0, "zeros": 0.0, "overflow": 0.0, "underflow": 0.0,
@@ -285,15 +379,15 @@ class CompressionHandle:
                    "underflow": float(qc.get("underflow", 0.0)),
                    "nonfinite": float(layer.nonfinite) if layer.nonfinite is not None else 0.0}
             row = {
-                "sparsity": acc["zeros"] / n if n else math.nan,
-                "overflow": acc["overflow"] / n if n else math.nan,
-                "underflow": acc["underflow"] / n if n else math.nan,
+                "sparsity": acc["zeros"] / n if n else None,
+                "overflow": acc["overflow"] / n if n else None,
+                "underflow": acc["underflow"] / n if n else None,
                 "nonfinite": acc["nonfinite"],
-                "bits_per_element": self.bits_per_element(acc),
+                "bits_per_element": self.bits_per_element(acc) if n else None,
             }
             if self.pruners is not None:
                 p = self.pruners[i]
-                row["threshold"] = float(p.threshold) if p.threshold is not None else math.nan
+                row["threshold"] = float(p.threshold) if p.threshold is not None else None
                 row["target_sparsity"] = p.target
             layers[layer.name] = row
             if n:
@@ -305,13 +399,17 @@ class CompressionHandle:
                 layer.elements, layer.nonfinite = 0, None
         n = tot["elements"]
         overall = {
-            "sparsity": tot["zeros"] / n if n else math.nan,
-            "overflow": tot["overflow"] / n if n else math.nan,
-            "underflow": tot["underflow"] / n if n else math.nan,
+            "sparsity": tot["zeros"] / n if n else None,
+            "overflow": tot["overflow"] / n if n else None,
+            "underflow": tot["underflow"] / n if n else None,
             "nonfinite": tot["nonfinite"],
-            "bits_per_element": tot["bits"] / n if n else 32.0,
+            "bits_per_element": tot["bits"] / n if n else None,
+            "metric_steps": self._metric_steps,
+            "skipped_steps": self._skipped_since_reset,
             "skipped_steps_total": self.skipped_steps,
         }
+        if reset:
+            self._metric_steps, self._skipped_since_reset = 0, 0
         if self.format is not None:
             overall["format"] = self.format.name
         return {"overall": overall, "layers": layers}
