@@ -38,6 +38,7 @@ __all__ = [
     "HETEROGENEOUS_METHODS",
     "PRUNE_METHODS",
     "Pruner",
+    "TRACKING_METHODS",
     "PrunerGroup",
     "allocate_sparsity",
     "stochastic_prune",
@@ -88,6 +89,23 @@ class Pruner:
                     threshold, active from the first call
     =============== ================================================== ========================
 
+    Tracking (method ``empirical``, homogeneous or with allocated per-layer targets): the
+    refresh sets a threshold exact for the refresh step's gradient, but the gradients drift
+    between refreshes (early in training they shrink step after step, so a threshold held
+    fixed over-prunes by several points by the next refresh; late in training single batches
+    differ by a few points). So every call also corrects the threshold from the sparsity it
+    just achieved, a Newton step in ln a on device (no host sync):
+
+        ln a <- ln a + gain * (S_target - S) / (dS/d ln a),   step clipped to [-1, 1]
+
+    where S is the call's fraction of zeros and dS/d ln a = E[|x|/a; |x| < a] (for
+    S(a) = E[max(0, 1 - |x|/a)]) is exactly the expected fraction of +-a symbols, so both are
+    counted on the call's output (two reductions). With ``gain=1`` the next call uses the
+    threshold that would have met the target on this call (to first order): the achieved
+    sparsity follows the target with a lag of one step of drift, and batch-to-batch noise
+    averages out because the error is integrated (stochastic approximation of the threshold
+    at which the mean achieved sparsity equals the target). ``tracking_gain=0`` turns it off.
+
     Every call with ``measure=True`` adds its counts (elements, zeros, elements at +-a) to
     device accumulators read by ``metrics()`` (no sync in the call). With ``fit.count < 2``
     (nothing to fit) the model-based thresholds are 0 (no pruning).
@@ -97,16 +115,23 @@ class Pruner:
         method: one of ``PRUNE_METHODS``.
         calibration_bound: the calibrated factor stays in [1/bound, bound] (> 1).
         jump_tolerance: reset the factor when |d mu| > tol * sigma or |d sigma| > tol * sigma.
+        tracking_gain: gain of the per-call threshold correction of the tracking methods
+            (``TRACKING_METHODS``), in [0, 1]; 0 holds the threshold fixed between refreshes.
     """
 
     def __init__(self, sparsity: float = 0.8, method: str = "empirical", *,
-                 calibration_bound: float = 4.0, jump_tolerance: float = 0.5):
+                 calibration_bound: float = 4.0, jump_tolerance: float = 0.5,
+                 tracking_gain: float = 1.0):
         self.sparsity = require_open_unit(sparsity, "sparsity")
         self.method = require_choice(method, "method", PRUNE_METHODS)
         if not (math.isfinite(calibration_bound) and calibration_bound > 1):
             raise ValueError(f"calibration_bound must be finite and > 1, got {calibration_bound!r}")
         if not (math.isfinite(jump_tolerance) and jump_tolerance > 0):
             raise ValueError(f"jump_tolerance must be finite and > 0, got {jump_tolerance!r}")
+        if isinstance(tracking_gain, bool) or not isinstance(tracking_gain, (int, float)) or \
+                not 0 <= tracking_gain <= 1:
+            raise ValueError(f"tracking_gain must be a number in [0, 1], got {tracking_gain!r}")
+        self.tracking_gain = float(tracking_gain)
         self.calibration_bound = float(calibration_bound)
         self.jump_tolerance = float(jump_tolerance)
         self._threshold: torch.Tensor | None = None
@@ -224,19 +249,40 @@ class Pruner:
         elif self._threshold is None:
             out = x.clone()
         else:
+            if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
+                self._threshold = self._threshold.to(x.device)
             out = stochastic_prune(x, self._threshold, generator)
-        if out.numel() and (measure or self.method == "calibrated"):
+        track = self.tracking and out.numel() > 0
+        if out.numel() and (measure or self.method == "calibrated" or track):
             zeros = (out == 0).sum().to(torch.float64)
             self._last_sparsity = zeros / out.numel()
+            at = None
+            if self._threshold is not None and (measure or track):
+                # the +-a symbols of the encoded stream (Appendix A.10's entropy estimate)
+                at = (out.abs() == self._threshold.to(out.dtype)).sum().to(torch.float64)
             if measure:
                 self._add("zeros", zeros)
-                if self._threshold is not None:
-                    # the +-a symbols of the encoded stream (Appendix A.10's entropy estimate)
-                    at = (out.abs() == self._threshold.to(out.dtype)).sum()
+                if at is not None:
                     self._add("at_threshold", at)
                 self._elements += out.numel()
+            if track:
+                self._track(zeros / out.numel(), at / out.numel())
         self._calls_since_update += 1
         return out
+
+    @property
+    def tracking(self) -> bool:
+        """Whether calls correct the threshold (a tracking method with a threshold, gain > 0)."""
+        return (self.method in TRACKING_METHODS and self._threshold is not None
+                and self.tracking_gain > 0)
+
+    def _track(self, achieved: torch.Tensor, at_fraction: torch.Tensor) -> None:
+        """One Newton step in ln a toward the target (class docstring); device ops only."""
+        a = self._threshold
+        slope = at_fraction.clamp_min(_MIN_SLOPE)  # dS/d ln a, measured
+        step = (self.tracking_gain * (self.target - achieved) / slope).clamp(-1.0, 1.0)
+        # a = 0 (the zeros alone meet the target) stays 0 until the next refresh
+        self._threshold = torch.where(a > 0, a * torch.exp(step).to(a.dtype), a)
 
     def _add(self, key: str, v: torch.Tensor) -> None:
         cur = self._acc.get(key)
@@ -302,6 +348,10 @@ _METHODS = {
     "topk": Pruner._per_call,
 }
 PRUNE_METHODS = tuple(_METHODS)
+TRACKING_METHODS = ("empirical",)  # thresholds corrected on every call (Pruner docstring)
+# a floor on dS/d ln a in the tracking step: with almost no value below the threshold the
+# derivative vanishes and the step is bounded by its clip instead
+_MIN_SLOPE = 1e-2
 HETEROGENEOUS_METHODS = ("lognormal", "empirical")  # thresholds for the allocated sparsities
 
 
