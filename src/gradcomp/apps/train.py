@@ -656,6 +656,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     comp_txt = (f"sparsity {sp:.3f} bits/elem {bits:.2f}"
                                 if sp is not None and math.isfinite(sp) else
                                 "sparsity - (no metric step ran yet)")
+                    if row["skipped_steps"]:  # non-finite gradients or a loss-scale overflow
+                        comp_txt += f" skipped {row['skipped_steps']} step(s)"
                     print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
                           f"{row['train_loss']:.4f} test acc {acc_txt} {comp_txt}"
                           f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)

@@ -236,10 +236,13 @@ class Pruner:
         return self.method in ("topk", "topk_stochastic") or self._threshold is not None
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 measure: bool = True) -> torch.Tensor:
+                 measure: bool = True, finite: torch.Tensor | bool | None = None) -> torch.Tensor:
         """Prune ``x`` (see ``stochastic_prune`` / ``topk_prune``); no host sync.
 
-        ``measure`` adds this call's counts to the metrics (two reductions).
+        ``measure`` adds this call's counts to the metrics (two reductions). ``finite``: whether
+        ``x`` is all finite, if the caller knows (a 0-d bool tensor or a bool); a tracking
+        pruner otherwise reduces it itself: a call that saw a NaN/inf leaves the threshold as
+        it was (its counts are garbage).
         """
         require_float_tensor(x, "x")
         if self.method == "topk":
@@ -266,7 +269,10 @@ class Pruner:
                     self._add("at_threshold", at)
                 self._elements += out.numel()
             if track:
-                self._track(zeros / out.numel(), at / out.numel())
+                if finite is None:
+                    finite = torch.isfinite(torch.linalg.vector_norm(x.detach(), float("inf")))
+                if finite is not False:
+                    self._track(zeros / out.numel(), at / out.numel(), finite)
         self._calls_since_update += 1
         return out
 
@@ -276,13 +282,16 @@ class Pruner:
         return (self.method in TRACKING_METHODS and self._threshold is not None
                 and self.tracking_gain > 0)
 
-    def _track(self, achieved: torch.Tensor, at_fraction: torch.Tensor) -> None:
+    def _track(self, achieved: torch.Tensor, at_fraction: torch.Tensor, finite) -> None:
         """One Newton step in ln a toward the target (class docstring); device ops only."""
         a = self._threshold
         slope = at_fraction.clamp_min(_MIN_SLOPE)  # dS/d ln a, measured
         step = (self.tracking_gain * (self.target - achieved) / slope).clamp(-1.0, 1.0)
         # a = 0 (the zeros alone meet the target) stays 0 until the next refresh
-        self._threshold = torch.where(a > 0, a * torch.exp(step).to(a.dtype), a)
+        keep = a <= 0
+        if finite is not True:
+            keep = keep | ~torch.as_tensor(finite, device=a.device)
+        self._threshold = torch.where(keep, a, a * torch.exp(step).to(a.dtype))
 
     def _add(self, key: str, v: torch.Tensor) -> None:
         cur = self._acc.get(key)

@@ -134,26 +134,29 @@ class _Layer:
         skip_mode = h.config.nonfinite == "skip"
         if h.collecting:
             self.stats = layer_stats(g, h.config.sample_size, h.generators(g.device))
-            if skip_mode:  # the fit already counted the non-finite values: no extra pass
-                self._flag(self.stats.fit.nonfinite > 0)
         measure = h.measuring and h.active
+        finite = None  # 0-d bool: g is all finite (when known without an extra pass)
         if measure:
             self.elements += g.numel()
             bad = (~torch.isfinite(g)).sum().double()
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
-            if skip_mode and not h.collecting:
-                self._flag(bad > 0)
-        elif skip_mode and not h.collecting and g.numel():
+            finite = bad == 0
+        elif h.collecting:  # the fit already counted the non-finite values: no extra pass
+            finite = self.stats.fit.nonfinite == 0
+        elif skip_mode and g.numel():
             # one fused reduction: max |g| is NaN or inf exactly when some element is
-            self._flag(~torch.isfinite(torch.linalg.vector_norm(g.detach(), float("inf"))))
+            finite = torch.isfinite(torch.linalg.vector_norm(g.detach(), float("inf")))
+        if skip_mode and finite is not None:
+            self._flag(~finite)
         if not h.active:
             return g
         out = g
         if h.config.nonfinite == "zero":
             out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            finite = True
         gen = h.generators(g.device)
         if h.pruners is not None:
-            out = h.pruners[self.index](out, gen, measure=measure)
+            out = h.pruners[self.index](out, gen, measure=measure, finite=finite)
         qs = h.quantizers.quantizers if h.quantizers is not None else None
         if qs is not None:
             out = qs[self.index](out, gen, measure=measure)
