@@ -40,8 +40,8 @@ from gradcomp.numerics.rounding import ROUNDINGS
 
 __all__ = [
     "AmaxScaling", "AuthorsScaling", "CompressionConfig", "EmpiricalScaling", "LAYER_TYPES",
-    "LossScaling", "NONFINITE_POLICIES", "NoScaling", "OptimalScaling", "PruneSpec", "QuantizeSpec", "SCALINGS",
-    "SplitChoice", "scaling_from_name",
+    "LossScaling", "NONFINITE_POLICIES", "NoScaling", "OptimalScaling", "PruneSpec",
+    "QuantizeSpec", "SCALINGS", "SplitChoice", "scaling_from_name",
 ]
 
 LAYER_TYPES = ("conv", "linear", "batchnorm")
