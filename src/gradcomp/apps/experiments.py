@@ -60,7 +60,8 @@ def train_and_capture(
     The regime is the paper's (SGD, momentum 0.9, weight decay 1e-4) at a constant ``lr``
     (``optimizer`` "adamw" for transformers); steps run over as many epochs as needed.
     ``context``: bytes per sequence of a text dataset (None: its default); ``max_test``:
-    evaluate on the first N test images / validation sequences. Everything is seeded by ``seed``. The training is
+    evaluate on the first N test images / validation sequences. Everything is seeded by
+    ``seed``. The training is
     :func:`gradcomp.apps.train.train` (baseline recipe) with a capture hook around the chosen
     steps, so a capture run and ``gradcomp train`` follow the same trajectory.
     """

@@ -51,8 +51,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradcomp.apps.data import DEFAULT_CONTEXT, TensorSplit, is_text_dataset, load_dataset, \
-    make_loader
+from gradcomp.apps.data import (
+    DEFAULT_CONTEXT,
+    TensorSplit,
+    is_text_dataset,
+    load_dataset,
+    make_loader,
+)
 from gradcomp.apps.evaluation import evaluate, resolve_device
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import Recipe, get_recipe

@@ -68,11 +68,9 @@ def run(args: argparse.Namespace) -> int:
         split_head,
         summarize,
     )
-    from gradcomp.apps.data import load_dataset
+    from gradcomp.apps.data import is_text_dataset, load_dataset
     from gradcomp.apps.experiments import default_capture_steps, train_and_capture
     from gradcomp.numerics.goodness import DISTRIBUTIONS
-
-    from gradcomp.apps.data import is_text_dataset
 
     # the sequence models train with AdamW (SGD at these step counts barely moves them)
     transformer = args.model.startswith(("gpt", "bert"))
