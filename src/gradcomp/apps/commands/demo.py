@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 tag = f" seed {seed}" if len(seeds) > 1 else ""
                 print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
-            run_out = out / name if len(seeds) == 1 else out / name / f"seed{seed}"
+            run_out = _run_dir(out, name, seed if len(seeds) > 1 else None)
             cfg = TrainConfig(
                 recipe=name, model=args.model, dataset=args.dataset, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
@@ -208,6 +208,12 @@ _NOTE = ("beyond seed spread?: 'yes' when |delta| exceeds twice its standard err
          "(sqrt(s_r^2/n + s_b^2/n)); smaller differences are noise at this scale.")
 _NOTE_ONE = ("beyond seed spread?: needs --seeds N >= 2; with one seed, differences of a point or "
              "two between recipes are within run-to-run noise at this scale.")
+
+
+def _run_dir(out: Path, name: str, seed: int | None) -> Path:
+    """OUT/<recipe>[/seed<k>]; a recipe file is named by its stem (not its whole path)."""
+    d = out / (Path(name).stem if name.endswith((".toml", ".json")) else name)
+    return d if seed is None else d / f"seed{seed}"
 
 
 def _stats(runs) -> dict:
@@ -324,7 +330,7 @@ def _run_lm(args: argparse.Namespace, plan: list[tuple[str, str]]) -> int:
             if not args.quiet:
                 tag = f" seed {seed}" if len(seeds) > 1 else ""
                 print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
-            run_out = out / name if len(seeds) == 1 else out / name / f"seed{seed}"
+            run_out = _run_dir(out, name, seed if len(seeds) > 1 else None)
             cfg = TrainConfig(
                 recipe=name, model=args.model, dataset=args.dataset, batch_size=args.batch_size,
                 lr=args.lr, optimizer="adamw", weight_decay=0.01, schedule="cosine", seed=seed,
