@@ -19,8 +19,8 @@ from gradcomp.apps.data import load_dataset
 from gradcomp.apps.distributed import launch_local
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import recipe_from_dict
-from gradcomp.apps.train import StepHook, TrainConfig, train
 from gradcomp.apps.text import flatten_logits
+from gradcomp.apps.train import StepHook, TrainConfig, train
 
 WORKS = [f"work{i}" for i in range(8)]  # shakespeare-works classifies the 8 longest works
 CONTEXT = 16
@@ -127,13 +127,19 @@ def test_model_and_dataset_must_fit(corpus):
         TrainConfig(model="mlp", dataset="digits", context=32)
 
 
-@pytest.mark.parametrize("recipe", [FP4_LINEAR, PRUNE_LINEAR])
+@pytest.mark.parametrize("recipe", [FP4_LINEAR, PRUNE_LINEAR, "fp4", "fp4-dynamic",
+                                    "prune-0.85-het-emp"])
 def test_recipes_compress_the_hidden_linears(corpus, recipe):
-    res = train(_cfg(corpus, recipe=recipe_from_dict(recipe), epochs=1,
-                     max_steps_per_epoch=12))
+    res = train(_cfg(corpus, recipe=recipe_from_dict(recipe) if isinstance(recipe, dict)
+                     else recipe, epochs=1, max_steps_per_epoch=12))
     row = res.history[-1]
     assert math.isfinite(row["val_loss"])
-    if "quantize" in recipe["compression"]:
+    if isinstance(recipe, str):  # built-in recipes select the hidden linears of a conv-less model
+        if recipe.startswith("fp4"):
+            assert row["bits_per_element"] == 4
+        else:
+            assert 0 < row["sparsity"] < 1
+    elif "quantize" in recipe["compression"]:
         assert row["bits_per_element"] == 4
     else:  # 80% target, empirical threshold on a 16384 sample: a few points at most
         assert abs(row["sparsity"] - 0.8) < 0.05
