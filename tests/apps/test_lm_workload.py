@@ -214,7 +214,7 @@ def test_demo_lm_quick(corpus, tmp_path, capsys):
     recipe = tmp_path / "fp4lin.json"
     recipe.write_text(json.dumps(FP4_LINEAR))
     out = tmp_path / "demo"
-    assert main(["demo", "--workload", "lm", "--quick", "--recipes", f"baseline,{recipe}",
+    assert main(["demo", "--workload", "lm", "--steps", "11", "--recipes", f"baseline,{recipe}",
                  "--data-dir", str(corpus), "--context", str(CONTEXT), "--batch-size", "4",
                  "--width", "32", "--quiet", "--out", str(out)]) == 0
     assert "val perplexity" in capsys.readouterr().out
