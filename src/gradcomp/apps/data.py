@@ -9,6 +9,13 @@ std of the *training* split. Registry::
     digits                 scikit-learn's bundled 8x8x1 digits, 10 classes (file shipped in sklearn)
     synthetic              seeded Gaussian class blobs shaped as images (tests, quick runs)
 
+Text datasets (byte tokens, :mod:`gradcomp.apps.text`; ``load_dataset`` returns a
+:class:`gradcomp.apps.text.TextDataset` for them, option ``context``, default
+``DEFAULT_CONTEXT`` = 64 bytes)::
+
+    shakespeare            next-byte language modelling on the Shakespeare corpus (task lm)
+    shakespeare-works      which of the 8 longest works a passage comes from (task classify)
+
 Directory search for file-based datasets: a ``data_dir`` the caller gives is the only place
 searched (it and its subfolders named after the dataset); it must exist and hold the files, and
 is never silently replaced by another copy. Without ``data_dir``: ``$GRADCOMP_DATA`` (same
@@ -38,6 +45,9 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetSplits",
     "TensorSplit",
+    "TEXT_DATASETS",
+    "DEFAULT_CONTEXT",
+    "is_text_dataset",
     "list_datasets",
     "load_dataset",
     "make_loader",
@@ -45,6 +55,10 @@ __all__ = [
 ]
 
 ENV_VAR = "GRADCOMP_DATA"
+# text dataset name -> (corpus, task) of gradcomp.apps.text
+TEXT_DATASETS = {"shakespeare": ("shakespeare", "lm"),
+                 "shakespeare-works": ("shakespeare", "classify")}
+DEFAULT_CONTEXT = 64  # bytes per sequence: a few hundred steps of gpt-tiny fit on 2 CPU cores
 DEBIAN_ROOT = Path("/usr/share/datasets")
 _MAX_INT = 2**62
 
@@ -121,8 +135,31 @@ def _register(name: str):
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`, in registry order."""
-    return list(_REGISTRY)
+    """Names accepted by :func:`load_dataset`: the image datasets in registry order, then the
+    text datasets."""
+    return list(_REGISTRY) + list(TEXT_DATASETS)
+
+
+def is_text_dataset(name: str) -> bool:
+    """Whether ``name`` is a text dataset (token sequences, :mod:`gradcomp.apps.text`)."""
+    return name in TEXT_DATASETS
+
+
+def _load_text(name: str, data_dir, val_fraction: float, split_seed: int,
+               max_train: int | None, opts: dict):
+    from gradcomp.apps.text import load_text_dataset  # text imports this module
+
+    unknown = sorted(set(opts) - {"context"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; "
+                         "allowed: context")
+    corpus, task = TEXT_DATASETS[name]
+    context = opts.get("context")
+    return load_text_dataset(
+        corpus, data_dir, task=task, context=DEFAULT_CONTEXT if context is None else context,
+        val_fraction=val_fraction, test_fraction=val_fraction, split_seed=split_seed,
+        max_train=max_train,
+    )
 
 
 # ----------------------------------------------------------------------------- directory search
@@ -417,7 +454,7 @@ def load_dataset(
     name: str,
     data_dir=None,
     *,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     split_seed: int = 0,
     max_train: int | None = None,
     **opts,
@@ -426,16 +463,29 @@ def load_dataset(
 
     The official training set is shuffled by a generator seeded with ``split_seed``; the first
     ``round(val_fraction * N)`` samples (at least 1) become ``val``, the rest ``train``; ``test``
-    is the official test set. ``val_fraction=0`` gives an empty val split. ``max_train`` keeps the
+    is the official test set (``val_fraction`` None: 0.1). ``val_fraction=0`` gives an empty
+    val split. ``max_train`` keeps the
     first ``max_train`` training samples of that shuffled order (a deterministic subset, disjoint
     from val). Pixels are divided by the format's maximum (255, or 16 for digits), then
     every split is normalised per channel with the mean and std of the final ``train`` split.
     ``opts`` are dataset-specific (``cifar100``: ``label_mode``; ``digits``: ``test_fraction``;
     ``synthetic``: ``num_train, num_test, num_classes, in_channels, image_size, separation, seed``);
     an unknown option raises ValueError naming the allowed ones.
+
+    Text datasets (``shakespeare``, ``shakespeare-works``) return a
+    :class:`gradcomp.apps.text.TextDataset` of byte-token windows (option ``context``, default
+    ``DEFAULT_CONTEXT``); ``val_fraction`` is then the fraction of each work's chunks in val and
+    again in test (default 0.05 each: val and test are held-out byte ranges of the text, see
+    :func:`gradcomp.apps.text.load_text_dataset`), ``max_train`` a deterministic subset.
     """
+    if name in TEXT_DATASETS:
+        return _load_text(name, data_dir, 0.05 if val_fraction is None else val_fraction,
+                          split_seed, max_train, opts)
+    if val_fraction is None:
+        val_fraction = 0.1
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(_REGISTRY)}")
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: "
+                         f"{', '.join(list_datasets())}")
     if not (0.0 <= float(val_fraction) < 1.0):
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     require_int_range(split_seed, "split_seed", 0, _MAX_INT)

@@ -1,6 +1,7 @@
 """Evaluation helpers shared by the training loop, the experiments and the CLI commands.
 
-* :func:`evaluate`: test loss and accuracy of a model over a loader.
+* :func:`evaluate`: loss and accuracy of a model over a loader (classifiers and language
+  models).
 * :func:`resolve_device`: a device name ("auto", "cpu", "cuda:1") as a usable ``torch.device``.
 * :func:`evaluate_sparsity`: required vs achieved sparsity (and encoded size) of the pruning
   threshold methods on captured or synthetic layers (``gradcomp sparsity`` and ``fitcheck``).
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradcomp.apps.text import flatten_logits
 from gradcomp.compressors.encoding import encode_pruned
 from gradcomp.compressors.pruning import Pruner, topk_threshold
 from gradcomp.numerics.fit import LayerStats, fit_lognormal
@@ -51,7 +53,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) over a loader; one host sync at the end."""
+    """(mean cross-entropy loss, accuracy) over a loader; one host sync at the end.
+
+    A language model's (B, T, V) logits with (B, T) targets count every position: the loss is
+    the mean next-token cross-entropy over all B*T predictions and the accuracy the fraction of
+    positions whose argmax is the next token (``flatten_logits``)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -59,7 +65,7 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
     n = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        out, y = flatten_logits(model(x), y)
         loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
         n += y.numel()

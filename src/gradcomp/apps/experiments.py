@@ -19,7 +19,10 @@ class CaptureRun:
     capture_steps: list[int]
     records: list[GradientRecord]
     losses: list[float] = field(default_factory=list)
-    test_accuracy: float = float("nan")
+    test_accuracy: float = float("nan")  # image datasets
+    val_loss: float = float("nan")  # text datasets (validation split)
+    val_accuracy: float = float("nan")
+    val_perplexity: float = float("nan")  # language model: exp(val_loss)
     seconds: float = 0.0
 
 
@@ -48,11 +51,17 @@ def train_and_capture(
     width: int | None = None,
     progress: bool = True,
     evaluate_test: bool = True,
+    context: int | None = None,
+    optimizer: str = "sgd",
+    max_test: int | None = None,
 ) -> CaptureRun:
     """Train ``model`` on ``dataset`` for ``steps`` steps; capture gradients at ``capture_steps``.
 
-    The regime is the paper's (SGD, momentum 0.9, weight decay 1e-4) at a constant ``lr``; steps
-    run over as many epochs as needed. Everything is seeded by ``seed``. The training is
+    The regime is the paper's (SGD, momentum 0.9, weight decay 1e-4) at a constant ``lr``
+    (``optimizer`` "adamw" for transformers); steps run over as many epochs as needed.
+    ``context``: bytes per sequence of a text dataset (None: its default); ``max_test``:
+    evaluate on the first N test images / validation sequences. Everything is seeded by
+    ``seed``. The training is
     :func:`gradcomp.apps.train.train` (baseline recipe) with a capture hook around the chosen
     steps, so a capture run and ``gradcomp train`` follow the same trajectory.
     """
@@ -64,10 +73,10 @@ def train_and_capture(
         raise ValueError(f"capture_steps must lie in [0, {steps - 1}], got {bad}")
     cfg = TrainConfig(
         recipe="baseline", model=model, dataset=dataset, batch_size=batch_size, lr=lr,
-        optimizer="sgd", momentum=0.9, weight_decay=1e-4, schedule="constant", seed=seed,
+        optimizer=optimizer, momentum=0.9, weight_decay=1e-4, schedule="constant", seed=seed,
         device="auto" if device is None else str(device), data_dir=data_dir,
         max_train=max_train, width=width, progress=progress, max_steps=steps,
-        evaluate=evaluate_test,
+        evaluate=evaluate_test, context=context, max_test=max_test,
     )
     hook = _CaptureHook(set(capture_steps), kinds=kinds, include_batchnorm=include_batchnorm,
                         sample_size=sample_size, seed=seed)
@@ -75,6 +84,7 @@ def train_and_capture(
     return CaptureRun(
         model=model, dataset=dataset, steps=steps, capture_steps=capture_steps,
         records=hook.records, losses=res.loss_trace, test_accuracy=res.test_accuracy,
+        val_loss=res.val_loss, val_accuracy=res.val_accuracy, val_perplexity=res.val_perplexity,
         seconds=res.seconds,
     )
 

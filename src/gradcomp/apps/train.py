@@ -22,6 +22,13 @@ Data parallel: with ``world_size > 1`` (spawned by ``gradcomp train --nproc N`` 
 At start-up the ranks all-gather what shapes the trajectory (:func:`run_fingerprint`) and all
 refuse together, naming the first field that differs. A collective that gets no answer within
 ``cfg.timeout`` seconds ends the run on every live rank with a line naming the silent rank(s).
+
+Tasks: an image dataset is evaluated on its test split after each epoch (``test_loss``,
+``test_accuracy``). A text dataset (``shakespeare``: next-byte language modelling;
+``shakespeare-works``: which work a passage comes from; ``cfg.context`` bytes per sequence) is
+evaluated on its validation split (``val_loss``, and ``val_perplexity`` = exp(val_loss) for the
+language model, ``val_accuracy`` for the classifier); the language model's loss is the mean
+next-byte cross-entropy over all B*T positions (``flatten_logits``), in nats per byte.
 """
 
 from __future__ import annotations
@@ -44,11 +51,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradcomp.apps.data import TensorSplit, load_dataset, make_loader
+from gradcomp.apps.data import (
+    DEFAULT_CONTEXT,
+    TensorSplit,
+    is_text_dataset,
+    load_dataset,
+    make_loader,
+)
 from gradcomp.apps.evaluation import evaluate, resolve_device
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import Recipe, get_recipe
 from gradcomp.apps.tables import write_json
+from gradcomp.apps.text import flatten_logits
 from gradcomp.numerics._checks import require_choice
 
 __all__ = [
@@ -130,11 +144,12 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int | None = None  # truncate epochs (quick runs, tests)
     max_steps: int | None = None  # exactly this many steps in all, over as many epochs as needed
-    max_test: int | None = None  # evaluate on the first N test images (quick runs)
+    max_test: int | None = None  # evaluate on the first N test images / val sequences (quick runs)
     evaluate: bool = True  # test loss/accuracy after each epoch (False: NaN, saves time)
     comm: str = "allreduce"  # DDP communication hook (world_size > 1)
     comm_options: dict = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT  # seconds a collective waits for a silent peer
+    context: int | None = None  # text datasets: bytes per sequence (None: DEFAULT_CONTEXT)
 
     def __post_init__(self):
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
@@ -146,7 +161,7 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         _check_device(str(self.device))
-        for name in ("max_steps_per_epoch", "max_steps", "max_test", "max_train"):
+        for name in ("max_steps_per_epoch", "max_steps", "max_test", "max_train", "context"):
             _positive_int_or_none(getattr(self, name), name)
         if not isinstance(self.comm_options, dict):
             raise TypeError(f"comm_options must be a dict, got {type(self.comm_options).__name__}")
@@ -154,9 +169,18 @@ class TrainConfig:
                 and self.timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got "
                              f"{self.timeout!r}")
+        if self.context is not None and not is_text_dataset(self.dataset):
+            raise ValueError(f"context applies to the text datasets only, not to "
+                             f"{self.dataset!r}; drop it")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out "
                              "(resume) or start it over (overwrite)")
+
+    def text_context(self) -> int | None:
+        """Bytes per sequence of a text dataset (``context`` or its default); None for images."""
+        if not is_text_dataset(self.dataset):
+            return None
+        return DEFAULT_CONTEXT if self.context is None else self.context
 
     def recipe_obj(self) -> Recipe:
         return self.recipe if isinstance(self.recipe, Recipe) else get_recipe(self.recipe)
@@ -166,7 +190,10 @@ class TrainConfig:
         the data-parallel setup included (``world_size``: the current one when None)."""
         r = self.recipe_obj()
         world = _dist_info()[1] if world_size is None else int(world_size)
-        return {
+        # the sequence length only for text datasets: image runs keep their identity (and so
+        # their checkpoints) unchanged
+        text = {} if self.text_context() is None else {"context": self.text_context()}
+        return {**text,
             "recipe": r.to_dict(), "model": self.model, "dataset": self.dataset,
             "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
             "schedule": self.schedule, "seed": self.seed, "max_train": self.max_train,
@@ -180,7 +207,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     history: list[dict]
-    test_accuracy: float
+    test_accuracy: float  # image datasets (NaN for text: see val_*)
     test_loss: float
     out: Path | None
     seconds: float
@@ -190,6 +217,11 @@ class TrainResult:
     loss_trace: list[float] = field(default_factory=list)  # training loss of every step (this run)
     interrupted: bool = False  # stopped by Ctrl-C (SIGINT) after a step; last checkpoint kept
     steps: int = 0  # optimizer steps run by this call
+    # text datasets, last epoch, validation split: mean loss (nats per predicted byte), accuracy
+    # (next byte, or the work), perplexity exp(val_loss) (language model; NaN for the classifier)
+    val_loss: float = math.nan
+    val_accuracy: float = math.nan
+    val_perplexity: float = math.nan
 
 
 class StepHook:
@@ -238,7 +270,7 @@ def _digest(obj) -> str:
 def _shard(split: TensorSplit, rank: int, world: int) -> TensorSplit:
     if world == 1:
         return split
-    return TensorSplit(split.x[rank::world], split.y[rank::world])
+    return type(split)(split.x[rank::world], split.y[rank::world])  # TokenSplit stays one
 
 
 def _dist_info() -> tuple[int, int]:
@@ -469,9 +501,9 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             problem = str(exc)
 
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train)
-    model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
-                        image_size=data.image_size, width=cfg.width).to(dev)
+    data, model = _data_and_model(cfg)
+    model = model.to(dev)
+    text_task = getattr(data, "task", None)  # "lm" / "classify" for text, None for images
     loader = make_loader(_shard(data.train, rank, world), cfg.batch_size, shuffle=True,
                          seed=cfg.seed, drop_last=True, workers=cfg.workers, device=dev)
     # every rank runs the same number of steps: that of the smallest shard
@@ -516,8 +548,10 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
         if ddp_hook is not None:
             net.register_comm_hook(comm_state, ddp_hook)
 
-    test = data.test if cfg.max_test is None else TensorSplit(data.test.x[: cfg.max_test],
-                                                              data.test.y[: cfg.max_test])
+    # text datasets are evaluated on their validation split, images on their test split
+    test = data.val if text_task else data.test
+    if cfg.max_test is not None:
+        test = type(test)(test.x[: cfg.max_test], test.y[: cfg.max_test])
     test_loader = make_loader(test, 512, shuffle=False, device=dev)
     opt = _make_optimizer(cfg, model.parameters())
     sched = _make_schedule(cfg, opt, total_steps)
@@ -595,7 +629,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                         break
                     t0 = time.perf_counter()
                     with hook.around(global_step):
-                        out_ = net(x)
+                        out_, y = flatten_logits(net(x), y)
                         loss = nn.functional.cross_entropy(out_, y)
                         if fwd_handle is not None:
                             loss = loss + fwd_handle.alpha_regularization()
@@ -633,8 +667,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     "epoch": epoch + 1,
                     "train_loss": float(loss_sum) / max(seen, 1),
                     "train_accuracy": float(correct) / max(seen, 1),
-                    "test_loss": test_loss,
-                    "test_accuracy": test_acc,
+                    **_eval_columns(text_task, test_loss, test_acc),
                     "lr": opt.param_groups[0]["lr"],
                     "seconds": epoch_seconds,
                     "skipped_steps": skipped,
@@ -651,7 +684,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                                  f"(cumulative {row['comm_ratio_cumulative']:.2f})")
                 history.append(row)
                 if is_main and cfg.progress:
-                    acc_txt = f"{100 * test_acc:.2f}%" if cfg.evaluate else "(not evaluated)"
+                    acc_txt = _eval_text(text_task, row) if cfg.evaluate else "(not evaluated)"
                     sp, bits = row.get("sparsity"), row.get("bits_per_element")
                     comp_txt = (f"sparsity {sp:.3f} bits/elem {bits:.2f}"
                                 if sp is not None and math.isfinite(sp) else
@@ -659,7 +692,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     if row["skipped_steps"]:  # non-finite gradients or a loss-scale overflow
                         comp_txt += f" skipped {row['skipped_steps']} step(s)"
                     print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
-                          f"{row['train_loss']:.4f} test acc {acc_txt} {comp_txt}"
+                          f"{row['train_loss']:.4f} {acc_txt} {comp_txt}"
                           f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)
                 if out is not None:
                     states = _gather_rank_states(rank_state(), world)
@@ -683,14 +716,62 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
         where = f"the last checkpoint in {out} is kept" if out else "no checkpoint (no --out)"
         print(f"interrupted after step {global_step} (epoch {epoch + 1}); {where}: run the same "
               "command with --resume to continue", flush=True)
-    final = history[-1] if history else {"test_accuracy": math.nan, "test_loss": math.nan}
+    final = history[-1] if history else {}
     return TrainResult(
-        history=history, test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
+        history=history, test_accuracy=final.get("test_accuracy", math.nan),
+        test_loss=final.get("test_loss", math.nan), val_loss=final.get("val_loss", math.nan),
+        val_accuracy=final.get("val_accuracy", math.nan),
+        val_perplexity=final.get("val_perplexity", math.nan),
         out=out, seconds=time.perf_counter() - t_start,
         step_seconds=statistics.median(step_times) if step_times else math.nan,
         loss_trace=torch.stack(trace).float().cpu().tolist() if trace else [],
         interrupted=interrupted, steps=steps_run,
     )
+
+
+def _data_and_model(cfg: TrainConfig):
+    """The dataset and the model built for it (image sizes and classes, or the text task's
+    vocabulary and context); a model whose task does not match the dataset's is refused."""
+    context = cfg.text_context()
+    if context is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train)
+        model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
+                            image_size=data.image_size, width=cfg.width)
+        if getattr(model, "task", None) is not None:
+            raise ValueError(f"model {cfg.model!r} reads token sequences; dataset "
+                             f"{cfg.dataset!r} is images: use a text dataset (shakespeare, "
+                             "shakespeare-works) or an image model")
+        return data, model
+    data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train, context=context)
+    fits = {"lm": "gpt or gpt-tiny", "classify": "bert or bert-tiny"}[data.task]
+    try:
+        model = build_model(cfg.model, width=cfg.width, **data.model_kwargs())
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.model!r} cannot be built for dataset {cfg.dataset!r} "
+                         f"(task {data.task}; models that fit: {fits}): {exc}") from None
+    if getattr(model, "task", None) != data.task:
+        raise ValueError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (task "
+                         f"{data.task}): use {fits}")
+    return data, model
+
+
+def _eval_columns(task: str | None, loss: float, acc: float) -> dict:
+    """The evaluation columns of an epoch row: test_* for images, val_* for text."""
+    if task is None:
+        return {"test_loss": loss, "test_accuracy": acc}
+    cols = {"val_loss": loss, "val_accuracy": acc}
+    if task == "lm":
+        # perplexity per byte: exp of the mean next-byte cross-entropy (nats)
+        cols["val_perplexity"] = math.exp(loss) if math.isfinite(loss) else math.nan
+    return cols
+
+
+def _eval_text(task: str | None, row: dict) -> str:
+    if task is None:
+        return f"test acc {100 * row['test_accuracy']:.2f}%"
+    if task == "lm":
+        return f"val loss {row['val_loss']:.4f} perplexity {row['val_perplexity']:.3f}"
+    return f"val loss {row['val_loss']:.4f} val acc {100 * row['val_accuracy']:.2f}%"
 
 
 def _resume_payload(out: Path | None, identity: dict, is_main: bool, world: int) -> dict | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from gradcomp.apps.commands._common import add_data_args
@@ -33,6 +34,8 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--width", type=int, default=None, help="model base width")
+    p.add_argument("--context", type=int, default=None,
+                   help="text datasets: bytes per sequence (default 64)")
     p.add_argument("--max-train", type=int, default=None, help="use at most N training images")
     p.add_argument("--max-steps-per-epoch", type=int, default=None,
                    help="truncate each epoch to N >= 1 steps (default: the whole split)")
@@ -75,7 +78,7 @@ def config_from_args(args):
             data_dir=args.data_dir, timeout=args.timeout,
             max_train=args.max_train, width=args.width, workers=args.workers,
             progress=not args.quiet, max_steps_per_epoch=args.max_steps_per_epoch,
-            comm=args.comm, comm_options=comm_options,
+            comm=args.comm, comm_options=comm_options, context=args.context,
         )
     except ValueError as exc:
         raise ValueError(_as_flag(str(exc))) from None
@@ -117,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
     res = train(cfg)
     if res.interrupted:
         return EXIT_INTERRUPTED
-    print(f"test accuracy {100 * res.test_accuracy:.2f}% after {len(res.history)} epoch(s); "
-          f"outputs in {os.path.abspath(cfg.out)}")
+    if math.isfinite(res.val_perplexity):
+        final = f"validation perplexity {res.val_perplexity:.3f} (loss {res.val_loss:.4f})"
+    elif math.isfinite(res.val_accuracy):
+        final = f"validation accuracy {100 * res.val_accuracy:.2f}%"
+    else:
+        final = f"test accuracy {100 * res.test_accuracy:.2f}%"
+    print(f"{final} after {len(res.history)} epoch(s); outputs in {os.path.abspath(cfg.out)}")
     return 0
 
 
