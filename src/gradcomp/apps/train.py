@@ -479,6 +479,19 @@ def _save_dcp(out: Path, model, opt, comm, identity: dict, epoch: int, extra: di
     dist.barrier()
 
 
+def _average_grads(params: list, world: int) -> None:
+    """FSDP: average the gradients of the parameters it does not shard (one all-reduce of their
+    concatenation, dense fp32, not counted in the comm's bytes); a missing gradient counts 0."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    for p, g in zip(params, flat.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
 def _broadcast_buffers(model: nn.Module) -> None:
     """FSDP: rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each
     forward; FSDP2 leaves buffers unsynchronised, so the replicas would drift apart."""
@@ -629,14 +642,20 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     net: nn.Module = model
     comm_state = None
     fsdp_comm = None
+    replicated: list = []  # FSDP: parameters left unsharded, gradients averaged here
     if world > 1 and cfg.fsdp:
         from gradcomp.integration.fsdp import setup_fsdp
 
         # after quantize_forward (its PACT clips are parameters: sharded with the rest), before
         # compress_gradients (its forward hooks then run after FSDP's on the same layers)
+        # fully_shard cannot shard 0-dim parameters (the PACT clips): they stay replicated and
+        # their gradients are averaged by one small all-reduce per step (_average_grads)
+        replicated = [p for p in model.parameters() if p.dim() == 0]
+        shard_kw = {"ignored_params": set(replicated)} if replicated else {}
         net, fsdp_comm = setup_fsdp(model, cfg.comm, cfg.comm_options,
-                                    seed=cfg.comm_options.get("seed", cfg.seed))
+                                    seed=cfg.comm_options.get("seed", cfg.seed), **shard_kw)
         comm_state = fsdp_comm
+        replicated = [p for p in replicated if p.requires_grad]
     elif world > 1:
         from gradcomp.integration.ddp_hooks import make_comm_hook
 
@@ -741,6 +760,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                             loss = loss + fwd_handle.alpha_regularization()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                    if replicated:
+                        _average_grads(replicated, world)
                     if handle is not None:
                         stepped = handle.step(opt)
                         skipped += 0 if stepped else 1
