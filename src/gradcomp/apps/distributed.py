@@ -80,12 +80,19 @@ def _spawned(rank: int, world: int, port: int, cfgs, backend, hooks):
     try:
         res = worker_main(cfgs[rank], backend, hooks[rank] if hooks else None)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"gradcomp train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradcomp train: rank {rank}: error: {exc}")
         os._exit(2)
     except (PeerTimeoutError, CompressionNotAppliedError) as exc:  # the message names the rank
-        print(f"gradcomp train: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradcomp train: error: {exc}")
         os._exit(1)
     return res
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks share the stream, and print's separate write
+    of the newline lets another rank's line land in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _free_port() -> int:
