@@ -6,7 +6,8 @@ No launcher of our own: ``launch_local`` spawns N processes with torch's own
 
 Failures end in one line per rank: a rank whose run raises prints
 ``gradcomp train: rank R: error: ...`` and exits with code 2 (bad input, ranks that disagree)
-or 1 (a peer that stopped answering); the launcher then ends the other workers (a stopped one
+or 1 (a peer that stopped answering, or an FSDP run that asked for compression and did not
+get it); the launcher then ends the other workers (a stopped one
 included) and returns that code. Ctrl-C reaches every worker, which stops after its current step
 (see ``train``); the launcher returns 130.
 """
@@ -40,9 +41,15 @@ def _backend(cfg, backend: str | None) -> str:
     return "nccl" if str(cfg.device).startswith("cuda") and torch.cuda.is_available() else "gloo"
 
 
-def validate_comm_args(method: str, options: dict) -> None:
+def validate_comm_args(method: str, options: dict, fsdp: bool = False) -> None:
     """Raise ValueError now (in the launching process, before any worker starts) for a
-    communication method or options that every worker would refuse."""
+    communication method or options that every worker would refuse: a DDP communication hook,
+    or with ``fsdp`` an FSDP reduce-scatter (``integration.fsdp.validate_fsdp_comm``)."""
+    if fsdp:
+        from gradcomp.integration.fsdp import validate_fsdp_comm
+
+        validate_fsdp_comm(method, dict(options))
+        return
     from gradcomp.integration.ddp_hooks import validate_comm
 
     validate_comm(method, dict(options))
@@ -65,7 +72,7 @@ def worker_main(cfg, backend: str | None = None, hook=None):
 
 
 def _spawned(rank: int, world: int, port: int, cfgs, backend, hooks):
-    from gradcomp.apps.train import PeerTimeoutError
+    from gradcomp.apps.train import CompressionNotAppliedError, PeerTimeoutError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -73,12 +80,19 @@ def _spawned(rank: int, world: int, port: int, cfgs, backend, hooks):
     try:
         res = worker_main(cfgs[rank], backend, hooks[rank] if hooks else None)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"gradcomp train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradcomp train: rank {rank}: error: {exc}")
         os._exit(2)
-    except PeerTimeoutError as exc:
-        print(f"gradcomp train: error: {exc}", file=sys.stderr, flush=True)
+    except (PeerTimeoutError, CompressionNotAppliedError) as exc:  # the message names the rank
+        _say(f"gradcomp train: error: {exc}")
         os._exit(1)
     return res
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks share the stream, and print's separate write
+    of the newline lets another rank's line land in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _free_port() -> int:

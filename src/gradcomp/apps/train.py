@@ -29,6 +29,22 @@ Tasks: an image dataset is evaluated on its test split after each epoch (``test_
 evaluated on its validation split (``val_loss``, and ``val_perplexity`` = exp(val_loss) for the
 language model, ``val_accuracy`` for the classifier); the language model's loss is the mean
 next-byte cross-entropy over all B*T positions (``flatten_logits``), in nats per byte.
+
+Sharded data parallel (``cfg.fsdp``, ``gradcomp train --fsdp``): the model is sharded with FSDP2
+(``integration.fsdp.setup_fsdp``: every child with parameters its own group) instead of DDP, and
+``cfg.comm`` selects the compressed reduce-scatter. The forward quantizers are installed before
+sharding (their PACT clips are parameters, sharded with the rest) and the neural-gradient
+compressor after it (its forward hooks on the layers run after FSDP's own hooks and see the
+layers' outputs as without FSDP). FSDP2 does not synchronise buffers, so the buffers (BatchNorm
+statistics) are broadcast from rank 0 before every training forward, as DDP does. Checkpoints
+are sharded (``OUT/checkpoint_dcp/``, torch.distributed.checkpoint: every rank writes its shards,
+the comm's error-feedback memory and its own random and compressor states; a shared file system
+is needed across machines): written to ``checkpoint_dcp.tmp/``, then the previous one renamed
+``checkpoint_dcp.prev/`` and the new one into place; ``run.json`` in it (the run identity,
+written last) marks a complete checkpoint. When the comm compresses, training ends with
+``comm.require_compressed``: a run that asked for compression and did not get it (no compressed
+call, a parameter group left out, or a ratio below ``MIN_COMM_RATIO``) fails with
+:class:`CompressionNotAppliedError`.
 """
 
 from __future__ import annotations
@@ -75,14 +91,25 @@ __all__ = [
     "CheckpointUnreadableError",
     "RankMismatchError",
     "PeerTimeoutError",
+    "CompressionNotAppliedError",
     "CHECKPOINT",
     "PREVIOUS_CHECKPOINT",
+    "DCP_CHECKPOINT",
+    "PREVIOUS_DCP_CHECKPOINT",
+    "MIN_COMM_RATIO",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+DCP_CHECKPOINT = "checkpoint_dcp"  # FSDP: a torch.distributed.checkpoint directory
+PREVIOUS_DCP_CHECKPOINT = "checkpoint_dcp.prev"
+_DCP_IDENTITY = "run.json"  # inside a DCP checkpoint, written last: marks it complete
+# FSDP: the cumulative ratio (fp32 bytes / bytes sent) a compressing comm must reach by the end;
+# just above 1, so that a warm-up longer than the run or a silent fallback to the dense
+# collective fails, while any run that compressed for a fair share of its steps passes
+MIN_COMM_RATIO = 1.1
 DEFAULT_TIMEOUT = 600.0  # seconds; covers a first step that compiles the fused kernels
 # data parallel: ranks agree on a Ctrl-C every this many steps (a collective, so not every step)
 _STOP_CHECK_EVERY = 8
@@ -102,6 +129,10 @@ class RankMismatchError(ValueError):
 
 class PeerTimeoutError(RuntimeError):
     """A data-parallel peer stopped answering within the collective timeout."""
+
+
+class CompressionNotAppliedError(RuntimeError):
+    """An FSDP run asked for a compressed reduce-scatter and did not get it."""
 
 
 def _check_device(device: str) -> None:
@@ -146,10 +177,11 @@ class TrainConfig:
     max_steps: int | None = None  # exactly this many steps in all, over as many epochs as needed
     max_test: int | None = None  # evaluate on the first N test images / val sequences (quick runs)
     evaluate: bool = True  # test loss/accuracy after each epoch (False: NaN, saves time)
-    comm: str = "allreduce"  # DDP communication hook (world_size > 1)
+    comm: str = "allreduce"  # DDP communication hook / FSDP reduce-scatter (world_size > 1)
     comm_options: dict = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT  # seconds a collective waits for a silent peer
     context: int | None = None  # text datasets: bytes per sequence (None: DEFAULT_CONTEXT)
+    fsdp: bool = False  # shard the model with FSDP2 instead of DDP (world_size > 1)
 
     def __post_init__(self):
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
@@ -172,6 +204,8 @@ class TrainConfig:
         if self.context is not None and not is_text_dataset(self.dataset):
             raise ValueError(f"context applies to the text datasets only, not to "
                              f"{self.dataset!r}; drop it")
+        if not isinstance(self.fsdp, bool):
+            raise TypeError(f"fsdp must be a bool, got {type(self.fsdp).__name__}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out "
                              "(resume) or start it over (overwrite)")
@@ -200,7 +234,7 @@ class TrainConfig:
             "width": self.width, "epochs": self.epochs, "momentum": self.momentum,
             "weight_decay": self.weight_decay, "max_steps_per_epoch": self.max_steps_per_epoch,
             "max_steps": self.max_steps, "world_size": world, "comm": self.comm,
-            "comm_options": self.comm_options,
+            "comm_options": self.comm_options, "fsdp": self.fsdp,
         }
 
 
@@ -317,7 +351,8 @@ def _agree(fingerprint: dict, problem: str | None) -> None:
     for r, (p, _) in enumerate(gathered):
         if p is not None:
             raise ValueError(p if r == dist.get_rank() else f"rank {r}: {p}")
-    for key in fingerprint:
+    # the union of every rank's fields, in order: a field one rank lacks is a difference too
+    for key in dict.fromkeys(k for _, fp in gathered for k in fp):
         values = [fp.get(key) for _, fp in gathered]
         if any(v != values[0] for v in values[1:]):
             key, values = _first_difference(key, values)
@@ -350,7 +385,8 @@ def _prepare_out(out: Path | None, cfg: TrainConfig) -> None:
     if cfg.resume and not out.exists():
         raise FileNotFoundError(f"--resume: {out} does not exist (nothing to resume); check "
                                 "--out or drop --resume")
-    ck = [out / CHECKPOINT, out / PREVIOUS_CHECKPOINT]
+    ck = [out / n for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, DCP_CHECKPOINT,
+                             PREVIOUS_DCP_CHECKPOINT)]
     if not cfg.resume and any(p.exists() for p in ck):
         if not cfg.overwrite:
             raise ValueError(f"--out {out} already holds a run ({CHECKPOINT}); add --resume to "
@@ -391,6 +427,110 @@ def _load_file(path: Path, fallback: Path | None) -> dict:
             f"checkpoint {path} is unreadable ({reason}); {offer}start a fresh run with "
             "--overwrite"
         ) from None
+
+
+def _read_dcp_checkpoint(out: Path) -> tuple[dict | None, str]:
+    """FSDP: ({"path", "identity", "identity_digest", "epoch"}, note) of the newest complete
+    DCP checkpoint in ``out`` (``run.json`` present), or (None, note) when there is none."""
+    cur, prev = out / DCP_CHECKPOINT, out / PREVIOUS_DCP_CHECKPOINT
+    for path in (cur, prev):
+        marker = path / _DCP_IDENTITY
+        if not marker.exists():
+            continue
+        try:
+            meta = json.loads(marker.read_text())
+            if not isinstance(meta, dict) or "identity_digest" not in meta:
+                raise ValueError("not a gradcomp checkpoint")
+        except (OSError, ValueError) as exc:
+            raise CheckpointUnreadableError(
+                f"checkpoint {marker} is unreadable ({str(exc).splitlines()[0][:120]}); start "
+                "a fresh run with --overwrite") from None
+        note = "" if path == cur else f"resuming from {prev} ({cur} is missing or incomplete)"
+        return {**meta, "path": str(path)}, note
+    return None, (f"no complete checkpoint in {out} (the run stopped before its first "
+                  "checkpoint was written): starting from scratch")
+
+
+def _other_kind_identity(out: Path, fsdp: bool) -> dict | None:
+    """The identity of a checkpoint of the other kind (DDP file vs FSDP directory) in ``out``:
+    resuming it would start from scratch silently, so it is compared (and refused) instead."""
+    if fsdp:
+        for path in (out / CHECKPOINT, out / PREVIOUS_CHECKPOINT):
+            if path.exists():
+                return _load_file(path, None).get("identity", {})
+        return None
+    ck, _ = _read_dcp_checkpoint(out)
+    return None if ck is None else ck.get("identity", {})
+
+
+def _plain(obj):
+    """``obj`` as it reads back from JSON (tuples as lists), to compare identities."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _identity_error(out: Path, old: dict, identity: dict) -> CheckpointMismatchError:
+    old, new = _plain(old), _plain(identity)
+    diff = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in dict.fromkeys([*new, *old])
+            if old.get(k) != new.get(k)]
+    return CheckpointMismatchError(
+        f"checkpoint in {out} was written by another run configuration (differs in: "
+        f"{', '.join(diff)}); use the same settings, another --out, or --overwrite to start over"
+    )
+
+
+def _save_dcp(out: Path, model, opt, comm, identity: dict, epoch: int, extra: dict,
+              is_main: bool) -> None:
+    """FSDP: write a sharded checkpoint (a collective) to ``checkpoint_dcp.tmp/``, then rank 0
+    writes ``run.json`` into it and rotates it into place (the previous one kept as
+    ``checkpoint_dcp.prev/``). A kill at any moment leaves a complete one once the first exists:
+    between the two renames only the previous one exists, and it is found."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from gradcomp.integration.fsdp import save_sharded
+
+    tmp = out / (DCP_CHECKPOINT + ".tmp")
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)  # left by a save that was killed half-way
+    dist.barrier()
+    save_sharded(tmp, model, opt, comm, extra=extra)
+    if is_main:
+        marker = tmp / _DCP_IDENTITY
+        with open(marker, "w") as f:
+            json.dump({"identity": identity, "identity_digest": _digest(identity),
+                       "epoch": epoch}, f, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        cur, prev = out / DCP_CHECKPOINT, out / PREVIOUS_DCP_CHECKPOINT
+        if cur.exists():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(cur, prev)
+        os.replace(tmp, cur)
+    dist.barrier()
+
+
+def _average_grads(params: list, world: int) -> None:
+    """FSDP: average the gradients of the parameters it does not shard (one all-reduce of their
+    concatenation, dense fp32, not counted in the comm's bytes); a missing gradient counts 0."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    for p, g in zip(params, flat.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """FSDP: rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each
+    forward; FSDP2 leaves buffers unsynchronised, so the replicas would drift apart."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
 
 
 def _save_checkpoint(out: Path, ck: dict) -> None:
@@ -469,7 +609,8 @@ def train(cfg: TrainConfig, hook: StepHook | None = None) -> TrainResult:
     try:
         return _train(cfg, hook or StepHook(), rank, world)
     except RuntimeError as exc:
-        if world == 1 or isinstance(exc, PeerTimeoutError) or not _is_peer_failure(exc):
+        if (world == 1 or isinstance(exc, (PeerTimeoutError, CompressionNotAppliedError))
+                or not _is_peer_failure(exc)):
             raise
         silent = [p for p in _silent_peers(rank, world, min(10.0, cfg.timeout)) if p != rank]
         who = (f"rank {', '.join(map(str, silent))}" if silent else "a peer")
@@ -488,6 +629,9 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
+    if cfg.fsdp and world == 1:
+        raise ValueError("fsdp needs data-parallel training on >= 2 ranks: gradcomp train "
+                         "--fsdp --nproc N (N >= 2), or torchrun with several processes")
     out = Path(cfg.out) if cfg.out else None
     is_main = rank == 0
     identity = cfg.identity(world)
@@ -538,7 +682,22 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
 
     net: nn.Module = model
     comm_state = None
-    if world > 1:
+    fsdp_comm = None
+    replicated: list = []  # FSDP: parameters left unsharded, gradients averaged here
+    if world > 1 and cfg.fsdp:
+        from gradcomp.integration.fsdp import setup_fsdp
+
+        # after quantize_forward (its PACT clips are parameters: sharded with the rest), before
+        # compress_gradients (its forward hooks then run after FSDP's on the same layers)
+        # fully_shard cannot shard 0-dim parameters (the PACT clips): they stay replicated and
+        # their gradients are averaged by one small all-reduce per step (_average_grads)
+        replicated = [p for p in model.parameters() if p.dim() == 0]
+        shard_kw = {"ignored_params": set(replicated)} if replicated else {}
+        net, fsdp_comm = setup_fsdp(model, cfg.comm, cfg.comm_options,
+                                    seed=cfg.comm_options.get("seed", cfg.seed), **shard_kw)
+        comm_state = fsdp_comm
+        replicated = [p for p in replicated if p.requires_grad]
+    elif world > 1:
         from gradcomp.integration.ddp_hooks import make_comm_hook
 
         net = nn.parallel.DistributedDataParallel(
@@ -561,24 +720,34 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "compressor": handle.state_dict() if handle is not None else None,
-            "forward": fwd_handle.state_dict() if fwd_handle is not None else None,
+            # FSDP: the PACT clips are model parameters and the comm's state is written by
+            # save_sharded, both in the sharded checkpoint
+            "forward": fwd_handle.state_dict() if fwd_handle is not None and fsdp_comm is None
+            else None,
             "backward": bwd_handle.state_dict() if bwd_handle is not None else None,
-            "comm": comm_state.state_dict() if hasattr(comm_state, "state_dict") else None,
+            "comm": comm_state.state_dict() if hasattr(comm_state, "state_dict")
+            and fsdp_comm is None else None,
         }
 
     history: list[dict] = []
     start_epoch = 0
     comm_totals = {"bytes_sent": 0, "dense_bytes": 0}
-    ck = _resume_payload(out, identity, is_main, world) if cfg.resume else None
-    if ck is not None:
+    ck = _resume_payload(out, identity, is_main, world, cfg.fsdp) if cfg.resume else None
+    if ck is not None and fsdp_comm is not None:
+        from gradcomp.integration.fsdp import load_sharded
+
+        # model shards, optimizer shards and the comm's state; the rest is this rank's extra
+        ck = load_sharded(ck["path"], model, opt, fsdp_comm)
+    elif ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+    if ck is not None:
         sched.load_state_dict(ck["scheduler"])
         mine = ck["ranks"][rank]
         torch.set_rng_state(mine["rng_cpu"])
         if dev.type == "cuda" and mine.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(mine["rng_cuda"], dev)
-        if fwd_handle is not None:
+        if fwd_handle is not None and mine.get("forward") is not None:
             fwd_handle.load_state_dict(mine["forward"])
         if bwd_handle is not None:
             bwd_handle.load_state_dict(mine["backward"])
@@ -587,7 +756,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
         history = ck["history"]
         comm_totals = dict(ck.get("comm_totals", comm_totals))
         start_epoch = ck["epoch"] + 1
-        if comm_state is not None:
+        if comm_state is not None and fsdp_comm is None:
             # DDP buckets all parameters together for its first step and re-buckets after it;
             # a resumed process must meet the re-bucketed layout (the one the hook's state was
             # built on) from its first step: one forward/backward with the hook suspended that
@@ -628,6 +797,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     if i >= n_steps:
                         break
                     t0 = time.perf_counter()
+                    if fsdp_comm is not None:
+                        _broadcast_buffers(model)
                     with hook.around(global_step):
                         out_, y = flatten_logits(net(x), y)
                         loss = nn.functional.cross_entropy(out_, y)
@@ -635,6 +806,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                             loss = loss + fwd_handle.alpha_regularization()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                    if replicated:
+                        _average_grads(replicated, world)
                     if handle is not None:
                         stepped = handle.step(opt)
                         skipped += 0 if stepped else 1
@@ -659,6 +832,10 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                 if interrupted:
                     break
                 epoch_seconds = time.perf_counter() - t_epoch
+                if fsdp_comm is not None:
+                    # the state every rank evaluates and saves (the next forward's broadcast
+                    # would give the same): rank 0's
+                    _broadcast_buffers(model)
                 if cfg.evaluate:
                     test_loss, test_acc = evaluate(model, test_loader, dev)
                 else:
@@ -694,7 +871,14 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     print(f"[{recipe.name}] epoch {epoch + 1}/{epochs}: loss "
                           f"{row['train_loss']:.4f} {acc_txt} {comp_txt}"
                           f"{comm_line} ({epoch_seconds:.1f}s)", flush=True)
-                if out is not None:
+                if out is not None and fsdp_comm is not None:
+                    _save_dcp(out, model, opt, fsdp_comm, identity, epoch, {
+                        "epoch": epoch, "scheduler": sched.state_dict(), "history": history,
+                        "comm_totals": comm_totals, "ranks": {rank: rank_state()},
+                    }, is_main)
+                    if is_main:
+                        _write_metrics(out, history, cfg, recipe)
+                elif out is not None:
                     states = _gather_rank_states(rank_state(), world)
                     if is_main:
                         _save_checkpoint(out, {
@@ -712,6 +896,13 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             fwd_handle.remove()
         if bwd_handle is not None:
             bwd_handle.remove()
+    if fsdp_comm is not None and fsdp_comm.compressing and not interrupted:
+        try:
+            fsdp_comm.require_compressed(MIN_COMM_RATIO)
+        except RuntimeError as exc:
+            raise CompressionNotAppliedError(
+                f"rank {rank}: --fsdp --comm {cfg.comm} asked for a compressed reduce-scatter "
+                f"and did not get it: {exc}") from None
     if interrupted and is_main:
         where = f"the last checkpoint in {out} is kept" if out else "no checkpoint (no --out)"
         print(f"interrupted after step {global_step} (epoch {epoch + 1}); {where}: run the same "
@@ -774,27 +965,26 @@ def _eval_text(task: str | None, row: dict) -> str:
     return f"val loss {row['val_loss']:.4f} val acc {100 * row['val_accuracy']:.2f}%"
 
 
-def _resume_payload(out: Path | None, identity: dict, is_main: bool, world: int) -> dict | None:
+def _resume_payload(out: Path | None, identity: dict, is_main: bool, world: int,
+                    fsdp: bool = False) -> dict | None:
     """Rank 0 reads and checks the checkpoint and sends it to every rank; every rank raises the
-    same error when it cannot be used. None: nothing to resume yet (start from scratch)."""
+    same error when it cannot be used. None: nothing to resume yet (start from scratch).
+    ``fsdp``: the DCP checkpoint's identity and path only (every rank then reads its shards)."""
     payload: list = [None]
     if is_main:
         try:
             if out is None:
                 raise ValueError("--resume needs --out (the directory of the run to continue)")
-            ck, note = _read_checkpoint(out)
+            ck, note = _read_dcp_checkpoint(out) if fsdp else _read_checkpoint(out)
+            if ck is None:
+                other = _other_kind_identity(out, fsdp)
+                if other is not None:  # a DDP checkpoint resumed as FSDP, or vice versa
+                    raise _identity_error(out, other, identity)
             if note:
                 print(f"gradcomp train: {note}", flush=True)
             if ck is not None and ck["identity_digest"] != _digest(identity):
-                old = ck.get("identity", {})
-                diff = [f"{k} ({old.get(k)!r} -> {identity[k]!r})" for k in identity
-                        if old.get(k) != identity[k]]
-                raise CheckpointMismatchError(
-                    f"checkpoint in {out} was written by another run configuration (differs "
-                    f"in: {', '.join(diff)}); use the same settings, another --out, or "
-                    "--overwrite to start over"
-                )
-            if ck is not None and len(ck.get("ranks", ())) != world:
+                raise _identity_error(out, ck.get("identity", {}), identity)
+            if ck is not None and not fsdp and len(ck.get("ranks", ())) != world:
                 raise CheckpointMismatchError(f"checkpoint in {out} holds {len(ck['ranks'])} "
                                               f"rank state(s) for world size {world}")
             payload[0] = ("ok", ck)

@@ -20,7 +20,9 @@ def add_parser(sub):
         description="Train MODEL on DATASET with RECIPE (see `gradcomp recipes`). Writes "
         "metrics.csv, metrics.json and checkpoint.pt (each epoch) to --out; --resume continues "
         "a killed run bit for bit. --nproc N trains data-parallel on N local processes with "
-        "--comm compression of the weight gradients (under torchrun, leave --nproc out).",
+        "--comm compression of the weight gradients (under torchrun, leave --nproc out); with "
+        "--fsdp the model is sharded (FSDP2), --comm chooses the compressed reduce-scatter and the "
+        "checkpoints are sharded (OUT/checkpoint_dcp/).",
     )
     p.add_argument("--recipe", default="baseline",
                    help="built-in recipe name or a .toml/.json recipe file (default baseline)")
@@ -42,13 +44,18 @@ def add_parser(sub):
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (--fsdp: OUT/checkpoint_dcp/)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an OUT that holds another run's checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 instead of DDP (needs --nproc N >= 2 or "
+                   "torchrun)")
     p.add_argument("--comm", default="allreduce",
-                   help="DDP gradient communication: allreduce, fp16, powersgd, qsgd, topk, "
-                   "scalecom, prune, fp")
+                   help="gradient communication; DDP: allreduce, fp16, powersgd, qsgd, topk, "
+                   "scalecom, prune, fp, block; --fsdp: allreduce, fp8, qsgd, prune, fp, topk, "
+                   "scalecom")
     p.add_argument("--comm-options", default="{}",
                    help='JSON keyword arguments of the communication hook, e.g. \'{"levels": 16}\'')
     p.add_argument("--backend", default=None, help="torch.distributed backend (default: gloo on "
@@ -79,6 +86,7 @@ def config_from_args(args):
             max_train=args.max_train, width=args.width, workers=args.workers,
             progress=not args.quiet, max_steps_per_epoch=args.max_steps_per_epoch,
             comm=args.comm, comm_options=comm_options, context=args.context,
+            fsdp=args.fsdp,
         )
     except ValueError as exc:
         raise ValueError(_as_flag(str(exc))) from None
@@ -107,13 +115,17 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if running_under_torchrun():
-        validate_comm_args(cfg.comm, cfg.comm_options)
+        validate_comm_args(cfg.comm, cfg.comm_options, fsdp=cfg.fsdp)
         res = worker_main(cfg, backend=args.backend)
         return EXIT_INTERRUPTED if res.interrupted else 0
     if args.nproc > 1:
-        validate_comm_args(cfg.comm, cfg.comm_options)  # before spawning: one line, not N
+        # before spawning: one line, not N
+        validate_comm_args(cfg.comm, cfg.comm_options, fsdp=cfg.fsdp)
         _check_out(cfg)
         return launch_local(cfg, args.nproc, backend=args.backend)
+    if cfg.fsdp:
+        raise ValueError("--fsdp needs data-parallel training on >= 2 ranks: add --nproc N "
+                         "(N >= 2), or run under torchrun")
     if args.comm != "allreduce":
         raise ValueError("--comm needs data-parallel training: add --nproc N (or run under "
                          "torchrun)")
@@ -135,12 +147,18 @@ def _check_out(cfg) -> None:
     (rank 0 checks it again, under torchrun the only check)."""
     from pathlib import Path
 
-    from gradcomp.apps.train import CHECKPOINT, PREVIOUS_CHECKPOINT
+    from gradcomp.apps.train import (
+        CHECKPOINT,
+        DCP_CHECKPOINT,
+        PREVIOUS_CHECKPOINT,
+        PREVIOUS_DCP_CHECKPOINT,
+    )
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory (created if missing)")
     if (not cfg.resume and not cfg.overwrite
-            and any((out / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT))):
+            and any((out / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, DCP_CHECKPOINT,
+                                                 PREVIOUS_DCP_CHECKPOINT))):
         raise ValueError(f"--out {out} already holds a run ({CHECKPOINT}); add --resume to "
                          "continue it, --overwrite to start it over, or choose another --out")
