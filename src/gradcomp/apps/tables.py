@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def _cell(v, floatfmt: str) -> str:
+    if v is None:
+        return "-"  # not measured (e.g. no metric step ran)
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"

@@ -225,12 +225,18 @@ def _run_dir(out: Path, name: str, seed: int | None) -> Path:
 def _stats(runs) -> dict:
     accs = [100 * r.test_accuracy for r in runs]
     last = [r.history[-1] for r in runs]
-    sp = [row.get("sparsity", 0.0) for row in last]
-    bits = [row.get("bits_per_element", 32.0) for row in last]
     return {"mean": statistics.fmean(accs),
             "std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
             "n": len(accs), "accs": accs,
-            "sparsity": statistics.fmean(sp), "bits": statistics.fmean(bits)}
+            "sparsity": _measured_mean(row.get("sparsity", 0.0) for row in last),
+            "bits": _measured_mean(row.get("bits_per_element", 32.0) for row in last)}
+
+
+def _measured_mean(values) -> float | None:
+    """Mean over the runs whose last epoch measured the metric; None when none did (a run too
+    short for a metric step: the table shows '-', never a number that reads as uncompressed)."""
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
 
 
 def _versus(st: dict, base: dict | None, n: int) -> tuple[float, str]:
@@ -360,9 +366,9 @@ def _run_lm(args: argparse.Namespace, plan: list[tuple[str, str]]) -> int:
         loss = statistics.fmean(r.val_loss for r in results[name])
         delta = mean - base
         rel = 100 * delta / base if math.isfinite(base) and base else math.nan
-        sp = statistics.fmean(r.history[-1].get("sparsity", 0.0) for r in results[name])
-        bits = statistics.fmean(r.history[-1].get("bits_per_element", 32.0)
-                                for r in results[name])
+        sp = _measured_mean(r.history[-1].get("sparsity", 0.0) for r in results[name])
+        bits = _measured_mean(r.history[-1].get("bits_per_element", 32.0)
+                              for r in results[name])
         shown = f"{mean:.3f} +- {std:.3f}" if len(seeds) > 1 else f"{mean:.3f}"
         rows.append([name + (f" ({fmt})" if fmt else ""), shown, loss,
                      "-" if name == "baseline" else delta,
