@@ -127,6 +127,7 @@ def launch_local(cfg, nproc: int, backend: str | None = None, hooks=None) -> int
             interrupted = True  # the workers got the SIGINT too: they stop after their step
         except mp.ProcessExitedException as exc:
             return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
-        except Exception:  # noqa: BLE001 - a worker raised: its traceback is already printed
+        except Exception as exc:  # noqa: BLE001 - a worker raised: show its traceback
+            _say(f"gradcomp train: a worker failed:\n{exc}")
             return 1
     return EXIT_INTERRUPTED if interrupted else 0

@@ -285,8 +285,13 @@ class CompressionHandle:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.grad is not None and not p.grad.is_sparse:
-                        by_device.setdefault(p.grad.device, []).append(p.grad)
+                    g = p.grad
+                    if g is None or g.is_sparse:
+                        continue
+                    # FSDP2 gradients are DTensors: each rank checks its own shard (the
+                    # all-reduce below combines the ranks' verdicts)
+                    g = g.to_local() if hasattr(g, "to_local") else g
+                    by_device.setdefault(g.device, []).append(g)
             for grads in by_device.values():
                 norms = torch._foreach_norm(grads, float("inf"))
                 flags.append(~torch.isfinite(torch.stack(norms)).all())
