@@ -93,16 +93,18 @@ class Pruner:
     refresh sets a threshold exact for the refresh step's gradient, but the gradients drift
     between refreshes (early in training they shrink step after step, so a threshold held
     fixed over-prunes by several points by the next refresh; late in training single batches
-    differ by a few points). So every call also corrects the threshold from the sparsity it
-    just achieved, a Newton step in ln a on device (no host sync):
+    differ by a few points). So every measured call (``measure=True``: the wrapper's metric
+    steps, every ``metrics_every`` steps) also corrects the threshold from the sparsity it just
+    achieved, a Newton step in ln a on device (no host sync):
 
         ln a <- ln a + gain * (S_target - S) / (dS/d ln a),   step clipped to [-1, 1]
 
     where S is the call's fraction of zeros and dS/d ln a = E[|x|/a; |x| < a] (for
     S(a) = E[max(0, 1 - |x|/a)]) is exactly the expected fraction of +-a symbols, so both are
-    counted on the call's output (two reductions). With ``gain=1`` the next call uses the
-    threshold that would have met the target on this call (to first order): the achieved
-    sparsity follows the target with a lag of one step of drift, and batch-to-batch noise
+    counted on the call's output (the two reductions a measured call takes anyway, so tracking
+    adds no pass). With ``gain=1`` the next call uses the threshold that would have met the
+    target on this call (to first order): the achieved sparsity follows the target with a lag
+    of one metric period of drift, and batch-to-batch noise
     averages out because the error is integrated (stochastic approximation of the threshold
     at which the mean achieved sparsity equals the target). ``tracking_gain=0`` turns it off.
 
@@ -255,8 +257,10 @@ class Pruner:
             if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
                 self._threshold = self._threshold.to(x.device)
             out = stochastic_prune(x, self._threshold, generator)
-        track = self.tracking and out.numel() > 0
-        if out.numel() and (measure or self.method == "calibrated" or track):
+        # the correction uses the counts a measured call takes anyway (metric steps, every
+        # metrics_every steps in the wrapper): tracking adds no pass over the gradient
+        track = self.tracking and measure and out.numel() > 0
+        if out.numel() and (measure or self.method == "calibrated"):
             zeros = (out == 0).sum().to(torch.float64)
             self._last_sparsity = zeros / out.numel()
             at = None
@@ -270,7 +274,8 @@ class Pruner:
                 self._elements += out.numel()
             if track:
                 if finite is None:
-                    finite = torch.isfinite(torch.linalg.vector_norm(x.detach(), float("inf")))
+                    lo, hi = torch.aminmax(x.detach())  # NaN/inf propagate: one pass
+                    finite = torch.isfinite(lo) & torch.isfinite(hi)
                 if finite is not False:
                     self._track(zeros / out.numel(), at / out.numel(), finite)
         self._calls_since_update += 1
@@ -357,7 +362,7 @@ _METHODS = {
     "topk": Pruner._per_call,
 }
 PRUNE_METHODS = tuple(_METHODS)
-TRACKING_METHODS = ("empirical",)  # thresholds corrected on every call (Pruner docstring)
+TRACKING_METHODS = ("empirical",)  # thresholds corrected on measured calls (Pruner docstring)
 # a floor on dS/d ln a in the tracking step: with almost no value below the threshold the
 # derivative vanishes and the step is bounded by its clip instead
 _MIN_SLOPE = 1e-2
