@@ -141,6 +141,7 @@ class Pruner:
         self.log_factor = 0.0
         self._prev: tuple[float, float, float] | None = None  # mu, sigma, slope dS/d ln a
         self._last_sparsity: torch.Tensor | None = None
+        self._slope: torch.Tensor | None = None  # dS/d ln a from the last measured call
         self._calls_since_update = 0
         self._acc: dict[str, torch.Tensor] = {}
         self._elements = 0
@@ -220,9 +221,11 @@ class Pruner:
         self._target = None
         self._calls_since_update = 0
 
-    def assign(self, threshold: torch.Tensor | None, target: float | None = None) -> None:
+    def assign(self, threshold: torch.Tensor | None, target: float | None = None,
+               sample: torch.Tensor | None = None) -> None:
         """Set a threshold solved elsewhere (``PrunerGroup``: the vectorised empirical refresh
-        or a heterogeneous allocation, whose per-layer sparsity is ``target``)."""
+        or a heterogeneous allocation, whose per-layer sparsity is ``target``). ``sample``: the
+        refresh sample, from which a tracking pruner takes its first slope dS/d ln a."""
         if self.method in ("topk", "topk_stochastic"):
             raise ValueError(f"method {self.method!r} takes its threshold from each call")
         if threshold is not None:
@@ -231,6 +234,13 @@ class Pruner:
         self._threshold = threshold
         self._target = None if target is None else float(target)
         self._calls_since_update = 0
+        if sample is not None and threshold is not None and self.method in TRACKING_METHODS:
+            # dS/d ln a = E[|x|/a; |x| < a] on the sample (device ops; a refresh step)
+            v = sample.detach().abs().to(torch.float64)
+            a = threshold.to(v.device, torch.float64)
+            ok = torch.isfinite(v)
+            r = torch.where(ok & (v < a), v / a.clamp_min(1e-300), torch.zeros_like(v))
+            self._slope = (r.sum() / ok.sum().clamp_min(1)).clamp_min(_MIN_SLOPE)
 
     @property
     def active(self) -> bool:
@@ -257,9 +267,21 @@ class Pruner:
             if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
                 self._threshold = self._threshold.to(x.device)
             out = stochastic_prune(x, self._threshold, generator)
-        # the correction uses the counts a measured call takes anyway (metric steps, every
-        # metrics_every steps in the wrapper): tracking adds no pass over the gradient
-        track = self.tracking and measure and out.numel() > 0
+        # a measured call counts zeros and +-a symbols anyway and refreshes the slope dS/d ln a;
+        # an unmeasured call corrects with that slope and one count_nonzero pass (the +-a count
+        # would cost two more passes over the gradient)
+        track = self.tracking and out.numel() > 0
+        if track and not measure and self._slope is not None:
+            if finite is None:
+                lo, hi = torch.aminmax(x.detach())  # NaN/inf propagate: one pass
+                finite = torch.isfinite(lo) & torch.isfinite(hi)
+            if finite is not False:
+                n = out.numel()
+                zeros = (n - torch.count_nonzero(out)).to(torch.float64)
+                self._track(zeros / n, self._slope, finite)
+            track = False
+        elif not measure:
+            track = False
         if out.numel() and (measure or self.method == "calibrated"):
             zeros = (out == 0).sum().to(torch.float64)
             self._last_sparsity = zeros / out.numel()
@@ -277,7 +299,8 @@ class Pruner:
                     lo, hi = torch.aminmax(x.detach())  # NaN/inf propagate: one pass
                     finite = torch.isfinite(lo) & torch.isfinite(hi)
                 if finite is not False:
-                    self._track(zeros / out.numel(), at / out.numel(), finite)
+                    self._slope = (at / out.numel()).clamp_min(_MIN_SLOPE)
+                    self._track(zeros / out.numel(), self._slope, finite)
         self._calls_since_update += 1
         return out
 
@@ -340,6 +363,7 @@ class Pruner:
             "target": self._target,
             "log_factor": self.log_factor,
             "prev": self._prev,
+            "slope": None if self._slope is None else self._slope.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -351,6 +375,8 @@ class Pruner:
         self._target = state.get("target")
         self.log_factor = float(state["log_factor"])
         self._prev = None if state["prev"] is None else tuple(state["prev"])
+        slope = state.get("slope")
+        self._slope = None if slope is None else torch.as_tensor(slope, dtype=torch.float64)
 
 
 _METHODS = {
@@ -549,8 +575,8 @@ class PrunerGroup:
                 by_device.setdefault(s.sample.device, []).append((p, s))
             for group in by_device.values():
                 ths = empirical_threshold([s.sample for _, s in group], self.sparsity)
-                for (p, _), th in zip(group, ths):
-                    p.assign(th)
+                for (p, s), th in zip(group, ths):
+                    p.assign(th, sample=s.sample)
         else:
             for p, s in live:
                 p.update(s)
@@ -577,7 +603,7 @@ class PrunerGroup:
             emp = empirical_threshold([s.sample for _, s in ok], s_i).cpu()
             ths = torch.where(pruned, emp, torch.zeros_like(emp))
         for (p, s), th, target in zip(ok, ths, alloc.sparsities):
-            p.assign(th.to(s.fit.mu.device), target=float(target))
+            p.assign(th.to(s.fit.mu.device), target=float(target), sample=s.sample)
 
     def state_dict(self) -> dict:
         return {"method": self.method, "sparsity": self.sparsity, "level": self.level,
