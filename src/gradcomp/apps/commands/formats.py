@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradcomp.apps.commands._common import parse_bits
 from gradcomp.numerics.block import BlockFormat
 from gradcomp.numerics.block_error import (
     ELEMENT_CANDIDATES,
@@ -37,23 +38,6 @@ PAPER_TABLE2 = {
 CONVENTION = "sigma = std of ln|g| (natural log); sigma_log2 = sigma / ln 2"
 DEFAULT_OUT = "runs/formats"
 BLOCK_ELEMENTS = ("e4m3fn", "e5m2", "e2m3fn", "e3m2fn", "e2m1fn")
-
-
-def _parse_bits(text: str) -> list[int]:
-    try:
-        if "-" in text:
-            lo, hi = (int(v) for v in text.split("-"))
-            bits = list(range(lo, hi + 1))
-        else:
-            bits = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--bits must look like 4-8 or 4,6,8; got {text!r}") from None
-    for b in bits:
-        if not 3 <= b <= 16:
-            raise ValueError(f"--bits values must be in [3, 16], got {b}")
-    if not bits:
-        raise ValueError(f"--bits is empty: {text!r}")
-    return bits
 
 
 def _parse_sigma(text: str) -> list[float]:
@@ -357,7 +341,7 @@ def run_block(args, sigmas) -> int:
 
 
 def run(args) -> int:
-    bits = _parse_bits(args.bits)
+    bits = parse_bits(args.bits)
     sigmas = _parse_sigma(args.sigma)
     if args.mc < 100:
         raise ValueError(f"--mc must be >= 100, got {args.mc}")
