@@ -1,6 +1,6 @@
 """Forward quantization: PACT activations, SAWB weights, and ``quantize_forward(model, ...)``.
 
-Notes section 6 (seed 003, Choi et al.):
+PACT (Choi et al., 2018) and SAWB (Choi et al., 2018), as the ScaleCom/PACT paper describes them:
 
 * PACT: ``y = clip(x, 0, alpha)`` with a learnable clip ``alpha`` per layer, quantised to k bits,
   ``y_q = round(y (2^k - 1) / alpha) alpha / (2^k - 1)``; straight-through estimator (STE) for x;
@@ -61,7 +61,8 @@ MIN_BITS, MAX_BITS = 2, 16
 #: Name of the PACT clip parameter registered on each converted module.
 ALPHA_NAME = "pact_alpha"
 
-#: SAWB coefficients (c1, c2) per bit width, notes section 6 (from a public implementation).
+#: SAWB coefficients (c1, c2) per bit width: the values fitted by SAWB's authors for Gaussian-
+#: and Laplace-like weight distributions (as published with a public implementation).
 SAWB_COEFFICIENTS: dict[int, tuple[float, float]] = {
     2: (3.12, -2.064),
     3: (7.509, -6.892),
@@ -124,7 +125,7 @@ class _PACTFn(torch.autograd.Function):
 def pact_quantize(
     x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool = False
 ) -> torch.Tensor:
-    """PACT-quantize ``x`` with clip ``alpha`` to ``bits`` bits (notes section 6).
+    """PACT-quantize ``x`` with clip ``alpha`` to ``bits`` bits (PACT).
 
     Unsigned: ``y = clip(x, 0, alpha)``, ``y_q = round(y (2^k-1)/alpha) * alpha/(2^k-1)``.
     Signed: ``y = clip(x, -alpha, alpha)``, ``y_q = round(y n/alpha) * alpha/n``, n = 2^(k-1)-1.
@@ -180,7 +181,7 @@ class PACT(nn.Module):
 def sawb_coefficients(bits: int) -> tuple[float, float] | None:
     """SAWB's (c1, c2) for ``bits``, or None where SAWB clips at ``max|w|``.
 
-    Bits 2/3/4/5/8: the fitted values of notes section 6.  Bits 6 and 7 (no published fit):
+    Bits 2/3/4/5/8: SAWB's published fitted values.  Bits 6 and 7 (no published fit):
     linear interpolation of c1 and c2 between the 5- and 8-bit values (our choice; it gives a
     clip between theirs, about 3.2 and 3.5 sigma for Gaussian weights).  Bits 9..16: None, i.e.
     clip at max|w|: no fit exists, and at that resolution rounding error, not clipping error, is

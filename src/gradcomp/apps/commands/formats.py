@@ -30,7 +30,7 @@ from gradcomp.numerics.fp_error import (
     split_formats,
 )
 
-# Paper Table 2 (notes section 2): sigma range -> optimal formats for FP4..FP8.
+# Paper Table 2: sigma range -> optimal formats for FP4..FP8.
 PAPER_TABLE2 = {
     "CIFAR-100": ((2.5, 4.5), ["1-3-0", "1-4-0", "1-4-1", "1-4-2", "1-5-2"]),
     "ImageNet": ((3.0, 5.5), ["1-3-0", "1-4-0", "1-5-0", "1-5-1", "1-5-2"]),
