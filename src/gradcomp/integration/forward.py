@@ -1,6 +1,6 @@
 """Forward quantization: PACT activations, SAWB weights, and ``quantize_forward(model, ...)``.
 
-PACT (Choi et al., 2018) and SAWB (Choi et al., 2018), as the ScaleCom/PACT paper describes them:
+PACT and SAWB (Choi et al., 2018):
 
 * PACT: ``y = clip(x, 0, alpha)`` with a learnable clip ``alpha`` per layer, quantised to k bits,
   ``y_q = round(y (2^k - 1) / alpha) alpha / (2^k - 1)``; straight-through estimator (STE) for x;
