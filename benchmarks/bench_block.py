@@ -12,26 +12,11 @@ Prints min and median of ``--repeat`` runs and ratios to clone (min / min). Run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import time_call  # noqa: E402  (a sibling script module)
 from gradcomp.numerics.block import BlockFormat, quantize_block
-
-
-def _time(fn, repeat: int, device) -> tuple[float, float]:
-    fn()  # warm-up (compiles the fused kernel on its first call)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -60,8 +45,8 @@ def main(argv=None) -> int:
     results, ref = {}, None
     for name, fn in cases.items():
         if name != "clone":
-            ref = _time(cases["clone"], args.repeat, device)[0]
-        results[name] = (*_time(fn, args.repeat, device), ref)
+            ref = time_call(cases["clone"], args.repeat, device)[0]
+        results[name] = (*time_call(fn, args.repeat, device), ref)
     print(f"{x.numel()} float32 on {device}, threads {torch.get_num_threads()}")
     print(f"{'case':<36s} {'min ms':>9s} {'median ms':>10s} {'clone ms':>9s} {'x clone':>8s}")
     for name, (tmin, tmed, r) in results.items():

@@ -11,27 +11,12 @@ Prints the min and median of ``--repeat`` runs and ratios to clone (min / min). 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import time_call  # noqa: E402  (a sibling script module)
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import quantize_fp
-
-
-def _time(fn, repeat: int, device) -> tuple[float, float]:
-    fn()  # warm-up (compiles the fused kernel on its first call)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -64,7 +49,7 @@ def main(argv=None) -> int:
         cases["qtorch stochastic"] = lambda: float_quantize(x, e, m, rounding="stochastic")
     except ImportError:
         print("qtorch not importable: skipped (optional reference)")
-    results = {name: _time(fn, args.repeat, device) for name, fn in cases.items()}
+    results = {name: time_call(fn, args.repeat, device) for name, fn in cases.items()}
     ref = results["clone"][0]
     print(f"{args.n} float32 on {device}, format {fmt.name}, threads {torch.get_num_threads()}")
     print(f"{'case':<24s} {'min ms':>9s} {'median ms':>10s} {'x clone':>8s}")

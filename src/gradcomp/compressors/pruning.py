@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradcomp.compressors._counts import CountsMixin
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.pruning import (
@@ -62,7 +63,7 @@ def _atp_mean_abs(fit, sample: torch.Tensor | None) -> float:
     return (1 - z) * math.exp(mu + sig * sig / 2)
 
 
-class Pruner:
+class Pruner(CountsMixin):
     """Pruning of one layer's neural gradient at a target sparsity.
 
     ``update(stats)`` runs on the refresh schedule (e.g. once per epoch) and sets the threshold
@@ -320,22 +321,6 @@ class Pruner:
         if finite is not True:
             keep = keep | ~torch.as_tensor(finite, device=a.device)
         self._threshold = torch.where(keep, a, a * torch.exp(step).to(a.dtype))
-
-    def _add(self, key: str, v: torch.Tensor) -> None:
-        cur = self._acc.get(key)
-        v = v.detach().double()
-        self._acc[key] = v if cur is None else cur + v
-
-    def counts(self, reset: bool = False) -> dict:
-        """Raw accumulated counts (0-d device tensors, no sync) plus ``elements`` (int)."""
-        out = dict(self._acc)
-        out["elements"] = self._elements
-        if reset:
-            self.reset_metrics()
-        return out
-
-    def reset_metrics(self) -> None:
-        self._acc, self._elements = {}, 0
 
     def metrics(self, reset: bool = False) -> dict:
         """Floats (one sync): achieved sparsity over the measured calls since the last reset

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradcomp.compressors._counts import CountsMixin
 from gradcomp.compressors.scaling import PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
@@ -33,7 +34,7 @@ BLOCK_DIMS = ("channels", "format")  # where a BlockQuantizer's blocks run
 _COUNTS = ("elements", "overflow", "underflow", "nan", "zeros")
 
 
-class FPQuantizer:
+class FPQuantizer(CountsMixin):
     """Quantize tensors to ``fmt`` with ``rounding`` and a scaling policy.
 
     Args:
@@ -105,22 +106,6 @@ class FPQuantizer:
                 self._last_scale = s.detach()
         return q
 
-    def _add(self, key: str, v: torch.Tensor) -> None:
-        cur = self._acc.get(key)
-        v = v.detach().double()
-        self._acc[key] = v if cur is None else cur + v
-
-    def counts(self, reset: bool = False) -> dict:
-        """Raw accumulated counts as 0-d device tensors (no sync), plus ``elements`` (int)."""
-        out = dict(self._acc)
-        out["elements"] = self._elements
-        if reset:
-            self.reset_metrics()
-        return out
-
-    def reset_metrics(self) -> None:
-        self._acc, self._elements = {}, 0
-
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and the
         last scale; floats (one host sync), or 0-d tensors with ``sync=False``."""
@@ -154,7 +139,7 @@ class FPQuantizer:
         return f"FPQuantizer({self.fmt.name}, rounding={self.rounding!r}, scaling={self.scaling!r})"
 
 
-class BlockQuantizer:
+class BlockQuantizer(CountsMixin):
     """Quantize tensors to a block-scaled format (``numerics.block.quantize_block``): each block
     of ``fmt.block`` elements gets its own scale from its amax by the format's rule, so there
     is no per-layer scaling policy (``update`` is a no-op kept for the group's contract).
@@ -215,10 +200,6 @@ class BlockQuantizer:
         else:
             q = quantize_block(y, self.fmt, self.rounding, generator)
         return q.movedim(-1, 1) if move else q
-
-    _add = FPQuantizer._add
-    counts = FPQuantizer.counts
-    reset_metrics = FPQuantizer.reset_metrics
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and

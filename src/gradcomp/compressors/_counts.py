@@ -1,0 +1,34 @@
+"""Device-side metric accumulators shared by the stateful compressors.
+
+Each compressor adds the counts of its measured calls as 0-d float64 device tensors (no host
+sync per call) and the number of elements measured as a host int (a device scalar would cost a
+copy); ``metrics()`` turns them into fractions, ``counts()`` hands them to the wrapper raw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CountsMixin:
+    """``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d tensor) and
+    ``self._elements`` (int); the class sets both in its ``__init__`` (``reset_metrics()``)."""
+
+    _acc: dict
+    _elements: int
+
+    def _add(self, key: str, v: torch.Tensor) -> None:
+        cur = self._acc.get(key)
+        v = v.detach().double()
+        self._acc[key] = v if cur is None else cur + v
+
+    def counts(self, reset: bool = False) -> dict:
+        """Raw accumulated counts as 0-d device tensors (no sync), plus ``elements`` (int)."""
+        out = dict(self._acc)
+        out["elements"] = self._elements
+        if reset:
+            self.reset_metrics()
+        return out
+
+    def reset_metrics(self) -> None:
+        self._acc, self._elements = {}, 0
