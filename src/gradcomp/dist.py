@@ -12,7 +12,7 @@
 See ``gradcomp.integration.ddp_hooks`` (the hook, its state, the registry) and
 ``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPCompress,
 BlockCompress); FSDP2's compressed reduce-scatter: ``gradcomp.integration.fsdp`` (``setup_fsdp``,
-``FP8ReduceScatter``, ``AllToAllReduceScatter``, ``save_sharded`` / ``load_sharded``).
+``FP8ReduceScatter``, ``BlockReduceScatter``, ``AllToAllReduceScatter``, ``save_sharded`` / ``load_sharded``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from gradcomp.integration.ddp_hooks import (
 )
 from gradcomp.integration.fsdp import (
     AllToAllReduceScatter,
+    BlockReduceScatter,
     FP8ReduceScatter,
     ScaleComReduceScatter,
     TopKReduceScatter,
@@ -62,6 +63,7 @@ from gradcomp.integration.fsdp import (
 
 __all__ = [
     "AllToAllReduceScatter",
+    "BlockReduceScatter",
     "FP8ReduceScatter",
     "ScaleComReduceScatter",
     "TopKReduceScatter",

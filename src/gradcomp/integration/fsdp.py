@@ -13,6 +13,11 @@ stays correct under summation, and counts the bytes it hands to the collectives:
   cannot add float8 values, so the sum is formed locally in fp32: sum_r code_r / s). The scale
   puts the largest magnitude of any rank at or below the format's largest normal
   (``numerics.scales.amax_to_scale``), so no code overflows.
+* ``BlockReduceScatter``: the same idea per block of a block-scaled format (OCP MX, NVFP4, FP8
+  blockwise): the ranks agree each block's scale (an all-reduce MAX of the block's E8M0 scale
+  byte, or of its fp32 amax for E4M3 / FP32 scales), quantize with those shared scales and
+  stochastic rounding, all-to-all the element codes packed at their bit width, and each rank
+  decodes and sums the chunks it received in fp32, in rank order.
 * ``AllToAllReduceScatter(compressor)``: for codes that cannot be summed (QSGD levels with
   their per-rank norms, pruned tensors, FP codes with per-rank scales: any
   ``Aggregation.ALLGATHER`` compressor without error feedback), rank r compresses chunk j for
@@ -81,6 +86,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from gradcomp.compressors.comm import (
     QSGD,
     Aggregation,
+    BlockCompress,
     CommCompressor,
     ErrorFeedback,
     FPCompress,
@@ -90,12 +96,15 @@ from gradcomp.compressors.comm import (
     payload_bytes,
 )
 from gradcomp.integration.ddp_hooks import check_same_config
+from gradcomp.numerics.block import block_scales, e8m0_decode, e8m0_encode
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.packing import pack_codes, packed_bytes
 from gradcomp.numerics.rounding import quantize_fp
 from gradcomp.numerics.scales import amax_to_scale
 
 __all__ = [
     "AllToAllReduceScatter",
+    "BlockReduceScatter",
     "CompressedReduceScatter",
     "DenseReduceScatter",
     "FP8ReduceScatter",
@@ -360,6 +369,152 @@ class FP8ReduceScatter(CompressedReduceScatter):
         return total, codes.numel() + 4, self.wire_bytes(x.numel())
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class BlockReduceScatter(CompressedReduceScatter):
+    """Block-scaled reduce-scatter (OCP MX, NVFP4, FP8 blockwise) with block scales agreed
+    across ranks and stochastic rounding, by all-to-all of packed element codes.
+
+    Layout: the input is ``world`` chunks (chunk j for rank j); each chunk is cut into blocks of
+    n consecutive elements (the format's 1-D block), the last one ragged. Per call:
+
+    1. Agree the scales. For an E8M0 scale (the MX formats) every rank encodes its own scale of
+       each block (``block_scales``, as ``e8m0_encode`` bytes; 0xFF for a block holding NaN or
+       +-inf) and one all-reduce(MAX) of those bytes, 1 byte per block, gives the shared byte:
+       the byte is a non-decreasing function of the block's amax under both rules (floor:
+       floor(log2 amax) - emax; rceil: ceil(log2(amax / max))), so the MAX of the bytes is the
+       byte of the MAX amax, i.e. the scale the format gives the block of the largest
+       magnitude of any rank (and 0xFF, NaN, the largest byte, wins). For E4M3 scales (NVFP4)
+       and FP32 scales (fp8_block128) the block's fp32 amax itself is all-reduced (4 bytes per
+       block; non-negative floats order like their int32 bits, so the MAX runs on those bits and
+       the canonical NaN, above +inf, wins): an E4M3 scale is relative to the per-tensor scale t,
+       which would itself have to be agreed before any byte could be, and an FP32 scale is 4
+       bytes anyway.
+    2. Quantize with the shared scales: each block gets one extra element, a magnitude whose
+       scale under the format's rule is the shared one (the shared amax; for E8M0 the value
+       2^(k + emax) (floor) or max * 2^k (rceil), clamped to float32's max), so that
+       ``quantize_block`` on blocks of n + 1 (``BlockCompress`` of that format, for its codes)
+       computes exactly the shared scale: no rank's block exceeds that magnitude. Elements are
+       rounded with ``rounding`` using this rank's counter-based generator. For NVFP4 the
+       per-tensor scale t (one per call: the tensor is the group's whole input, every chunk)
+       then comes from the largest finite shared amax, the same on every rank, so it never
+       travels.
+    3. All-to-all the element codes (the element format's IEEE bit patterns, packed by
+       ``numerics.packing.pack_codes``: 4-bit codes two per byte, 6-bit codes four per three
+       bytes, 8-bit codes one per byte), ceil(chunk * bits / 8) bytes per destination.
+    4. Rank j decodes what each rank sent (code value times the shared dequantization scale,
+       the same float32 product ``quantize_block`` forms) and sums in fp32 in rank order.
+
+    Bytes per rank and call (``wire_bytes``): world * (blocks per chunk * (1 for E8M0, else 4) +
+    ceil(chunk * bits / 8)); mxfp8 8.25 bits per element (ratio 3.88 against fp32), mxfp6
+    6.25 (5.12), mxfp4 4.25 (7.53), nvfp4 6 (5.33), fp8_block128 8.25 (3.88).
+
+    Unbiasedness: stochastic rounding gives E[Q(v)] = v for |v| <= max (the element maximum),
+    so the sum of the ranks' dequantized values is unbiased for every element whose value over
+    the shared scale lies in [-max, max]. The OCP floor rule maps the block maximum into
+    [2^emax, 2^(emax + 1)), which exceeds max for every MX element format: there the block's
+    largest elements (of the rank holding the maximum, or close to it) saturate to +-max * s,
+    a bias towards zero (as in the format itself). The rceil variants (e.g.
+    ``e4m3fn:32:e8m0:rceil``) keep amax / s <= max and give an unbiased sum in every element
+    (up to float32's rounding of amax / max); NVFP4's round-to-nearest E4M3 scale can round
+    down by up to 1/16, saturating the block maximum likewise. ``rounding="nearest"`` (ties to
+    even) is deterministic and biased.
+
+    NaN / inf: a block holding NaN or +-inf on any rank gets the NaN scale on every rank (E8M0
+    byte 0xFF, or a NaN amax), so every element of that block is NaN in the result (never
+    silently finite; a shared huge scale would turn every other rank's values of the block
+    into zeros); the other blocks are unaffected (for NVFP4, t comes from the finite blocks).
+
+    Args:
+        fmt: a block format with 1-D blocks: a name of ``compressors.comm.BLOCK_COMM_FORMATS``
+            (mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4, fp8_block128) or
+            ``elem:block:scale:rule[:ts]`` (``BlockFormat.from_name``), block size below 2^20.
+            2-D tiles are refused: the reduce-scatter input is flat.
+        rounding: "stochastic" (unbiased sum; default) or "nearest" (round half to even).
+        seed, start_iter: see ``CompressedReduceScatter``.
+        compile: passed to ``quantize_block`` (identical bits either way).
+    """
+
+    method = "block"
+
+    def __init__(self, fmt: str = "mxfp8_e4m3", rounding: str = "stochastic", seed: int = 0,
+                 compile: bool | None = None, start_iter: int = 0):
+        super().__init__(seed, start_iter)
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be one of stochastic, nearest; got {rounding!r}")
+        # BlockCompress checks fmt (a block format name, 1-D blocks, element width, codes
+        # readable back exactly) and compile, naming the allowed values
+        self._decoder = BlockCompress(fmt=fmt, rounding=rounding, compile=compile)
+        bf = self._decoder.format
+        if bf.block[0] + 1 > 1 << 20:
+            raise ValueError(f"fmt {fmt!r}: block of {bf.block[0]} elements; at most 2^20 - 1")
+        self.fmt, self.rounding, self.compile = fmt, rounding, compile
+        self.format = bf.replace(dims=(-1,))
+        # blocks of n + 1: the extra element carries the shared amax (docstring, step 2)
+        self._encoder = BlockCompress(fmt=bf.replace(block=(bf.block[0] + 1,), dims=(-1,)).name,
+                                      rounding=rounding, compile=compile)
+        self._scale_bytes = 1 if bf.scale == "e8m0" else 4  # agreed per block
+        self._codes_at = 4 if bf.scale == "e4m3" and bf.tensor_scale else 0  # BlockCompress: t
+
+    def options(self) -> dict:
+        # compile changes no value: not compared across ranks
+        return {"fmt": self.fmt, "rounding": self.rounding}
+
+    def wire_bytes(self, numel: int, world: int) -> int:
+        """world * (blocks per chunk * scale bytes agreed + packed codes of a chunk)."""
+        chunk = int(numel) // world
+        nb = -(-chunk // self.format.block[0])
+        return world * (nb * self._scale_bytes + packed_bytes(chunk, self.format.elem.bits))
+
+    def _shared_amax(self, blocks, group):
+        """Per block: (the magnitude whose scale is the agreed one, NaN where the block is
+        non-finite on some rank; bytes sent)."""
+        bf = self.format
+        amax = blocks.abs().amax(1)
+        bad = ~torch.isfinite(amax)
+        if bf.scale == "e8m0":
+            code = torch.where(bad, 255, e8m0_encode(block_scales(blocks, bf), "floor"))
+            code = code.to(torch.uint8)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=group)
+            s = e8m0_decode(code)  # NaN for 0xFF
+            lift = 2.0 ** bf.elem.emax if bf.rule == "floor" else bf.elem.max_normal
+            rep = torch.clamp(s * lift, max=_F32_MAX)  # NaN stays NaN
+            return rep, code.numel()
+        a = torch.where(bad, float("nan"), amax).contiguous()  # canonical positive NaN
+        bits = a.view(torch.int32)
+        dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=group)
+        return bits.view(torch.float32), 4 * bits.numel()
+
+    def _reduce(self, x, group, world, rank, key):
+        bf = self.format
+        n, bits = bf.block[0], bf.elem.bits
+        chunk = x.numel() // world
+        nb = -(-chunk // n)
+        rows = world * nb
+        blocks = torch.nn.functional.pad(x.view(world, chunk), (0, nb * n - chunk))
+        blocks = blocks.reshape(rows, n)
+        rep, sent = self._shared_amax(blocks, group)
+        nan_block = torch.isnan(rep)[:, None]
+        # zeroed: NaN scale already makes the block NaN; and NVFP4's t must not see them
+        blocks = torch.where(nan_block, 0.0, blocks)
+        ext = torch.cat([blocks, rep[:, None]], 1).reshape(-1)
+        (payload,) = self._encoder.compress(ext, self.generator(x.device, rank))
+        codes = self._encoder.parts([payload], ext.numel()).codes
+        codes = codes.view(rows, n + 1)[:, :n].reshape(world, nb * n)[:, :chunk]
+        packed = torch.stack([pack_codes(codes[j], bits) for j in range(world)])
+        got = _all_to_all(packed.reshape(-1), group).view(world, -1)
+        sent += packed.numel()
+        # this rank's block scales (and t) as BlockCompress stores them: shared by every rank
+        sb = 4 if bf.scale == "fp32" else 1
+        start = self._codes_at + rank * nb * sb
+        head = torch.cat([payload[: self._codes_at], payload[start: start + nb * sb]])
+        total = self._decoder.decompress([torch.cat([head, got[0]])], chunk)
+        for r in range(1, world):  # rank order: a fixed float sum
+            total = total + self._decoder.decompress([torch.cat([head, got[r]])], chunk)
+        return total, sent, self.wire_bytes(x.numel(), world)
+
+
 class AllToAllReduceScatter(CompressedReduceScatter):
     """All-to-all of compressed chunks, then local decode-and-sum (ZeRO++ qgZ).
 
@@ -583,11 +738,12 @@ def _own_parameters(m: torch.nn.Module):
 
 _EF = {"topk": TopKReduceScatter, "scalecom": ScaleComReduceScatter}
 _A2A = {"qsgd": QSGD, "prune": StochasticPrune, "fp": FPCompress}
-METHODS = ("allreduce", "fp8", "qsgd", "prune", "fp", "topk", "scalecom")
+METHODS = ("allreduce", "fp8", "qsgd", "prune", "fp", "topk", "scalecom", "block")
 _COMMON = {"seed": (int,), "start_iter": (int,)}
 _OPTIONS = {
     "allreduce": {},
     "fp8": {"fmt": (str,), "rounding": (str,), "compile": (bool, type(None))},
+    "block": {"fmt": (str,), "rounding": (str,), "compile": (bool, type(None))},
     "topk": {"ratio": (int, float), "beta": (int, float), "record_sent": (bool,)},
     "scalecom": {"ratio": (int, float), "beta": (int, float), "record_sent": (bool,)},
     "qsgd": {"levels": (int,), "bucket_size": (int,), "code": (str,), "bitstream": (bool,)},
@@ -637,6 +793,8 @@ def make_fsdp_comm(method: str, options: dict | None = None, seed: int | None = 
         return DenseReduceScatter(**opts)
     if method == "fp8":
         return FP8ReduceScatter(**opts)
+    if method == "block":
+        return BlockReduceScatter(**opts)
     if method in _EF:
         return _EF[method](**opts)
     common = {k: opts.pop(k) for k in list(opts) if k in _COMMON}
