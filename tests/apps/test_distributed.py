@@ -101,3 +101,48 @@ def test_stopped_peer_is_named_within_the_timeout(tmp_path, capfd):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # the stopped worker was ended, not left behind
         os.kill(pid, 0)
+
+
+_LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                "MASTER_PORT")
+
+
+def test_launched_rank_is_detected_and_half_set_environments_refused(monkeypatch):
+    from gradcomp.apps.distributed import running_under_torchrun
+
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert running_under_torchrun() is False
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # set globally on some clusters: no rank
+    assert running_under_torchrun() is False
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="but not MASTER_PORT"):
+        running_under_torchrun()
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert running_under_torchrun() is True
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun itself
+    assert running_under_torchrun() is True
+
+
+def test_cli_under_a_launcher_refuses_nproc_and_half_set_environments(monkeypatch, tmp_path,
+                                                                       capsys):
+    from gradcomp.apps.cli import main
+
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    base = ["train", "--model", "mlp", "--dataset", "digits", "--quiet",
+            "--out", str(tmp_path / "o")]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 2  # would have trained alone, as rank 1 of nothing
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MASTER_ADDR, MASTER_PORT" in err, err
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert main(base + ["--nproc", "2"]) == 2  # torchrun already made the processes
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nproc" in err and "torchrun" in err, err
+    assert not (tmp_path / "o").exists()

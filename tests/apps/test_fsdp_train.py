@@ -157,3 +157,53 @@ def test_cli_refuses_bad_fsdp_input_before_spawning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--nproc N" in err, err
     assert not (tmp_path / "o").exists()
+
+
+# ---- the same run launched by torchrun (each process one rank, joining its group) ----
+
+TORCHRUN_ARGS = ["--model", "mlp", "--dataset", "digits", "--batch-size", "32", "--width", "16",
+                 "--max-steps-per-epoch", "6", "--max-train", "400", "--lr", "0.05",
+                 "--epochs", "1", "--seed", "3", "--quiet"]
+
+
+def _torchrun(args, out):
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 -m gradcomp.apps.cli
+    train ...`` in a subprocess; the per-rank thread count that ``--nproc`` workers use."""
+    import subprocess
+    import sys
+
+    import gradcomp
+
+    src = os.path.dirname(os.path.dirname(gradcomp.__file__))
+    env = dict(os.environ, GRADCOMP_COMPILE="0",
+               OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // 2)),
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "gradcomp.apps.cli", "train", *args, "--out", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
+def test_torchrun_trains_like_nproc(tmp_path, monkeypatch, fsdp):
+    # the same worker_main on both paths: with equal seeds and thread counts, the same bits
+    monkeypatch.setenv("GRADCOMP_COMPILE", "0")
+    comm = (["--fsdp", "--comm", "block", "--comm-options", '{"fmt": "mxfp4"}'] if fsdp else
+            ["--comm", "qsgd", "--comm-options", '{"levels": 8}'])
+    args = TORCHRUN_ARGS + comm
+    spawned, launched = tmp_path / "nproc", tmp_path / "torchrun"
+    assert main(["train", *args, "--nproc", "2", "--out", str(spawned)]) == 0
+    res = _torchrun(args, launched)
+    assert res.returncode == 0, res.stderr[-3000:]
+    hs, hl = _history(spawned), _history(launched)
+    assert len(hl) == 1 and hl == hs
+    # compressed both ways: mxfp4 4.25 bits per element (less on small chunks); QSGD 8 levels
+    assert hl[-1]["comm_ratio_cumulative"] > (6.0 if fsdp else 1.5)
+    if fsdp:
+        ws, wl = _fsdp_weights(spawned, tmp_path), _fsdp_weights(launched, tmp_path)
+    else:
+        ws = torch.load(spawned / "checkpoint.pt", weights_only=False)["model"]
+        wl = torch.load(launched / "checkpoint.pt", weights_only=False)["model"]
+    assert ws.keys() == wl.keys() and all(torch.equal(ws[k], wl[k]) for k in ws)

@@ -1,8 +1,11 @@
 """Data-parallel runs: ``torch.multiprocessing`` spawn on one machine, or torchrun anywhere.
 
 No launcher of our own: ``launch_local`` spawns N processes with torch's own
-``torch.multiprocessing`` and a free TCP port on localhost; under ``torchrun`` the environment
-(RANK, WORLD_SIZE, MASTER_ADDR, ...) is read by ``init_process_group``.
+``torch.multiprocessing`` and a free TCP port on localhost; under ``torchrun`` (e.g.
+``torchrun --nnodes 2 --nproc_per_node 4 --rdzv_endpoint HOST:PORT -m gradcomp.apps.cli train
+--fsdp ...``) each process is one rank: ``running_under_torchrun`` detects it and the
+environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is read by ``init_process_group``. Both paths
+run the same ``worker_main``, so with equal seeds and thread counts they train bit for bit alike.
 
 Failures end in one line per rank: a rank whose run raises prints
 ``gradcomp train: rank R: error: ...`` and exits with code 2 (bad input, ranks that disagree)
@@ -29,10 +32,31 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT stop
 _GRACE = 5.0  # seconds the other workers get to end on their own after one failed
 
 
+_RANK_VARS = ("RANK", "WORLD_SIZE")
+_GROUP_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def running_under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or (
-        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-    )
+    """True when a launcher started this process as one rank of a group: torchrun (its
+    ``TORCHELASTIC_RUN_ID``), or any launcher that sets torch's ``env://`` variables (RANK and
+    WORLD_SIZE). Such a process joins that group (``worker_main``) and spawns nothing; the
+    device of a CUDA run is ``cuda:LOCAL_RANK``.
+
+    Raises ValueError when RANK or WORLD_SIZE is set but not all of RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT (a half-set environment would otherwise train alone, silently).
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    if not any(v in os.environ for v in _RANK_VARS):
+        return False
+    missing = [v for v in _GROUP_VARS if v not in os.environ]
+    if missing:
+        present = [v for v in _GROUP_VARS if v in os.environ]
+        raise ValueError(f"the environment sets {', '.join(present)} but not "
+                         f"{', '.join(missing)}: a launched rank needs all of "
+                         f"{', '.join(_GROUP_VARS)} (torchrun sets them); unset "
+                         f"{', '.join(present)} to train in one process or with --nproc N")
+    return True
 
 
 def _backend(cfg, backend: str | None) -> str:

@@ -55,7 +55,7 @@ def add_parser(sub):
     p.add_argument("--comm", default="allreduce",
                    help="gradient communication; DDP: allreduce, fp16, powersgd, qsgd, topk, "
                    "scalecom, prune, fp, block; --fsdp: allreduce, fp8, qsgd, prune, fp, topk, "
-                   "scalecom")
+                   "scalecom, block")
     p.add_argument("--comm-options", default="{}",
                    help='JSON keyword arguments of the communication hook, e.g. \'{"levels": 16}\'')
     p.add_argument("--backend", default=None, help="torch.distributed backend (default: gloo on "
@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if running_under_torchrun():
+        if args.nproc != 1:
+            raise ValueError("--nproc spawns processes on this machine; under torchrun each "
+                             "process is one rank (torchrun's --nproc_per_node): leave it out")
         validate_comm_args(cfg.comm, cfg.comm_options, fsdp=cfg.fsdp)
         res = worker_main(cfg, backend=args.backend)
         return EXIT_INTERRUPTED if res.interrupted else 0
