@@ -12,7 +12,8 @@
 See ``gradcomp.integration.ddp_hooks`` (the hook, its state, the registry) and
 ``gradcomp.compressors.comm`` (QSGD, TopK, ScaleCom, StochasticPrune, FPCompress,
 BlockCompress); FSDP2's compressed reduce-scatter: ``gradcomp.integration.fsdp`` (``setup_fsdp``,
-``FP8ReduceScatter``, ``BlockReduceScatter``, ``AllToAllReduceScatter``, ``save_sharded`` / ``load_sharded``).
+``FP8ReduceScatter``, ``BlockReduceScatter``, ``AllToAllReduceScatter``, ``save_sharded`` /
+``load_sharded``).
 """
 
 from __future__ import annotations

@@ -494,7 +494,8 @@ def _shared_scales(full, rank, bf):
     scale, are those of all ranks together)."""
     c = torch.stack(full)
     big = c.gather(0, c.abs().argmax(0, keepdim=True))[0].view(WORLD, -1)
-    return block_scales(big, bf).view(WORLD, -1)[rank].repeat_interleave(bf.block[0])[: big.shape[1]]
+    s = block_scales(big, bf).view(WORLD, -1)[rank]
+    return s.repeat_interleave(bf.block[0])[: big.shape[1]]
 
 
 def _clipped_and_variance(full, rank, bf):
