@@ -152,10 +152,31 @@ def test_named_fields_and_bits():
     (dict(elem=FPFormat.from_name("e5m2", overflow="inf")), ValueError, "saturate"),
     (dict(elem=FPFormat.from_name("1-4-3")), ValueError, "subnormals"),
     (dict(elem="e4m3fn", tensor_scale=1), TypeError, "tensor_scale"),
+    # a per-tensor scale only makes sense for E4M3 block scales (their range is 2^-9..448)
+    (dict(elem="e4m3fn", scale="e8m0", rule="floor", tensor_scale=True), ValueError,
+     "tensor_scale=True requires scale='e4m3'"),
+    (dict(elem="e4m3fn", scale="e8m0", rule="rceil", tensor_scale=True), ValueError,
+     "tensor_scale"),
+    (dict(elem="e4m3fn", scale="fp32", rule="nearest", tensor_scale=True), ValueError,
+     "'e8m0' and 'fp32' need none"),
 ])
 def test_bad_construction(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         BlockFormat(**kwargs)
+
+
+def test_tensor_scale_only_with_e4m3_scales():
+    assert BlockFormat("e2m1fn", 16, "e4m3", "nearest", True).tensor_scale
+    assert not BlockFormat("e2m1fn", 16, "e4m3", "nearest", False).tensor_scale
+    for name in ("e4m3fn:32:e8m0:floor:ts", "e4m3fn:128:fp32:nearest:ts"):
+        with pytest.raises(ValueError, match="tensor_scale"):
+            BlockFormat.from_name(name)
+    with pytest.raises(ValueError, match="tensor_scale"):
+        BlockFormat.from_name("nvfp4").replace(scale="fp32")
+    # every standard format rebuilds itself from its name
+    for name in NAMED_BLOCK_FORMATS:
+        f = BlockFormat.from_name(name)
+        assert f.name == name and BlockFormat.from_name(f.name) == f
 
 
 def test_bad_calls():

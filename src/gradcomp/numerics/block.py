@@ -30,7 +30,8 @@ format's largest finite value, ``emax`` = the exponent of its top binade, floor(
     [2^-126, float32 max], rule ``"nearest"``; elements are Q(x / s) (a correctly rounded
     division), dequantized as q * s.
 
-Per-tensor scale (``tensor_scale=True``, NVFP4): t = fp32(amax_t / (448 * max)) with amax_t the
+Per-tensor scale (``tensor_scale=True``, NVFP4; only with ``scale="e4m3"``, ValueError
+otherwise: E8M0 and FP32 scales already span float32's exponent range): t = fp32(amax_t / (448 * max)) with amax_t the
 largest *finite* magnitude of the whole tensor, clamped to [2^-126, float32 max] (so an all-zero
 tensor gives t = 2^-126, not torchao's 0 that turns the tensor into NaN; an inf or NaN element
 spoils only its own block).
@@ -137,7 +138,8 @@ class BlockFormat:
         block: block shape, ``(n,)`` or ``(r, c)``; each side 1..2^20.
         scale: ``"e8m0"``, ``"e4m3"`` or ``"fp32"``.
         rule: scale rounding: ``"floor"`` or ``"rceil"`` (e8m0), ``"nearest"`` (e4m3, fp32).
-        tensor_scale: second-level per-tensor FP32 scale (NVFP4).
+        tensor_scale: second-level per-tensor FP32 scale (NVFP4); only with ``scale="e4m3"``
+            (ValueError for ``"e8m0"`` / ``"fp32"``, whose range needs no second level).
         dims: the dimensions the block spans (``(-1,)`` / ``(-2, -1)`` by default).
         name: the standard name when the fields match one, else ``elem:block:scale:rule[:ts]
             [:dims=...]`` (e.g. ``e4m3fn:32:e8m0:rceil``); ``from_name(f.name) == f``.
@@ -180,6 +182,13 @@ class BlockFormat:
         require_choice(self.rule, "rule", _RULES_FOR[self.scale])
         if not isinstance(self.tensor_scale, bool):
             raise TypeError(f"tensor_scale must be a bool, got {self.tensor_scale!r}")
+        if self.tensor_scale and self.scale != "e4m3":
+            # the per-tensor FP32 scale exists to bring the block scales amax / max into the
+            # narrow E4M3 range [2^-9, 448] (NVFP4); E8M0 (2^-127..2^127) and FP32 scales cover
+            # every float32 amax without it, so it would only add a rounding step
+            raise ValueError(f"tensor_scale=True requires scale='e4m3' (allowed with "
+                             f"tensor_scale: 'e4m3'; 'e8m0' and 'fp32' need none), got "
+                             f"scale={self.scale!r}")
         dims = self.dims
         if dims is None:
             dims = (-1,) if len(block) == 1 else (-2, -1)
