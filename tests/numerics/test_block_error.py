@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -64,3 +66,38 @@ def test_bad_arguments():
         expected_block_error("e4m3fn:1:e8m0:floor", 1.0)
     with pytest.raises(ValueError, match="bits"):
         optimal_block_element(5, 1.0)
+
+
+@pytest.mark.parametrize("name, sigma, zero_fraction, rounding", [
+    ("mxfp8_e4m3", 2.0, 0.5, "nearest"), ("mxfp4", 1.0, 0.3, "stochastic"),
+    ("nvfp4", 1.5, 0.6, "nearest"), ("e2m1fn:32:e8m0:rceil", 1.0, 0.9, "nearest"),
+])
+def test_zero_fraction_matches_monte_carlo(name, sigma, zero_fraction, rounding):
+    # iid zeros: a non-zero element shares its block with K - 1 ~ Binomial(n - 1, 1 - z) others
+    th = expected_block_error(name, sigma, mu=-0.4, rounding=rounding,
+                              zero_fraction=zero_fraction)
+    mc, se = monte_carlo_block_error(name, sigma, mu=-0.4, rounding=rounding, blocks=12000,
+                                     generator=torch.Generator().manual_seed(7),
+                                     zero_fraction=zero_fraction)
+    assert abs(th.relative - mc.relative) < 4 * se.relative + 1e-3 * mc.relative
+
+
+def test_zero_fraction_limits_and_tensor_amax():
+    full = expected_block_error("mxfp6_e3m2", 1.5)
+    assert expected_block_error("mxfp6_e3m2", 1.5, zero_fraction=1e-9).relative == \
+        pytest.approx(full.relative, rel=1e-6)
+    # a block of one non-zero: E8M0 floor puts that value in the top binade: error of one
+    # rounding there (< half an ulp of 2^emax relative), tiny next to a full block's underflow
+    lone = expected_block_error("mxfp6_e3m2", 1.5, zero_fraction=1 - 1e-12)
+    assert lone.relative < 2.0**-3 / 2 < full.relative
+    # NVFP4: the tensor amax given explicitly sets t = amax / (448 * 6), as quantize_block does
+    sigma, numel = 1.5, 1 << 16
+    ref = expected_block_error("nvfp4", sigma, tensor_numel=numel)
+    from scipy import special
+    amax = float(torch.exp(torch.tensor(-sigma * special.ndtri(-math.expm1(math.log(0.5) / numel)))))
+    same = expected_block_error("nvfp4", sigma, tensor_amax=amax)
+    assert same.relative == pytest.approx(ref.relative, rel=1e-9)
+    with pytest.raises(ValueError, match="zero_fraction"):
+        expected_block_error("mxfp4", 1.0, zero_fraction=1.0)
+    with pytest.raises(ValueError, match="tensor_amax"):
+        expected_block_error("nvfp4", 1.0, tensor_amax=float("inf"))

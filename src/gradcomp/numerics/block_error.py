@@ -57,6 +57,7 @@ __all__ = [
 ELEMENT_CANDIDATES = {8: ("e4m3fn", "e5m2"), 6: ("e2m3fn", "e3m2fn"), 4: ("e2m1fn",)}
 _ROUNDINGS = ("nearest", "stochastic")
 _GL = np.polynomial.legendre.leggauss(12)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -164,18 +165,63 @@ def _default_tensor_scale(bf: BlockFormat, mu: float, sigma: float, tensor_numel
     return max(amax / (448.0 * bf.elem.max_normal), 2.0**-126)
 
 
+def _scale_jumps(bf: BlockFormat, t: float, lo: float, hi: float) -> np.ndarray:
+    """log2 of the block maxima in (lo, hi) (log2 units) where the scale s(m) jumps and that
+    are not already piece edges: E8M0 rceil at m = max * 2^j; E4M3 at m = max * t * (the
+    midpoints of the E4M3 grid, where round-to-nearest changes value) and at the clamps.
+    (E8M0 floor jumps at m = 2^j, an edge; the FP32 scale is continuous.)"""
+    mx = bf.elem.max_normal
+    if bf.scale == "e8m0" and bf.rule == "rceil":
+        j = np.arange(math.floor(lo - math.log2(mx)), math.ceil(hi - math.log2(mx)) + 1)
+        pts = j + math.log2(mx)
+    elif bf.scale == "e4m3":
+        grid = FPFormat.from_name("e4m3fn").grid()
+        grid = grid[(grid >= 2.0**-6) & (grid <= 448.0)]
+        pts = np.log2(np.concatenate([(grid[:-1] + grid[1:]) / 2, [2.0**-6, 448.0]]) * mx * t)
+    else:
+        return np.empty(0)
+    return pts[(pts > lo) & (pts < hi)]
+
+
+def _block_sizes(n: int, zero_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, P(K = k)): non-zeros K in the block of a non-zero element, K - 1 ~ Binomial(n - 1, q)
+    with q = 1 - zero_fraction (zeros iid); the tails below 1e-13 are dropped, then renormalised."""
+    if zero_fraction == 0.0:
+        return np.array([n]), np.array([1.0])
+    k = np.arange(n)
+    pk = np.exp(special.gammaln(n) - special.gammaln(k + 1) - special.gammaln(n - k)
+                + k * np.log1p(-zero_fraction) + (n - 1 - k) * math.log(zero_fraction))
+    keep = pk > 1e-13 * pk.max()
+    return k[keep] + 1, pk[keep] / pk[keep].sum()
+
+
 def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nearest",
-                         tensor_numel: int = 1 << 20, pieces_per_octave: int = 8) -> BlockError:
+                         tensor_numel: int = 1 << 20, pieces_per_octave: int = 8,
+                         zero_fraction: float = 0.0,
+                         tensor_amax: float | None = None) -> BlockError:
     """Expected relative error and normalised MSE of block format ``bf`` for ln|x| ~ N(mu, sigma^2).
 
     Args:
-        bf: BlockFormat or name (the block's element count n = prod(block) >= 2 is what
-            matters; 2-D tiles of iid elements behave as 1-D blocks of the same count).
+        bf: BlockFormat or name (the block's element count n = prod(block) matters; 2-D tiles
+            of iid elements behave as 1-D blocks of the same count).
         sigma: std of ln|x| (> 0). mu: mean of ln|x| (the result is periodic in mu with period
             ln 2 for E8M0 scales and nearly independent of it otherwise).
         rounding: ``"nearest"`` or ``"stochastic"`` (elements).
         tensor_numel: for a per-tensor scale (NVFP4), the tensor size whose median maximum
-            sets t = amax / (448 * max).
+            sets t = amax / (448 * max) (when ``tensor_amax`` is not given).
+        zero_fraction: probability z in [0, 1) that an element is exactly 0, independently
+            (ReLU gradients). Zeros do not move a block's amax and are exact, so the errors are
+            per *non-zero* element: the average over K, the non-zeros in the block of a
+            non-zero element, K - 1 ~ Binomial(n - 1, 1 - z), of the error of a full block of
+            K lognormal elements (K = 1: the block is its own maximum). The normalised MSE is
+            E[(Q - x)^2 | x != 0] / E[x^2 | x != 0], equal to the same ratio over all elements.
+        tensor_amax: for a per-tensor scale, the tensor's largest finite magnitude (what
+            :func:`quantize_block` uses: t = amax / (448 * max)); None: from ``tensor_numel``.
+
+    Method: the integrals over the block maximum M (module docstring) are evaluated on one set
+    of nodes in log2(m) (``pieces_per_octave`` pieces per octave, 12-point Gauss-Legendre each,
+    from the 1e-15 quantile of one value to the 1 - 1e-15 quantile of the maximum of n) and
+    weighted by the density of M, d F(m)^p, for every block size p needed.
     """
     bf = _as_bf(bf)
     sigma = require_positive(sigma, "sigma")
@@ -185,61 +231,84 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
     require_choice(rounding, "rounding", _ROUNDINGS)
     require_int_range(tensor_numel, "tensor_numel", 2, 1 << 40)
     require_int_range(pieces_per_octave, "pieces_per_octave", 1, 256)
+    zero_fraction = float(zero_fraction)
+    if not 0.0 <= zero_fraction < 1.0:
+        raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
     n = bf.block_numel
     if n < 2:
         raise ValueError("bf must have at least 2 elements per block")
-    t = _default_tensor_scale(bf, mu, sigma, tensor_numel) if bf.tensor_scale else 1.0
-    stochastic = rounding == "stochastic"
+    if tensor_amax is not None:
+        tensor_amax = float(tensor_amax)
+        if not (math.isfinite(tensor_amax) and tensor_amax >= 0):
+            raise ValueError(f"tensor_amax must be finite and >= 0, got {tensor_amax!r}")
+    t = 1.0
+    if bf.tensor_scale:
+        t = (_default_tensor_scale(bf, mu, sigma, tensor_numel) if tensor_amax is None
+             else min(max(tensor_amax / (448.0 * bf.elem.max_normal), 2.0**-126), _F32_MAX))
+    ks, pk = _block_sizes(n, zero_fraction)
+    kmax = int(ks.max())
 
-    def m_of(p, power):
-        # m with F(m)^power = p, accurate near p = 1: 1 - F = -expm1(ln p / power)
-        return np.exp(mu - sigma * special.ndtri(-np.expm1(np.log(p) / power)))
+    # nodes in u = log2(m) between the quantiles, cut at multiples of 1/pieces_per_octave (where
+    # the E8M0 scale and the grid position of the maximum change)
+    ln2 = math.log(2.0)
+    lo = (mu + sigma * special.ndtri(1e-15)) / ln2
+    hi = (mu - sigma * special.ndtri(-np.expm1(np.log1p(-1e-15) / kmax))) / ln2
+    edges = np.arange(math.floor(lo * pieces_per_octave),
+                      math.ceil(hi * pieces_per_octave) + 1) / pieces_per_octave
+    edges = np.union1d(edges, _scale_jumps(bf, t, edges[0], edges[-1]))
+    nodes, weights = _GL
+    h = np.diff(edges)
+    u = (edges[:-1, None] + h[:, None] * (nodes + 1) / 2).ravel()
+    z = (u * ln2 - mu) / sigma
+    # d F(m) = phi(z) dz = phi(z) ln2 / sigma du
+    wf = (h[:, None] * weights / 2).ravel() * ln2 / sigma * np.exp(-z * z / 2) \
+        / math.sqrt(2 * math.pi)
+    logF = special.log_ndtr(z)
+    m = np.exp2(u)
+    s = _scale_of(m, bf, t)
+    a_rel, a_sq, g_rel, g_sq = _errors(m, s, bf, mu, sigma, rounding == "stochastic")
+
+    def dens(p):  # d F(m)^p per node: p F^(p-1) f
+        return p * np.exp((p - 1) * logF) * wf
 
     total_rel = total_sq = 0.0
-    for power, which in ((n - 1, "g"), (n, "a")):
-        lo_m, hi_m = m_of(1e-15, power), m_of(1 - 1e-15, power)
-        k0 = math.floor(math.log2(lo_m) * pieces_per_octave)
-        k1 = math.ceil(math.log2(hi_m) * pieces_per_octave)
-        edges_m = np.exp2(np.arange(k0, k1 + 1) / pieces_per_octave)
-        edges = special.ndtr((np.log(edges_m) - mu) / sigma) ** power
-        edges[0], edges[-1] = 0.0, 1.0
-        a, b = edges[:-1], edges[1:]
-        keep = b > a
-        a, b = a[keep], b[keep]
-        nodes, weights = _GL
-        p = ((b - a)[:, None] * (nodes + 1) / 2 + a[:, None]).ravel()
-        wt = ((b - a)[:, None] * weights / 2).ravel()
-        p = np.clip(p, 1e-300, 1 - 1e-16)
-        m = m_of(p, power)
-        s = _scale_of(m, bf, t)
-        a_rel, a_sq, g_rel, g_sq = _errors(m, s, bf, mu, sigma, stochastic)
-        if which == "g":
-            total_rel += float((wt * g_rel).sum())
-            total_sq += float((wt * g_sq).sum())
-        else:
-            total_rel += float((wt * a_rel).sum()) / n
-            total_sq += float((wt * a_sq).sum()) / n
+    for k, w in zip(ks.tolist(), pk.tolist()):
+        da = dens(k) / k  # (1/k) E[a(M_k)]
+        rel, sq = float(da @ a_rel), float(da @ a_sq)
+        if k > 1:  # (k - 1)/k E[g(M_k) / F(M_k)] = int g d F^(k-1)
+            dg = dens(k - 1)
+            rel, sq = rel + float(dg @ g_rel), sq + float(dg @ g_sq)
+        total_rel += w * rel
+        total_sq += w * sq
     ex2 = math.exp(2 * mu + 2 * sigma * sigma)
     return BlockError(relative=total_rel, nmse=total_sq / ex2)
 
 
 def monte_carlo_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nearest",
                             blocks: int = 20000, generator: torch.Generator | None = None,
-                            tensor_numel: int = 1 << 20) -> tuple[BlockError, BlockError]:
+                            tensor_numel: int = 1 << 20, zero_fraction: float = 0.0
+                            ) -> tuple[BlockError, BlockError]:
     """Monte-Carlo estimate (mean, standard error) with :func:`quantize_block` in float64.
 
     Samples ``blocks`` blocks of n iid lognormal magnitudes with random signs (1-D blocks of
-    n = prod(block) elements). For a per-tensor scale, t is set as in
-    :func:`expected_block_error` (not from the sample), so both see the same t.
+    n = prod(block) elements), each element set to 0 with probability ``zero_fraction``; the
+    errors are over the non-zero elements (as :func:`expected_block_error`). For a per-tensor
+    scale, t is set as in :func:`expected_block_error` (not from the sample), so both see the
+    same t.
     """
     bf = _as_bf(bf)
     sigma = require_positive(sigma, "sigma")
     require_int_range(blocks, "blocks", 2, 1 << 26)
+    zero_fraction = float(zero_fraction)
+    if not 0.0 <= zero_fraction < 1.0:
+        raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
     n = bf.block_numel
     flat = bf.replace(block=(n,), dims=None)
     z = torch.randn(blocks, n, generator=generator, dtype=torch.float64)
     sign = torch.where(torch.rand(blocks, n, generator=generator) < 0.5, -1.0, 1.0).double()
     x = torch.exp(float(mu) + sigma * z) * sign
+    if zero_fraction > 0:
+        x = torch.where(torch.rand(blocks, n, generator=generator) < zero_fraction, 0.0, x)
     if bf.tensor_scale:
         # pin the tensor amax: one extra element at the theory's tensor maximum, in its own block
         t = _default_tensor_scale(bf, mu, sigma, tensor_numel)
@@ -250,14 +319,20 @@ def monte_carlo_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "
         x = x[:-1]
     else:
         q = quantize_block(x, flat, rounding, generator=generator, compile=False)
-    rel = ((q - x).abs() / x.abs()).reshape(-1)
-    sq = ((q - x) ** 2).reshape(-1) / math.exp(2 * mu + 2 * sigma * sigma)
-    # blocks are independent: standard errors from per-block means
-    rb = rel.reshape(blocks, n).mean(1)
-    sb = sq.reshape(blocks, n).mean(1)
+    nz = x != 0
+    rel = torch.where(nz, (q - x).abs() / x.abs(), 0.0)
+    sq = (q - x) ** 2 / math.exp(2 * mu + 2 * sigma * sigma)
+    # blocks are independent: ratio estimators sum / count over blocks, standard errors by
+    # linearisation over the per-block sums
+    cnt = nz.sum(1).double()
     k = math.sqrt(blocks)
-    return (BlockError(float(rb.mean()), float(sb.mean())),
-            BlockError(float(rb.std() / k), float(sb.std() / k)))
+    means, ses = [], []
+    for v in (rel, sq):
+        tot = v.sum(1)
+        mean = tot.sum() / cnt.sum()
+        means.append(float(mean))
+        ses.append(float((tot - mean * cnt).std() / cnt.mean() / k))
+    return BlockError(*means), BlockError(*ses)
 
 
 def optimal_block_element(bits: int, sigma: float, block: int = 32, scale: str = "e8m0",
