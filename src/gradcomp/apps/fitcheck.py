@@ -15,6 +15,9 @@ the distribution-free (sample-based) methods:
   ``per_layer_empirical`` search), that error as the prediction, measured on B. Each side
   also picks a model-wide E* (``select_split``: median sigma vs mean measured error), whose
   held-out error is reported, so the cost of trusting the model is one number.
+* Block formats (``block_check``): MX / NVFP4 error predicted by the order-statistics theory
+  (``numerics.block_error``) at each layer's fitted (mu, sigma) and zero fraction, against
+  ``quantize_block`` on the captured tensor (and on its values shuffled into iid blocks).
 """
 
 from __future__ import annotations
@@ -50,19 +53,26 @@ __all__ = [
     "sparsity_tables",
     "quantization_tables",
     "per_layer_tables",
+    "block_check",
+    "block_tables",
+    "plot_block_check",
+    "DEFAULT_BLOCK_FORMATS",
 ]
 
 DEFAULT_BITS = (4, 5, 6, 7, 8)
+DEFAULT_BLOCK_FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp4", "nvfp4")
 
 
 def capture_layers(model: str = "resnet20", dataset: str = "fashion-mnist", steps: int = 300,
                    capture_size: int | None = 1 << 18, seed: int = 0, device: str = "cpu",
-                   data_dir: str | None = None, progress: bool = True):
+                   data_dir: str | None = None, progress: bool = True, **kw):
     """Neural gradients of a short training run at two steps (steps//2 and the last one).
 
-    Returns [(layer name, 1-D float32 CPU tensor)] in step order (a name appears twice: a time
-    series for the calibrated method and the staleness check); ``capture_size`` values per
-    tensor, a random subsample (None: every value).
+    Returns [(layer name, float32 CPU tensor)] in step order (a name appears twice: a time
+    series for the calibrated method and the staleness check): the whole tensor in its own
+    shape when it has at most ``capture_size`` values (None: always), else a 1-D random
+    subsample of ``capture_size`` values (drawn with replacement). ``kw`` goes to
+    ``collect_neural_gradients`` (e.g. ``width``).
     """
     from gradcomp.apps.experiments import collect_neural_gradients
 
@@ -70,10 +80,16 @@ def capture_layers(model: str = "resnet20", dataset: str = "fashion-mnist", step
     recs = collect_neural_gradients(
         model=model, dataset=dataset, steps=steps, capture_steps=[steps // 2, steps - 1],
         sample_size=capture_size, seed=seed, device=device, data_dir=data_dir,
-        progress=progress,
+        progress=progress, **kw,
     )
     recs = sorted(recs, key=lambda r: r.step)
-    return [(r.name, r.sample.float().cpu()) for r in recs if r.sample.numel() > 0]
+    out = []
+    for r in recs:
+        if r.sample.numel() == 0:
+            continue
+        whole = r.sample.numel() == r.numel  # sample_values keeps a small tensor whole, in order
+        out.append((r.name, r.sample.float().cpu().reshape(r.shape if whole else (-1,))))
+    return out
 
 
 def group_layers(layers: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -366,3 +382,170 @@ def per_layer_tables(sp: dict, fp: dict, target: float | None = None,
             format_table(["layer", "sigma", "ln E*", "emp E*", "held-out best", "ln pred",
                           "ln meas", "emp pred", "emp meas"], rows)]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# block formats
+
+
+def _block_errors(x: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
+    """(mean |q - x| / |x| over finite non-zeros, sum (q - x)^2 / sum x^2 over finite values)."""
+    fin = torch.isfinite(x)
+    nz = fin & (x != 0)
+    xd, qd = x.double(), q.double()
+    rel = ((qd - xd).abs() / xd.abs())[nz].mean()
+    d2 = torch.where(fin, (qd - xd) ** 2, 0.0).sum()
+    x2 = torch.where(fin, xd * xd, 0.0).sum()
+    return float(rel), float(d2 / x2) if float(x2) > 0 else math.nan
+
+
+def block_check(layers, formats=DEFAULT_BLOCK_FORMATS, roundings=("nearest", "stochastic"), *,
+                seed: int = 0, progress: bool = False) -> dict:
+    """Predicted vs measured error of block formats on each layer's last tensor.
+
+    Per layer, (mu, sigma), the zero fraction z and the largest finite magnitude are fitted on
+    the tensor (``fit_lognormal``). Prediction: ``expected_block_error`` at that (mu, sigma), z
+    (a non-zero element's block holds K - 1 ~ Binomial(n - 1, 1 - z) other non-zeros) and, for
+    a per-tensor scale (NVFP4), the tensor's own amax. Measurement: ``quantize_block`` of the
+    tensor as captured, flattened in memory order (``meas``: blocks of consecutive elements;
+    a random subsample when the capture kept one, which is iid like the model) and of a random
+    permutation of it (``shuf``: blocks of iid draws of the tensor's values, the model's
+    within-block independence, so the remaining gap is the lognormal fit alone). 2-D tiles are
+    measured as 1-D blocks of the same element count (for iid elements they are the same).
+    Errors: mean relative error over finite non-zeros (``rel``) and sum (q - x)^2 / sum x^2
+    over finite values (``nmse``; the lognormal's E x^2 is dominated by values beyond the
+    largest one seen once sigma >~ 2, so expect ``nmse`` to disagree there).
+    """
+    from gradcomp.numerics.block import BlockFormat, quantize_block
+    from gradcomp.numerics.block_error import expected_block_error
+
+    fmts = [BlockFormat.from_name(f) if isinstance(f, str) else f for f in formats]
+    if not fmts:
+        raise ValueError("formats is empty: name at least one block format")
+    roundings = [require_choice(r, "roundings", ("nearest", "stochastic")) for r in roundings]
+    if not roundings:
+        raise ValueError("roundings is empty: use 'nearest' and/or 'stochastic'")
+    g = torch.Generator().manual_seed(seed)
+    series = group_layers(layers)
+    shapes = {}
+    for name, t in layers:
+        shapes[name] = tuple(t.shape)
+    per_layer = []
+    bar = tqdm(total=len(series) * len(fmts) * len(roundings), desc="block formats: layers",
+               disable=not progress, leave=False)
+    for name, ts in series.items():
+        x = ts[-1].float()
+        fit = fit_lognormal(x)
+        if int(fit.count) < 2 or not float(fit.sigma) > 0:
+            bar.update(len(fmts) * len(roundings))
+            continue
+        mu, sigma = float(fit.mu), float(fit.sigma)
+        zf, amax = float(fit.zero_fraction), float(fit.amax)
+        xs = x[torch.randperm(x.numel(), generator=g)]
+        for bf in fmts:
+            flat = bf if len(bf.block) == 1 else bf.replace(block=(bf.block_numel,), dims=None)
+            for rnd in roundings:
+                bar.update(1)
+                pred = expected_block_error(bf, sigma, mu, rnd, zero_fraction=min(zf, 1 - 1e-12),
+                                            tensor_amax=amax)
+                meas = _block_errors(x, quantize_block(x, flat, rnd, generator=g))
+                shuf = _block_errors(xs, quantize_block(xs, flat, rnd, generator=g))
+                per_layer.append({
+                    "layer": name, "format": bf.name, "rounding": rnd, "mu": mu, "sigma": sigma,
+                    "zero_fraction": zf, "numel": x.numel(),
+                    "layout": "tensor" if len(shapes[name]) > 1 else "sample",
+                    "pred_rel": pred.relative, "meas_rel": meas[0], "shuf_rel": shuf[0],
+                    "pred_nmse": pred.nmse, "meas_nmse": meas[1], "shuf_nmse": shuf[1],
+                })
+    bar.close()
+    if not per_layer:
+        raise ValueError("no layer has two finite non-zero values to fit")
+
+    def gap(p, m):
+        return abs(p - m) / m if m > 0 else math.nan
+
+    def median(v):
+        v = sorted(x for x in v if not math.isnan(x))
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    summary = []
+    for bf in fmts:
+        for rnd in roundings:
+            recs = [r for r in per_layer if r["format"] == bf.name and r["rounding"] == rnd]
+            row = {"format": bf.name, "rounding": rnd}
+            for m in ("rel", "nmse"):
+                row[f"pred_{m}"] = sum(r[f"pred_{m}"] for r in recs) / len(recs)
+                for side in ("meas", "shuf"):
+                    row[f"{side}_{m}"] = sum(r[f"{side}_{m}"] for r in recs) / len(recs)
+                    row[f"{side}_{m}_gap"] = median([gap(r[f"pred_{m}"], r[f"{side}_{m}"])
+                                                     for r in recs])
+            summary.append(row)
+    overall = {f"{side}_{m}_gap": median([gap(r[f"pred_{m}"], r[f"{side}_{m}"])
+                                          for r in per_layer])
+               for side in ("meas", "shuf") for m in ("rel", "nmse")}
+    return {"layers": len(per_layer) // (len(fmts) * len(roundings)),
+            "formats": [bf.name for bf in fmts], "roundings": roundings,
+            "median_gap": overall, "summary": summary, "per_layer": per_layer}
+
+
+def block_tables(res: dict, per_layer: bool = True) -> str:
+    """Markdown: per format and rounding the mean predicted / measured error over layers and the
+    median |pred - meas| / meas, the one-line summary, and (``per_layer``) one row per layer."""
+    from gradcomp.apps.tables import format_table
+
+    og = res["median_gap"]
+    out = [f"block formats: predicted (lognormal at each layer's fit) vs measured error over "
+           f"{res['layers']} layers; meas = the tensor as captured, shuf = its values shuffled "
+           "into iid blocks; gap = median over layers of |pred - meas| / meas",
+           f"summary: median |pred - meas| / meas of the relative error {100 * og['meas_rel_gap']:.1f}% "
+           f"(shuffled {100 * og['shuf_rel_gap']:.1f}%), of the nMSE {100 * og['meas_nmse_gap']:.1f}% "
+           f"(shuffled {100 * og['shuf_nmse_gap']:.1f}%)"]
+    head = ["format", "rounding", "rel pred", "rel meas", "rel shuf", "gap %", "gap shuf %",
+            "nmse pred", "nmse meas", "nmse gap %"]
+    rows = [[r["format"], r["rounding"], f"{r['pred_rel']:.4f}", f"{r['meas_rel']:.4f}",
+             f"{r['shuf_rel']:.4f}", f"{100 * r['meas_rel_gap']:.1f}",
+             f"{100 * r['shuf_rel_gap']:.1f}", f"{r['pred_nmse']:.3g}", f"{r['meas_nmse']:.3g}",
+             f"{100 * r['meas_nmse_gap']:.1f}"] for r in res["summary"]]
+    out.append(format_table(head, rows))
+    if per_layer:
+        rows = [[r["layer"], r["format"], r["rounding"], f"{r['sigma']:.3f}",
+                 f"{r['zero_fraction']:.3f}", f"{r['pred_rel']:.4f}", f"{r['meas_rel']:.4f}",
+                 f"{r['shuf_rel']:.4f}", f"{r['pred_nmse']:.3g}", f"{r['meas_nmse']:.3g}"]
+                for r in res["per_layer"]]
+        out += ["", "per layer: relative error and nMSE, predicted vs measured",
+                format_table(["layer", "format", "rounding", "sigma", "zeros", "rel pred",
+                              "rel meas", "rel shuf", "nmse pred", "nmse meas"], rows)]
+    return "\n".join(out)
+
+
+def plot_block_check(res: dict, path) -> None:
+    """Measured vs predicted relative error, one point per (layer, format, rounding): filled =
+    the tensor as captured, open = shuffled; log-log with the diagonal. Saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(res["roundings"]), figsize=(5.5 * len(res["roundings"]), 4.8),
+                             squeeze=False)
+    for ax, rnd in zip(axes[0], res["roundings"]):
+        recs = [r for r in res["per_layer"] if r["rounding"] == rnd]
+        for k, fmt in enumerate(res["formats"]):
+            sel = [r for r in recs if r["format"] == fmt]
+            color = f"C{k}"
+            ax.scatter([r["pred_rel"] for r in sel], [r["meas_rel"] for r in sel], s=18,
+                       color=color, label=fmt)
+            ax.scatter([r["pred_rel"] for r in sel], [r["shuf_rel"] for r in sel], s=18,
+                       facecolors="none", edgecolors=color)
+        vals = [v for r in recs for v in (r["pred_rel"], r["meas_rel"], r["shuf_rel"]) if v > 0]
+        lo, hi = min(vals) / 1.3, max(vals) * 1.3
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("predicted mean relative error (lognormal fit)")
+        ax.set_ylabel("measured (filled: as captured, open: shuffled)")
+        ax.set_title(f"block formats, {rnd} rounding: {res['layers']} layers")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

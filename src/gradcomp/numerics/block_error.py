@@ -215,8 +215,12 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
             non-zero element, K - 1 ~ Binomial(n - 1, 1 - z), of the error of a full block of
             K lognormal elements (K = 1: the block is its own maximum). The normalised MSE is
             E[(Q - x)^2 | x != 0] / E[x^2 | x != 0], equal to the same ratio over all elements.
-        tensor_amax: for a per-tensor scale, the tensor's largest finite magnitude (what
-            :func:`quantize_block` uses: t = amax / (448 * max)); None: from ``tensor_numel``.
+        tensor_amax: the tensor's largest finite magnitude A (> 0), for a finite tensor: the
+            model becomes the lognormal truncated at A (no element exceeds the tensor's
+            maximum; without this the lognormal tail beyond A, never seen in the tensor, would
+            dominate E x^2 and an NVFP4 tensor's saturation once sigma >~ 2), and a per-tensor
+            scale is t = A / (448 * max) as :func:`quantize_block` computes it. None: the
+            untruncated lognormal, t from ``tensor_numel``.
 
     Method: the integrals over the block maximum M (module docstring) are evaluated on one set
     of nodes in log2(m) (``pieces_per_octave`` pieces per octave, 12-point Gauss-Legendre each,
@@ -239,8 +243,8 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
         raise ValueError("bf must have at least 2 elements per block")
     if tensor_amax is not None:
         tensor_amax = float(tensor_amax)
-        if not (math.isfinite(tensor_amax) and tensor_amax >= 0):
-            raise ValueError(f"tensor_amax must be finite and >= 0, got {tensor_amax!r}")
+        if not (math.isfinite(tensor_amax) and tensor_amax > 0):
+            raise ValueError(f"tensor_amax must be finite and > 0, got {tensor_amax!r}")
     t = 1.0
     if bf.tensor_scale:
         t = (_default_tensor_scale(bf, mu, sigma, tensor_numel) if tensor_amax is None
@@ -253,9 +257,17 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
     ln2 = math.log(2.0)
     lo = (mu + sigma * special.ndtri(1e-15)) / ln2
     hi = (mu - sigma * special.ndtri(-np.expm1(np.log1p(-1e-15) / kmax))) / ln2
+    log_fa = 0.0  # ln F(A) of the truncation point (A = inf: 0)
+    if tensor_amax is not None:
+        top = math.log2(tensor_amax)
+        log_fa = float(special.log_ndtr((math.log(tensor_amax) - mu) / sigma))
+        hi = min(hi, top)  # beyond the quantile the mass is < 1e-15 anyway
+        lo = min(lo, top - 1.0)
     edges = np.arange(math.floor(lo * pieces_per_octave),
                       math.ceil(hi * pieces_per_octave) + 1) / pieces_per_octave
     edges = np.union1d(edges, _scale_jumps(bf, t, edges[0], edges[-1]))
+    if tensor_amax is not None:
+        edges = np.union1d(edges[edges < hi], [hi])
     nodes, weights = _GL
     h = np.diff(edges)
     u = (edges[:-1, None] + h[:, None] * (nodes + 1) / 2).ravel()
@@ -268,8 +280,11 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
     s = _scale_of(m, bf, t)
     a_rel, a_sq, g_rel, g_sq = _errors(m, s, bf, mu, sigma, rounding == "stochastic")
 
-    def dens(p):  # d F(m)^p per node: p F^(p-1) f
-        return p * np.exp((p - 1) * logF) * wf
+    if log_fa:  # truncated at A: f_A = f / F(A), F_A = F / F(A)
+        g_rel, g_sq = g_rel / math.exp(log_fa), g_sq / math.exp(log_fa)
+
+    def dens(p):  # d F_A(m)^p per node: p F_A^(p-1) f_A
+        return p * np.exp((p - 1) * (logF - log_fa) - log_fa) * wf
 
     total_rel = total_sq = 0.0
     for k, w in zip(ks.tolist(), pk.tolist()):
@@ -281,6 +296,9 @@ def expected_block_error(bf, sigma: float, mu: float = 0.0, rounding: str = "nea
         total_rel += w * rel
         total_sq += w * sq
     ex2 = math.exp(2 * mu + 2 * sigma * sigma)
+    if tensor_amax is not None:  # E[x^2 | x <= A]: the second partial moment
+        za = (math.log(tensor_amax) - mu) / sigma
+        ex2 *= math.exp(float(special.log_ndtr(za - 2 * sigma)) - log_fa)
     return BlockError(relative=total_rel, nmse=total_sq / ex2)
 
 

@@ -4,7 +4,9 @@ Captures neural gradients of a short training run (or draws synthetic layers wit
 ``--synthetic``) and tabulates, per method and on average over layers: target vs achieved
 sparsity of every pruning threshold method, and predicted vs held-out relative FP quantization
 error per split for the lognormal model and the empirical (sample-based) one, with the split
-each selects. Logic in ``gradcomp.apps.fitcheck``; JSON (with per-layer records) under --out.
+each selects; and predicted (lognormal order-statistics theory at each layer's fit) vs
+measured error of block formats (MX, NVFP4: ``--block-formats``), with a figure. Logic in
+``gradcomp.apps.fitcheck``; JSON (with per-layer records) and the figure under --out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from gradcomp.apps.commands._common import (
 from gradcomp.apps.evaluation import DEFAULT_METHODS, DEFAULT_TARGETS, synthetic_layers
 from gradcomp.apps.fitcheck import (
     DEFAULT_BITS,
+    DEFAULT_BLOCK_FORMATS,
+    block_check,
+    block_tables,
+    plot_block_check,
     capture_layers,
     per_layer_tables,
     quantization_check,
@@ -43,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "lognormal closed forms (Eq. 8 thresholds, exact FP error integral) with the "
         "distribution-free sample-based methods: target vs achieved sparsity per threshold "
         "method, predicted vs held-out quantization error per FP split, and the split each "
-        "selects.",
+        "selects, and predicted vs measured error of block formats (MX, NVFP4).",
     )
     add_data_args(p)
     p.add_argument("--steps", type=int, default=200,
@@ -66,6 +72,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"))
     p.add_argument("--quant-values", type=int, default=32768,
                    help="values per layer for the FP check, split in two halves (32768)")
+    p.add_argument("--block-formats", default=",".join(DEFAULT_BLOCK_FORMATS),
+                   help="comma list of block formats for the block check ('' for none; "
+                   f"default {','.join(DEFAULT_BLOCK_FORMATS)})")
+    p.add_argument("--block-rounding", default="nearest,stochastic",
+                   help="comma list of element roundings for the block check "
+                   "(nearest, stochastic; default both)")
+    p.add_argument("--width", type=int, default=None, help="model base width")
     p.add_argument("--synthetic", action="store_true",
                    help="synthetic lognormal layers instead of training (quick self-check)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,11 +99,31 @@ def _parse_sizes(text: str) -> list[int]:
     return vals
 
 
+def _parse_block(formats: str, roundings: str):
+    from gradcomp.numerics.block import BlockFormat
+
+    fmts = []
+    for name in (f.strip() for f in formats.split(",")):
+        if not name:
+            continue
+        try:
+            fmts.append(BlockFormat.from_name(name))
+        except ValueError as exc:
+            raise ValueError(f"--block-formats: {exc}") from None
+    rnds = [r.strip() for r in roundings.split(",") if r.strip()]
+    bad = [r for r in rnds if r not in ("nearest", "stochastic")]
+    if bad or not rnds:
+        raise ValueError(f"--block-rounding must be a comma list of nearest, stochastic; got "
+                         f"{roundings!r}")
+    return fmts, rnds
+
+
 def run(args: argparse.Namespace) -> int:
     targets = parse_targets(args.targets)
     methods = parse_methods(args.methods)
     bits = parse_bits(args.bits)
     extra = _parse_sizes(args.extra_sample_sizes)
+    block_fmts, block_rnds = _parse_block(args.block_formats, args.block_rounding)
     for name in ("sample_size", "quant_values", "capture_size"):
         if getattr(args, name) < 4:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 4, got "
@@ -103,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
         layers = capture_layers(args.model, args.dataset, args.steps, args.capture_size,
                                 seed=args.seed, device=args.device, data_dir=args.data_dir,
-                                progress=not args.quiet)
+                                progress=not args.quiet, width=args.width)
         source = f"{args.model}/{args.dataset}, {args.steps} steps"
     show = not (args.quiet or args.json)
     with torch.no_grad():
@@ -111,14 +144,20 @@ def run(args: argparse.Namespace) -> int:
                             extra_sample_sizes=extra, seed=args.seed, progress=show)
         fp = quantization_check(layers, bits, semantics=args.semantics, rounding=args.rounding,
                                 max_values=args.quant_values, seed=args.seed, progress=show)
-    result = {"source": source, "sparsity": sp, "quantization": fp}
+        blk = (block_check(layers, block_fmts, block_rnds, seed=args.seed, progress=show)
+               if block_fmts else None)
+    result = {"source": source, "sparsity": sp, "quantization": fp, "blocks": blk}
     out = Path(args.out)
     write_json(out / "fitcheck.json", result)
+    if blk is not None:
+        plot_block_check(blk, out / "fitcheck_block.png")
     if args.json:
         print(to_json({
             "source": source,
             "sparsity": {k: v for k, v in sp.items() if k != "per_layer"},
             "quantization": {k: v for k, v in fp.items() if k != "per_layer"},
+            "blocks": None if blk is None else {k: v for k, v in blk.items()
+                                                if k != "per_layer"},
         }))
     else:
         print(f"source: {source}")
@@ -127,5 +166,9 @@ def run(args: argparse.Namespace) -> int:
         print(quantization_tables(fp))
         print()
         print(per_layer_tables(sp, fp))
-        print(f"\nwrote {out / 'fitcheck.json'}")
+        if blk is not None:
+            print()
+            print(block_tables(blk))
+        print(f"\nwrote {out / 'fitcheck.json'}"
+              + (f" and {out / 'fitcheck_block.png'}" if blk is not None else ""))
     return 0
