@@ -383,8 +383,14 @@ def _round_elems(y, ints, flts, u, c: _C):
     a = y.abs()
     e = (a.view(c.idt) >> c.T) & c.emask
     e = torch.minimum(torch.maximum(e - c.bias, ints[0]), ints[1])
-    ulp = _pow2(e - ints[2], c)
-    k = a / ulp
+    # ulp = 2^(e - m) and 1/ulp are normal numbers of the container for every element format
+    # BlockFormat accepts (grid inside float32's normal range: e - m >= -126, e <= 126), so both
+    # are built from bits without _pow2's subnormal branch, and y / ulp is computed as the
+    # product a * (1/ulp): the same correctly rounded value (division by a power of two), one
+    # vector multiply instead of a divide
+    em = e - ints[2]
+    ulp = ((em + c.bias) << c.T).view(c.fdt)
+    k = a * ((c.bias - em) << c.T).view(c.fdt)
     if u is None:
         r = torch.round(k)
     else:
@@ -429,9 +435,13 @@ def _fp32_scale(amax, flts, wide: bool):
     return torch.clamp(s, 2.0**-126, _F32_MAX)
 
 
-def _tensor_scale(x, flts, c: _C):
+def _tensor_scale(x, flts, c: _C, red: tuple | None = None):
+    """t from the largest finite magnitude; with ``red`` (the block dimensions) computed as the
+    max of per-block finite maxima, which inductor fuses with the block amax into one pass
+    over x (the same number: max is exact in any order)."""
     a = x.abs()
-    amax = torch.where(torch.isfinite(a), a, 0).amax()
+    fa = torch.where(torch.isfinite(a), a, 0)
+    amax = fa.amax() if red is None else fa.amax(dim=red).amax()
     t = amax / (448.0 * flts[0])
     if c.fdt == torch.float64:
         t = t.to(torch.float32).to(torch.float64)
@@ -449,7 +459,7 @@ def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool):
         s = _fp32_scale(amax, flts, wide)
         return s, s
     if kind == "e4m3":
-        t = _tensor_scale(xf, flts, c) if tensor_scale else None
+        t = _tensor_scale(xf, flts, c, red) if tensor_scale else None
         return _e4m3_scale(amax, ints, flts, sc, c, t)
     return _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
 
