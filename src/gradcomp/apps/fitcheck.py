@@ -497,9 +497,9 @@ def block_tables(res: dict, per_layer: bool = True) -> str:
     out = [f"block formats: predicted (lognormal at each layer's fit) vs measured error over "
            f"{res['layers']} layers; meas = the tensor as captured, shuf = its values shuffled "
            "into iid blocks; gap = median over layers of |pred - meas| / meas",
-           f"summary: median |pred - meas| / meas of the relative error {100 * og['meas_rel_gap']:.1f}% "
-           f"(shuffled {100 * og['shuf_rel_gap']:.1f}%), of the nMSE {100 * og['meas_nmse_gap']:.1f}% "
-           f"(shuffled {100 * og['shuf_nmse_gap']:.1f}%)"]
+           "summary: median |pred - meas| / meas of the relative error "
+           f"{100 * og['meas_rel_gap']:.1f}% (shuffled {100 * og['shuf_rel_gap']:.1f}%), of the "
+           f"nMSE {100 * og['meas_nmse_gap']:.1f}% (shuffled {100 * og['shuf_nmse_gap']:.1f}%)"]
     head = ["format", "rounding", "rel pred", "rel meas", "rel shuf", "gap %", "gap shuf %",
             "nmse pred", "nmse meas", "nmse gap %"]
     rows = [[r["format"], r["rounding"], f"{r['pred_rel']:.4f}", f"{r['meas_rel']:.4f}",

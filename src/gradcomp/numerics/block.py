@@ -31,8 +31,9 @@ format's largest finite value, ``emax`` = the exponent of its top binade, floor(
     division), dequantized as q * s.
 
 Per-tensor scale (``tensor_scale=True``, NVFP4; only with ``scale="e4m3"``, ValueError
-otherwise: E8M0 and FP32 scales already span float32's exponent range): t = fp32(amax_t / (448 * max)) with amax_t the
-largest *finite* magnitude of the whole tensor, clamped to [2^-126, float32 max] (so an all-zero
+otherwise: E8M0 and FP32 scales already span float32's exponent range):
+t = fp32(amax_t / (448 * max)) with amax_t the largest *finite* magnitude of the whole tensor,
+clamped to [2^-126, float32 max] (so an all-zero
 tensor gives t = 2^-126, not torchao's 0 that turns the tensor into NaN; an inf or NaN element
 spoils only its own block).
 
