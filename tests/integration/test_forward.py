@@ -521,6 +521,36 @@ def test_block_format_errors_name_the_argument_and_modify_nothing():
     assert list(state) == list(m.state_dict())
 
 
+def test_block_quantize_ste_layouts_and_errors(_eager):
+    from gradcomp.integration.forward import block_quantize_ste
+    from gradcomp.numerics.block import quantize_block
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 40, 5, generator=g, requires_grad=True)
+    # blocks along dim 1: the same as moving it last by hand
+    got = block_quantize_ste(x, "mxfp4", (1,))
+    ref = quantize_block(x.detach().transpose(1, 2), "mxfp4").transpose(1, 2)
+    assert torch.equal(got, ref) and got.is_contiguous()
+    got.backward(torch.arange(600.0).reshape(3, 40, 5))
+    assert torch.equal(x.grad, torch.arange(600.0).reshape(3, 40, 5))
+    # two reduction dims are flattened into one (a conv weight's C_in*kh*kw)
+    w = torch.randn(6, 4, 3, 3, generator=g)
+    assert torch.equal(block_quantize_ste(w, "nvfp4", (1, 2, 3)),
+                       quantize_block(w.reshape(6, 36), "nvfp4").reshape(w.shape))
+    assert torch.equal(block_quantize_ste(torch.tensor(5.0), "nvfp4"),
+                       quantize_block(torch.tensor([5.0]), "nvfp4")[0])
+    with pytest.raises(ValueError, match="dims must be distinct dimensions of x"):
+        block_quantize_ste(w, "nvfp4", (1, 5))
+    with pytest.raises(ValueError, match="dims must be distinct dimensions of x"):
+        block_quantize_ste(w, "nvfp4", (1, -3))
+    with pytest.raises(TypeError, match="dims must be a non-empty tuple of ints"):
+        block_quantize_ste(w, "nvfp4", 1)
+    with pytest.raises(ValueError, match="fmt must be a block format name"):
+        block_quantize_ste(w, "e2m1fn")
+    with pytest.raises(TypeError, match="x must be"):
+        block_quantize_ste(torch.arange(4), "nvfp4")
+
+
 # ------------------------------------------------------------------------------ training
 
 

@@ -23,11 +23,13 @@ Model conversion keeps every module object, class, name and ``state_dict`` key o
 model (so ``compress_gradients``, which selects layers by type and name and hooks their OUTPUT,
 composes with it in either order): each converted layer gets
 
-* a parameter ``pact_alpha`` (0-d) registered on the module itself, so an optimizer built after
-  the conversion trains it and ``model.state_dict()`` checkpoints it;
-* an instance-level ``forward`` that PACT-quantizes the input activation, swaps in the SAWB-
-  quantized weight for the duration of the original forward (restored in ``finally``), and
-  calls the module's own forward (so subclasses and user hooks keep working).
+* when its activations are PACT-quantized, a parameter ``pact_alpha`` (0-d) registered on the
+  module itself, so an optimizer built after the conversion trains it and
+  ``model.state_dict()`` checkpoints it;
+* an instance-level ``forward`` that quantizes the input activation (PACT or a block format),
+  swaps in the quantized weight (SAWB or a block format) for the duration of the original
+  forward (restored in ``finally``), and calls the module's own forward (so subclasses and
+  user hooks keep working).
 
 ``handle.remove()`` deletes both, restoring the model exactly.
 
