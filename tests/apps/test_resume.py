@@ -1,8 +1,10 @@
 """Kill -9 at any moment, then --resume: the run ends bit for bit where an uninterrupted one does.
 
 Single process (subprocesses killed with os._exit, the effect of kill -9) for two recipes and
-three kill points, two per-GEMM recipes (NVFP4 with RHT, LUQ) killed mid-epoch, and 2 data-parallel workers (gloo, CPU) for the top-k and QSGD communication
-hooks, whose error-feedback memory and generators must be in the checkpoint.
+three kill points, and for two per-GEMM recipes (NVFP4 with RHT, LUQ) killed mid-epoch, whose
+stochastic-rounding generators and call counters must be in the checkpoint; 2 data-parallel
+workers (gloo, CPU) for the top-k and QSGD communication hooks, whose error-feedback memory and
+generators must be in the checkpoint.
 """
 
 import dataclasses

@@ -63,8 +63,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradcomp.numerics._checks import require_float_tensor, require_int_range, require_positive
 from gradcomp.integration.gemm import OperandSpec, quantize_operand
+from gradcomp.numerics._checks import require_float_tensor, require_int_range, require_positive
 from gradcomp.numerics.block import NAMED_BLOCK_FORMATS, BlockFormat
 
 __all__ = [
