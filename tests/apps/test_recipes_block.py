@@ -103,3 +103,47 @@ def test_per_gemm_recipe_builds_and_runs_two_steps(tmp_path, name):
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     state = ck["ranks"][0]["backward"]  # the backward handle's generators and call counters
     assert state is not None and all(c == 2 for c in state["calls"].values())
+
+
+@pytest.mark.parametrize("name,weight,act", [("fp4-all-the-way", "nvfp4", "nvfp4"),
+                                             ("nvfp4-recipe", "nvfp4_2d", "nvfp4"),
+                                             ("quartet-mxfp4", "mxfp4", "mxfp4")])
+def test_fp4_recipes_quantize_the_forward_in_their_block_format(tmp_path, name, weight, act):
+    from gradcomp.apps.models import build_model
+    from gradcomp.integration.forward import quantize_forward
+
+    r = get_recipe(name)
+    f = r.forward
+    assert (f.weight_bits, f.act_bits, f.first_last_bits) == (None, None, None)
+    assert (f.weight_format, f.act_format) == (weight, act)
+    # round trip through a JSON recipe file (TOML has no null for the *_bits)
+    p = tmp_path / "r.json"
+    p.write_text(__import__("json").dumps(r.to_dict()))
+    assert load_recipe(p) == r
+    # what train installs: the hidden layers, not the first and the last
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4)
+    h = quantize_forward(model, **f.kwargs())
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                    torch.nn.Linear))]
+    assert set(h.layers) == set(layers[1:-1])
+    assert all(s.weight_format.name == weight and s.act_format.name == act
+               for s in h.layers.values())
+    h.remove()
+
+
+def test_forward_spec_block_formats_are_strict(tmp_path):
+    p = tmp_path / "f.json"
+    p.write_text('{"forward": {"weight_bits": null, "weight_format": "nvfp5"}}')
+    with pytest.raises(ValueError, match=r"f\.json.*forward\.weight_format: name must be one of"):
+        load_recipe(p)
+    p.write_text('{"forward": {"act_format": "mxfp4"}}')
+    with pytest.raises(ValueError, match=r"forward\.act_bits and forward\.act_format exclude "
+                                         "each other.*set act_bits to null"):
+        load_recipe(p)
+    p.write_text('{"forward": {"act_bits": null, "act_format": 4}}')
+    with pytest.raises(TypeError, match="forward.act_format must be a block format name"):
+        load_recipe(p)
+    p.write_text('{"forward": {"act_bits": null, "act_format": "mxfp4"}}')
+    r = load_recipe(p)
+    assert r.forward.act_format == "mxfp4" and r.forward.weight_bits == 4
+    assert recipe_from_dict(r.to_dict()) == r

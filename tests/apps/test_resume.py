@@ -1,10 +1,13 @@
 """Kill -9 at any moment, then --resume: the run ends bit for bit where an uninterrupted one does.
 
 Single process (subprocesses killed with os._exit, the effect of kill -9) for two recipes and
-three kill points, and 2 data-parallel workers (gloo, CPU) for the top-k and QSGD communication
-hooks, whose error-feedback memory and generators must be in the checkpoint.
+three kill points, and for two per-GEMM recipes (NVFP4 with RHT, LUQ) killed mid-epoch, whose
+stochastic-rounding generators and call counters must be in the checkpoint; 2 data-parallel
+workers (gloo, CPU) for the top-k and QSGD communication hooks, whose error-feedback memory and
+generators must be in the checkpoint.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from gradcomp.apps.distributed import launch_local
+from gradcomp.apps.recipes import get_recipe
 from gradcomp.apps.train import CheckpointMismatchError, StepHook, TrainConfig, train
 
 STEPS = 4  # steps per epoch
@@ -84,6 +88,29 @@ def test_single_process_kill9_resume_is_bit_exact(tmp_path, recipe):
         assert _run_killed(cfg, **kill) == 9, name
         train(TrainConfig(recipe=recipe, out=str(out), resume=True, **SMALL))
         _same_run(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["nvfp4-recipe", "luq-fp4"])
+def test_per_gemm_recipe_kill9_resume_is_bit_exact(tmp_path, recipe):
+    """Per-GEMM recipes draw stochastic rounding from the backward handle's generators and key
+    the RHT signs on each layer's call counter; both live in the checkpoint, so a run killed
+    mid-epoch resumes onto the same trajectory."""
+    small = {**SMALL, "epochs": 2}
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    train(TrainConfig(recipe=recipe, out=str(ref), **small))
+    # dies inside epoch 2, after epoch 1's checkpoint
+    assert _run_killed(TrainConfig(recipe=recipe, out=str(out), **small), STEPS + 2) == 9
+    train(TrainConfig(recipe=recipe, out=str(out), resume=True, **small))
+    _same_run(ref, out)
+    # the backward's rounding noise does reach the weights: the same run with another stream
+    # (same init, same batches) ends elsewhere, so a resume that lost it could not match
+    r = get_recipe(recipe)
+    r = dataclasses.replace(r, backward=dataclasses.replace(r.backward, seed=r.backward.seed + 1))
+    other = tmp_path / "other"
+    train(TrainConfig(recipe=r, out=str(other), **small))
+    wa, wb = _weights(ref), _weights(other)
+    assert not all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 class KillAt(StepHook):

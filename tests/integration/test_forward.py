@@ -370,6 +370,187 @@ def test_composes_with_output_hooks_in_either_order():
             hook.remove()
 
 
+# ------------------------------------------------------------------- block-format forward
+
+
+@pytest.fixture
+def _eager():
+    from gradcomp.numerics import kernels
+
+    kernels.set_compile(False)  # the fused path is tested in tests/numerics; keep these fast
+    yield
+    kernels.set_compile(None)
+
+
+class Block3(nn.Module):
+    """conv -> conv -> linear -> linear: the middle conv and linear are neither first nor last.
+    Channel and feature counts that are not multiples of the blocks (ragged last block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 20, 3, padding=1)
+        self.conv2 = nn.Conv2d(20, 24, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(24 * 16, 40)
+        self.fc2 = nn.Linear(40, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _block_model():
+    torch.manual_seed(3)
+    return Block3()
+
+
+def _qb(t, fmt, dims):
+    """The reference layout, written out: reduction dims last, flattened, quantize_block."""
+    from gradcomp.numerics.block import quantize_block
+
+    if dims == "linear":
+        return quantize_block(t.reshape(-1, t.shape[-1]), fmt).reshape(t.shape)
+    if dims == "conv_weight":
+        return quantize_block(t.reshape(t.shape[0], -1), fmt).reshape(t.shape)
+    # conv input: the channels of each position (NHWC)
+    return quantize_block(t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]), fmt).reshape(
+        t.shape[0], t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "nvfp4_2d", "mxfp8_e4m3"])
+def test_block_forward_equals_gemm_of_quantize_blocked_operands(_eager, fmt):
+    m = _block_model()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    h = quantize_forward(m, weight_bits=None, act_bits=None, first_last_bits=None,
+                         weight_format=fmt, act_format=fmt)
+    assert set(h.layers) == {"conv2", "fc1"} and h.layers["fc1"].weight_format.name == fmt
+    assert h.alpha_parameters() == {}  # no PACT clip without INT activations
+    seen = {}
+    hooks = [getattr(m, n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen.update({n: (inp[0], out)})) for n in ("conv2", "fc1")]
+    m(x)
+    for hk in hooks:
+        hk.remove()
+    c = m.conv2
+    inp, out = seen["conv2"]
+    ref = nn.functional.conv2d(_qb(inp, fmt, "conv_input"), _qb(c.weight, fmt, "conv_weight"),
+                               c.bias, c.stride, c.padding)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, nn.functional.conv2d(inp, c.weight, c.bias, c.stride, c.padding))
+    inp, out = seen["fc1"]
+    ref = nn.functional.linear(_qb(inp, fmt, "linear"), _qb(m.fc1.weight, fmt, "linear"),
+                               m.fc1.bias)
+    assert torch.equal(out, ref)
+    assert isinstance(m.fc1.weight, nn.Parameter)  # restored after the forward
+    h.remove()
+    assert "forward" not in m.fc1.__dict__
+
+
+def test_block_forward_gradient_is_straight_through(_eager):
+    m = _block_model()
+    h = quantize_forward(m, weight_bits=None, act_bits=None, first_last_bits=None,
+                         weight_format="nvfp4", act_format="nvfp4")
+    g = torch.Generator().manual_seed(5)
+    for name, x, kind in (("fc1", torch.randn(3, 7, 384, generator=g), "linear"),
+                          ("conv2", torch.randn(4, 20, 8, 8, generator=g), "conv")):
+        layer = getattr(m, name)
+        x = x.requires_grad_(True)
+        r = torch.randn(layer(x).shape, generator=g)
+        layer.zero_grad()
+        (layer(x) * r).sum().backward()
+        # the same product on the quantized operands as leaves: their gradients must be the
+        # ones the full-precision input and weight received (identity through the quantizer)
+        xd, wd = x.detach(), layer.weight.detach()
+        if kind == "linear":
+            xq = _qb(xd, "nvfp4", "linear").requires_grad_(True)
+            wq = _qb(wd, "nvfp4", "linear").requires_grad_(True)
+            out = nn.functional.linear(xq, wq, layer.bias)
+        else:
+            xq = _qb(xd, "nvfp4", "conv_input").requires_grad_(True)
+            wq = _qb(wd, "nvfp4", "conv_weight").requires_grad_(True)
+            out = nn.functional.conv2d(xq, wq, layer.bias, layer.stride, layer.padding)
+        (out * r).sum().backward()
+        assert torch.equal(x.grad, xq.grad) and torch.equal(layer.weight.grad, wq.grad)
+        assert not torch.equal(xq.detach(), xd)  # the quantizer did change the operand
+    h.remove()
+
+
+def test_block_and_int_operands_mix(_eager):
+    m = _block_model()
+    # NVFP4 weights with PACT 4-bit activations; first/last layer INT8
+    h = quantize_forward(m, weight_bits=None, act_bits=4, first_last_bits=8,
+                         weight_format="nvfp4")
+    spec = h.layers["fc1"]
+    assert (spec.weight_bits, spec.act_bits, spec.weight_format.name, spec.act_format) == \
+        (None, 4, "nvfp4", None)
+    assert h.layers["conv1"].weight_bits == 8 and h.layers["conv1"].weight_format is None
+    assert set(h.alpha_parameters()) == {"conv1", "conv2", "fc1", "fc2"}
+    seen = {}
+    hk = m.fc1.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0], out=out))
+    m(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)))
+    hk.remove()
+    xq = pact_quantize(seen["inp"], m.fc1.pact_alpha, 4, signed=True)
+    assert torch.equal(seen["out"], nn.functional.linear(
+        xq, _qb(m.fc1.weight, "nvfp4", "linear"), m.fc1.bias))
+    h.remove()
+
+
+def test_block_format_errors_name_the_argument_and_modify_nothing():
+    from gradcomp.numerics.block import BlockFormat
+
+    m = _block_model()
+    state = copy.deepcopy(m.state_dict())
+    kw = dict(weight_bits=None, act_bits=None, first_last_bits=None)
+    with pytest.raises(ValueError, match=r"weight_format must be a block format name \(mxfp8"):
+        quantize_forward(m, **kw, weight_format="nvfp5")
+    with pytest.raises(ValueError, match=r"act_format must be a block format name.*'fp4'"):
+        quantize_forward(m, **kw, act_format="fp4")
+    with pytest.raises(TypeError, match="act_format must be a block format name or a "
+                                        "BlockFormat, got int"):
+        quantize_forward(m, **kw, act_format=4)
+    with pytest.raises(ValueError, match="weight_bits and weight_format exclude each other"):
+        quantize_forward(m, weight_format="nvfp4")
+    with pytest.raises(ValueError, match="act_bits and act_format exclude each other"):
+        quantize_forward(m, weight_bits=None, act_format="mxfp4")
+    odd = BlockFormat.from_name("mxfp4").replace(dims=(0,))
+    with pytest.raises(ValueError, match="weight_format: the blocks run along the GEMM's "
+                                         "reduction dimension"):
+        quantize_forward(m, **kw, weight_format=odd)
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert list(state) == list(m.state_dict())
+
+
+def test_block_quantize_ste_layouts_and_errors(_eager):
+    from gradcomp.integration.forward import block_quantize_ste
+    from gradcomp.numerics.block import quantize_block
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 40, 5, generator=g, requires_grad=True)
+    # blocks along dim 1: the same as moving it last by hand
+    got = block_quantize_ste(x, "mxfp4", (1,))
+    ref = quantize_block(x.detach().transpose(1, 2), "mxfp4").transpose(1, 2)
+    assert torch.equal(got, ref) and got.is_contiguous()
+    got.backward(torch.arange(600.0).reshape(3, 40, 5))
+    assert torch.equal(x.grad, torch.arange(600.0).reshape(3, 40, 5))
+    # two reduction dims are flattened into one (a conv weight's C_in*kh*kw)
+    w = torch.randn(6, 4, 3, 3, generator=g)
+    assert torch.equal(block_quantize_ste(w, "nvfp4", (1, 2, 3)),
+                       quantize_block(w.reshape(6, 36), "nvfp4").reshape(w.shape))
+    assert torch.equal(block_quantize_ste(torch.tensor(5.0), "nvfp4"),
+                       quantize_block(torch.tensor([5.0]), "nvfp4")[0])
+    with pytest.raises(ValueError, match="dims must be distinct dimensions of x"):
+        block_quantize_ste(w, "nvfp4", (1, 5))
+    with pytest.raises(ValueError, match="dims must be distinct dimensions of x"):
+        block_quantize_ste(w, "nvfp4", (1, -3))
+    with pytest.raises(TypeError, match="dims must be a non-empty tuple of ints"):
+        block_quantize_ste(w, "nvfp4", 1)
+    with pytest.raises(ValueError, match="fmt must be a block format name"):
+        block_quantize_ste(w, "e2m1fn")
+    with pytest.raises(TypeError, match="x must be"):
+        block_quantize_ste(torch.arange(4), "nvfp4")
+
+
 # ------------------------------------------------------------------------------ training
 
 

@@ -362,3 +362,76 @@ def test_backward_config_plain_data_round_trip():
         backward_config_from_dict({"rules": [["fc"]]})
     # keep_last: the last N layers stay in full precision
     assert list(BackwardQuantConfig(spec, keep_last=2).select(_net())) == ["conv", "grouped"]
+
+
+class _Three(nn.Module):
+    """first -> middle (Conv2d or Linear) -> last: the middle layer is the one converted."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        if conv:
+            self.first = nn.Conv2d(3, 20, 1)
+            self.mid = nn.Conv2d(20, 24, 3, stride=2, padding=1)
+        else:
+            self.first = nn.Linear(8, 40)
+            self.mid = nn.Linear(40, 36)
+        self.last = nn.Linear(4, 2)
+
+
+@pytest.fixture
+def _eager():
+    from gradcomp.numerics import kernels
+
+    kernels.set_compile(False)  # the fused path is tested in tests/numerics; keep these fast
+    yield
+    kernels.set_compile(None)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("order", ["forward_first", "backward_first"])
+def test_block_forward_composes_with_backward_spec(_eager, conv, order):
+    """NVFP4 forward + per-GEMM NVFP4 SR backward on one layer: the input and weight gradients
+    are ``backward_products`` of the forward-quantized operands (which the layer multiplied),
+    passed unchanged to the full-precision ones (STE)."""
+    from gradcomp.numerics.block import quantize_block
+
+    torch.manual_seed(1)
+    m = _Three(conv)
+    nv = OperandSpec("block", "nvfp4")
+    spec = BackwardSpec(nv, OperandSpec("block", "nvfp4_2d", "nearest"), nv,
+                        OperandSpec("block", "nvfp4", "nearest"), RHTSpec(16, "fixed", seed=3))
+    cfg = BackwardQuantConfig(spec, keep_first_last=True, seed=11)
+    fq = dict(weight_bits=None, act_bits=None, first_last_bits=None, weight_format="nvfp4",
+              act_format="nvfp4")
+    if order == "forward_first":
+        f = quantize_forward(m, **fq)
+        b = quantize_backward(m, cfg)
+    else:
+        b = quantize_backward(m, cfg)
+        f = quantize_forward(m, **fq)
+    assert set(f.layers) == set(b.layers) == {"mid"}
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*((5, 20, 6, 6) if conv else (4, 3, 40)), generator=g, requires_grad=True)
+    y = m.mid(x)
+    gout = torch.randn(y.shape, generator=g)
+    y.backward(gout)
+    w = m.mid.weight.detach()
+    if conv:
+        xq = quantize_block(x.detach().permute(0, 2, 3, 1).reshape(-1, 20), "nvfp4").reshape(
+            5, 6, 6, 20).permute(0, 3, 1, 2).contiguous()
+        wq = quantize_block(w.reshape(24, -1), "nvfp4").reshape(w.shape)
+        extra = dict(conv=(m.mid.stride, m.mid.padding, m.mid.dilation, m.mid.groups))
+    else:
+        xq = quantize_block(x.detach(), "nvfp4")
+        wq = quantize_block(w, "nvfp4")
+        extra = {}
+    dx, dw = backward_products("conv2d" if conv else "linear", gout, xq, wq, spec,
+                               torch.Generator().manual_seed(11), **extra)
+    assert torch.equal(x.grad, dx) and torch.equal(m.mid.weight.grad, dw)
+    # against the full-precision backward: the quantization really happened
+    ref_x = x.detach().clone().requires_grad_(True)
+    f.remove()
+    b.remove()
+    m.mid.zero_grad()
+    m.mid(ref_x).backward(gout)
+    assert not torch.equal(ref_x.grad, dx) and not torch.equal(m.mid.weight.grad, dw)

@@ -2,7 +2,8 @@
 
 A recipe says what happens to the neural gradients (``compression``: FP or block-format
 quantization and/or stochastic pruning, see :class:`gradcomp.config.CompressionConfig`), for
-fully quantized training to the forward pass (``forward``: PACT activations, SAWB weights), and
+fully quantized training to the forward pass (``forward``: PACT activations and SAWB weights, or
+block formats such as NVFP4/MXFP4), and
 per backward GEMM (``backward``: a :class:`gradcomp.integration.gemm.BackwardQuantConfig`, each
 operand of dgrad and wgrad quantized on its own, optional RHT on wgrad). ``get_recipe(name)``
 returns a built-in; ``load_recipe(path)`` reads a file; unknown fields, wrong-typed or bad values
@@ -34,9 +35,9 @@ Built-in names (``list_recipes()`` prints them all):
   elements as the FP4/FP8 training papers and TransformerEngine use it on gradients):
   ``mxfp8`` (MXFP8 E4M3), ``mxfp8-e5m2``, ``mxfp6`` (MXFP6 E3M2), ``mxfp4``, ``nvfp4``; each with
   a ``-rn`` variant (round to nearest even).
-* Per-GEMM backward quantization (``backward``): ``luq-fp4`` (``luq-fp4-smp``: two samples),
-  ``nvfp4-recipe``, ``quartet-mxfp4``, ``fp4-all-the-way``; each description says which paper,
-  which setting and what is left out.
+* Per-GEMM backward quantization (``backward``): ``luq-fp4`` (``luq-fp4-smp``: two samples;
+  INT4 forward), ``nvfp4-recipe``, ``quartet-mxfp4``, ``fp4-all-the-way`` (block-format FP4
+  forward GEMMs too); each description says which paper, which setting and what is left out.
 S in {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95}.
 """
 
@@ -56,6 +57,7 @@ from gradcomp.integration.gemm import (
     RHTSpec,
     backward_config_from_dict,
 )
+from gradcomp.numerics.block import BlockFormat
 
 __all__ = ["Recipe", "ForwardSpec", "get_recipe", "list_recipes", "load_recipe", "recipe_from_dict"]
 
@@ -64,19 +66,38 @@ SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "0.85", "0.9", "0.95")
 
 @dataclass(frozen=True)
 class ForwardSpec:
-    """Forward quantization: SAWB weights, PACT activations, k bits each (None: full precision;
-    ``first_last_bits`` for the first and last layer)."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise TypeError(f"forward.{f.name} must be an int or null, got "
-                                f"{type(v).__name__} {v!r}")
+    """Forward quantization (``quantize_forward``): SAWB weights, PACT activations, k bits each
+    (None: full precision; ``first_last_bits`` for the first and last layer), or a block format
+    per operand (``weight_format`` / ``act_format``: a block format name such as "nvfp4" or
+    "mxfp4", round to nearest, blocks along the reduction dimension; the matching ``*_bits``
+    must then be null)."""
 
     weight_bits: int | None = 4
     act_bits: int | None = 4
     first_last_bits: int | None = 8
+    weight_format: str | None = None
+    act_format: str | None = None
+
+    def __post_init__(self):
+        for f in ("weight_bits", "act_bits", "first_last_bits"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"forward.{f} must be an int or null, got "
+                                f"{type(v).__name__} {v!r}")
+        for f, bits in (("weight_format", "weight_bits"), ("act_format", "act_bits")):
+            v = getattr(self, f)
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                raise TypeError(f"forward.{f} must be a block format name or null, got "
+                                f"{type(v).__name__} {v!r}")
+            try:
+                BlockFormat.from_name(v)
+            except ValueError as exc:
+                raise ValueError(f"forward.{f}: {exc}") from None
+            if getattr(self, bits) is not None:
+                raise ValueError(f"forward.{bits} and forward.{f} exclude each other (got "
+                                 f"{getattr(self, bits)!r} and {v!r}): set {bits} to null")
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,36 +355,46 @@ def _gemm_recipes(add) -> None:
         backward=BackwardQuantConfig(BackwardSpec(dgrad_grad=luq2, wgrad_grad=luq2),
                                      keep_first_last=True))
     nv_sr, nv_rn = _op("block", "nvfp4"), _op("block", "nvfp4", "nearest")
+    # the forward-quantized operands are what the backward saves: a backward spec re-quantizes
+    # them (a second rounding where the papers quantize the high-precision tensor again)
+    requant = ("the backward re-quantizes the forward-quantized input and weight (the paper "
+               "quantizes the high-precision tensors for the backward)")
     add("nvfp4-recipe",
         "NVIDIA's NVFP4 pretraining recipe ('Pretraining large language models with NVFP4', "
-        "2025; its method section, the 12B-model setting): backward GEMMs with NVFP4 1x16 "
-        "stochastic rounding on the gradient (dgrad and wgrad), 16x16 2-D NVFP4 tiles on the "
-        "weight (nearest), 1x16 nearest on the saved input, a 16-point random Hadamard "
-        "transform on both wgrad operands with one fixed sign vector; first and last layer in "
-        "full precision (the paper keeps about 15% of the linear layers, the first and last "
-        "blocks, in BF16). Left out: the NVFP4 forward GEMM (quantize_forward has no block "
-        "formats) and the BF16/FP32 master weights and optimizer details.",
+        "2025; its method section, the 12B-model setting). Forward GEMM: NVFP4 round-to-nearest "
+        "with 1x16 blocks on the input and 16x16 2-D tiles on the weight. Backward GEMMs: NVFP4 "
+        "1x16 stochastic rounding on the gradient (dgrad and wgrad), the weight in the same "
+        "16x16 tiles (nearest; 2-D so that W and W^T quantize alike), 1x16 nearest on the saved "
+        "input, a 16-point random Hadamard transform on both wgrad operands with one fixed "
+        "sign vector; first and last layer in full precision (the paper keeps about 15% of the "
+        "linear layers, the first and last blocks, in BF16). Left out: " + requant + "; the "
+        "BF16/FP32 master weights and optimizer details.",
+        forward=ForwardSpec(None, None, None, weight_format="nvfp4_2d", act_format="nvfp4"),
         backward=BackwardQuantConfig(
             BackwardSpec(nv_sr, _op("block", "nvfp4_2d", "nearest"), nv_sr, nv_rn,
                          RHTSpec(16, "fixed")), keep_first_last=True))
     mx = _op("block", "e2m1fn:32:e8m0:rceil")
     add("quartet-mxfp4",
         "Quartet (Castro et al., 2025, 'Quartet: native FP4 training can be optimal for large "
-        "language models'), its backward: MXFP4 (E2M1, 32-element blocks, E8M0 scale) on all "
-        "four backward operands with stochastic rounding, a 32-point random Hadamard transform "
-        "with fresh signs every step on the wgrad operands; the E8M0 scale is rounded up "
-        "(rceil) so that stochastic rounding never clips (unbiased). First and last layer in "
-        "full precision. Left out: Quartet's forward (Hadamard + QuEST RMSE-clipped MXFP4: not "
-        "in quantize_forward) and the Hadamard on the dgrad operands (gemm applies the RHT to "
-        "wgrad only).",
+        "language models'), its MXFP4 linear layers. Forward GEMM: MXFP4 (E2M1, 32-element "
+        "blocks, E8M0 scale, OCP floor rule) round-to-nearest on the input and the weight. "
+        "Backward: MXFP4 on all four backward operands with stochastic rounding, a 32-point "
+        "random Hadamard transform with fresh signs every step on the wgrad operands; the E8M0 "
+        "scale is rounded up (rceil) so that stochastic rounding never clips (unbiased). First "
+        "and last layer in full precision. Left out: the forward's Hadamard transform and "
+        "QuEST RMSE-optimal clipping (plain MXFP4 nearest here), the Hadamard on the dgrad "
+        "operands (gemm applies the RHT to wgrad only); " + requant + ".",
+        forward=ForwardSpec(None, None, None, weight_format="mxfp4", act_format="mxfp4"),
         backward=BackwardQuantConfig(
             BackwardSpec.uniform(mx, mx, mx, RHTSpec(32, "per_step")), keep_first_last=True))
     add("fp4-all-the-way",
-        "'FP4 All the Way' (Chmiel et al., 2025): NVFP4 (1x16 blocks, E4M3 scale) with "
-        "stochastic rounding on every backward operand (gradient, weight, input of dgrad and "
-        "wgrad); first and last layer in full precision. Left out: the NVFP4 round-to-nearest "
-        "forward GEMMs (quantize_forward has no block formats), SR in the weight update, and "
-        "the paper's closing high-precision (QAF) phase.",
+        "'FP4 All the Way' (Chmiel et al., 2025), its NVFP4 setting (the format it found best "
+        "among the block sizes and scale formats compared): forward GEMMs in NVFP4 (1x16 "
+        "blocks, E4M3 scale, FP32 tensor scale) with round-to-nearest on the input and the "
+        "weight; every backward operand (gradient, weight, input of dgrad and wgrad) in NVFP4 "
+        "with stochastic rounding; first and last layer in full precision. Left out: SR in the "
+        "weight update, the paper's closing high-precision (QAF) phase; " + requant + ".",
+        forward=ForwardSpec(None, None, None, weight_format="nvfp4", act_format="nvfp4"),
         backward=BackwardQuantConfig(BackwardSpec.uniform(nv_sr, nv_sr, nv_sr),
                                      keep_first_last=True))
 

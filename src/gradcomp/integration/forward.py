@@ -23,17 +23,39 @@ Model conversion keeps every module object, class, name and ``state_dict`` key o
 model (so ``compress_gradients``, which selects layers by type and name and hooks their OUTPUT,
 composes with it in either order): each converted layer gets
 
-* a parameter ``pact_alpha`` (0-d) registered on the module itself, so an optimizer built after
-  the conversion trains it and ``model.state_dict()`` checkpoints it;
-* an instance-level ``forward`` that PACT-quantizes the input activation, swaps in the SAWB-
-  quantized weight for the duration of the original forward (restored in ``finally``), and
-  calls the module's own forward (so subclasses and user hooks keep working).
+* when its activations are PACT-quantized, a parameter ``pact_alpha`` (0-d) registered on the
+  module itself, so an optimizer built after the conversion trains it and
+  ``model.state_dict()`` checkpoints it;
+* an instance-level ``forward`` that quantizes the input activation (PACT or a block format),
+  swaps in the quantized weight (SAWB or a block format) for the duration of the original
+  forward (restored in ``finally``), and calls the module's own forward (so subclasses and
+  user hooks keep working).
 
 ``handle.remove()`` deletes both, restoring the model exactly.
+
+Block formats (``weight_format`` / ``act_format``: a name of ``gradcomp.numerics.block`` such as
+"nvfp4", "mxfp4", "nvfp4_2d", or a :class:`BlockFormat`): fake quantization of the forward GEMM
+operands, ``quantize_block`` (round to nearest, ties to even; the format's scale rule, its
+saturation, zero/NaN/inf handling) with the blocks along the GEMM's reduction dimension, as
+block-scaled GEMMs need: a Linear's weight (out, in) and input (..., in) along ``in``; a Conv2d's
+weight along the flattened C_in*kh*kw of each output channel and its input along the channels
+C_in at each position (the im2col rows of one position; with ``groups > 1`` the input blocks run
+across group boundaries). Straight-through estimator: the gradient w.r.t. the full-precision
+operand is the gradient w.r.t. the quantized one, unchanged (no clipping mask: saturation only
+touches a block's maximum). This is the forward of "FP4 All the Way" (Chmiel et al., 2025: NVFP4,
+nearest rounding in the forward) and of NVIDIA's NVFP4 recipe.
+
+``quantize_backward`` (per-GEMM backward quantization) composes on the same layer, in either
+order: it intercepts the layer's ``F.linear`` / ``F.conv2d`` call, whose operands are the
+forward-quantized input and weight; those are what its backward products save and re-quantize per
+its ``BackwardSpec`` (e.g. along the other dimension, with stochastic rounding), and the gradients
+it returns for them reach the full-precision weight and input through the STE above.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,7 +63,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradcomp.integration.gemm import OperandSpec, quantize_operand
 from gradcomp.numerics._checks import require_float_tensor, require_int_range, require_positive
+from gradcomp.numerics.block import NAMED_BLOCK_FORMATS, BlockFormat
 
 __all__ = [
     "ALPHA_NAME",
@@ -49,6 +73,7 @@ __all__ = [
     "SAWB_COEFFICIENTS",
     "ForwardQuantHandle",
     "LayerQuantSpec",
+    "block_quantize_ste",
     "pact_quantize",
     "quantize_forward",
     "sawb_clip",
@@ -248,38 +273,137 @@ def sawb_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Block formats (NVFP4, MXFP4, ...)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_block_format(fmt, name: str) -> BlockFormat:
+    """A BlockFormat from a name or a BlockFormat; errors name the argument and the choices."""
+    if isinstance(fmt, str):
+        try:
+            fmt = BlockFormat.from_name(fmt)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be a block format name ({', '.join(NAMED_BLOCK_FORMATS)}, or "
+                f"'elem:block:scale:rule[:ts]' such as 'e2m1fn:32:e8m0:rceil') or a BlockFormat; "
+                f"got {fmt!r}") from None
+    elif not isinstance(fmt, BlockFormat):
+        raise TypeError(f"{name} must be a block format name or a BlockFormat, got "
+                        f"{type(fmt).__name__} {fmt!r}")
+    if fmt.dims != ((-1,) if len(fmt.block) == 1 else (-2, -1)):
+        raise ValueError(f"{name}: the blocks run along the GEMM's reduction dimension, so the "
+                         f"format's dims must be the default; got {fmt.dims} in {fmt.name}")
+    return fmt
+
+
+class _BlockSTE(torch.autograd.Function):
+    """Forward: quantize_block along the reduction dims (nearest). Backward: identity (STE)."""
+
+    @staticmethod
+    def forward(ctx, x, quant, dims):
+        y = quantize_operand(quant, x.detach(), None, dims)
+        # x's memory layout (the reduction dims were moved last and back: a permuted view)
+        return torch.empty_like(x).copy_(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _block_quantizer(fmt: BlockFormat):
+    return OperandSpec("block", fmt, "nearest").build()
+
+
+def block_quantize_ste(x: torch.Tensor, fmt: BlockFormat | str,
+                       dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """Fake-quantize a forward GEMM operand to the block format ``fmt`` (nearest rounding).
+
+    ``dims`` are the dimensions the GEMM reduces ``x`` over; they are moved last and flattened
+    into one, so that the blocks run along them (``(-1,)``: a Linear's input or weight;
+    ``(1, 2, 3)``: a Conv2d weight, its C_in*kh*kw; ``(1,)``: a Conv2d input, its channels). A
+    2-D format (e.g. "nvfp4_2d") tiles (the other dims flattened) x (the reduction). Values:
+    ``quantize_block(..., rounding="nearest")`` exactly (ties to even; see
+    ``gradcomp.numerics.block`` for scales, saturation, zeros, NaN and inf). Gradient: the
+    straight-through estimator (d out / d x = identity). The result has x's shape, dtype and
+    memory layout.
+    """
+    require_float_tensor(x, "x")
+    fmt = _check_block_format(fmt, "fmt")
+    if isinstance(dims, int) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                        for d in dims) or not dims:
+        raise TypeError(f"dims must be a non-empty tuple of ints, got {dims!r}")
+    nd = max(x.dim(), 1)
+    if any(not -nd <= d < nd for d in dims) or len({d % nd for d in dims}) != len(dims):
+        raise ValueError(f"dims must be distinct dimensions of x (shape {tuple(x.shape)}), "
+                         f"got {dims!r}")
+    if x.dim() == 0:
+        x1 = _BlockSTE.apply(x.reshape(1), _block_quantizer(fmt), (0,))
+        return x1.reshape(())
+    return _BlockSTE.apply(x, _block_quantizer(fmt), tuple(dims))
+
+
+# reduction dims of each operand of the forward GEMM, by layer type: (input, weight)
+_FORWARD_DIMS = {nn.Linear: ((-1,), (1,)), nn.Conv2d: ((1,), (1, 2, 3))}
+
+
+def _reduction_dims(module: nn.Module) -> tuple[tuple, tuple]:
+    for cls, dims in _FORWARD_DIMS.items():
+        if isinstance(module, cls):
+            return dims
+    raise TypeError(f"block-format forward quantization supports nn.Linear and nn.Conv2d, got "
+                    f"{type(module).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
 # Model conversion
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LayerQuantSpec:
-    """How one converted layer is quantized; None bits = that part stays full precision."""
+    """How one converted layer is quantized: INT bits (SAWB weights, PACT inputs) or a block
+    format per operand; None for both = that operand stays full precision. ``signed``: the PACT
+    variant (meaningful only with ``act_bits``)."""
 
     weight_bits: int | None
     act_bits: int | None
     signed: bool
+    weight_format: BlockFormat | None = None
+    act_format: BlockFormat | None = None
 
 
 def _fq_forward(self: nn.Module, *args, **kwargs):
     """Instance-level forward installed by quantize_forward (bound to the module)."""
     spec: LayerQuantSpec
     spec, original, _ = getattr(self, _MARK)
-    if spec.act_bits is not None:
-        alpha = self._parameters[ALPHA_NAME]
+    if spec.act_bits is not None or spec.act_format is not None:
+        if spec.act_bits is not None:
+            alpha = self._parameters[ALPHA_NAME]
+
+            def quant(x):
+                return pact_quantize(x, alpha, spec.act_bits, spec.signed)
+        else:
+            dims = _reduction_dims(self)[0]
+
+            def quant(x):
+                return block_quantize_ste(x, spec.act_format, dims)
         if args:
-            args = (pact_quantize(args[0], alpha, spec.act_bits, spec.signed), *args[1:])
+            args = (quant(args[0]), *args[1:])
         elif "input" in kwargs:  # Conv2d/Linear name their argument ``input``
-            x = kwargs["input"]
-            kwargs = {**kwargs, "input": pact_quantize(x, alpha, spec.act_bits, spec.signed)}
+            kwargs = {**kwargs, "input": quant(kwargs["input"])}
         else:
             raise TypeError(f"{type(self).__name__} called without an input to quantize")
-    if spec.weight_bits is None:
+    if spec.weight_bits is None and spec.weight_format is None:
         return original(*args, **kwargs)
     weight = self._parameters["weight"]
     # The module's own forward reads self.weight through Module.__getattr__ -> _parameters:
     # swapping the entry for the forward's duration keeps class, names and state_dict keys.
-    self._parameters["weight"] = sawb_quantize(weight, spec.weight_bits)
+    if spec.weight_bits is not None:
+        self._parameters["weight"] = sawb_quantize(weight, spec.weight_bits)
+    else:
+        self._parameters["weight"] = block_quantize_ste(weight, spec.weight_format,
+                                                        _reduction_dims(self)[1])
     try:
         return original(*args, **kwargs)
     finally:
@@ -399,16 +523,21 @@ def quantize_forward(
     signed: Mapping[str, bool] | None = None,
     alpha_init: float = 4.0,
     alpha_decay: float = 1e-4,
+    weight_format: BlockFormat | str | None = None,
+    act_format: BlockFormat | str | None = None,
 ) -> ForwardQuantHandle:
-    """Quantize the forward pass of every nn.Conv2d / nn.Linear: SAWB weights, PACT inputs.
+    """Quantize the forward pass of every nn.Conv2d / nn.Linear: SAWB weights, PACT inputs, or
+    block formats (NVFP4, MXFP4, ...).
 
     Args:
         model: the model; modified in place (see the module docstring for how).
-        weight_bits: SAWB bits of the weights (None: full precision).
-        act_bits: PACT bits of each layer's input activation (None: full precision).
-        first_last_bits: bits (weights and activations) of the first and the last Conv2d/Linear
-            of ``model.named_modules()`` order, whether or not ``layers`` selects them; None
-            leaves those two layers unconverted (full precision), as is usual.
+        weight_bits: SAWB bits of the weights (None: full precision or ``weight_format``).
+        act_bits: PACT bits of each layer's input activation (None: full precision or
+            ``act_format``).
+        first_last_bits: INT bits (SAWB weights and PACT activations) of the first and the last
+            Conv2d/Linear of ``model.named_modules()`` order, whether or not ``layers`` selects
+            them; None leaves those two layers unconverted (full precision), as is usual.
+            The block formats below never apply to these two layers.
         layers: which layers to convert: None (all Conv2d/Linear), qualified names (each must be
             a Conv2d/Linear of the model), or ``f(name, module) -> bool``.
         signed: per-layer override ``{name: bool}`` of the PACT variant.  Default rule: unsigned
@@ -423,11 +552,19 @@ def quantize_forward(
         alpha_decay: default coefficient of ``handle.alpha_regularization()`` (>= 0).  The term
             is NOT added for you: add it to the loss, or set ``alpha_decay=0`` and put
             ``handle.alpha_parameters()`` in an optimizer group with ``weight_decay``.
+        weight_format: block format of the weights of the selected layers (a name of
+            ``gradcomp.numerics.block.NAMED_BLOCK_FORMATS``, a generic
+            ``elem:block:scale:rule[:ts]`` name, or a BlockFormat with the default dims):
+            round to nearest, blocks along the reduction dimension, STE gradient (module
+            docstring). Excludes ``weight_bits``: pass ``weight_bits=None`` with it.
+        act_format: the same for each selected layer's input activation; excludes ``act_bits``
+            (pass ``act_bits=None``). No PACT clip is registered for such a layer.
 
     Returns: a ``ForwardQuantHandle``; ``handle.remove()`` restores the model exactly.
 
     Raises: TypeError/ValueError for bad arguments (bits outside [2, 16], alpha_init <= 0,
-    unknown layer names or override keys); ValueError naming the layer if it is already
+    unknown layer names or override keys, unknown block format names, bits and format given for
+    the same operand); ValueError naming the layer if it is already
     converted.  Nothing is modified when an error is raised.  Layers whose forward is bypassed
     by their parent (e.g. nn.MultiheadAttention.out_proj) are not quantized.
     """
@@ -440,6 +577,17 @@ def quantize_forward(
     ):
         if value is not None:
             _check_bits(value, name)
+    if weight_format is not None:
+        weight_format = _check_block_format(weight_format, "weight_format")
+        if weight_bits is not None:
+            raise ValueError(f"weight_bits and weight_format exclude each other (got "
+                             f"{weight_bits!r} and {weight_format.name!r}): pass "
+                             "weight_bits=None with a block format")
+    if act_format is not None:
+        act_format = _check_block_format(act_format, "act_format")
+        if act_bits is not None:
+            raise ValueError(f"act_bits and act_format exclude each other (got {act_bits!r} "
+                             f"and {act_format.name!r}): pass act_bits=None with a block format")
     alpha_init = require_positive(alpha_init, "alpha_init")
     if not math.isfinite(float(alpha_decay)) or float(alpha_decay) < 0:
         raise ValueError(f"alpha_decay must be a finite number >= 0, got {alpha_decay!r}")
@@ -476,20 +624,21 @@ def quantize_forward(
 
     specs: dict[str, LayerQuantSpec] = {}
     for n, m in candidates:
+        wf = af = None
         if n in (first, last):
             if first_last_bits is None:
                 continue
             wb = ab = first_last_bits
         elif n in selected:
-            wb, ab = weight_bits, act_bits
+            wb, ab, wf, af = weight_bits, act_bits, weight_format, act_format
         else:
             continue
-        if wb is None and ab is None:
+        if wb is None and ab is None and wf is None and af is None:
             continue
-        if ALPHA_NAME in m._parameters or hasattr(m, ALPHA_NAME):
+        if ab is not None and (ALPHA_NAME in m._parameters or hasattr(m, ALPHA_NAME)):
             raise ValueError(f"layer {n!r} already has an attribute {ALPHA_NAME!r}")
         unsigned = n != first and isinstance(previous.get(n), _RELUS)
-        specs[n] = LayerQuantSpec(wb, ab, not unsigned)
+        specs[n] = LayerQuantSpec(wb, ab, not unsigned, wf, af)
 
     for n, s in (signed or {}).items():
         if n not in specs or specs[n].act_bits is None:
@@ -497,7 +646,7 @@ def quantize_forward(
                 f"signed must map converted layers with quantized activations to bool; {n!r} is "
                 f"not one; allowed: {sorted(k for k, v in specs.items() if v.act_bits)}"
             )
-        specs[n] = LayerQuantSpec(specs[n].weight_bits, specs[n].act_bits, bool(s))
+        specs[n] = dataclasses.replace(specs[n], signed=bool(s))
 
     modules = {}
     for n, spec in specs.items():

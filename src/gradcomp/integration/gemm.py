@@ -9,8 +9,11 @@ with G = dL/dy. Each of the four operands gets its own :class:`OperandSpec` (kin
 "block", "luq" or "int"), so a recipe can e.g. stochastically round G to FP4 in both products while
 keeping W and x in 8 bits, as NVIDIA's NVFP4 recipe, Quartet and LUQ do. The bias gradient is
 sum(G) in the input precision (no quantization). The forward is the layer's own product, so
-forward quantization (``quantize_forward``: PACT inputs, SAWB weights) composes: the operands
-saved for the backward are the forward-quantized x and W that the layer really multiplied.
+forward quantization (``quantize_forward``: PACT inputs and SAWB weights, or block formats such
+as NVFP4) composes: the operands saved for the backward are the forward-quantized x and W that
+the layer really multiplied (so a block-format backward spec re-quantizes them, e.g. along the
+other dimension); the gradients returned for them reach W and x through quantize_forward's
+straight-through estimator.
 
 Randomized Hadamard transform (RHT) on wgrad, optional (:class:`RHTSpec`): both wgrad operands
 are multiplied by H D (``numerics.hadamard``) along the reduction dimension before they are
