@@ -252,58 +252,80 @@ class Pruner(CountsMixin):
                  measure: bool = True, finite: torch.Tensor | bool | None = None) -> torch.Tensor:
         """Prune ``x`` (see ``stochastic_prune`` / ``topk_prune``); no host sync.
 
-        ``measure`` adds this call's counts to the metrics (two reductions). ``finite``: whether
-        ``x`` is all finite, if the caller knows (a 0-d bool tensor or a bool); a tracking
-        pruner otherwise reduces it itself: a call that saw a NaN/inf leaves the threshold as
-        it was (its counts are garbage).
+        ``measure`` adds this call's counts to the metrics. ``finite``: whether ``x`` is all
+        finite, if the caller knows (a 0-d bool tensor or a bool); otherwise the pruning
+        kernel counts the non-finite values in its own pass: a tracking call that saw a NaN/inf
+        leaves the threshold as it was (its counts are garbage).
+        """
+        return self.compress(x, generator, measure, finite)[0]
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool = True, finite: torch.Tensor | bool | None = None,
+                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(pruned, nonfinite)``: ``__call__`` that also says whether x held a NaN/inf.
+
+        ``nonfinite``: a 0-d float64 device tensor, > 0 exactly when x held a NaN or +-inf
+        (on measured calls: their number); None when neither ``check`` nor ``measure`` asked
+        and the call needed no count. Stochastic pruning at a threshold counts the non-finite
+        inputs, the zeros and the +-a symbols in the pruning kernel's own loop (no extra pass);
+        the top-k methods and the dense warm-up (no threshold yet) take one extra pass when
+        asked.
         """
         require_float_tensor(x, "x")
+        n = x.numel()
+        c = None  # the kernel's counts: non-finite inputs, zeros, +-a symbols
         if self.method == "topk":
-            out = topk_prune(x, self.sparsity) if x.numel() else x.clone()
+            out = topk_prune(x, self.sparsity) if n else x.clone()
         elif self.method == "topk_stochastic":
-            out = topk_stochastic_prune(x, self.sparsity, generator) if x.numel() else x.clone()
+            out = topk_stochastic_prune(x, self.sparsity, generator) if n else x.clone()
         elif self._threshold is None:
             out = x.clone()
         else:
             if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
                 self._threshold = self._threshold.to(x.device)
-            out = stochastic_prune(x, self._threshold, generator)
-        # a measured call counts zeros and +-a symbols anyway and refreshes the slope dS/d ln a;
-        # an unmeasured call corrects with that slope and one count_nonzero pass (the +-a count
-        # would cost two more passes over the gradient)
-        track = self.tracking and out.numel() > 0
-        if track and not measure and self._slope is not None:
+            if check or measure or self.tracking or self.method == "calibrated":
+                out, c = stochastic_prune(x, self._threshold, generator, counts=True)
+            else:
+                out = stochastic_prune(x, self._threshold, generator)
+        bad = None
+        if c is not None:
+            bad = c[0].double()
             if finite is None:
-                lo, hi = torch.aminmax(x.detach())  # NaN/inf propagate: one pass
-                finite = torch.isfinite(lo) & torch.isfinite(hi)
+                finite = c[0] == 0
+        elif measure and n:
+            bad = (~torch.isfinite(x)).sum().double()
+        elif check or measure:
+            lo, hi = torch.aminmax(x.detach()) if n else (x.new_zeros(()), x.new_zeros(()))
+            bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
+        # a measured call counts zeros and +-a symbols and refreshes the slope dS/d ln a; an
+        # unmeasured call corrects with that slope and its zero count (the kernel counts both
+        # in its own pass)
+        track = self.tracking and n > 0
+        if track and not measure and self._slope is not None:
             if finite is not False:
-                n = out.numel()
-                zeros = (n - torch.count_nonzero(out)).to(torch.float64)
+                zeros = c[1].to(torch.float64)
                 self._track(zeros / n, self._slope, finite)
             track = False
         elif not measure:
             track = False
-        if out.numel() and (measure or self.method == "calibrated"):
-            zeros = (out == 0).sum().to(torch.float64)
-            self._last_sparsity = zeros / out.numel()
+        if n and (measure or self.method == "calibrated"):
+            zeros = (c[1] if c is not None else (out == 0).sum()).to(torch.float64)
+            self._last_sparsity = zeros / n
             at = None
             if self._threshold is not None and (measure or track):
                 # the +-a symbols of the encoded stream (Appendix A.10's entropy estimate)
-                at = (out.abs() == self._threshold.to(out.dtype)).sum().to(torch.float64)
+                at = (c[2] if c is not None else
+                      (out.abs() == self._threshold.to(out.dtype)).sum()).to(torch.float64)
             if measure:
                 self._add("zeros", zeros)
                 if at is not None:
                     self._add("at_threshold", at)
-                self._elements += out.numel()
-            if track:
-                if finite is None:
-                    lo, hi = torch.aminmax(x.detach())  # NaN/inf propagate: one pass
-                    finite = torch.isfinite(lo) & torch.isfinite(hi)
-                if finite is not False:
-                    self._slope = (at / out.numel()).clamp_min(_MIN_SLOPE)
-                    self._track(zeros / out.numel(), self._slope, finite)
+                self._elements += n
+            if track and finite is not False:
+                self._slope = (at / n).clamp_min(_MIN_SLOPE)
+                self._track(zeros / n, self._slope, finite)
         self._calls_since_update += 1
-        return out
+        return out, bad
 
     @property
     def tracking(self) -> bool:

@@ -34,6 +34,14 @@ BLOCK_DIMS = ("channels", "format")  # where a BlockQuantizer's blocks run
 _COUNTS = ("elements", "overflow", "underflow", "nan", "zeros")
 
 
+def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-d float64: 1 when x holds a NaN/inf, else 0 (one min/max pass: both propagate)."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    lo, hi = torch.aminmax(x.detach())
+    return (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
+
+
 class FPQuantizer(CountsMixin):
     """Quantize tensors to ``fmt`` with ``rounding`` and a scaling policy.
 
@@ -75,36 +83,55 @@ class FPQuantizer(CountsMixin):
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None) -> torch.Tensor:
         """Q(x*s)/s; ``measure`` (default ``track_metrics``) adds this call to the metrics."""
+        return self.compress(x, generator, measure)[0]
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool | None = None, check: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(Q(x*s)/s, nonfinite)``: ``__call__`` that also says whether x held a NaN/inf.
+
+        ``nonfinite``: a 0-d float64 device tensor, > 0 exactly when x held a NaN or +-inf
+        (on measured calls: their number); None when neither ``check`` nor ``measure`` asked
+        for it and no pass of the call gave it. It costs no extra pass: an amax scaling's amax
+        is NaN/inf exactly then, otherwise the quantize kernel counts in its own loop.
+        """
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
         pol = self.scaling
-        amax = None
+        amax = bad = None
         if pol.amax_timing is not None and x.numel():
-            # two passes (abs, max); a NaN/inf makes amax non-finite and the policy then keeps
-            # its previous scale (as TransformerEngine does), so no masking pass is needed
-            amax = x.detach().abs().amax().double()
+            # one min/max pass (max |x| = max(|min|, |max|)); a NaN/inf makes amax non-finite
+            # and the policy then keeps its previous scale (as TransformerEngine does), so no
+            # masking pass is needed; the same non-finite amax is the call's NaN/inf flag
+            lo, hi = torch.aminmax(x.detach())
+            amax = torch.maximum(lo.abs(), hi.abs()).double()
+            bad = (~torch.isfinite(amax)).double()
         if pol.amax_timing == "current" and amax is not None:
             pol.observe(amax=amax)
         s = pol.scale.to(x.device)
-        q = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator)
+        counted = measure or pol.wants_overflow or (check and bad is None)
+        if counted:
+            # the counts come from the kernel's own loop (rounding.COUNTS); the overflow count
+            # is on x*s in the kernel's dtype, so it matches what was saturated
+            q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator,
+                               counts=True)
+        else:
+            q = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator)
         if pol.amax_timing == "delayed" and amax is not None:
             pol.observe(amax=amax)
-        if measure or pol.wants_overflow:
-            # the product in the kernel's own dtype, so the count matches what was saturated
-            cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-            y = x.detach().to(cdt) * s.to(cdt)
-            over = (y.abs() > self.fmt.max_normal).sum()  # inf counts, NaN does not
+        if counted:
+            nonfinite, over, under, nan, zeros = c.unbind()
             if pol.wants_overflow:
-                pol.observe(overflow=(over > 0) | torch.isnan(x).any())
+                pol.observe(overflow=(over > 0) | (nan > 0))  # inf counts as overflow
             if measure:
-                zero = q == 0
                 self._add("overflow", over)
-                self._add("underflow", (zero & (x != 0) & torch.isfinite(x)).sum())
-                self._add("nan", torch.isnan(x).sum())
-                self._add("zeros", zero.sum())
+                self._add("underflow", under)
+                self._add("nan", nan)
+                self._add("zeros", zeros)
                 self._elements += x.numel()  # a host number: a device scalar would be a copy
                 self._last_scale = s.detach()
-        return q
+            bad = nonfinite.double()
+        return q, bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and the
@@ -185,10 +212,18 @@ class BlockQuantizer(CountsMixin):
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None) -> torch.Tensor:
         """The block-quantized tensor (x's shape and dtype); ``measure`` adds the counts."""
+        return self.compress(x, generator, measure)[0]
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool | None = None, check: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(quantized, nonfinite)`` as ``FPQuantizer.compress``: on measured calls the
+        block kernel's own non-finite count, otherwise (``check``) one min/max pass."""
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
         move = self.dims == "channels" and x.dim() in (4, 5)
         y = x.movedim(1, -1) if move else x
+        bad = None
         if measure:
             q, m = quantize_block_metrics(y, self.fmt, self.rounding, generator)
             zeros = (q == 0).sum()
@@ -197,9 +232,12 @@ class BlockQuantizer(CountsMixin):
             self._add("nan", m.nonfinite)
             self._add("zeros", zeros)
             self._elements += x.numel()
+            bad = m.nonfinite.detach().double().reshape(())
         else:
             q = quantize_block(y, self.fmt, self.rounding, generator)
-        return q.movedim(-1, 1) if move else q
+            if check:
+                bad = _nonfinite_flag(x)
+        return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and

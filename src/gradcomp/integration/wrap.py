@@ -28,12 +28,13 @@ steps; ``CompressionConfig.nonfinite`` says what happens to the step:
 * ``"skip"`` (default, what ``torch.amp.GradScaler`` users expect): ``handle.step(optimizer)``
   does not call ``optimizer.step()`` when any compressed layer's neural gradient of the step (or,
   when an optimizer is given, any of its parameters' gradients) held a non-finite value; the step
-  is counted in ``skipped_steps`` and ``step`` returns False. Detection costs no extra host sync
-  per step beyond the decision itself: each hook reduces its gradient to a 0-d device value
-  (max |g|, which is NaN/inf exactly when some element is; on metric steps the non-finite count
-  already computed serves), the optimizer's gradients are reduced with ``torch._foreach_norm``
-  (inf-norm), and ``step`` reads the OR of these flags once: the one host read per step, as
-  GradScaler's ``found_inf``. Under torch.distributed (world > 1) the flag is all-reduced (MAX)
+  is counted in ``skipped_steps`` and ``step`` returns False. Detection costs no pass of its
+  own and no extra host sync per step beyond the decision itself: each hook gets a 0-d device
+  count from a pass that runs anyway (the first compressor's kernel counts the non-finite
+  inputs in its own loop, an amax scaling's amax is NaN/inf exactly then, a statistics step's
+  fit counts them; only a layer that no compressor touches takes one min/max pass), the
+  optimizer's gradients are reduced with ``torch._foreach_norm`` (inf-norm), and ``step`` reads
+  the OR of these flags once: the one host read per step, as GradScaler's ``found_inf``. Under torch.distributed (world > 1) the flag is all-reduced (MAX)
   first, so every rank skips the same steps. A statistics step that is skipped gathers nothing:
   the refresh moves to the next step.
 * ``"keep"``: non-finite values flow on unchanged and the step is taken (a dynamic loss scale
@@ -107,10 +108,11 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
     return sel
 
 
-def _all_finite(g: torch.Tensor) -> torch.Tensor:
-    """0-d bool: every element of ``g`` is finite (one min/max pass; NaN and inf propagate)."""
+def _nonfinite_flag(g: torch.Tensor) -> torch.Tensor:
+    """0-d float64: 1 when ``g`` holds a NaN/inf, else 0 (one min/max pass: both propagate;
+    measured 10x cheaper than an inf-norm on the CPU). Only where no compressor counted."""
     lo, hi = torch.aminmax(g.detach())
-    return torch.isfinite(lo) & torch.isfinite(hi)
+    return (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
 
 
 class _Layer:
@@ -141,32 +143,45 @@ class _Layer:
         if h.collecting:
             self.stats = layer_stats(g, h.config.sample_size, h.generators(g.device))
         measure = h.measuring and h.active
-        finite = None  # 0-d bool: g is all finite (when known without an extra pass)
-        if measure:
-            self.elements += g.numel()
-            bad = (~torch.isfinite(g)).sum().double()
-            self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
-            finite = bad == 0
-        elif h.collecting:  # the fit already counted the non-finite values: no extra pass
-            finite = self.stats.fit.nonfinite == 0
-        elif skip_mode and g.numel():
-            # one fused reduction: min and max are NaN or +-inf exactly when some element is
-            # (aminmax propagates NaN; measured 10x cheaper than an inf-norm on the CPU)
-            finite = _all_finite(g)
-        if skip_mode and finite is not None:
-            self._flag(~finite)
+        # bad: 0-d, > 0 exactly when g holds a NaN/inf (on metric steps: their number). Known
+        # without a pass of its own: the refresh fit counts them; otherwise the first
+        # compressor counts them in its own kernel pass (compressors' ``compress``)
+        bad = self.stats.fit.nonfinite if h.collecting else None
+        finite = None if bad is None else bad == 0
         if not h.active:
+            if skip_mode and bad is None and g.numel():
+                bad = _nonfinite_flag(g)
+            if skip_mode and bad is not None:
+                self._flag(bad > 0)
             return g
         out = g
         if h.config.nonfinite == "zero":
+            if measure and bad is None:
+                bad = (~torch.isfinite(g)).sum()
             out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
             finite = True
         gen = h.generators(g.device)
+        # the first compressor sees g itself, so its count is g's
+        check = (skip_mode or measure) and bad is None
         if h.pruners is not None:
-            out = h.pruners[self.index](out, gen, measure=measure, finite=finite)
+            out, b = h.pruners[self.index].compress(out, gen, measure=measure, finite=finite,
+                                                    check=check)
+            if check:
+                bad, check = b, False
         qs = h.quantizers.quantizers if h.quantizers is not None else None
         if qs is not None:
-            out = qs[self.index](out, gen, measure=measure)
+            out, b = qs[self.index].compress(out, gen, measure=measure, check=check)
+            if check:
+                bad, check = b, False
+        if check and g.numel():  # no compressor counted (e.g. none configured)
+            bad = (~torch.isfinite(g)).sum() if measure else _nonfinite_flag(g)
+        if measure:
+            self.elements += g.numel()
+            bad = torch.zeros((), dtype=torch.float64, device=g.device) if bad is None else \
+                bad.double()
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        if skip_mode and bad is not None:
+            self._flag(bad > 0)
         return out
 
 

@@ -25,6 +25,12 @@ temporaries (the fused kernel none). The eager path therefore runs the body on c
 ``EAGER_CHUNK`` elements of the flat input (``start=`` tells the body where the chunk begins,
 so the counter hash draws the same bits as in one pass: identical results) and writes into one
 output tensor: peak memory about input + output + a few chunk-sized temporaries.
+
+Counts from the same pass: an elementwise operator may return ``(out, counts)``, ``counts`` a
+1-d int64 tensor of element counts (non-finite inputs, zeros of the output, ...) reduced in the
+same loop that writes ``out`` (inductor fuses the sums into the elementwise loop: one read of
+the input, one write of the output, no second pass). The eager path adds the chunks' counts
+(each chunk's reductions run on data still in cache).
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ class FusedOp:
     that a new format or threshold reuses the compiled graph instead of recompiling). With
     ``elementwise=True`` its first argument is a flat tensor, its result has that tensor's
     shape, and it takes ``start=`` (the chunk's offset in the whole tensor): the eager path
-    then runs in chunks (module docstring).
+    then runs in chunks (module docstring). A result may also be a pair ``(out, counts)``
+    with ``counts`` a 1-d int64 tensor of sums over the elements (added over the chunks).
     """
 
     def __init__(self, fn, name: str, elementwise: bool = False):
@@ -100,10 +107,18 @@ class FusedOp:
         if not self.elementwise or n <= EAGER_CHUNK:
             return self.fn(*args)
         first = self.fn(x[:EAGER_CHUNK], *rest, start=0)
+        counts = None
+        if isinstance(first, tuple):
+            first, counts = first
         out = torch.empty(n, dtype=first.dtype, device=first.device)
         out[:EAGER_CHUNK] = first
         del first
         for i in range(EAGER_CHUNK, n, EAGER_CHUNK):
             j = min(i + EAGER_CHUNK, n)
-            out[i:j] = self.fn(x[i:j], *rest, start=i)
-        return out
+            res = self.fn(x[i:j], *rest, start=i)
+            if counts is None:
+                out[i:j] = res
+            else:
+                out[i:j] = res[0]
+                counts = counts + res[1]
+        return out if counts is None else (out, counts)

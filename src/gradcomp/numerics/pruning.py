@@ -40,11 +40,22 @@ def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.
     return torch.where(ax < a, small, xf).to(x.dtype)
 
 
+def _prune_count_kernel(x: torch.Tensor, a: torch.Tensor, a_at: torch.Tensor, k1: torch.Tensor,
+                        k2: torch.Tensor, start: int = 0):
+    """``_prune_kernel`` plus its counts from the same loop: int64 [non-finite elements of x,
+    zeros of the result, elements of the result with |value| == ``a_at``]."""
+    out = _prune_kernel(x, a, k1, k2, start)
+    counts = torch.stack([(~torch.isfinite(x)).sum(), (out == 0).sum(),
+                          (out.abs() == a_at).sum()])
+    return out, counts
+
+
 _PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
+_PRUNE_COUNT = FusedOp(_prune_count_kernel, "stochastic_prune", elementwise=True)
 
 
 def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | None = None, *,
-                     compile: bool | None = None):
+                     compile: bool | None = None, counts: bool = False):
     """Unbiased stochastic pruning (Eq. 5) of ``x`` at ``threshold`` a; returns a new tensor.
 
     Semantics per element: |x| >= a keeps x; a*u <= |x| < a gives sign(x)*a; |x| < a*u gives
@@ -61,7 +72,11 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
             One int64 seed is drawn from it per call; same state -> same output.
         compile: True = fused path, False = eager, None = the process-wide policy
             (:mod:`gradcomp.numerics.kernels`). Both give identical bits.
-    Cost: one pass (read x, write the result) in the fused path; no host sync.
+        counts: also return, from the same pass, a 1-d int64 tensor on x's device: [number of
+            non-finite (NaN, +-inf) elements of x, number of zeros of the result, number of
+            elements of the result whose magnitude equals the threshold rounded to x's dtype
+            (the +-a symbols)]. Returns ``(result, counts)`` then. The result is the same.
+    Cost: one pass (read x, write the result) in the fused path, counts included; no host sync.
     """
     require_float_tensor(x, "x")
     if isinstance(threshold, torch.Tensor):
@@ -75,11 +90,17 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
             raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
         a = torch.tensor(a_f, dtype=torch.float64, device=x.device)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a = a.to(x.dtype).to(cdt)
+    a_at = a.to(x.dtype)
+    a = a_at.to(cdt)
     a = torch.where(a > 0, a, torch.zeros_like(a))  # NaN / negative -> 0: nothing below it
     if x.numel() == 0:
+        if counts:
+            return x.clone(), torch.zeros(3, dtype=torch.int64, device=x.device)
         return x.clone()
     k1, k2 = seed_keys(draw_seed(generator, x.device))
+    if counts:
+        out, c = _PRUNE_COUNT(x.detach().reshape(-1), a, a_at, k1, k2, compile=compile)
+        return out.view(x.shape), c
     out = _PRUNE(x.detach().reshape(-1), a, k1, k2, compile=compile)
     return out.view(x.shape)
 

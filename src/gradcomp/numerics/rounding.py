@@ -52,7 +52,7 @@ from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import FusedOp, compile_enabled, set_compile
 from gradcomp.numerics.random import draw_seed, random_bits, stacked_keys
 
-__all__ = ["quantize_fp", "set_compile", "compile_enabled", "ROUNDINGS"]
+__all__ = ["quantize_fp", "set_compile", "compile_enabled", "COUNTS", "ROUNDINGS"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -115,8 +115,10 @@ def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.T
             torch.tensor(floats, dtype=fdt, device=device))
 
 
-def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool, start=0):
-    """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype."""
+def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool, start=0,
+                   count: bool = False):
+    """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype, and with
+    ``count`` also the int64 counts of ``COUNTS`` from the same loop."""
     out_dtype = x.dtype
     wide = out_dtype == torch.float64
     fdt, idt, T = (_F64 if wide else _F32)[:3]
@@ -158,7 +160,16 @@ def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool,
     out = (r | sign).view(fdt)
     if scaled:
         out = out / s
-    return out.to(out_dtype)
+    out = out.to(out_dtype)
+    if not count:
+        return out
+    # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
+    over = (mag > ints[5]) & (mag <= inf_bits)
+    zero = out == 0
+    finite = torch.isfinite(x)
+    counts = torch.stack([(~finite).sum(), over.sum(), (zero & (x != 0) & finite).sum(),
+                          torch.isnan(x).sum(), zero.sum()])
+    return out, counts
 
 
 def _nearest_flat(x, scale, ints, floats, keys, start=0):
@@ -177,14 +188,36 @@ def _stochastic_scaled_flat(x, scale, ints, floats, keys, start=0):
     return _quantize_flat(x, scale, ints, floats, keys, True, True, start)
 
 
+def _nearest_flat_count(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, False, start, True)
+
+
+def _stochastic_flat_count(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, False, start, True)
+
+
+def _nearest_scaled_flat_count(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, False, True, start, True)
+
+
+def _stochastic_scaled_flat_count(x, scale, ints, floats, keys, start=0):
+    return _quantize_flat(x, scale, ints, floats, keys, True, True, start, True)
+
+
 # one module-level function (code object) per variant: dynamo's recompile budget is per code
 # object and each varies only by dtype; the format's constants are tensors, not guards
 _KERNELS = {
-    (False, False): FusedOp(_nearest_flat, "quantize_fp", elementwise=True),
-    (True, False): FusedOp(_stochastic_flat, "quantize_fp", elementwise=True),
-    (False, True): FusedOp(_nearest_scaled_flat, "quantize_fp", elementwise=True),
-    (True, True): FusedOp(_stochastic_scaled_flat, "quantize_fp", elementwise=True),
+    (False, False, False): FusedOp(_nearest_flat, "quantize_fp", elementwise=True),
+    (True, False, False): FusedOp(_stochastic_flat, "quantize_fp", elementwise=True),
+    (False, True, False): FusedOp(_nearest_scaled_flat, "quantize_fp", elementwise=True),
+    (True, True, False): FusedOp(_stochastic_scaled_flat, "quantize_fp", elementwise=True),
+    (False, False, True): FusedOp(_nearest_flat_count, "quantize_fp", elementwise=True),
+    (True, False, True): FusedOp(_stochastic_flat_count, "quantize_fp", elementwise=True),
+    (False, True, True): FusedOp(_nearest_scaled_flat_count, "quantize_fp", elementwise=True),
+    (True, True, True): FusedOp(_stochastic_scaled_flat_count, "quantize_fp", elementwise=True),
 }
+# what ``quantize_fp(..., counts=True)`` counts, in this order
+COUNTS = ("nonfinite", "overflow", "underflow", "nan", "zeros")
 
 
 def quantize_fp(
@@ -194,7 +227,8 @@ def quantize_fp(
     scale=None,
     generator: torch.Generator | None = None,
     compile: bool | None = None,
-) -> torch.Tensor:
+    counts: bool = False,
+):
     """Round ``x`` onto the grid of ``fmt``; returns a new tensor of x's dtype, shape and device.
 
     Args:
@@ -215,6 +249,11 @@ def quantize_fp(
         compile: True = fused torch.compile path, False = eager, None = module switch /
             ``GRADCOMP_COMPILE`` env (:func:`gradcomp.numerics.kernels.set_compile`). Both
             give identical bits.
+        counts: also return, from the same pass, a 1-d int64 tensor on x's device with the
+            counts named by ``COUNTS``: ``nonfinite`` (NaN or +-inf elements of x),
+            ``overflow`` (|x*s| > max_normal, inf included, NaN not), ``underflow`` (finite
+            non-zero x whose result is 0), ``nan`` (NaN elements of x), ``zeros`` (zeros of the
+            result). Returns ``(result, counts)`` then; the result is the same.
 
     Overflow per ``fmt.overflow``: saturate to +-max_normal (also +-inf inputs) or round to
     +-inf. NaN stays NaN. Signed zeros keep their sign.
@@ -252,8 +291,13 @@ def quantize_fp(
         keys = _zero_keys(torch.device(x.device))
     flat = x.reshape(-1)
     if flat.numel() == 0:
+        if counts:
+            return x.clone(), torch.zeros(len(COUNTS), dtype=torch.int64, device=x.device)
         return x.clone()
-    op = _KERNELS[(stochastic, scale is not None)]
+    op = _KERNELS[(stochastic, scale is not None, bool(counts))]
+    if counts:
+        out, c = op(flat, s, ints, floats, keys, compile=compile)
+        return out.view(x.shape), c
     return op(flat, s, ints, floats, keys, compile=compile).view(x.shape)
 
 
