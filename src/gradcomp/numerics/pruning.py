@@ -18,8 +18,8 @@ import math
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
-from gradcomp.numerics.kernels import FusedOp
-from gradcomp.numerics.random import draw_seed, seed_keys, uniform_from_keys
+from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys
+from gradcomp.numerics.random import draw_seed, uniform_from_keys
 
 __all__ = ["stochastic_prune", "topk_prune", "topk_stochastic_prune", "topk_threshold",
            "keep_count"]
@@ -97,7 +97,7 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
         if counts:
             return x.clone(), torch.zeros(3, dtype=torch.int64, device=x.device)
         return x.clone()
-    k1, k2 = seed_keys(draw_seed(generator, x.device))
+    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device))  # = random.seed_keys
     if counts:
         out, c = _PRUNE_COUNT(x.detach().reshape(-1), a, a_at, k1, k2, compile=compile)
         return out.view(x.shape), c

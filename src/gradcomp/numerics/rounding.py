@@ -49,8 +49,8 @@ import torch
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.kernels import FusedOp, compile_enabled, set_compile
-from gradcomp.numerics.random import draw_seed, random_bits, stacked_keys
+from gradcomp.numerics.kernels import FusedOp, compile_enabled, kernel_keys, set_compile
+from gradcomp.numerics.random import draw_seed, random_bits
 
 __all__ = ["quantize_fp", "set_compile", "compile_enabled", "COUNTS", "ROUNDINGS"]
 
@@ -286,7 +286,7 @@ def quantize_fp(
     ints, floats = _constants(fmt, wide, torch.device(x.device))
     stochastic = rounding == "stochastic"
     if stochastic:
-        keys = stacked_keys(draw_seed(generator, x.device))
+        keys = kernel_keys(draw_seed(generator, x.device))  # = random.stacked_keys
     else:
         keys = _zero_keys(torch.device(x.device))
     flat = x.reshape(-1)
