@@ -1,0 +1,100 @@
+"""Counts from the kernels' own pass (``counts=True``) and the CPU shortcut of the hash keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcomp.numerics import kernels
+from gradcomp.numerics.kernels import kernel_keys, kernel_seed_keys
+from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.random import SEED_HIGH, draw_seed, seed_keys, stacked_keys
+from gradcomp.numerics.rounding import COUNTS, quantize_fp
+
+
+def _awkward(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Lognormal-ish magnitudes over many octaves, exact zeros, NaN and +-inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(
+        3 * torch.randn(n, generator=g, dtype=torch.float64))
+    x[::37] = 0.0
+    x[5::101] = float("nan")
+    x[7::211] = float("inf")
+    x[11::307] = float("-inf")
+    return x.to(dtype)
+
+
+def test_cpu_keys_equal_the_device_chain_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    edges = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, SEED_HIGH - 1, SEED_HIGH - 2**31]
+    seeds = edges + [int(draw_seed(g, "cpu")) for _ in range(500)]
+    for v in seeds:
+        s = torch.tensor(v, dtype=torch.int64)
+        a, b = kernel_keys(s), stacked_keys(s)
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), v
+        for p, q in zip(kernel_seed_keys(s), seed_keys(s)):
+            assert p.dtype == q.dtype and p.shape == q.shape == () and torch.equal(p, q), v
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_prune_counts_are_the_separate_reductions(compile, dtype):
+    x = _awkward(5003, dtype)
+    thr = 0.7
+    plain = stochastic_prune(x, thr, torch.Generator().manual_seed(1), compile=compile)
+    out, c = stochastic_prune(x, thr, torch.Generator().manual_seed(1), compile=compile,
+                              counts=True)
+    assert torch.equal(out.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+    a = torch.tensor(thr, dtype=torch.float64).to(dtype)
+    want = [(~torch.isfinite(x)).sum(), (out == 0).sum(), (out.abs() == a).sum()]
+    assert c.dtype == torch.int64 and c.tolist() == [int(w) for w in want]
+    assert c[0] > 0 and c[1] > 0 and c[2] > 0  # the test data exercises every count
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_quantize_counts_are_the_separate_reductions(compile, rounding, dtype):
+    x = _awkward(4099, dtype, seed=2)
+    s = torch.tensor(2.0**-3, dtype=torch.float64)
+    gen = (lambda: torch.Generator().manual_seed(5))
+    plain = quantize_fp(x, "1-4-1", rounding, scale=s, generator=gen(), compile=compile)
+    q, c = quantize_fp(x, "1-4-1", rounding, scale=s, generator=gen(), compile=compile,
+                       counts=True)
+    assert torch.equal(q.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    y = x.to(cdt) * s.to(cdt)
+    fin, zero = torch.isfinite(x), q == 0
+    from gradcomp.numerics.formats import FPFormat
+    want = {"nonfinite": (~fin).sum(), "overflow": (y.abs() > FPFormat.from_name("1-4-1")
+                                                    .max_normal).sum(),
+            "underflow": (zero & (x != 0) & fin).sum(), "nan": torch.isnan(x).sum(),
+            "zeros": zero.sum()}
+    assert c.dtype == torch.int64 and c.tolist() == [int(want[k]) for k in COUNTS]
+    assert all(v > 0 for v in c.tolist())  # every count exercised
+
+
+def test_eager_chunks_add_their_counts(monkeypatch):
+    x = _awkward(10_007, torch.float32, seed=4)
+    s = torch.tensor(4.0, dtype=torch.float64)
+
+    def run():
+        g = torch.Generator().manual_seed(9)
+        return (quantize_fp(x, "e4m3", "stochastic", scale=s, generator=g, compile=False,
+                            counts=True),
+                stochastic_prune(x, 0.5, g, compile=False, counts=True))
+
+    whole = run()
+    monkeypatch.setattr(kernels, "EAGER_CHUNK", 1000)
+    chunked = run()
+    for (o1, c1), (o2, c2) in zip(whole, chunked):
+        assert torch.equal(o1.view(torch.int32), o2.view(torch.int32))
+        assert c1.tolist() == c2.tolist()
+
+
+def test_empty_tensors_give_zero_counts():
+    x = torch.empty(0)
+    q, c = quantize_fp(x, "e5m2", counts=True)
+    assert q.numel() == 0 and c.tolist() == [0] * len(COUNTS)
+    p, c = stochastic_prune(x, 0.5, torch.Generator().manual_seed(0), counts=True)
+    assert p.numel() == 0 and c.tolist() == [0, 0, 0]
