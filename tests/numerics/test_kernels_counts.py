@@ -57,7 +57,10 @@ def test_prune_counts_are_the_separate_reductions(compile, dtype):
 def test_quantize_counts_are_the_separate_reductions(compile, rounding, dtype):
     x = _awkward(4099, dtype, seed=2)
     s = torch.tensor(2.0**-3, dtype=torch.float64)
-    gen = (lambda: torch.Generator().manual_seed(5))
+
+    def gen():
+        return torch.Generator().manual_seed(5)
+
     plain = quantize_fp(x, "1-4-1", rounding, scale=s, generator=gen(), compile=compile)
     q, c = quantize_fp(x, "1-4-1", rounding, scale=s, generator=gen(), compile=compile,
                        counts=True)

@@ -34,8 +34,9 @@ steps; ``CompressionConfig.nonfinite`` says what happens to the step:
   inputs in its own loop, an amax scaling's amax is NaN/inf exactly then, a statistics step's
   fit counts them; only a layer that no compressor touches takes one min/max pass), the
   optimizer's gradients are reduced with ``torch._foreach_norm`` (inf-norm), and ``step`` reads
-  the OR of these flags once: the one host read per step, as GradScaler's ``found_inf``. Under torch.distributed (world > 1) the flag is all-reduced (MAX)
-  first, so every rank skips the same steps. A statistics step that is skipped gathers nothing:
+  the OR of these flags once: the one host read per step, as GradScaler's ``found_inf``.
+  Under torch.distributed (world > 1) the flag is all-reduced (MAX) first, so every rank skips
+  the same steps. A statistics step that is skipped gathers nothing:
   the refresh moves to the next step.
 * ``"keep"``: non-finite values flow on unchanged and the step is taken (a dynamic loss scale
   still sees them as an overflow and skips); no per-step check.
