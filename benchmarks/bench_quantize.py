@@ -41,6 +41,9 @@ def main(argv=None) -> int:
         cases[f"nearest ({tag})"] = lambda c=compiled: quantize_fp(x, fmt, compile=c)
         cases[f"stochastic ({tag})"] = lambda c=compiled: quantize_fp(
             x, fmt, "stochastic", generator=g, compile=c)
+        # with the metric / non-finite counts of the hot path reduced in the same pass
+        cases[f"nearest+counts ({tag})"] = lambda c=compiled: quantize_fp(
+            x, fmt, compile=c, counts=True)
     try:
         from qtorch.quant import float_quantize
 
