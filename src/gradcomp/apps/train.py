@@ -106,6 +106,8 @@ PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 DCP_CHECKPOINT = "checkpoint_dcp"  # FSDP: a torch.distributed.checkpoint directory
 PREVIOUS_DCP_CHECKPOINT = "checkpoint_dcp.prev"
 _DCP_IDENTITY = "run.json"  # inside a DCP checkpoint, written last: marks it complete
+# test only: the named point at which the process kills itself with SIGKILL (:func:`_kill_point`)
+KILL_AT_ENV = "GRADCOMP_KILL_AT"
 # FSDP: the cumulative ratio (fp32 bytes / bytes sent) a compressing comm must reach by the end;
 # just above 1, so that a warm-up longer than the run or a silent fallback to the dense
 # collective fails, while any run that compressed for a fair share of its steps passes
@@ -496,6 +498,7 @@ def _save_dcp(out: Path, model, opt, comm, identity: dict, epoch: int, extra: di
     dist.barrier()
     save_sharded(tmp, model, opt, comm, extra=extra)
     if is_main:
+        _kill_point(f"save:{epoch + 1}:written")
         marker = tmp / _DCP_IDENTITY
         with open(marker, "w") as f:
             json.dump({"identity": identity, "identity_digest": _digest(identity),
@@ -507,6 +510,7 @@ def _save_dcp(out: Path, model, opt, comm, identity: dict, epoch: int, extra: di
             if prev.exists():
                 shutil.rmtree(prev)
             os.replace(cur, prev)
+        _kill_point(f"save:{epoch + 1}:rotated")
         os.replace(tmp, cur)
     dist.barrier()
 
@@ -533,14 +537,27 @@ def _broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(b, 0)
 
 
+def _kill_point(name: str) -> None:
+    """Test only (``benchmarks/kill_matrix.py``): with ``GRADCOMP_KILL_AT=name`` in the
+    environment this process sends itself SIGKILL here, as ``kill -9`` would (no cleanup, no
+    flush), so that a resume can be tested from an exact moment. Names: ``step:N`` (every rank,
+    before global step N, 0-based), ``save:E:written`` (epoch E's checkpoint, 1-based, written to
+    its temporary file/directory and not yet renamed) and ``save:E:rotated`` (between the two
+    renames: only the previous checkpoint is in place)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _save_checkpoint(out: Path, ck: dict) -> None:
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(ck, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    _kill_point(f"save:{ck['epoch'] + 1}:written")
     cur = out / CHECKPOINT
     if cur.exists():
         os.replace(cur, out / PREVIOUS_CHECKPOINT)
+    _kill_point(f"save:{ck['epoch'] + 1}:rotated")
     os.replace(tmp, cur)  # atomic: a kill before this leaves the previous checkpoint
 
 
@@ -778,6 +795,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     global_step = start_epoch * steps_per_epoch
     steps_run = 0
     interrupted = False
+    kill_at = os.environ.get(KILL_AT_ENV)  # test only: read once, not per step
     try:
         with _StopFlag() as stop:
             for epoch in range(start_epoch, epochs):
@@ -799,6 +817,8 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
                     t0 = time.perf_counter()
                     if fsdp_comm is not None:
                         _broadcast_buffers(model)
+                    if kill_at is not None:
+                        _kill_point(f"step:{global_step}")
                     with hook.around(global_step):
                         out_, y = flatten_logits(net(x), y)
                         loss = nn.functional.cross_entropy(out_, y)
