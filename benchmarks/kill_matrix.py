@@ -178,8 +178,13 @@ def history(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
 def compare(ref: Path, got: Path) -> tuple[bool, float, str | None]:
-    """(bit for bit equal, max |diff| over all tensors, first differing tensor)."""
+    """(bit for bit equal, max |diff| over all tensors, first differing tensor): the model
+    state dicts of the two runs' last checkpoints."""
     a, b = final_weights(ref), final_weights(got)
     if a.keys() != b.keys():
         return False, math.inf, f"keys differ: {sorted(a.keys() ^ b.keys())[:3]}"
@@ -188,10 +193,11 @@ def compare(ref: Path, got: Path) -> tuple[bool, float, str | None]:
         x, y = a[k], b[k]
         if x.shape != y.shape or x.dtype != y.dtype:
             return False, math.inf, f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
-        if not torch.equal(x, y):
+        if not torch.equal(_bits(x), _bits(y)):  # bits: -0.0 is not 0.0, a NaN equals itself
             first = first or k
             if x.is_floating_point():
-                worst = max(worst, (x.double() - y.double()).abs().max().item())
+                d = (x.double() - y.double()).abs().nan_to_num(math.inf)
+                worst = max(worst, d.max().item())
             else:
                 worst = math.inf
     return first is None, worst, first
