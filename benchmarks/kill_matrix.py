@@ -2,6 +2,7 @@
 
     python benchmarks/kill_matrix.py [--only single,ddp,fsdp] [--cells PATTERN] [--points a,b,c]
                                      [--jobs N] [--json runs/kill_matrix.json]
+    python benchmarks/kill_matrix.py --merge A.json B.json   # one table from split runs
 
 For each cell (recipe x comm x kill point) the script runs ``gradcomp train`` (the CLI, as a
 subprocess: ``python -m gradcomp.apps.cli train ...``) three ways:
@@ -295,6 +296,34 @@ def summary(results: list[Result]) -> dict:
     return counts
 
 
+def report(results: list[Result], points: list[str], seconds: float | None = None) -> dict:
+    """Print the table and the summary line; the summary counts."""
+    counts = summary(results)
+    print()
+    print(table(results, points))
+    print()
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    print(f"{counts['identical']}/{counts['cells']} cells identical after resume, "
+          f"{counts['differ']} differ, {counts['error']} errors{took}")
+    return counts
+
+
+def merge(paths: list[str]) -> int:
+    cells: dict[str, Result] = {}
+    points: list[str] = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for p in doc["settings"]["points"]:
+            if p not in points:
+                points.append(p)
+        for c in doc["cells"]:
+            cells[c["cell"]] = Result(**c)
+    order = {c.name: i for i, c in enumerate(all_cells(list(POINTS)))}
+    merged = sorted(cells.values(), key=lambda r: order.get(r.cell, len(order)))
+    counts = report(merged, points)
+    return 0 if counts["identical"] == counts["cells"] else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="single,ddp,fsdp",
@@ -306,7 +335,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="reference groups run in parallel")
     ap.add_argument("--json", default="runs/kill_matrix.json", help="where to write the results")
     ap.add_argument("--workdir", default=None, help="run directories (default: a temporary one)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: print the table and summary of these result files (of "
+                    "runs split with --only/--cells), later files winning for the same cell")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     kinds = [k.strip() for k in args.only.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("single", "ddp", "fsdp")]
     if bad:
@@ -354,13 +388,8 @@ def main(argv=None) -> int:
                 write(final=False)  # a partial matrix survives an interrupted run
     order = {c.name: i for i, c in enumerate(cells)}
     results.sort(key=lambda r: order[r.cell])
-    counts = write(final=True)
-    print()
-    print(table(results, points))
-    print()
-    print(f"{counts['identical']}/{counts['cells']} cells identical after resume, "
-          f"{counts['differ']} differ, {counts['error']} errors "
-          f"({time.perf_counter() - t0:.0f} s)")
+    write(final=True)
+    counts = report(results, points, time.perf_counter() - t0)
     print(f"wrote {path}")
     return 0 if counts["identical"] == counts["cells"] else 1
 

@@ -65,6 +65,21 @@ def test_bad_filters_are_refused_naming_the_option(km, capsys):
         assert word in capsys.readouterr().err
 
 
+def test_merge_prints_one_table_of_split_runs(tmp_path, km, capsys):
+    def doc(point, identical, diff=0.0):
+        cell = km.Result(f"ddp/baseline/topk/{point}", "ddp", "baseline", "topk", point,
+                         identical=identical, max_abs_diff=diff, first_diff=None if identical
+                         else "0.weight", same_history=identical, killed_rc=1, resumes=1)
+        return {"settings": {"points": {point: km.POINTS[point]}}, "cells": [vars(cell)]}
+
+    (tmp_path / "a.json").write_text(json.dumps(doc("b", True)))
+    (tmp_path / "b.json").write_text(json.dumps(doc("c", False, 0.07)))
+    assert km.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    printed = capsys.readouterr().out
+    assert "| ddp  | baseline | topk | identical | DIFFERS max|diff| 0.07 (0.weight) |" in printed
+    assert "1/2 cells identical after resume, 1 differ, 0 errors" in printed
+
+
 @pytest.mark.slow
 def test_two_cells_resume_identically(tmp_path, km, capsys):
     """fp6 (single process) killed before its first checkpoint and during the second write."""
