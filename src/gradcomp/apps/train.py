@@ -58,6 +58,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -545,6 +546,8 @@ def _kill_point(name: str) -> None:
     its temporary file/directory and not yet renamed) and ``save:E:rotated`` (between the two
     renames: only the previous checkpoint is in place)."""
     if os.environ.get(KILL_AT_ENV) == name:
+        sys.stderr.write(f"{KILL_AT_ENV}={name}: SIGKILL\n")  # the caller checks the moment
+        sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
