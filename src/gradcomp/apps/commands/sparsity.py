@@ -43,24 +43,48 @@ def format_report(result: dict) -> str:
 
 
 def plot_fig5(result: dict, path: Path) -> Path:
-    """Achieved vs required sparsity per method (mean over layers, band = min..max layer)."""
+    """Two panels. Left: achieved vs required sparsity per method (mean over layers, band =
+    min..max layer) with the "required = achieved" line drawn on top. Right: achieved minus
+    required in points, where methods that lie on top of each other on the left (the lognormal,
+    empirical and calibrated thresholds on lognormal data) separate; each method has its own
+    marker, line style and a small horizontal offset so that none hides another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ts = result["targets"]
-    ax.plot(ts, ts, "k--", lw=1, label="required")
-    for m in result["methods"]:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ts = np.asarray(result["targets"], dtype=float)
+    methods = list(result["methods"])
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    styles = ["-", "--", "-.", ":"]
+    step = float(np.min(np.diff(ts))) if ts.size > 1 else 0.1
+    for k, m in enumerate(methods):
         rows = [s for s in result["summary"] if s["method"] == m]
-        ax.plot(ts, [r["mean_achieved"] for r in rows], marker="o", label=m)
-        ax.fill_between(ts, [r["min_achieved"] for r in rows], [r["max_achieved"] for r in rows],
-                        alpha=0.15)
+        mean = np.array([r["mean_achieved"] for r in rows])
+        lo = np.array([r["min_achieved"] for r in rows])
+        hi = np.array([r["max_achieved"] for r in rows])
+        off = (k - (len(methods) - 1) / 2) * 0.08 * step
+        style = dict(marker=markers[k % len(markers)], linestyle=styles[k % len(styles)],
+                     markersize=8 - 0.8 * k, markerfacecolor="none", markeredgewidth=1.4,
+                     lw=1.3, color=f"C{k}", label=m)
+        ax.plot(ts + off, mean, **style)
+        ax.fill_between(ts, lo, hi, alpha=0.10, color=f"C{k}")
+        ax2.errorbar(ts + off, 100 * (mean - ts), yerr=[100 * (mean - lo), 100 * (hi - mean)],
+                     capsize=2, elinewidth=0.8, **style)
+    # the reference line last and on top: it must stay visible where the methods meet it
+    ax.plot(ts, ts, color="black", linestyle=(0, (4, 3)), lw=1.6, zorder=10,
+            label="required = achieved")
+    ax2.axhline(0.0, color="black", linestyle=(0, (4, 3)), lw=1.6, zorder=10,
+                label="required = achieved")
     ax.set_xlabel("required sparsity")
-    ax.set_ylabel("achieved sparsity")
+    ax.set_ylabel("achieved sparsity (band: min..max layer)")
     ax.set_title(f"{result['layers']} layers: achieved vs required")
     ax.legend(fontsize=8)
+    ax2.set_xlabel("required sparsity")
+    ax2.set_ylabel("achieved - required, points")
+    ax2.set_title("deviation from the target")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
