@@ -314,8 +314,13 @@ def _plot(results, plan, out: Path) -> Path:
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "h"]
     cmap = plt.get_cmap("tab10")
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5),
-                                        gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    fig = plt.figure(figsize=(17, 6.5))
+    grid = fig.add_gridspec(2, 3, width_ratios=[1.6, 1, 1], height_ratios=[1.5, 1])
+    ax1 = fig.add_subplot(grid[0, 0])
+    ax1d = fig.add_subplot(grid[1, 0], sharex=ax1)  # the difference to the baseline
+    ax2 = fig.add_subplot(grid[:, 1])
+    ax3 = fig.add_subplot(grid[:, 2])
+    smoothed = {}
     for k, name in enumerate(names):
         traces = [np.array(r.loss_trace) for r in results[name] if r.loss_trace]
         if not traces:
@@ -325,11 +330,27 @@ def _plot(results, plan, out: Path) -> Path:
         w = max(1, tr.size // 50)
         sm = np.convolve(tr, np.ones(w) / w, mode="valid")
         x = np.arange(sm.size) + w - 1
-        ax1.plot(x, sm, label=name, color=cmap(k % 10), linestyle=styles[k % len(styles)],
-                 marker=markers[k % len(markers)], markevery=max(1, sm.size // 8), markersize=5,
-                 linewidth=1.4)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (moving average, mean over seeds)")
+        smoothed[name] = (x, sm)
+        style = dict(label=name, color=cmap(k % 10), linestyle=styles[k % len(styles)],
+                     marker=markers[k % len(markers)], markevery=max(1, sm.size // 8),
+                     markersize=5, linewidth=1.4)
+        ax1.plot(x, sm, **style)
+    # recipes whose losses lie on top of each other in the upper panel separate here
+    if "baseline" in smoothed:
+        bx, bs = smoothed["baseline"]
+        for k, name in enumerate(names):
+            if name == "baseline" or name not in smoothed:
+                continue
+            x, sm = smoothed[name]
+            m = min(sm.size, bs.size)
+            ax1d.plot(x[:m], sm[:m] - bs[:m], color=cmap(k % 10),
+                      linestyle=styles[k % len(styles)], marker=markers[k % len(markers)],
+                      markevery=max(1, m // 8), markersize=5, linewidth=1.2)
+        ax1d.axhline(0.0, color="black", linewidth=1.0, linestyle=(0, (4, 3)), zorder=10)
+        ax1d.set_ylabel("minus the baseline's loss")
+    ax1d.set_xlabel("step")
+    plt.setp(ax1.get_xticklabels(), visible=False)
+    ax1.set_ylabel("training loss (moving avg., mean over seeds)")
     ax1.set_yscale("log")
     ax1.legend(fontsize=8, ncol=2)
     ax1.set_title("training loss")
@@ -360,12 +381,13 @@ def _plot(results, plan, out: Path) -> Path:
     ax3b.set_xlim(0, 33)
     ax3b.set_xlabel("bits per neural-gradient element", color="C1")
     ax3.invert_yaxis()
-    fig.legend(handles=[ax3.containers[0], ax3b.containers[0]], fontsize=7, loc="lower right",
-               ncol=2)
+    # below the axis label, outside the bars: it must hide neither
+    ax3.legend(handles=[ax3.containers[0], ax3b.containers[0]], fontsize=7, ncol=2,
+               loc="upper center", bbox_to_anchor=(0.5, -0.09))
     ax3.set_title("compression (last epoch)", pad=28)
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
