@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -548,10 +549,19 @@ _COMPILED: dict = {}
 _COMPILE_BROKEN = False
 
 
-def _compiled(fn):
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[fn]
+def _compiled(fn, variant: tuple = ()):
+    """The compiled kernel of ``fn`` for one variant (the Python-valued arguments and the
+    canonical rank). Each variant gets its own copy of ``fn``'s code object: dynamo's recompile
+    budget (8 graphs) is per code object, and one recipe can need more variants of one kernel
+    than that (NVFP4 1x16 and 16x16 tiles, nearest and stochastic, with and without metrics);
+    past the budget dynamo fails, and a failure sends every later call down the eager path."""
+    key = (fn, variant)
+    if key not in _COMPILED:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_v{len(_COMPILED)}")
+        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                   fn.__closure__)
+        _COMPILED[key] = torch.compile(clone, dynamic=True, fullgraph=True)
+    return _COMPILED[key]
 
 
 def _compile_switch(compile) -> bool:
@@ -633,11 +643,14 @@ def _run(x, bf, rounding, generator, compile, metrics):
     res = None
     if _compile_switch(compile) and xc.numel() > 0:
         try:
+            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics)
             if stochastic:
-                a, deq = _compiled(_S_KERNELS[kind])(xc, ints, flts, sc, red, bf.tensor_scale)
-                res = _compiled(_E_KERNELS[kind])(xc, a, deq, ints, flts, k1, k2, metrics)
+                a, deq = _compiled(_S_KERNELS[kind], variant)(xc, ints, flts, sc, red,
+                                                               bf.tensor_scale)
+                res = _compiled(_E_KERNELS[kind], variant)(xc, a, deq, ints, flts, k1, k2,
+                                                           metrics)
             else:
-                res = _compiled(fn)(*args)
+                res = _compiled(fn, variant)(*args)
         except Exception as exc:  # a missing C++ toolchain must not break training
             _COMPILE_BROKEN = True
             warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
