@@ -52,7 +52,8 @@ EXTENDED = [
     ("mxfp4", "MXFP4 blocks, SR: small loss"),
     ("nvfp4", "NVFP4 1x16 blocks, SR: small loss (FP4 All the Way)"),
     ("luq-fp4", "LUQ 4-bit: ~1 pt loss (LUQ, ResNet-50 75.4 vs 76.5)"),
-    ("nvfp4-recipe", "NVFP4 recipe backward: ~ baseline (NVIDIA 2025)"),
+    ("nvfp4-recipe", "NVFP4 recipe, forward + per-GEMM backward: ~ baseline (NVIDIA 2025)"),
+    ("fp4-all-the-way", "NVFP4 forward (nearest) + backward (SR): ~ baseline (Chmiel 2025)"),
 ]
 
 
