@@ -1,6 +1,7 @@
 """End-to-end CLI runs (small settings)."""
 
 import json
+import math
 
 import pytest
 
@@ -68,12 +69,40 @@ def test_recipes_command(capsys):
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in ("baseline", "fp6", "fp6-e-1", "fp4-dynamic", "prune-0.8", "prune-0.85-het-emp",
-                 "atp-0.8"):
+    for name in ("baseline", "fp6", "fp4", "fp4-dynamic", "prune-0.8", "prune-0.8-emp",
+                 "prune-0.85-het-emp", "atp-0.8"):
         assert name in out
+    assert "fp6-e-1" not in out  # under --extended
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
-    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
-    assert len(rows) == 9 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    data = json.loads((tmp_path / "demo.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 8 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert all(len(r["seeds"]) == 1 for r in rows)  # --quick keeps one seed
+    # the per-epoch sparsity table: one row per pruning recipe with its target
+    by_epoch = {r["recipe"]: r for r in data["sparsity_by_epoch"]}
+    assert set(by_epoch) == {"prune-0.8", "prune-0.8-emp", "prune-0.85-het-emp", "atp-0.8"}
+    assert by_epoch["prune-0.85-het-emp"]["target"] == 0.85
+
+
+def test_demo_seeds_report_mean_std_and_significance(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--recipes", "baseline,fp4-dynamic", "--seeds",
+                 "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mean +- std" in out and "seeds 0..1 (2)" in out
+    rows = {r["recipe"]: r for r in json.loads((tmp_path / "demo.json").read_text())["rows"]}
+    accs = rows["fp4-dynamic"]["test_accuracies"]
+    assert rows["fp4-dynamic"]["seeds"] == [0, 1] and len(accs) == 2
+    # the table's mean and std are those of the two runs, and the verdict follows the rule
+    # |delta| > 2 standard errors of the difference
+    import statistics
+    assert abs(rows["fp4-dynamic"]["test_accuracy"] - statistics.fmean(accs)) < 1e-12
+    assert abs(rows["fp4-dynamic"]["test_accuracy_std"] - statistics.stdev(accs)) < 1e-12
+    b = rows["baseline"]
+    se = math.sqrt((rows["fp4-dynamic"]["test_accuracy_std"] ** 2 + b["test_accuracy_std"] ** 2) / 2)
+    delta = rows["fp4-dynamic"]["test_accuracy"] - b["test_accuracy"]
+    assert rows["fp4-dynamic"]["significant"] == (abs(delta) > 2 * se)
+    for seed in (0, 1):  # one run folder per seed
+        assert (tmp_path / "fp4-dynamic" / f"seed{seed}" / "metrics.json").exists()
 
 
 def test_train_bad_inputs_are_one_line(tmp_path, capsys):
@@ -112,7 +141,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, nproc):
 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "gradcomp.apps.cli", "train", "--model", "mlp", "--dataset",
-            "digits", "--width", "16", "--batch-size", "16", "--epochs", "12", "--out", str(out),
+            "digits", "--width", "16", "--batch-size", "16", "--epochs", "40", "--out", str(out),
             "--nproc", str(nproc), "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GRADCOMP_COMPILE="0")
     # a new session: the SIGINT goes to the whole process group, as Ctrl-C in a terminal does
@@ -127,6 +156,8 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, nproc):
     assert "Traceback" not in stderr
     assert "--resume" in stdout + stderr
     ck = torch.load(out / "checkpoint.pt", weights_only=False)  # the last checkpoint is kept
-    assert ck["epoch"] < 11
+    # 40 epochs: a loaded machine that answers the first checkpoint late must still find the
+    # run going (12 epochs once finished before the SIGINT arrived)
+    assert ck["epoch"] < 39
     assert main(args[3:] + ["--resume"]) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 11
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 39
