@@ -97,10 +97,9 @@ def test_demo_seeds_report_mean_std_and_significance(tmp_path, capsys):
     import statistics
     assert abs(rows["fp4-dynamic"]["test_accuracy"] - statistics.fmean(accs)) < 1e-12
     assert abs(rows["fp4-dynamic"]["test_accuracy_std"] - statistics.stdev(accs)) < 1e-12
-    b = rows["baseline"]
-    se = math.sqrt((rows["fp4-dynamic"]["test_accuracy_std"] ** 2 + b["test_accuracy_std"] ** 2) / 2)
-    delta = rows["fp4-dynamic"]["test_accuracy"] - b["test_accuracy"]
-    assert rows["fp4-dynamic"]["significant"] == (abs(delta) > 2 * se)
+    b, r = rows["baseline"], rows["fp4-dynamic"]
+    se = math.sqrt((r["test_accuracy_std"] ** 2 + b["test_accuracy_std"] ** 2) / 2)
+    assert r["significant"] == (abs(r["test_accuracy"] - b["test_accuracy"]) > 2 * se)
     for seed in (0, 1):  # one run folder per seed
         assert (tmp_path / "fp4-dynamic" / f"seed{seed}" / "metrics.json").exists()
 
