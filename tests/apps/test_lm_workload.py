@@ -223,3 +223,22 @@ def test_demo_lm_quick(corpus, tmp_path, capsys):
     assert rows[0]["delta_perplexity"] == 0.0 and rows[1]["bits_per_element"] == 4
     assert rows[1]["delta_perplexity"] == pytest.approx(
         rows[1]["val_perplexity"] - rows[0]["val_perplexity"])
+
+
+def test_gemmcheck_on_the_transformer(corpus):
+    """Per-GEMM diagnostics on gpt-tiny: every hidden linear and the head captured with 3-D
+    (batch, tokens, features) operands; an unbiased scheme's bias z-score stays small and the
+    cosine to the full-precision products is high; an image model on text is one clear error."""
+    from gradcomp.apps.gemmcheck import capture_gemm_operands, gemm_diagnostics
+
+    recs = capture_gemm_operands("gpt-tiny", "shakespeare", steps=3, batch_size=8,
+                                 data_dir=str(corpus), context=CONTEXT)
+    assert len(recs) >= 13 and all(r.kind == "linear" for r in recs)
+    assert all(r.x.dim() == 3 and r.grad.dim() == 3 for r in recs)
+    from gradcomp.apps.gemmcheck import SCHEMES
+
+    rows = gemm_diagnostics(recs[:3], {"fp4-sr": SCHEMES["fp4-sr"]}, draws=4, seed=0)
+    assert rows and all(0.5 < r["cosine"] <= 1.0 + 1e-6 for r in rows)
+    with pytest.raises(ValueError, match="reads token sequences|cannot be built|does not fit"):
+        capture_gemm_operands("cnn", "shakespeare", steps=1, data_dir=str(corpus),
+                              context=CONTEXT)

@@ -85,20 +85,39 @@ class GemmOperands:
 
 
 def capture_gemm_operands(model: str = "cnn", dataset: str = "fashion-mnist", *, steps: int = 20,
-                          batch_size: int = 32, width: int | None = 8, lr: float = 0.05,
+                          batch_size: int = 32, width: int | None = None, lr: float = 0.05,
                           seed: int = 0, data_dir: str | None = None, max_train: int = 2048,
-                          device: str = "cpu") -> list[GemmOperands]:
+                          device: str = "cpu", context: int = 64) -> list[GemmOperands]:
     """Train ``model`` with SGD for ``steps`` steps and capture x, W, G of every Linear/Conv2d
-    at the last step (forward hooks on the layers, a tensor hook on each output)."""
-    from gradcomp.apps.data import load_dataset, make_loader
+    at the last step (forward hooks on the layers, a tensor hook on each output). Text datasets
+    (``shakespeare``: byte-level language modelling, ``context`` bytes) train the transformer
+    models; their Linear inputs are (batch, tokens, features) and both GEMMs reduce over the
+    flattened batch x tokens rows."""
+    from gradcomp.apps.data import is_text_dataset, load_dataset, make_loader
     from gradcomp.apps.models import build_model
+    from gradcomp.apps.text import flatten_logits
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     torch.manual_seed(seed)
-    data = load_dataset(dataset, data_dir, max_train=max_train)
-    net = build_model(model, in_channels=data.in_channels, num_classes=data.num_classes,
-                      width=width, image_size=data.image_size).to(device)
+    if is_text_dataset(dataset):
+        data = load_dataset(dataset, data_dir, max_train=max_train, context=context)
+        try:
+            net = build_model(model, width=width, **data.model_kwargs()).to(device)
+        except ValueError as exc:
+            raise ValueError(f"model {model!r} cannot be built for dataset {dataset!r} "
+                             f"(task {data.task}): {exc}") from None
+        if getattr(net, "task", None) != data.task:
+            raise ValueError(f"model {model!r} does not fit dataset {dataset!r} (task "
+                             f"{data.task}): use gpt-tiny / gpt (lm) or bert-tiny / bert")
+    else:
+        width = 8 if width is None else width
+        data = load_dataset(dataset, data_dir, max_train=max_train)
+        net = build_model(model, in_channels=data.in_channels, num_classes=data.num_classes,
+                          width=width, image_size=data.image_size).to(device)
+        if getattr(net, "task", None) is not None:
+            raise ValueError(f"model {model!r} reads token sequences; dataset {dataset!r} is "
+                             "images: use a text dataset (shakespeare) or an image model")
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loader = make_loader(data.train, batch_size, shuffle=True, seed=seed, drop_last=True,
                          device=device)
@@ -134,7 +153,7 @@ def capture_gemm_operands(model: str = "cnn", dataset: str = "fashion-mnist", *,
             for xb, yb in loader:
                 active["on"] = step == steps - 1
                 opt.zero_grad()
-                F.cross_entropy(net(xb), yb).backward()
+                F.cross_entropy(*flatten_logits(net(xb), yb)).backward()
                 if step < steps - 1:
                     opt.step()
                 step += 1

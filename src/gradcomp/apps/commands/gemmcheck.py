@@ -44,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_data_args(p, model="cnn")
     p.add_argument("--steps", type=int, default=10, help="training steps before capture (10)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--width", type=int, default=8, help="model base width (8)")
+    p.add_argument("--width", type=int, default=None,
+                   help="model base width (default 8 for image models; a transformer's own)")
     p.add_argument("--max-train", type=int, default=2048, help="training samples loaded (2048)")
     p.add_argument("--schemes", default=DEFAULT_SCHEMES,
                    help=f"comma list of {', '.join(SCHEMES)} (default {DEFAULT_SCHEMES})")
