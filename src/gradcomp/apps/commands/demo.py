@@ -370,21 +370,28 @@ def _plot(results, plan, out: Path) -> Path:
     ax2.set_title("test accuracy")
 
     last = [results[n][-1].history[-1] for n in names]
-    sp = [float(row.get("sparsity") or 0.0) for row in last]
-    bits = [float(row.get("bits_per_element") or 32.0) for row in last]
+    # a run too short for a metric step measured nothing: no bar (never 32 bits, which would
+    # read as "uncompressed"), and the panel says so
+    sp = [math.nan if row.get("sparsity") is None else float(row["sparsity"]) for row in last]
+    bits = [math.nan if row.get("bits_per_element") is None else float(row["bits_per_element"])
+            for row in last]
     h = 0.4
-    ax3.barh(y - h / 2, sp, height=h, color="0.35", label="sparsity (fraction of zeros)")
+    measured = [not math.isnan(v) for v in sp]
+    ax3.barh(y - h / 2, [v if ok else 0.0 for v, ok in zip(sp, measured)], height=h,
+             color="0.35")
     ax3.set_xlim(0, 1)
+    ax3.set_ylim(len(names) - 0.5, -0.5)  # first recipe on top
+    for i, ok in enumerate(measured):
+        if not ok:
+            ax3.text(0.02, i, "not measured (no metric step ran)", va="center", fontsize=7)
     ax3.set_yticks(y, names, fontsize=8)
-    ax3.set_xlabel("sparsity of the neural gradients")
+    ax3.set_xlabel("sparsity of the neural gradients (grey bars)")
     ax3b = ax3.twiny()
-    ax3b.barh(y + h / 2, bits, height=h, color="C1", label="bits per element")
+    ax3b.barh(y + h / 2, [b if ok else 0.0 for b, ok in zip(bits, measured)], height=h,
+              color="C1")
     ax3b.set_xlim(0, 33)
-    ax3b.set_xlabel("bits per neural-gradient element", color="C1")
-    ax3.invert_yaxis()
-    # below the axis label, outside the bars: it must hide neither
-    ax3.legend(handles=[ax3.containers[0], ax3b.containers[0]], fontsize=7, ncol=2,
-               loc="upper center", bbox_to_anchor=(0.5, -0.09))
+    ax3b.set_ylim(len(names) - 0.5, -0.5)
+    ax3b.set_xlabel("bits per neural-gradient element (orange bars)", color="C1")
     ax3.set_title("compression (last epoch)", pad=28)
     fig.tight_layout()
     path = out / "curves.png"
