@@ -138,20 +138,33 @@ def launch_local(cfg, nproc: int, backend: str | None = None, hooks=None) -> int
     cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * nproc
     if len(cfgs) != nproc:
         raise ValueError(f"launch_local: {len(cfgs)} configs for nproc={nproc}")
-    ctx = mp.start_processes(_spawned, args=(nproc, _free_port(), cfgs, backend, hooks),
-                             nprocs=nproc, join=False, start_method="spawn")
-    interrupted = False
-    while True:
-        try:
-            # True when all ended; raises when one failed, after ending the others (SIGTERM
-            # after the grace period, then SIGKILL: a stopped worker ignores SIGTERM)
-            if ctx.join(timeout=1.0, grace_period=_GRACE):
-                break
-        except KeyboardInterrupt:
-            interrupted = True  # the workers got the SIGINT too: they stop after their step
-        except mp.ProcessExitedException as exc:
-            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
-        except Exception as exc:  # noqa: BLE001 - a worker raised: show its traceback
-            _say(f"gradcomp train: a worker failed:\n{exc}")
-            return 1
-    return EXIT_INTERRUPTED if interrupted else 0
+    import signal
+    import threading
+
+    # The launcher records a Ctrl-C with its own handler instead of a KeyboardInterrupt: an
+    # exception can land anywhere in the wait loop (or inside torch's join) and be lost, and
+    # the workers, which got the SIGINT too and stop after their step, exit 0 like a finished
+    # run; the flag is what makes the exit code 130.
+    got = {"sigint": False}
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda *_: got.__setitem__("sigint", True))
+    try:
+        ctx = mp.start_processes(_spawned, args=(nproc, _free_port(), cfgs, backend, hooks),
+                                 nprocs=nproc, join=False, start_method="spawn")
+        while True:
+            try:
+                # True when all ended; raises when one failed, after ending the others
+                # (SIGTERM after the grace period, then SIGKILL: a stopped worker ignores
+                # SIGTERM)
+                if ctx.join(timeout=1.0, grace_period=_GRACE):
+                    break
+            except mp.ProcessExitedException as exc:
+                return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+            except Exception as exc:  # noqa: BLE001 - a worker raised: show its traceback
+                _say(f"gradcomp train: a worker failed:\n{exc}")
+                return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    return EXIT_INTERRUPTED if got["sigint"] else 0
