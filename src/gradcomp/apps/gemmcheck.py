@@ -94,30 +94,18 @@ def capture_gemm_operands(model: str = "cnn", dataset: str = "fashion-mnist", *,
     models; their Linear inputs are (batch, tokens, features) and both GEMMs reduce over the
     flattened batch x tokens rows."""
     from gradcomp.apps.data import is_text_dataset, load_dataset, make_loader
-    from gradcomp.apps.models import build_model
     from gradcomp.apps.text import flatten_logits
+    from gradcomp.apps.train import model_for_data
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     torch.manual_seed(seed)
     if is_text_dataset(dataset):
         data = load_dataset(dataset, data_dir, max_train=max_train, context=context)
-        try:
-            net = build_model(model, width=width, **data.model_kwargs()).to(device)
-        except ValueError as exc:
-            raise ValueError(f"model {model!r} cannot be built for dataset {dataset!r} "
-                             f"(task {data.task}): {exc}") from None
-        if getattr(net, "task", None) != data.task:
-            raise ValueError(f"model {model!r} does not fit dataset {dataset!r} (task "
-                             f"{data.task}): use gpt-tiny / gpt (lm) or bert-tiny / bert")
     else:
         width = 8 if width is None else width
         data = load_dataset(dataset, data_dir, max_train=max_train)
-        net = build_model(model, in_channels=data.in_channels, num_classes=data.num_classes,
-                          width=width, image_size=data.image_size).to(device)
-        if getattr(net, "task", None) is not None:
-            raise ValueError(f"model {model!r} reads token sequences; dataset {dataset!r} is "
-                             "images: use a text dataset (shakespeare) or an image model")
+    net = model_for_data(model, dataset, data, width).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loader = make_loader(data.train, batch_size, shuffle=True, seed=seed, drop_last=True,
                          device=device)

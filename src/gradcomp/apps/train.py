@@ -947,26 +947,33 @@ def _data_and_model(cfg: TrainConfig):
     """The dataset and the model built for it (image sizes and classes, or the text task's
     vocabulary and context); a model whose task does not match the dataset's is refused."""
     context = cfg.text_context()
-    if context is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train)
-        model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
-                            image_size=data.image_size, width=cfg.width)
-        if getattr(model, "task", None) is not None:
-            raise ValueError(f"model {cfg.model!r} reads token sequences; dataset "
-                             f"{cfg.dataset!r} is images: use a text dataset (shakespeare, "
+    kw = {} if context is None else {"context": context}
+    data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train, **kw)
+    return data, model_for_data(cfg.model, cfg.dataset, data, cfg.width)
+
+
+def model_for_data(model: str, dataset: str, data, width: int | None):
+    """``model`` built for a loaded dataset: image channels, classes and size, or a text
+    task's vocabulary and context; a model whose task does not fit the data is refused with
+    one line naming the models that fit."""
+    if getattr(data, "task", None) is None:
+        net = build_model(model, in_channels=data.in_channels, num_classes=data.num_classes,
+                          image_size=data.image_size, width=width)
+        if getattr(net, "task", None) is not None:
+            raise ValueError(f"model {model!r} reads token sequences; dataset "
+                             f"{dataset!r} is images: use a text dataset (shakespeare, "
                              "shakespeare-works) or an image model")
-        return data, model
-    data = load_dataset(cfg.dataset, cfg.data_dir, max_train=cfg.max_train, context=context)
+        return net
     fits = {"lm": "gpt or gpt-tiny", "classify": "bert or bert-tiny"}[data.task]
     try:
-        model = build_model(cfg.model, width=cfg.width, **data.model_kwargs())
+        net = build_model(model, width=width, **data.model_kwargs())
     except ValueError as exc:
-        raise ValueError(f"model {cfg.model!r} cannot be built for dataset {cfg.dataset!r} "
+        raise ValueError(f"model {model!r} cannot be built for dataset {dataset!r} "
                          f"(task {data.task}; models that fit: {fits}): {exc}") from None
-    if getattr(model, "task", None) != data.task:
-        raise ValueError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (task "
+    if getattr(net, "task", None) != data.task:
+        raise ValueError(f"model {model!r} does not fit dataset {dataset!r} (task "
                          f"{data.task}): use {fits}")
-    return data, model
+    return net
 
 
 def _eval_columns(task: str | None, loss: float, acc: float) -> dict:
