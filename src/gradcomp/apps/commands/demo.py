@@ -140,7 +140,7 @@ def _plan(args) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from gradcomp.apps.recipes import get_recipe
-    from gradcomp.apps.train import TrainConfig, train
+    from gradcomp.apps.train import TrainConfig
 
     _defaults(args)
     plan = _plan(args)
@@ -156,23 +156,12 @@ def run(args: argparse.Namespace) -> int:
         max_test = None
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
-    results: dict[str, list] = {}
-    t0 = time.perf_counter()
-    for i, (name, _) in enumerate(plan):
-        for seed in seeds:
-            if not args.quiet:
-                tag = f" seed {seed}" if len(seeds) > 1 else ""
-                print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
-            run_out = _run_dir(out, name, seed if len(seeds) > 1 else None)
-            cfg = TrainConfig(
-                recipe=name, model=args.model, dataset=args.dataset, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
-                out=str(run_out), overwrite=True, data_dir=args.data_dir,
-                max_train=args.max_train, width=args.width, progress=not args.quiet,
-                max_test=max_test,
-            )
-            results.setdefault(name, []).append(train(cfg))
-    total = time.perf_counter() - t0
+    results, total = _train_all(args, plan, seeds, out, lambda name, seed, run_out: TrainConfig(
+        recipe=name, model=args.model, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
+        out=str(run_out), overwrite=True, data_dir=args.data_dir,
+        max_train=args.max_train, width=args.width, progress=not args.quiet,
+        max_test=max_test))
 
     stats = {name: _stats(runs) for name, runs in results.items()}
     base = stats.get("baseline")
@@ -223,6 +212,23 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out / 'report.md'}, {png}, {out / 'demo.json'}")
     return 0
+
+
+def _train_all(args, plan, seeds, out: Path, make_cfg) -> tuple[dict[str, list], float]:
+    """Every recipe of the plan over every seed (OUT/<recipe>[/seed<k>]); the results per
+    recipe in seed order, and the wall time in seconds."""
+    from gradcomp.apps.train import train
+
+    results: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for i, (name, _) in enumerate(plan):
+        for seed in seeds:
+            if not args.quiet:
+                tag = f" seed {seed}" if len(seeds) > 1 else ""
+                print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
+            run_out = _run_dir(out, name, seed if len(seeds) > 1 else None)
+            results.setdefault(name, []).append(train(make_cfg(name, seed, run_out)))
+    return results, time.perf_counter() - t0
 
 
 _NOTE = ("beyond seed spread?: 'yes' when |delta| exceeds twice its standard error over the seeds "
@@ -404,7 +410,7 @@ def _run_lm(args: argparse.Namespace, plan: list[tuple[str, str]]) -> int:
     """The language-model workload: each recipe trains ``--steps`` steps of AdamW (cosine) on
     byte windows of ``--context`` bytes, then validation loss and perplexity on the first 1024
     validation sequences (all with --quick's 256)."""
-    from gradcomp.apps.train import TrainConfig, train
+    from gradcomp.apps.train import TrainConfig
 
     for name, v in (("steps", args.steps), ("context", args.context)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -412,23 +418,12 @@ def _run_lm(args: argparse.Namespace, plan: list[tuple[str, str]]) -> int:
     steps, max_val = (40, 256) if args.quick else (args.steps, 1024)
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
-    results: dict[str, list] = {}
-    t0 = time.perf_counter()
-    for i, (name, _) in enumerate(plan):
-        for seed in seeds:
-            if not args.quiet:
-                tag = f" seed {seed}" if len(seeds) > 1 else ""
-                print(f"[{i + 1}/{len(plan)}] {name}{tag}", flush=True)
-            run_out = _run_dir(out, name, seed if len(seeds) > 1 else None)
-            cfg = TrainConfig(
-                recipe=name, model=args.model, dataset=args.dataset, batch_size=args.batch_size,
-                lr=args.lr, optimizer="adamw", weight_decay=0.01, schedule="cosine", seed=seed,
-                device=args.device, out=str(run_out), overwrite=True, data_dir=args.data_dir,
-                max_train=args.max_train, width=args.width, progress=not args.quiet,
-                max_steps=steps, max_test=max_val, context=args.context,
-            )
-            results.setdefault(name, []).append(train(cfg))
-    total = time.perf_counter() - t0
+    results, total = _train_all(args, plan, seeds, out, lambda name, seed, run_out: TrainConfig(
+        recipe=name, model=args.model, dataset=args.dataset, batch_size=args.batch_size,
+        lr=args.lr, optimizer="adamw", weight_decay=0.01, schedule="cosine", seed=seed,
+        device=args.device, out=str(run_out), overwrite=True, data_dir=args.data_dir,
+        max_train=args.max_train, width=args.width, progress=not args.quiet,
+        max_steps=steps, max_test=max_val, context=args.context))
 
     def ppl(name):
         v = [r.val_perplexity for r in results[name]]
