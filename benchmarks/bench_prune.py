@@ -4,6 +4,10 @@ Every time is the minimum over repeats, and pruning is reported as a ratio to ``
 timed in the same run (the machine may be shared; ratios are what transfer). Usage:
 
     python benchmarks/bench_prune.py [--numel 16777216] [--repeats 7] [--device cpu]
+    python benchmarks/bench_prune.py --fused --sizes 800000,3200000,16777216
+
+``--fused`` times ``prune_quantize`` (prune + FP6 nearest with a scale, one pass, the hot path's
+non-finite count) against ``stochastic_prune`` then ``quantize_fp`` at each of ``--sizes``.
 
 ``GRADCOMP_COMPILE=0`` benchmarks the eager path instead of the fused one.
 """
@@ -17,7 +21,8 @@ import time
 import torch
 
 from gradcomp.compressors.encoding import decode_pruned, encode_pruned
-from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.pruning import prune_quantize, stochastic_prune
+from gradcomp.numerics.rounding import quantize_fp
 from gradcomp.numerics.sparsity import empirical_threshold, lognormal_threshold
 
 
@@ -34,13 +39,45 @@ def _best(fn, repeats: int, device) -> float:
     return min(times)
 
 
+def _fused(args, dev) -> int:
+    """Prune + quantize in one kernel vs the two calls, interleaved, per size."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    s = torch.tensor(2.0**12, device=dev)
+    nf = ("nonfinite",)
+    print("| elements | clone ms | two calls ms | one pass ms | one pass / two calls |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in (int(v) for v in args.sizes.split(",")):
+        x = torch.exp(torch.randn(n, device=dev, generator=g) * 2 - 10)
+        a = torch.tensor(lognormal_threshold(0.8, -10.0, 2.0), device=dev)
+
+        def two():
+            p, c = stochastic_prune(x, a, g, counts=nf)
+            return quantize_fp(p, "e3m2", scale=s), c
+
+        def one():
+            return prune_quantize(x, a, "e3m2", "nearest", s, g, counts=nf)
+
+        two(), one()  # compile
+        best = {"clone": float("inf"), "two": float("inf"), "one": float("inf")}
+        for _ in range(args.repeats):
+            for k, fn in (("clone", lambda: x.clone()), ("two", two), ("one", one)):
+                best[k] = min(best[k], _best(fn, 3, dev))
+        print(f"| {n} | {best['clone'] * 1e3:.2f} | {best['two'] * 1e3:.2f} | "
+              f"{best['one'] * 1e3:.2f} | {best['one'] / best['two']:.2f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--numel", type=int, default=1 << 24)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fused", action="store_true", help="one pass vs two, at --sizes")
+    p.add_argument("--sizes", default="800000,3200000,16777216")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
+    if args.fused:
+        return _fused(args, dev)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.exp(torch.randn(args.numel, device=dev, generator=g) * 2 - 10)
     a = torch.tensor(lognormal_threshold(0.8, -10.0, 2.0), device=dev)

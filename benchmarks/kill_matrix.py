@@ -93,6 +93,8 @@ FSDP_COMMS = [
     ("fp", "fp", {}),
     ("topk", "topk", {}),
     ("scalecom", "scalecom", {}),
+    ("block", "block", {}),
+    ("block-nvfp4", "block", {"fmt": "nvfp4"}),
 ]
 COMMON = ["--model", "mlp", "--dataset", "digits", "--width", "16", "--batch-size", "32",
           "--max-steps-per-epoch", str(STEPS), "--epochs", str(EPOCHS), "--lr", "0.05",

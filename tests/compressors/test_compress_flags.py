@@ -99,3 +99,54 @@ def test_block_quantizer_flag():
         assert (float(flag) > 0) is bad
         _, n = q.compress(_grad(bad).reshape(30, 100), measure=True)
         assert float(n) == (3 if bad else 0)
+
+
+@pytest.mark.parametrize("scaling", ["none", "per_layer_optimal", "amax"])
+@pytest.mark.parametrize("method", ["empirical", "lognormal", "topk_stochastic"])
+def test_pruner_then_quantizer_equals_the_two_calls(method, scaling, monkeypatch):
+    """``Pruner.compress(then=q)``: one kernel where q's scale is known beforehand, else the
+    two calls; either way the same output, flags, metrics and tracked threshold as
+    pruning then quantizing with the same generator."""
+    from gradcomp.compressors import pruning as P
+
+    calls = []
+    real = P.prune_quantize
+    monkeypatch.setattr(P, "prune_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stats_src = _grad(False, seed=1)
+    stats = LayerStats(fit_lognormal(stats_src), stats_src.clone(), stats_src.numel())
+    pairs = []
+    for _ in range(2):
+        p = _ready_pruner(method)
+        q = FPQuantizer("1-3-2", "stochastic", scaling=scaling, track_metrics=False)
+        q.update(stats)
+        pairs.append((p, q))
+    (p1, q1), (p2, q2) = pairs
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for step, (bad, measure, check) in enumerate([(False, False, True), (True, False, True),
+                                                  (False, True, True), (False, False, False),
+                                                  (True, True, False)]):
+        x = _grad(bad, seed=10 + step)
+        a, fa = p1.compress(x, g1, measure=measure, check=check, then=q1)
+        b, fb = p2.compress(x, g2, measure=measure, check=check)
+        b, _ = q2.compress(b, g2, measure=measure)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert (fa is None) == (fb is None) and (fa is None or float(fa) == float(fb))
+        for u, v in ((p1.state_dict(), p2.state_dict()), (q1.counts(), q2.counts()),
+                     (p1.counts(), p2.counts())):
+            assert u.keys() == v.keys()
+            for k in u:
+                if isinstance(u[k], torch.Tensor):
+                    assert torch.equal(u[k], v[k]), k
+                else:
+                    assert u[k] == v[k], k
+    fusable = method != "topk_stochastic" and scaling != "amax"
+    assert bool(calls) is fusable and q1.fusable is (scaling != "amax")
+    # a block quantizer is never fused: the two calls, the same bits
+    p3, p4 = _ready_pruner(method), _ready_pruner(method)
+    bq = BlockQuantizer("mxfp4", "stochastic")
+    x = _grad(False, seed=30)
+    a, _ = p3.compress(x, torch.Generator().manual_seed(4), then=bq)
+    g = torch.Generator().manual_seed(4)
+    b = bq(p4(x, g), g)
+    assert torch.equal(a, b)
+

@@ -101,3 +101,30 @@ def test_empty_tensors_give_zero_counts():
     assert q.numel() == 0 and c.tolist() == [0] * len(COUNTS)
     p, c = stochastic_prune(x, 0.5, torch.Generator().manual_seed(0), counts=True)
     assert p.numel() == 0 and c.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_subset_of_counts_is_those_counts_in_the_order_asked(compile):
+    x = _awkward(3001, torch.float32, seed=4)
+    _, full = quantize_fp(x, "e3m2", scale=4.0, compile=compile, counts=True)
+    want = dict(zip(COUNTS, full.tolist()))
+    for names in [("nonfinite",), ("zeros", "nonfinite"), ("nan", "overflow", "underflow")]:
+        out, c = quantize_fp(x, "e3m2", scale=4.0, compile=compile, counts=names)
+        assert c.tolist() == [want[n] for n in names]
+    g = torch.Generator().manual_seed(0)
+    _, pfull = stochastic_prune(x, 0.3, g, compile=compile, counts=True)
+    _, sub = stochastic_prune(x, 0.3, torch.Generator().manual_seed(0), compile=compile,
+                              counts=("at_threshold", "nonfinite"))
+    assert sub.tolist() == [pfull[2].item(), pfull[0].item()]
+
+
+def test_counts_names_outside_the_list_are_refused():
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="counts entry must be one of"):
+        quantize_fp(x, "e4m3", counts=("zeros", "at_threshold"))
+    with pytest.raises(ValueError, match="counts entry must be one of"):
+        stochastic_prune(x, 0.5, counts=("overflow",))
+    with pytest.raises(TypeError, match="counts must be True, False or a sequence"):
+        quantize_fp(x, "e4m3", counts="zeros")
+    with pytest.raises(ValueError, match="counts must name at least one"):
+        quantize_fp(x, "e4m3", counts=())

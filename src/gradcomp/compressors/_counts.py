@@ -11,11 +11,17 @@ import torch
 
 
 class CountsMixin:
-    """``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d tensor) and
+    """``__call__`` / ``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d tensor) and
     ``self._elements`` (int); the class sets both in its ``__init__`` (``reset_metrics()``)."""
 
     _acc: dict
     _elements: int
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, *args,
+                 **kwargs):
+        """The compressed tensor alone: ``compress(x, generator, ...)[0]`` (``measure`` adds
+        the call to the metrics; see the class's ``compress``)."""
+        return self.compress(x, generator, *args, **kwargs)[0]
 
     def _add(self, key: str, v: torch.Tensor) -> None:
         cur = self._acc.get(key)

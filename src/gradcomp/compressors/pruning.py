@@ -19,6 +19,7 @@ from gradcomp.compressors._counts import CountsMixin
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.pruning import (
+    prune_quantize,
     stochastic_prune,
     topk_prune,
     topk_stochastic_prune,
@@ -248,32 +249,32 @@ class Pruner(CountsMixin):
         """Whether a call prunes (a top-k method always does; the others after an update)."""
         return self.method in ("topk", "topk_stochastic") or self._threshold is not None
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 measure: bool = True, finite: torch.Tensor | bool | None = None) -> torch.Tensor:
-        """Prune ``x`` (see ``stochastic_prune`` / ``topk_prune``); no host sync.
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 measure: bool = True, finite: torch.Tensor | bool | None = None,
+                 check: bool = False, then=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(pruned, nonfinite)``: the pruned tensor and whether x held a NaN/inf; no host sync.
 
         ``measure`` adds this call's counts to the metrics. ``finite``: whether ``x`` is all
         finite, if the caller knows (a 0-d bool tensor or a bool); otherwise the pruning
         kernel counts the non-finite values in its own pass: a tracking call that saw a NaN/inf
         leaves the threshold as it was (its counts are garbage).
-        """
-        return self.compress(x, generator, measure, finite)[0]
-
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 measure: bool = True, finite: torch.Tensor | bool | None = None,
-                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(pruned, nonfinite)``: ``__call__`` that also says whether x held a NaN/inf.
-
         ``nonfinite``: a 0-d float64 device tensor, > 0 exactly when x held a NaN or +-inf
         (on measured calls: their number); None when neither ``check`` nor ``measure`` asked
-        and the call needed no count. Stochastic pruning at a threshold counts the non-finite
-        inputs, the zeros and the +-a symbols in the pruning kernel's own loop (no extra pass);
-        the top-k methods and the dense warm-up (no threshold yet) take one extra pass when
-        asked.
+        and the call needed no count. Stochastic pruning at a threshold counts what the call
+        needs (non-finite inputs, zeros, +-a symbols) in the pruning kernel's own loop (no
+        extra pass); the top-k methods and the dense warm-up (no threshold yet) take one extra
+        pass when asked.
+        ``then``: a quantizer (``FPQuantizer`` / ``BlockQuantizer``) applied to the pruned
+        tensor, with ``measure``; the result is then the quantized tensor. When the quantizer
+        is ``fusable`` and this call prunes at a threshold, both run in one kernel
+        (``numerics.pruning.prune_quantize``: the pruned tensor is never written; the same bits
+        and counts as the two calls).
         """
         require_float_tensor(x, "x")
         n = x.numel()
-        c = None  # the kernel's counts: non-finite inputs, zeros, +-a symbols
+        names = ()
+        got = {}  # the kernel's counts by name (non-finite inputs, zeros, +-a symbols)
+        fused = False
         if self.method == "topk":
             out = topk_prune(x, self.sparsity) if n else x.clone()
         elif self.method == "topk_stochastic":
@@ -283,15 +284,20 @@ class Pruner(CountsMixin):
         else:
             if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
                 self._threshold = self._threshold.to(x.device)
-            if check or measure or self.tracking or self.method == "calibrated":
-                out, c = stochastic_prune(x, self._threshold, generator, counts=True)
+            names = self._count_names(measure, check, finite)
+            fused = then is not None and getattr(then, "fusable", False)
+            if fused:
+                out, got = self._prune_quantize(x, generator, measure, names, then)
+            elif names:
+                out, c = stochastic_prune(x, self._threshold, generator, counts=names)
+                got = dict(zip(names, c.unbind()))
             else:
                 out = stochastic_prune(x, self._threshold, generator)
         bad = None
-        if c is not None:
-            bad = c[0].double()
+        if "nonfinite" in got:
+            bad = got["nonfinite"].double()
             if finite is None:
-                finite = c[0] == 0
+                finite = got["nonfinite"] == 0
         elif measure and n:
             bad = (~torch.isfinite(x)).sum().double()
         elif check or measure:
@@ -303,18 +309,17 @@ class Pruner(CountsMixin):
         track = self.tracking and n > 0
         if track and not measure and self._slope is not None:
             if finite is not False:
-                zeros = c[1].to(torch.float64)
-                self._track(zeros / n, self._slope, finite)
+                self._track(got["zeros"].to(torch.float64) / n, self._slope, finite)
             track = False
         elif not measure:
             track = False
         if n and (measure or self.method == "calibrated"):
-            zeros = (c[1] if c is not None else (out == 0).sum()).to(torch.float64)
+            zeros = (got["zeros"] if "zeros" in got else (out == 0).sum()).to(torch.float64)
             self._last_sparsity = zeros / n
             at = None
             if self._threshold is not None and (measure or track):
                 # the +-a symbols of the encoded stream (Appendix A.10's entropy estimate)
-                at = (c[2] if c is not None else
+                at = (got["at_threshold"] if "at_threshold" in got else
                       (out.abs() == self._threshold.to(out.dtype)).sum()).to(torch.float64)
             if measure:
                 self._add("zeros", zeros)
@@ -325,7 +330,39 @@ class Pruner(CountsMixin):
                 self._slope = (at / n).clamp_min(_MIN_SLOPE)
                 self._track(zeros / n, self._slope, finite)
         self._calls_since_update += 1
+        if then is not None and not fused:
+            out = then.compress(out, generator, measure=measure)[0]
         return out, bad
+
+    def _count_names(self, measure: bool, check: bool, finite) -> tuple:
+        """The counts (``PRUNE_COUNTS`` names) a threshold call needs from its kernel: each is a
+        reduction in the loop, so an unmeasured call asks only for what it uses."""
+        names = []
+        if check or measure or (self.tracking and finite is None):
+            names.append("nonfinite")
+        if measure or self.tracking or self.method == "calibrated":
+            names.append("zeros")
+        if measure:
+            names.append("at_threshold")
+        return tuple(names)
+
+    def _prune_quantize(self, x, generator, measure, names, q):
+        """This call's pruning and ``q``'s quantization in one kernel; returns (out, the
+        pruning counts by name) after ``q`` has accounted for its own counts."""
+        s, amax, qbad = q.scale_for(x)
+        qnames = q.count_names(measure, False)
+        fused = tuple("pruned_zeros" if k == "zeros" else k for k in names)
+        fused += tuple(k for k in qnames if k not in fused)
+        if fused:
+            out, c = prune_quantize(x, self._threshold, q.fmt, q.rounding, s, generator,
+                                    counts=fused)
+            allc = dict(zip(fused, c.unbind()))
+        else:
+            out = prune_quantize(x, self._threshold, q.fmt, q.rounding, s, generator)
+            allc = {}
+        q.account(x.numel(), s, amax, qbad, measure, qnames,
+                  torch.stack([allc[k] for k in qnames]) if qnames else None)
+        return out, {k: allc["pruned_zeros" if k == "zeros" else k] for k in names}
 
     @property
     def tracking(self) -> bool:

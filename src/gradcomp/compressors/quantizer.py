@@ -24,7 +24,7 @@ from gradcomp.numerics._checks import require_choice, require_float_tensor, requ
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
+from gradcomp.numerics.rounding import COUNTS, ROUNDINGS, quantize_fp
 
 __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
            "SELECTS", "select_split"]
@@ -80,10 +80,11 @@ class FPQuantizer(CountsMixin):
         """Refresh the scale from this layer's statistics (on the schedule)."""
         self.scaling.update(LayerStats.of(stats))
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 measure: bool | None = None) -> torch.Tensor:
-        """Q(x*s)/s; ``measure`` (default ``track_metrics``) adds this call to the metrics."""
-        return self.compress(x, generator, measure)[0]
+    @property
+    def fusable(self) -> bool:
+        """Whether a pruner may run this quantizer inside its own kernel (``Pruner.compress``'s
+        ``then``): its scale must be known before the pass (no amax of the input)."""
+        return self.scaling.amax_timing is None
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None, check: bool = False
@@ -93,10 +94,23 @@ class FPQuantizer(CountsMixin):
         ``nonfinite``: a 0-d float64 device tensor, > 0 exactly when x held a NaN or +-inf
         (on measured calls: their number); None when neither ``check`` nor ``measure`` asked
         for it and no pass of the call gave it. It costs no extra pass: an amax scaling's amax
-        is NaN/inf exactly then, otherwise the quantize kernel counts in its own loop.
+        is NaN/inf exactly then, otherwise the quantize kernel counts in its own loop (only
+        what the call needs: the non-finite count for ``check``, every metric when measured).
         """
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
+        s, amax, bad = self.scale_for(x)
+        names = self.count_names(measure, check and bad is None)
+        if names:
+            q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator,
+                               counts=names)
+        else:
+            q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator), None
+        return q, self.account(x.numel(), s, amax, bad, measure, names, c)
+
+    def scale_for(self, x: torch.Tensor):
+        """``(scale, amax, nonfinite)`` of a call, before its kernel: the policy's scale; an
+        amax scaling's amax of x (one min/max pass) and the NaN/inf flag it gives (else None)."""
         pol = self.scaling
         amax = bad = None
         if pol.amax_timing is not None and x.numel():
@@ -108,30 +122,35 @@ class FPQuantizer(CountsMixin):
             bad = (~torch.isfinite(amax)).double()
         if pol.amax_timing == "current" and amax is not None:
             pol.observe(amax=amax)
-        s = pol.scale.to(x.device)
-        counted = measure or pol.wants_overflow or (check and bad is None)
-        if counted:
-            # the counts come from the kernel's own loop (rounding.COUNTS); the overflow count
-            # is on x*s in the kernel's dtype, so it matches what was saturated
-            q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator,
-                               counts=True)
-        else:
-            q = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator)
+        return pol.scale.to(x.device), amax, bad
+
+    def count_names(self, measure: bool, check: bool) -> tuple:
+        """The kernel counts (``rounding.COUNTS`` names) a call needs: all of them when
+        measured, overflow and NaN for a dynamic loss scale, the non-finite count for
+        ``check``; each is a reduction in the kernel's loop, so the hot path asks for few."""
+        if measure:
+            return COUNTS
+        names = ("overflow", "nan") if self.scaling.wants_overflow else ()
+        return names + ("nonfinite",) if check else names
+
+    def account(self, n: int, s, amax, bad, measure: bool, names: tuple, c):
+        """After the kernel: the policy's observations and the metrics from the counts ``c``
+        (named ``names``) of a call on ``n`` elements; returns the call's non-finite flag."""
+        pol = self.scaling
         if pol.amax_timing == "delayed" and amax is not None:
             pol.observe(amax=amax)
-        if counted:
-            nonfinite, over, under, nan, zeros = c.unbind()
-            if pol.wants_overflow:
-                pol.observe(overflow=(over > 0) | (nan > 0))  # inf counts as overflow
-            if measure:
-                self._add("overflow", over)
-                self._add("underflow", under)
-                self._add("nan", nan)
-                self._add("zeros", zeros)
-                self._elements += x.numel()  # a host number: a device scalar would be a copy
-                self._last_scale = s.detach()
-            bad = nonfinite.double()
-        return q, bad
+        if not names:
+            return bad
+        got = dict(zip(names, c.unbind()))
+        if pol.wants_overflow:
+            pol.observe(overflow=(got["overflow"] > 0) | (got["nan"] > 0))  # inf overflows
+        if measure:
+            # the overflow count is on x*s in the kernel's dtype: it matches what saturated
+            for k in ("overflow", "underflow", "nan", "zeros"):
+                self._add(k, got[k])
+            self._elements += n  # a host number: a device scalar would be a copy
+            self._last_scale = s.detach()
+        return got["nonfinite"].double() if "nonfinite" in got else bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and the
@@ -208,11 +227,6 @@ class BlockQuantizer(CountsMixin):
 
     def update(self, stats: LayerStats) -> None:
         """Nothing to refresh: every block's scale is computed from the block itself."""
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 measure: bool | None = None) -> torch.Tensor:
-        """The block-quantized tensor (x's shape and dtype); ``measure`` adds the counts."""
-        return self.compress(x, generator, measure)[0]
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None, check: bool = False

@@ -11,6 +11,7 @@ Data flow of one step::
 
     forward:  A = layer(x); A.register_hook(compress)     (identity, records nothing)
     backward: g = dL/dA -> [statistics on refresh steps] -> prune -> quantize -> layer backward
+              (prune and quantize: one kernel when the quantizer's scale is known beforehand)
     handle.step(optimizer): optimizer.step() unless a dynamic loss scale saw an overflow, then,
                             after a statistics step, ``update(stats)`` of both groups with
                             every layer's ``LayerStats`` (fit + sample + numel).
@@ -164,14 +165,14 @@ class _Layer:
         gen = h.generators(g.device)
         # the first compressor sees g itself, so its count is g's
         check = (skip_mode or measure) and bad is None
-        if h.pruners is not None:
+        q = h.quantizers.quantizers[self.index] if h.quantizers is not None else None
+        if h.pruners is not None:  # the quantizer runs in the pruning kernel where it can
             out, b = h.pruners[self.index].compress(out, gen, measure=measure, finite=finite,
-                                                    check=check)
+                                                    check=check, then=q)
             if check:
                 bad, check = b, False
-        qs = h.quantizers.quantizers if h.quantizers is not None else None
-        if qs is not None:
-            out, b = qs[self.index].compress(out, gen, measure=measure, check=check)
+        elif q is not None:
+            out, b = q.compress(out, gen, measure=measure, check=check)
             if check:
                 bad, check = b, False
         if check and g.numel():  # no compressor counted (e.g. none configured)

@@ -560,7 +560,10 @@ def _compiled(fn, variant: tuple = ()):
         code = fn.__code__.replace(co_name=f"{fn.__name__}_v{len(_COMPILED)}")
         clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
                                    fn.__closure__)
-        _COMPILED[key] = torch.compile(clone, dynamic=True, fullgraph=True)
+        from gradcomp.numerics.kernels import COMPILE_OPTIONS
+
+        _COMPILED[key] = torch.compile(clone, dynamic=True, fullgraph=True,
+                                       options=COMPILE_OPTIONS)
     return _COMPILED[key]
 
 

@@ -44,6 +44,7 @@ the input, one write of the output, no second pass). The eager path adds the chu
 from __future__ import annotations
 
 import os
+import types
 import warnings
 
 import torch
@@ -51,8 +52,13 @@ import torch
 from gradcomp.numerics._checks import require_choice
 from gradcomp.numerics.random import seed_keys, stacked_keys
 
-__all__ = ["FusedOp", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set_compile"]
+__all__ = ["FusedOp", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set_compile",
+           "variant"]
 
+# inductor's CPU code generator picks serial loops for some kernels whose shapes are dynamic
+# (measured: the pruning kernel with its counts ran on one thread, 2x slower on two cores);
+# dynamic_threads keeps one parallel loop in every kernel and lets OpenMP split it at run time
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large enough to be fast)
 
 _OVERRIDE: bool | None = None
@@ -132,10 +138,24 @@ class FusedOp:
     shape, and it takes ``start=`` (the chunk's offset in the whole tensor): the eager path
     then runs in chunks (module docstring). A result may also be a pair ``(out, counts)``
     with ``counts`` a 1-d int64 tensor of sums over the elements (added over the chunks).
+    Keyword arguments ``static`` (Python constants) are bound to the body: each set is its own
+    variant, compiled separately (``FusedOp(body, name, True, stochastic=True)``).
     """
 
-    def __init__(self, fn, name: str, elementwise: bool = False):
-        self.fn, self.name, self.elementwise = fn, name, elementwise
+    def __init__(self, fn, name: str, elementwise: bool = False, **static):
+        self.name, self.elementwise = name, elementwise
+        if static:
+            # one variant of a kernel: ``static`` (Python constants: which rounding, which
+            # counts) bound to a copy of fn's code object, because dynamo's recompile budget is
+            # per code object and one body serves many variants
+            # (bound as keyword defaults: torch.compile of a functools.partial would compile a
+            # shared wrapper frame instead)
+            code = fn.__code__.replace(co_name=f"{fn.__name__}__{'_'.join(map(str, static))}")
+            clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                       fn.__closure__)
+            clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
+            fn = clone
+        self.fn = fn
         self._compiled = None
 
     def __call__(self, *args, compile: bool | None = None):
@@ -144,7 +164,8 @@ class FusedOp:
         if use and not _BROKEN:
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
+                                                   options=COMPILE_OPTIONS)
                 return self._compiled(*args)
             except Exception as exc:  # a missing C++ toolchain must not break training
                 _BROKEN = True
@@ -175,3 +196,16 @@ class FusedOp:
                 out[i:j] = res[0]
                 counts = counts + res[1]
         return out if counts is None else (out, counts)
+
+
+_VARIANTS: dict = {}
+
+
+def variant(fn, name: str, **static) -> FusedOp:
+    """The elementwise ``FusedOp`` of ``fn`` with ``static`` bound, built on first use and
+    kept (one compiled code object per variant: a rounding mode, a set of counts, ...)."""
+    key = (fn, tuple(sorted(static.items())))
+    op = _VARIANTS.get(key)
+    if op is None:
+        op = _VARIANTS[key] = FusedOp(fn, name, elementwise=True, **static)
+    return op

@@ -1,6 +1,7 @@
 """Stochastic pruning operators (paper section 5, Eq. 5): pure functions, the hot path.
 
     stochastic_prune(x, a)     Eq. 5, unbiased: E[T(x)] = x. One fused pass (torch.compile).
+    prune_quantize(x, a, fmt)  Eq. 5 then quantize_fp, in one pass (same bits as the two calls).
     topk_prune(x, S)           deterministic baseline (SAW / meProp): keep the k largest |x|.
     topk_stochastic_prune      "top-k then stochastic": a = k-th largest |x|, then Eq. 5.
     topk_threshold(x, S)       that k-th largest |x|.
@@ -18,11 +19,13 @@ import math
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
-from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys
+from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys, variant
 from gradcomp.numerics.random import draw_seed, uniform_from_keys
+from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
+from gradcomp.numerics.rounding import _quantize_flat, count_names, prepare
 
-__all__ = ["stochastic_prune", "topk_prune", "topk_stochastic_prune", "topk_threshold",
-           "keep_count"]
+__all__ = ["stochastic_prune", "prune_quantize", "topk_prune", "topk_stochastic_prune",
+           "topk_threshold", "keep_count", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
 
 
 def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
@@ -41,21 +44,71 @@ def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.
 
 
 def _prune_count_kernel(x: torch.Tensor, a: torch.Tensor, a_at: torch.Tensor, k1: torch.Tensor,
-                        k2: torch.Tensor, start: int = 0):
-    """``_prune_kernel`` plus its counts from the same loop: int64 [non-finite elements of x,
-    zeros of the result, elements of the result with |value| == ``a_at``]."""
+                        k2: torch.Tensor, start: int = 0, *, count: tuple):
+    """``_prune_kernel`` plus the counts ``count`` (names of ``PRUNE_COUNTS``) from the same
+    loop, int64, in that order."""
     out = _prune_kernel(x, a, k1, k2, start)
-    counts = torch.stack([(~torch.isfinite(x)).sum(), (out == 0).sum(),
-                          (out.abs() == a_at).sum()])
-    return out, counts
+    return out, _prune_counts(x, out, a_at, count)
 
 
+def _prune_counts(x, out, a_at, names):
+    terms = {"nonfinite": lambda: (~torch.isfinite(x)).sum(),
+             "zeros": lambda: (out == 0).sum(),
+             "at_threshold": lambda: (out.abs() == a_at).sum()}
+    return torch.stack([terms[n]() for n in names])
+
+
+def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start: int = 0, *,
+                           stochastic: bool, scaled: bool, count: tuple):
+    """Eq. 5, then ``quantize_fp`` of the pruned values, in one loop (the pruned tensor is never
+    written); ``count``: names of ``PRUNE_QUANTIZE_COUNTS``, counted in the same loop."""
+    p = _prune_kernel(x, a, k1, k2, start)
+    qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)
+    q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,
+                       scaled=scaled, count=qnames)
+    if not count:
+        return q
+    q, qc = q if qnames else (q, None)
+    pnames = tuple("zeros" if n == "pruned_zeros" else n for n in count
+                   if n in ("pruned_zeros", "at_threshold"))
+    pc = _prune_counts(x, p, a_at, pnames) if pnames else None
+    rows = []
+    for n in count:
+        if n in qnames:
+            rows.append(qc[qnames.index(n)])
+        else:
+            rows.append(pc[pnames.index("zeros" if n == "pruned_zeros" else n)])
+    return q, torch.stack(rows)
+
+
+# what ``stochastic_prune(..., counts=True)`` counts, in this order
+PRUNE_COUNTS = ("nonfinite", "zeros", "at_threshold")
+# what ``prune_quantize(..., counts=True)`` counts: the pruned values' zeros and +-a symbols,
+# then ``quantize_fp``'s counts of the quantized result (rounding.COUNTS)
+PRUNE_QUANTIZE_COUNTS = ("nonfinite", "pruned_zeros", "at_threshold", "overflow", "underflow",
+                         "nan", "zeros")
 _PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
-_PRUNE_COUNT = FusedOp(_prune_count_kernel, "stochastic_prune", elementwise=True)
+def _threshold(x: torch.Tensor, threshold):
+    """(a in compute precision, a rounded to x's dtype) from a float or 0-d tensor threshold."""
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold must be a float or a 0-d tensor, got shape "
+                             f"{tuple(threshold.shape)}")
+        a = threshold.detach().reshape(()).to(x.device)
+    else:
+        a_f = float(threshold)
+        if not math.isfinite(a_f) or a_f < 0:
+            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
+        a = torch.tensor(a_f, dtype=torch.float64, device=x.device)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a_at = a.to(x.dtype)
+    a = a_at.to(cdt)
+    a = torch.where(a > 0, a, torch.zeros_like(a))  # NaN / negative -> 0: nothing below it
+    return a, a_at
 
 
 def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | None = None, *,
-                     compile: bool | None = None, counts: bool = False):
+                     compile: bool | None = None, counts=False):
     """Unbiased stochastic pruning (Eq. 5) of ``x`` at ``threshold`` a; returns a new tensor.
 
     Semantics per element: |x| >= a keeps x; a*u <= |x| < a gives sign(x)*a; |x| < a*u gives
@@ -79,30 +132,49 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
     Cost: one pass (read x, write the result) in the fused path, counts included; no host sync.
     """
     require_float_tensor(x, "x")
-    if isinstance(threshold, torch.Tensor):
-        if threshold.numel() != 1:
-            raise ValueError(f"threshold must be a float or a 0-d tensor, got shape "
-                             f"{tuple(threshold.shape)}")
-        a = threshold.detach().reshape(()).to(x.device)
-    else:
-        a_f = float(threshold)
-        if not math.isfinite(a_f) or a_f < 0:
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-        a = torch.tensor(a_f, dtype=torch.float64, device=x.device)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a_at = a.to(x.dtype)
-    a = a_at.to(cdt)
-    a = torch.where(a > 0, a, torch.zeros_like(a))  # NaN / negative -> 0: nothing below it
+    names = count_names(counts, PRUNE_COUNTS)
+    a, a_at = _threshold(x, threshold)
     if x.numel() == 0:
-        if counts:
-            return x.clone(), torch.zeros(3, dtype=torch.int64, device=x.device)
+        if names:
+            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
     k1, k2 = kernel_seed_keys(draw_seed(generator, x.device))  # = random.seed_keys
-    if counts:
-        out, c = _PRUNE_COUNT(x.detach().reshape(-1), a, a_at, k1, k2, compile=compile)
+    flat = x.detach().reshape(-1)
+    if names:
+        op = variant(_prune_count_kernel, "stochastic_prune", count=names)
+        out, c = op(flat, a, a_at, k1, k2, compile=compile)
         return out.view(x.shape), c
-    out = _PRUNE(x.detach().reshape(-1), a, k1, k2, compile=compile)
-    return out.view(x.shape)
+    return _PRUNE(flat, a, k1, k2, compile=compile).view(x.shape)
+
+
+def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", scale=None,
+                   generator: torch.Generator | None = None, *, compile: bool | None = None,
+                   counts=False):
+    """``quantize_fp(stochastic_prune(x, threshold, generator), fmt, rounding, scale,
+    generator)`` in one pass: the same bits (the same two seeds drawn from ``generator`` in
+    the same order), without writing and re-reading the pruned tensor.
+
+    ``counts``: True, or a sequence of names of ``PRUNE_QUANTIZE_COUNTS``: ``nonfinite`` (NaN
+    or +-inf elements of x), ``pruned_zeros`` and ``at_threshold`` (``stochastic_prune``'s
+    ``zeros`` and ``at_threshold`` of the pruned values), ``overflow``, ``underflow``,
+    ``nan``, ``zeros`` (``quantize_fp``'s counts of quantizing the pruned values); returns
+    ``(result, counts)`` then, counted in the same loop. Arguments as the two functions.
+    """
+    require_float_tensor(x, "x")
+    names = count_names(counts, PRUNE_QUANTIZE_COUNTS)
+    a, a_at = _threshold(x, threshold)
+    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device)) if x.numel() else (None, None)
+    args = prepare(x, fmt, rounding, scale, generator)
+    if x.numel() == 0:
+        if names:
+            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
+        return x.clone()
+    op = variant(_prune_quantize_kernel, "prune_quantize", stochastic=args.stochastic,
+                  scaled=args.scaled, count=names)
+    res = op(x.detach().reshape(-1), a, a_at, k1, k2, *args.tensors, compile=compile)
+    if names:
+        return res[0].view(x.shape), res[1]
+    return res.view(x.shape)
 
 
 def keep_count(n: int, sparsity: float) -> int:

@@ -43,16 +43,18 @@ identical bits; if compilation fails the eager path is used, with a warning.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.kernels import FusedOp, compile_enabled, kernel_keys, set_compile
+from gradcomp.numerics.kernels import compile_enabled, kernel_keys, set_compile, variant
 from gradcomp.numerics.random import draw_seed, random_bits
 
-__all__ = ["quantize_fp", "set_compile", "compile_enabled", "COUNTS", "ROUNDINGS"]
+__all__ = ["quantize_fp", "set_compile", "compile_enabled", "count_names", "prepare", "COUNTS",
+           "ROUNDINGS", "KernelArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -99,9 +101,11 @@ def _constants_host(fmt: FPFormat, wide: bool):
     inv1, inv2 = _pow2_factors(-e_step)
     st1, st2 = _pow2_factors(e_step)
     # nearest below min_normal: (|y| + C) - C with C = step * 2^T rounds |y| to a multiple of
-    # the subnormal step in one hardware RNE add (|y| < min_normal <= C, so ulp(|y|+C) = step)
-    magic = 2.0 ** (fmt.emin - m + T)
-    floats = [inv1, inv2, st1, st2, 1.0 if fmt.subnormals else 0.0, magic]
+    # the subnormal step in one hardware RNE add (|y| < min_normal <= C, so ulp(|y|+C) = step).
+    # Without subnormals C = min_normal * 2^(T+2): ulp(|y|+C) = 4 min_normal, so every
+    # |y| < min_normal (< half that ulp) rounds to exactly 0: the flush, in the same add
+    magic = 2.0 ** (fmt.emin - m + T) if fmt.subnormals else 2.0 ** (fmt.emin + T + 2)
+    floats = [inv1, inv2, st1, st2, 0.0, magic]
     return ints, floats
 
 
@@ -115,10 +119,10 @@ def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.T
             torch.tensor(floats, dtype=fdt, device=device))
 
 
-def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool, start=0,
-                   count: bool = False):
+def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, scaled: bool,
+                   count: tuple = ()):
     """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype, and with
-    ``count`` also the int64 counts of ``COUNTS`` from the same loop."""
+    ``count`` (names of ``COUNTS``) also their int64 counts, in that order, from the same loop."""
     out_dtype = x.dtype
     wide = out_dtype == torch.float64
     fdt, idt, T = (_F64 if wide else _F32)[:3]
@@ -151,11 +155,12 @@ def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool,
         k = k + (u < p - k).to(fdt)
         sub = ((k * floats[2]) * floats[3]).view(idt)
     else:  # round half to even by the FPU; flushed to 0 when there are no subnormals
-        sub = (((y.abs() + floats[5]) - floats[5]) * floats[4]).view(idt)
+        sub = ((y.abs() + floats[5]) - floats[5]).view(idt)
 
     r = torch.where(a < ints[4], sub, ar)
-    r = torch.where(r > ints[5], ints[6], r)  # overflow: saturate or inf
-    r = torch.where(a >= inf_bits, ints[6], r)  # +-inf in (or y*s overflowed): same policy
+    # overflow (a rounded magnitude above max_normal; +-inf in, or y*s overflowed, rounds to
+    # inf's bits, which are above it too): saturate or inf
+    r = torch.where(r > ints[5], ints[6], r)
     r = torch.where(mag > inf_bits, mag, r)  # NaN in -> the same NaN out (integer test)
     out = (r | sign).view(fdt)
     if scaled:
@@ -163,61 +168,43 @@ def _quantize_flat(x, scale, ints, floats, keys, stochastic: bool, scaled: bool,
     out = out.to(out_dtype)
     if not count:
         return out
-    # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
-    over = (mag > ints[5]) & (mag <= inf_bits)
+    return out, _counts(x, out, mag, ints, count)
+
+
+def _counts(x, out, mag, ints, names):
+    """The int64 counts ``names`` (of ``COUNTS``) of one quantization, stacked in that order."""
+    inf_bits = ints[7]
     zero = out == 0
-    finite = torch.isfinite(x)
-    counts = torch.stack([(~finite).sum(), over.sum(), (zero & (x != 0) & finite).sum(),
-                          torch.isnan(x).sum(), zero.sum()])
-    return out, counts
+    terms = {
+        "nonfinite": lambda: (~torch.isfinite(x)).sum(),
+        # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
+        "overflow": lambda: ((mag > ints[5]) & (mag <= inf_bits)).sum(),
+        "underflow": lambda: (zero & (x != 0) & torch.isfinite(x)).sum(),
+        "nan": lambda: torch.isnan(x).sum(),
+        "zeros": lambda: zero.sum(),
+    }
+    return torch.stack([terms[n]() for n in names])
 
 
-def _nearest_flat(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, False, False, start)
-
-
-def _stochastic_flat(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, True, False, start)
-
-
-def _nearest_scaled_flat(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, False, True, start)
-
-
-def _stochastic_scaled_flat(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, True, True, start)
-
-
-def _nearest_flat_count(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, False, False, start, True)
-
-
-def _stochastic_flat_count(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, True, False, start, True)
-
-
-def _nearest_scaled_flat_count(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, False, True, start, True)
-
-
-def _stochastic_scaled_flat_count(x, scale, ints, floats, keys, start=0):
-    return _quantize_flat(x, scale, ints, floats, keys, True, True, start, True)
-
-
-# one module-level function (code object) per variant: dynamo's recompile budget is per code
-# object and each varies only by dtype; the format's constants are tensors, not guards
-_KERNELS = {
-    (False, False, False): FusedOp(_nearest_flat, "quantize_fp", elementwise=True),
-    (True, False, False): FusedOp(_stochastic_flat, "quantize_fp", elementwise=True),
-    (False, True, False): FusedOp(_nearest_scaled_flat, "quantize_fp", elementwise=True),
-    (True, True, False): FusedOp(_stochastic_scaled_flat, "quantize_fp", elementwise=True),
-    (False, False, True): FusedOp(_nearest_flat_count, "quantize_fp", elementwise=True),
-    (True, False, True): FusedOp(_stochastic_flat_count, "quantize_fp", elementwise=True),
-    (False, True, True): FusedOp(_nearest_scaled_flat_count, "quantize_fp", elementwise=True),
-    (True, True, True): FusedOp(_stochastic_scaled_flat_count, "quantize_fp", elementwise=True),
-}
 # what ``quantize_fp(..., counts=True)`` counts, in this order
 COUNTS = ("nonfinite", "overflow", "underflow", "nan", "zeros")
+
+def count_names(counts, allowed: tuple, name: str = "counts") -> tuple:
+    """``counts`` of a kernel call as a tuple of names: False -> (), True -> ``allowed``, a
+    sequence of names (a subset of ``allowed``, in any order) -> that tuple."""
+    if counts is False or counts is None:
+        return ()
+    if counts is True:
+        return allowed
+    if isinstance(counts, str) or not all(isinstance(c, str) for c in counts):
+        raise TypeError(f"{name} must be True, False or a sequence of names from {allowed}, "
+                        f"got {counts!r}")
+    names = tuple(counts)
+    for c in names:
+        require_choice(c, f"{name} entry", allowed)
+    if not names:
+        raise ValueError(f"{name} must name at least one of {allowed}")
+    return names
 
 
 def quantize_fp(
@@ -227,7 +214,7 @@ def quantize_fp(
     scale=None,
     generator: torch.Generator | None = None,
     compile: bool | None = None,
-    counts: bool = False,
+    counts=False,
 ):
     """Round ``x`` onto the grid of ``fmt``; returns a new tensor of x's dtype, shape and device.
 
@@ -253,11 +240,41 @@ def quantize_fp(
             counts named by ``COUNTS``: ``nonfinite`` (NaN or +-inf elements of x),
             ``overflow`` (|x*s| > max_normal, inf included, NaN not), ``underflow`` (finite
             non-zero x whose result is 0), ``nan`` (NaN elements of x), ``zeros`` (zeros of the
-            result). Returns ``(result, counts)`` then; the result is the same.
+            result). Returns ``(result, counts)`` then; the result is the same. A sequence of
+            those names counts only them, in that order (each count is a reduction in the
+            loop: the hot path asks for ``("nonfinite",)`` and the rest on metric steps).
 
     Overflow per ``fmt.overflow``: saturate to +-max_normal (also +-inf inputs) or round to
     +-inf. NaN stays NaN. Signed zeros keep their sign.
     """
+    names = count_names(counts, COUNTS)
+    args = prepare(x, fmt, rounding, scale, generator)
+    flat = x.reshape(-1)
+    if flat.numel() == 0:
+        if names:
+            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
+        return x.clone()
+    # one variant (its own compiled code object) per rounding, scaling and set of counts; the
+    # format's constants are tensors, not guards, so a new format reuses the variant
+    op = variant(_quantize_flat, "quantize_fp", stochastic=args.stochastic, scaled=args.scaled,
+                 count=names)
+    if names:
+        out, c = op(flat, *args.tensors, compile=compile)
+        return out.view(x.shape), c
+    return op(flat, *args.tensors, compile=compile).view(x.shape)
+
+
+class KernelArgs(NamedTuple):
+    """What ``quantize_fp``'s kernel takes besides x: the variant and its tensor arguments."""
+
+    stochastic: bool
+    scaled: bool
+    tensors: tuple  # (scale, ints, floats, keys)
+
+
+def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs:
+    """Check ``quantize_fp``'s arguments and build its kernel arguments (one seed drawn from
+    ``generator`` for stochastic rounding); shared with the fused prune + quantize kernel."""
     require_float_tensor(x, "x")
     require_choice(x.dtype, "x.dtype", _DTYPES)
     if isinstance(fmt, str):
@@ -289,16 +306,7 @@ def quantize_fp(
         keys = kernel_keys(draw_seed(generator, x.device))  # = random.stacked_keys
     else:
         keys = _zero_keys(torch.device(x.device))
-    flat = x.reshape(-1)
-    if flat.numel() == 0:
-        if counts:
-            return x.clone(), torch.zeros(len(COUNTS), dtype=torch.int64, device=x.device)
-        return x.clone()
-    op = _KERNELS[(stochastic, scale is not None, bool(counts))]
-    if counts:
-        out, c = op(flat, s, ints, floats, keys, compile=compile)
-        return out.view(x.shape), c
-    return op(flat, s, ints, floats, keys, compile=compile).view(x.shape)
+    return KernelArgs(stochastic, scale is not None, (s, ints, floats, keys))
 
 
 @lru_cache(maxsize=16)
