@@ -4,12 +4,14 @@ Same model, same batch, same thread count: the time of a full training step (for
 with compression, optimizer step) for each recipe against the uncompressed baseline measured in
 the same run, interleaved (a short block of steps per recipe per round) so that machine load
 hits every recipe alike. ``copy-floor`` (measured by default) only copies each selected layer's
-neural gradient: what any out-of-place compression must at least pay. The overhead is the median over rounds of (recipe's median step /
-baseline's median step in that round); the quartiles of those per-round ratios show the noise.
-"Fastest steps" compares each recipe's fastest step with the baseline's (machine noise only
-ever adds time, so the minimum is the least disturbed figure, as in the kernel benchmarks). Each recipe is installed as ``train`` installs it: forward
-quantization (``quantize_forward``: PACT/SAWB or block formats), per-GEMM backward quantization
-(``quantize_backward``) and neural-gradient compression (``compress_gradients``).
+neural gradient: what any out-of-place compression must at least pay. The overhead is the
+median over rounds of (recipe's median step / baseline's median step in that round); the
+quartiles of those per-round ratios show the noise. "Fastest steps" compares each recipe's
+fastest step with the baseline's (machine noise only ever adds time, so the minimum is the
+least disturbed figure, as in the kernel benchmarks). Each recipe is installed as ``train``
+installs it: forward quantization (``quantize_forward``: PACT/SAWB or block formats), per-GEMM
+backward quantization (``quantize_backward``) and neural-gradient compression
+(``compress_gradients``).
 Targets on the CPU (issue 13): FP quantization <= 10% overhead, stochastic pruning <= 12%,
 prune + FP6 <= 15%. Per-GEMM FP4 recipes emulate their formats in float32 (no FP4 GEMM), so
 their overhead measures the emulation, not what FP4 hardware would run.
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2, help="steps per recipe per round")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--recipes", default="baseline,copy-floor,fp6,fp4,fp6-optscale,prune-0.8,prune-0.85-het,"
+    ap.add_argument("--recipes", default="baseline,copy-floor,fp6,fp4,fp6-optscale,prune-0.8,"
+                    "prune-0.85-het,"
                     "prune-0.8-emp,atp-0.8,prune-0.8-fp6",
                     help="comma-separated recipe names; 'baseline' is always measured too")
     ap.add_argument("--threads", type=int, default=None)

@@ -11,8 +11,9 @@ import torch
 
 
 class CountsMixin:
-    """``__call__`` / ``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d tensor) and
-    ``self._elements`` (int); the class sets both in its ``__init__`` (``reset_metrics()``)."""
+    """``__call__`` / ``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d
+    tensor) and ``self._elements`` (int); the class sets both in its ``__init__``
+    (``reset_metrics()``)."""
 
     _acc: dict
     _elements: int
