@@ -7,6 +7,8 @@ copy); ``metrics()`` turns them into fractions, ``counts()`` hands them to the w
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,6 +30,18 @@ class CountsMixin:
         cur = self._acc.get(key)
         v = v.detach().double()
         self._acc[key] = v if cur is None else cur + v
+
+    def _fractions(self, keys) -> dict:
+        """0-d float64 tensors: each count in ``keys`` over the elements measured (NaN before
+        any measured call), plus ``elements``."""
+        n = self._elements
+        out = {}
+        for k in keys:
+            v = self._acc.get(k)
+            out[k] = v / n if (v is not None and n) else torch.tensor(math.nan,
+                                                                     dtype=torch.float64)
+        out["elements"] = torch.tensor(float(n), dtype=torch.float64)
+        return out
 
     def counts(self, reset: bool = False) -> dict:
         """Raw accumulated counts as 0-d device tensors (no sync), plus ``elements`` (int)."""

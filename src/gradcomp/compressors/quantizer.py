@@ -155,13 +155,7 @@ class FPQuantizer(CountsMixin):
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and the
         last scale; floats (one host sync), or 0-d tensors with ``sync=False``."""
-        n = self._elements
-        out = {}
-        for k in ("overflow", "underflow", "nan", "zeros"):
-            v = self._acc.get(k)
-            out[k] = v / n if (v is not None and n) else torch.tensor(math.nan,
-                                                                     dtype=torch.float64)
-        out["elements"] = torch.tensor(float(n), dtype=torch.float64)
+        out = self._fractions(("overflow", "underflow", "nan", "zeros"))
         out["scale"] = (self._last_scale if self._last_scale is not None
                         else self.scaling.scale).detach().clone()
         if reset:
@@ -256,13 +250,7 @@ class BlockQuantizer(CountsMixin):
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:
         """Fractions over the measured calls since the last reset (NaN before any) and
         ``bits_per_element``; floats (one host sync), or 0-d tensors with ``sync=False``."""
-        n = self._elements
-        out = {}
-        for k in ("overflow", "underflow", "nan", "zeros"):
-            v = self._acc.get(k)
-            out[k] = v / n if (v is not None and n) else torch.tensor(math.nan,
-                                                                     dtype=torch.float64)
-        out["elements"] = torch.tensor(float(n), dtype=torch.float64)
+        out = self._fractions(("overflow", "underflow", "nan", "zeros"))
         out["bits_per_element"] = torch.tensor(self.bits_per_element, dtype=torch.float64)
         if reset:
             self.reset_metrics()
