@@ -57,6 +57,11 @@ EXTENDED = [
 ]
 
 
+def _seeds_text(seeds) -> str:
+    """"seeds 0..2 (3)" or "seed 0", for the setup line of a demo table."""
+    return f"seeds {seeds[0]}..{seeds[-1]} ({len(seeds)})" if len(seeds) > 1 else f"seed {seeds[0]}"
+
+
 def add_parser(sub):
     p = sub.add_parser(
         "demo",
@@ -187,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
     headers = ["recipe", acc_head, "delta pp", "sparsity", "bits/elem", "beyond seed spread?",
                "paper predicts"]
     table = format_table(headers, rows, ".2f")
-    seeds_txt = (f"seeds {seeds[0]}..{seeds[-1]} ({len(seeds)})" if len(seeds) > 1
-                 else f"seed {seeds[0]}")
+    seeds_txt = _seeds_text(seeds)
     setup = (f"{args.model} (width {args.width}) on {args.dataset}, {args.epochs} epoch(s), "
              f"{args.max_train} training images, batch {args.batch_size}, SGD lr {args.lr} cosine, "
              f"{seeds_txt}; total {total:.0f} s")
@@ -458,8 +462,7 @@ def _run_lm(args: argparse.Namespace, plan: list[tuple[str, str]]) -> int:
     headers = ["recipe", "val perplexity", "val loss", "delta ppl", "delta %", "sparsity",
                "bits/elem", "paper predicts"]
     table = format_table(headers, rows, ".3f")
-    seeds_txt = (f"seeds {seeds[0]}..{seeds[-1]} ({len(seeds)})" if len(seeds) > 1
-                 else f"seed {seeds[0]}")
+    seeds_txt = _seeds_text(seeds)
     setup = (f"{args.model} on {args.dataset} (byte tokens, context {args.context}), {steps} "
              f"steps, batch {args.batch_size}, AdamW lr {args.lr} cosine, validation on "
              f"{max_val} sequences, {seeds_txt}; total {total:.0f} s")
