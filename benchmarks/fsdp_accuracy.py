@@ -6,9 +6,10 @@
 For each worker count, the same ``gradcomp train`` command (the CLI, as a subprocess: same seed,
 same data, same initial weights) runs with DDP (``--comm allreduce``, no FSDP) and with
 ``--fsdp --comm METHOD`` for every FSDP method (default options; ``block`` with MXFP8, its
-default, MXFP4 and NVFP4). Printed: a markdown table of the final test accuracy, the last epoch's mean training
-loss and the whole run's compression ratio from the bytes actually sent (``comm_ratio_cumulative``
-of ``metrics.json``), and the wall time of each run. One thread per process.
+default, MXFP4 and NVFP4). Printed: a markdown table of the final test accuracy, the last
+epoch's mean training loss and the whole run's compression ratio from the bytes actually sent
+(``comm_ratio_cumulative`` of ``metrics.json``), and the wall time of each run. One thread per
+process.
 """
 
 from __future__ import annotations
