@@ -241,3 +241,27 @@ def test_remove_between_forward_and_backward_leaves_the_gradient_alone():
     assert not h.registered
     for a, b in zip(m.parameters(), ref.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("scaling", ["per_layer_optimal", "amax"])
+def test_prune_then_quantize_uses_one_kernel_where_the_scale_is_known(scaling, monkeypatch):
+    """The wrapper hands the quantizer to the pruner: one pass for a scale known beforehand,
+    the two calls for a current-amax scale (it needs the pruned tensor's maximum first)."""
+    from gradcomp.compressors import pruning as P
+
+    calls = []
+    real = P.prune_quantize
+    monkeypatch.setattr(P, "prune_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = Toy()
+    x, w = torch.randn(64, 6), torch.randn(64, 3)
+    cfg = CompressionConfig(prune=PruneSpec(0.6), quantize=QuantizeSpec(bits=6, scaling=scaling),
+                            names=("lin",), metrics_every=2)
+    h = compress_gradients(m, cfg, seed=1)
+    _warm(h, m, x, w)
+    for _ in range(3):
+        _grads(m, x, w)
+        h.step()
+    assert bool(calls) is (scaling != "amax")
+    met = h.metrics()["layers"]["lin"]
+    assert 0.3 < met["sparsity"] < 0.9 and met["nonfinite"] == 0.0
