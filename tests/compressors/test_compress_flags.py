@@ -101,7 +101,7 @@ def test_block_quantizer_flag():
         assert float(n) == (3 if bad else 0)
 
 
-@pytest.mark.parametrize("scaling", ["none", "per_layer_optimal", "amax"])
+@pytest.mark.parametrize("scaling", ["none", "per_layer_optimal", "amax", "dynamic"])
 @pytest.mark.parametrize("method", ["empirical", "lognormal", "topk_stochastic"])
 def test_pruner_then_quantizer_equals_the_two_calls(method, scaling, monkeypatch):
     """``Pruner.compress(then=q)``: one kernel where q's scale is known beforehand, else the
