@@ -1,7 +1,7 @@
 """Kill -9 matrix: every recipe and communication method, killed at three moments, then resumed.
 
     python benchmarks/kill_matrix.py [--only single,ddp,fsdp] [--cells PATTERN] [--points a,b,c]
-                                     [--jobs N] [--json runs/kill_matrix.json]
+                                     [--jobs N] [--world 2] [--json runs/kill_matrix.json]
     python benchmarks/kill_matrix.py --merge A.json B.json   # one table from split runs
 
 For each cell (recipe x comm x kill point) the script runs ``gradcomp train`` (the CLI, as a
@@ -118,19 +118,22 @@ class Cell:
         return f"{self.kind}/{self.recipe}/{self.comm}"
 
 
-def all_cells(points) -> list[Cell]:
+def all_cells(points, world: int = 2) -> list[Cell]:
+    """Every cell; the data-parallel ones with ``world`` workers (a comm label gains ``@N``
+    when N is not 2)."""
     cells = []
+    at = "" if world == 2 else f"@{world}"
     for r in DDP_RECIPES:
         for label, method, opts in DDP_COMMS:
-            args = ["--recipe", r, "--nproc", "2", "--comm", method]
+            args = ["--recipe", r, "--nproc", str(world), "--comm", method]
             if opts:
                 args += ["--comm-options", json.dumps(opts)]
-            cells += [Cell("ddp", r, label, p, args) for p in points]
+            cells += [Cell("ddp", r, label + at, p, args) for p in points]
     for label, method, opts in FSDP_COMMS:
-        args = ["--recipe", "baseline", "--nproc", "2", "--fsdp", "--comm", method]
+        args = ["--recipe", "baseline", "--nproc", str(world), "--fsdp", "--comm", method]
         if opts:
             args += ["--comm-options", json.dumps(opts)]
-        cells += [Cell("fsdp", "baseline", label, p, args) for p in points]
+        cells += [Cell("fsdp", "baseline", label + at, p, args) for p in points]
     for r in SINGLE_RECIPES:
         cells += [Cell("single", r, "-", p, ["--recipe", r]) for p in points]
     return cells
@@ -322,7 +325,8 @@ def merge(paths: list[str]) -> int:
                 points.append(p)
         for c in doc["cells"]:
             cells[c["cell"]] = Result(**c)
-    order = {c.name: i for i, c in enumerate(all_cells(list(POINTS)))}
+    every = all_cells(list(POINTS)) + all_cells(list(POINTS), world=4)
+    order = {c.name: i for i, c in enumerate(every)}
     merged = sorted(cells.values(), key=lambda r: order.get(r.cell, len(order)))
     counts = report(merged, points)
     return 0 if counts["identical"] == counts["cells"] else 1
@@ -337,6 +341,7 @@ def main(argv=None) -> int:
                     "'ddp/*/qsgd/*,single/fp6/-/b'")
     ap.add_argument("--points", default="a,b,c", help=f"kill points among {', '.join(POINTS)}")
     ap.add_argument("--jobs", type=int, default=1, help="reference groups run in parallel")
+    ap.add_argument("--world", type=int, default=2, help="workers of the ddp and fsdp cells")
     ap.add_argument("--json", default="runs/kill_matrix.json", help="where to write the results")
     ap.add_argument("--workdir", default=None, help="run directories (default: a temporary one)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -356,7 +361,9 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     patterns = [p.strip() for p in args.cells.split(",") if p.strip()]
-    cells = [c for c in all_cells(points) if c.kind in kinds
+    if args.world < 2:
+        ap.error(f"--world must be >= 2, got {args.world}")
+    cells = [c for c in all_cells(points, args.world) if c.kind in kinds
              and any(fnmatch.fnmatch(c.name, p) for p in patterns)]
     if not cells:
         ap.error("no cell matches --only/--cells")
