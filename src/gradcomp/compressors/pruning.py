@@ -360,8 +360,7 @@ class Pruner(CountsMixin):
         else:
             out = prune_quantize(x, self._threshold, q.fmt, q.rounding, s, generator)
             allc = {}
-        q.account(x.numel(), s, amax, qbad, measure, qnames,
-                  torch.stack([allc[k] for k in qnames]) if qnames else None)
+        q.account(x.numel(), s, amax, qbad, measure, {k: allc[k] for k in qnames})
         return out, {k: allc["pruned_zeros" if k == "zeros" else k] for k in names}
 
     @property

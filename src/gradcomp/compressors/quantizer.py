@@ -104,9 +104,10 @@ class FPQuantizer(CountsMixin):
         if names:
             q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator,
                                counts=names)
+            got = dict(zip(names, c.unbind()))
         else:
-            q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator), None
-        return q, self.account(x.numel(), s, amax, bad, measure, names, c)
+            q, got = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator), {}
+        return q, self.account(x.numel(), s, amax, bad, measure, got)
 
     def scale_for(self, x: torch.Tensor):
         """``(scale, amax, nonfinite)`` of a call, before its kernel: the policy's scale; an
@@ -133,15 +134,15 @@ class FPQuantizer(CountsMixin):
         names = ("overflow", "nan") if self.scaling.wants_overflow else ()
         return names + ("nonfinite",) if check else names
 
-    def account(self, n: int, s, amax, bad, measure: bool, names: tuple, c):
-        """After the kernel: the policy's observations and the metrics from the counts ``c``
-        (named ``names``) of a call on ``n`` elements; returns the call's non-finite flag."""
+    def account(self, n: int, s, amax, bad, measure: bool, got: dict):
+        """After the kernel: the policy's observations and the metrics from the kernel's counts
+        ``got`` (name -> 0-d tensor, the names of ``count_names``) of a call on ``n`` elements;
+        returns the call's non-finite flag."""
         pol = self.scaling
         if pol.amax_timing == "delayed" and amax is not None:
             pol.observe(amax=amax)
-        if not names:
+        if not got:
             return bad
-        got = dict(zip(names, c.unbind()))
         if pol.wants_overflow:
             pol.observe(overflow=(got["overflow"] > 0) | (got["nan"] > 0))  # inf overflows
         if measure:

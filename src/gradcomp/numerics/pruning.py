@@ -63,22 +63,20 @@ def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start:
     """Eq. 5, then ``quantize_fp`` of the pruned values, in one loop (the pruned tensor is never
     written); ``count``: names of ``PRUNE_QUANTIZE_COUNTS``, counted in the same loop."""
     p = _prune_kernel(x, a, k1, k2, start)
-    qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)
+    qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)  # "nonfinite" of p is x's
+    pnames = tuple(n for n in count if n not in QUANTIZE_COUNTS)
     q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,
                        scaled=scaled, count=qnames)
     if not count:
         return q
-    q, qc = q if qnames else (q, None)
-    pnames = tuple("zeros" if n == "pruned_zeros" else n for n in count
-                   if n in ("pruned_zeros", "at_threshold"))
-    pc = _prune_counts(x, p, a_at, pnames) if pnames else None
-    rows = []
-    for n in count:
-        if n in qnames:
-            rows.append(qc[qnames.index(n)])
-        else:
-            rows.append(pc[pnames.index("zeros" if n == "pruned_zeros" else n)])
-    return q, torch.stack(rows)
+    got = {}
+    if qnames:
+        q, qc = q
+        got.update(zip(qnames, qc.unbind()))
+    if pnames:  # "pruned_zeros" is stochastic_prune's "zeros" of p
+        pc = _prune_counts(x, p, a_at, tuple(n.removeprefix("pruned_") for n in pnames))
+        got.update(zip(pnames, pc.unbind()))
+    return q, torch.stack([got[n] for n in count])
 
 
 # what ``stochastic_prune(..., counts=True)`` counts, in this order
@@ -88,6 +86,8 @@ PRUNE_COUNTS = ("nonfinite", "zeros", "at_threshold")
 PRUNE_QUANTIZE_COUNTS = ("nonfinite", "pruned_zeros", "at_threshold", "overflow", "underflow",
                          "nan", "zeros")
 _PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
+
+
 def _threshold(x: torch.Tensor, threshold):
     """(a in compute precision, a rounded to x's dtype) from a float or 0-d tensor threshold."""
     if isinstance(threshold, torch.Tensor):
