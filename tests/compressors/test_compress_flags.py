@@ -110,8 +110,10 @@ def test_pruner_then_quantizer_equals_the_two_calls(method, scaling, monkeypatch
     from gradcomp.compressors import pruning as P
 
     calls = []
-    real = P.prune_quantize
-    monkeypatch.setattr(P, "prune_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("prune_quantize", "prune_quantize_amax"):  # the current amax: its own kernel
+        real = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
     stats_src = _grad(False, seed=1)
     stats = LayerStats(fit_lognormal(stats_src), stats_src.clone(), stats_src.numel())
     pairs = []
@@ -139,8 +141,10 @@ def test_pruner_then_quantizer_equals_the_two_calls(method, scaling, monkeypatch
                     assert torch.equal(u[k], v[k]), k
                 else:
                     assert u[k] == v[k], k
-    fusable = method != "topk_stochastic" and scaling != "amax"
-    assert bool(calls) is fusable and q1.fusable is (scaling != "amax")
+    # every per-tensor scaling runs in the pruning kernel (the top-k method has no kernel)
+    kernel = "prune_quantize_amax" if scaling == "amax" else "prune_quantize"
+    assert set(calls) == ({kernel} if method != "topk_stochastic" else set())
+    assert q1.fusable
     # a block quantizer is never fused: the two calls, the same bits
     p3, p4 = _ready_pruner(method), _ready_pruner(method)
     bq = BlockQuantizer("mxfp4", "stochastic")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradcomp.numerics.pruning import PRUNE_QUANTIZE_COUNTS, prune_quantize, stochastic_prune
-from gradcomp.numerics.rounding import quantize_fp
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.pruning import (
+    PRUNE_QUANTIZE_COUNTS,
+    prune_quantize,
+    prune_quantize_amax,
+    stochastic_prune,
+)
+from gradcomp.numerics.rounding import quantize_fp, quantize_fp_amax
+from gradcomp.numerics.scales import amax_scale_or_keep, amax_to_scale
 
 
 def _grad(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -86,3 +93,81 @@ def test_unbiased_like_its_parts():
                          for _ in range(R)])
     mean, se = draws.mean(0), draws.std(0) / R**0.5
     assert torch.all((mean - x).abs() <= 5 * se + 1e-12), (mean, x, se)
+
+
+# ---- the current amax scale found in the same call ----------------------------------------
+
+def _amax_reference(p: torch.Tensor, fmt: str, keep: float):
+    """The policy's rule on the pruned values, written out: amax, then s (or keep)."""
+    amax = p.detach().abs().max().double() if p.numel() else torch.zeros((), dtype=torch.float64)
+    s = amax_scale_or_keep(amax, FPFormat.from_name(fmt).max_normal, 2.0**-1.5,
+                           torch.tensor(keep, dtype=torch.float64))
+    return s, amax
+
+
+def _threshold_cases(x: torch.Tensor):
+    """(threshold, what it exercises): amax(x) >= a, every |x| < a (survivors: amax(P) = a),
+    every |x| < a with no survivor (amax 0: the scale kept), no pruning (a = 0)."""
+    finite = x[torch.isfinite(x)]
+    top = float(finite.abs().max())
+    return [(2e-3, "above"), (4 * top, "all-below"), (1e30, "none-survive"), (0.0, "a=0")]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_prune_quantize_amax_equals_the_two_calls(compile, rounding):
+    x = _grad(20_009, torch.float32, seed=4)
+    clean = x.clone()
+    clean[~torch.isfinite(clean)] = 0.0
+    for data in (clean, x):  # finite, then NaN/inf (amax NaN: the scale is kept)
+        for thr, case in _threshold_cases(data):
+            g, h = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+            keep = torch.tensor(3.0, dtype=torch.float64)
+            p = stochastic_prune(data, thr, g, compile=False)
+            s_ref, amax_ref = _amax_reference(p, "e3m2", 3.0)
+            q_ref = quantize_fp(p, "e3m2", rounding, scale=s_ref, generator=g, compile=False)
+            out, c, s, amax = prune_quantize_amax(data, thr, "e3m2", rounding, margin=-1.5,
+                                                  keep=keep, generator=h, compile=compile,
+                                                  counts=True)
+            assert torch.equal(_bits(out), _bits(q_ref)), case
+            assert torch.equal(s, s_ref) and (torch.equal(amax, amax_ref) or bool(
+                torch.isnan(amax) & torch.isnan(amax_ref))), (case, s, s_ref, amax, amax_ref)
+            if data is x:  # NaN passes the pruning: amax NaN, the scale kept
+                assert bool(torch.isnan(amax)) and float(s) == 3.0, case
+            elif case == "none-survive":
+                assert float(s) == 3.0 and float(amax) == 0.0 and not out.any()
+            elif case == "all-below":
+                assert float(amax) == float(torch.tensor(thr, dtype=torch.float32))
+            _, pc = stochastic_prune(data, thr, torch.Generator().manual_seed(8), compile=False,
+                                     counts=True)
+            assert c[:3].tolist() == pc.tolist()
+            assert torch.equal(torch.randint(0, 99, (3,), generator=g),
+                               torch.randint(0, 99, (3,), generator=h))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_quantize_fp_amax_is_quantize_fp_at_the_amax_scale(compile):
+    fmt = FPFormat.from_name("e2m1fn")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _grad(30_011, dtype, seed=6)
+        clean = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        for data, margin in ((clean, 0.0), (clean, 2.0), (x, 0.0), (torch.zeros(7, dtype=dtype),
+                                                                      0.0)):
+            keep = torch.tensor(5.0, dtype=torch.float64)
+            out, c, s, amax = quantize_fp_amax(data, fmt, "stochastic", margin=margin, keep=keep,
+                                               generator=torch.Generator().manual_seed(1),
+                                               compile=compile, counts=True)
+            amax_ref = data.abs().max().double()
+            s_ref = amax_to_scale(amax_ref, fmt, margin=margin)
+            if not bool(torch.isfinite(amax_ref)) or float(amax_ref) == 0:
+                s_ref = keep  # unusable amax: the previous scale
+            ref, cr = quantize_fp(data, fmt, "stochastic", scale=s_ref, counts=True,
+                                  generator=torch.Generator().manual_seed(1), compile=False)
+            assert torch.equal(_bits(out), _bits(ref))
+            assert torch.equal(s, s_ref.double()), (dtype, margin, s, s_ref, amax_ref)
+            assert c.tolist() == cr.tolist()
+            assert torch.equal(amax, amax_ref) or bool(torch.isnan(amax) & torch.isnan(amax_ref))
+    e, se, ae = quantize_fp_amax(torch.empty(0), fmt, keep=torch.tensor(2.0))
+    assert e.numel() == 0 and float(se) == 2.0 and float(ae) == 0.0
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        quantize_fp_amax(torch.ones(3), fmt, margin=float("inf"))

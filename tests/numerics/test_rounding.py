@@ -74,6 +74,28 @@ def test_bit_exact_ml_dtypes(name, overflow):
     assert (q[np.isposinf(x)] == big).all() and (q[np.isneginf(x)] == -big).all()
 
 
+def _binades(lo: int, hi: int) -> np.ndarray:
+    """Every float32 in [2^lo, 2^(hi+1)) (all 2^23 patterns of each binade)."""
+    return np.arange((lo + 127) << 23, (hi + 128) << 23, dtype=np.int64).astype(
+        np.int32).view(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(ML_DTYPES))
+def test_every_float32_of_the_boundary_binades_matches_ml_dtypes(name):
+    # nearest rounding of float32 runs on float operations on the CPU (Veltkamp's splitting);
+    # every value of the binades where its logic switches: from half the smallest subnormal
+    # through the first normal binade, and the top binade with the one above it (saturation),
+    # both signs (the full 2^32 sweep: benchmarks/rounding_exactness.py)
+    fmt = FPFormat.from_name(name)
+    top = math.floor(math.log2(fmt.max_normal))
+    for lo, hi in ((fmt.emin - fmt.man_bits - 2, fmt.emin), (top, top + 1)):
+        x = _binades(lo, hi)
+        x = np.concatenate([x, -x[::7]])
+        q = quantize_fp(torch.from_numpy(x), fmt).numpy()
+        ref = np.clip(x, -fmt.max_normal, fmt.max_normal).astype(ML_DTYPES[name])
+        assert _bits_equal(q, ref.astype(np.float32)), (name, lo, hi)
+
+
 @pytest.mark.parametrize("name,dtype", [("e5m2", torch.float8_e5m2),
                                         ("e4m3fn", torch.float8_e4m3fn)])
 def test_bit_exact_torch_float8(name, dtype):

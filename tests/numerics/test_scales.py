@@ -3,7 +3,7 @@ import math
 import torch
 
 from gradcomp import FPFormat
-from gradcomp.numerics.scales import amax_to_scale, mean_log2_to_scale
+from gradcomp.numerics.scales import amax_scale_or_keep, amax_to_scale, mean_log2_to_scale
 
 E4M3 = FPFormat.from_name("e4m3fn")
 
@@ -36,3 +36,24 @@ def test_unusable_statistics_give_the_fallback():
 def test_authors_rule():
     m = torch.tensor([-10.0, 4.25], dtype=torch.float64)
     torch.testing.assert_close(mean_log2_to_scale(m), torch.exp2(-m - 3))
+
+
+def test_amax_scale_or_keep_is_amax_to_scale_or_the_previous_scale():
+    # the policies' rule, whether max_normal comes as a Python float (the policy) or as a
+    # float64 tensor (inside the fused amax-quantize kernels): the same bits as amax_to_scale
+    fmt = FPFormat.from_name("e4m3fn")
+    g = torch.Generator().manual_seed(0)
+    amax = torch.exp(20 * torch.randn(2000, generator=g, dtype=torch.float64))
+    amax = torch.cat([amax, torch.tensor([0.0, float("inf"), float("nan"), 1e-320])])
+    keep = torch.tensor(7.0, dtype=torch.float64)
+    for margin in (0.0, 1.0, -2.5):
+        ref = amax_to_scale(amax, fmt, margin=margin)
+        usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(ref)
+        ref = torch.where(usable, ref, keep)
+        for maxn, factor in ((fmt.max_normal, 2.0**margin),
+                             (torch.tensor(fmt.max_normal, dtype=torch.float64),
+                              torch.tensor(2.0**margin, dtype=torch.float64))):
+            got = amax_scale_or_keep(amax, maxn, factor, keep)
+            assert torch.equal(got, ref)
+    assert float(amax_scale_or_keep(torch.tensor(1e-320, dtype=torch.float64), 448.0, 1.0,
+                                    keep)) == 7.0  # s = inf: kept

@@ -20,6 +20,7 @@ from gradcomp.numerics._checks import require_choice, require_float_tensor, requ
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.pruning import (
     prune_quantize,
+    prune_quantize_amax,
     stochastic_prune,
     topk_prune,
     topk_stochastic_prune,
@@ -349,10 +350,19 @@ class Pruner(CountsMixin):
     def _prune_quantize(self, x, generator, measure, names, q):
         """This call's pruning and ``q``'s quantization in one kernel; returns (out, the
         pruning counts by name) after ``q`` has accounted for its own counts."""
-        s, amax, qbad = q.scale_for(x)
         qnames = q.count_names(measure, False)
         fused = tuple("pruned_zeros" if k == "zeros" else k for k in names)
         fused += tuple(k for k in qnames if k not in fused)
+        if q.fused_amax:  # the pruned values' amax scale, found in the same compiled call
+            out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
+                                             margin=q.scaling.margin, keep=q.scaling.scale,
+                                             generator=generator, counts=fused or False)
+            s, amax = rest[-2:]
+            q.scaling.commit(s)
+            allc = dict(zip(fused, rest[0].unbind())) if fused else {}
+            q.account(x.numel(), s, None, None, measure, {k: allc[k] for k in qnames})
+            return out, {k: allc["pruned_zeros" if k == "zeros" else k] for k in names}
+        s, amax, qbad = q.scale_for(x)
         if fused:
             out, c = prune_quantize(x, self._threshold, q.fmt, q.rounding, s, generator,
                                     counts=fused)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from gradcomp.compressors._counts import CountsMixin
-from gradcomp.compressors.scaling import PerLayerEmpirical, ScalingPolicy, make_scaling
+from gradcomp.compressors.scaling import AmaxCurrent, PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.rounding import COUNTS, ROUNDINGS, quantize_fp
+from gradcomp.numerics.rounding import COUNTS, ROUNDINGS, quantize_fp, quantize_fp_amax
 
 __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
            "SELECTS", "select_split"]
@@ -83,8 +83,15 @@ class FPQuantizer(CountsMixin):
     @property
     def fusable(self) -> bool:
         """Whether a pruner may run this quantizer inside its own kernel (``Pruner.compress``'s
-        ``then``): its scale must be known before the pass (no amax of the input)."""
-        return self.scaling.amax_timing is None
+        ``then``): its scale is known before the pass, or it is the current amax, which the
+        fused kernel derives from the input's (``numerics.pruning.prune_quantize_amax``)."""
+        return self.scaling.amax_timing is None or self.fused_amax
+
+    @property
+    def fused_amax(self) -> bool:
+        """Whether this quantizer's scale is the current amax (``AmaxCurrent``): its calls
+        then find amax, scale and rounding in one compiled call (``quantize_fp_amax``)."""
+        return isinstance(self.scaling, AmaxCurrent) and self.scaling.amax_timing == "current"
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None, check: bool = False
@@ -99,6 +106,18 @@ class FPQuantizer(CountsMixin):
         """
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
+        if self.fused_amax and x.numel():
+            # the current amax, its scale and the rounding in one compiled call; the amax is
+            # NaN/inf exactly when x holds a NaN/inf, so it is the call's flag
+            names = self.count_names(measure, False)
+            q, *rest = quantize_fp_amax(x, self.fmt, self.rounding, margin=self.scaling.margin,
+                                        keep=self.scaling.scale, generator=generator,
+                                        counts=names or False)
+            s, amax = rest[-2:]
+            self.scaling.commit(s)
+            got = dict(zip(names, rest[0].unbind())) if names else {}
+            return q, self.account(x.numel(), s, None, (~torch.isfinite(amax)).double(),
+                                   measure, got)
         s, amax, bad = self.scale_for(x)
         names = self.count_names(measure, check and bad is None)
         if names:

@@ -28,7 +28,7 @@ from gradcomp.numerics._checks import require_choice, require_int_range, require
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
-from gradcomp.numerics.scales import amax_to_scale, mean_log2_to_scale, scale_is_usable
+from gradcomp.numerics.scales import amax_scale_or_keep, mean_log2_to_scale
 
 __all__ = [
     "ScalingPolicy",
@@ -241,9 +241,15 @@ class AmaxCurrent(ScalingPolicy):
     def observe(self, amax=None, overflow=None):
         if amax is None:
             return
-        amax = amax.detach().to(torch.float64)
-        self._keep(amax_to_scale(amax, self._bound(), margin=self.margin),
-                   scale_is_usable(amax))
+        self._scale = amax_scale_or_keep(amax.detach(), self._bound().max_normal,
+                                         2.0 ** self.margin, self._scale.to(amax.device))
+
+    def commit(self, scale: torch.Tensor) -> None:
+        """Take the scale that a fused amax-quantize kernel (``numerics.rounding.
+        quantize_fp_amax``, ``numerics.pruning.prune_quantize_amax``) derived from this call's
+        amax with this policy's rule (``amax_scale_or_keep``, margin, the current scale kept):
+        what ``observe(amax=...)`` would set, without its dozen small device ops."""
+        self._scale = scale
 
 
 class AmaxDelayed(AmaxCurrent):
@@ -274,7 +280,8 @@ class AmaxDelayed(AmaxCurrent):
         self._pos = (self._pos + 1) % self.history
         self._hist = hist
         top = hist.max()
-        self._keep(amax_to_scale(top, fmt, margin=self.margin), top > 0)
+        self._scale = amax_scale_or_keep(top, fmt.max_normal, 2.0 ** self.margin,
+                                         self._scale.to(top.device))
 
     def state_dict(self):
         return {**super().state_dict(), "hist": self._hist.clone(), "pos": self._pos}

@@ -19,13 +19,22 @@ import math
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
-from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys, variant
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys, use_compiled, variant
 from gradcomp.numerics.random import draw_seed, uniform_from_keys
 from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
-from gradcomp.numerics.rounding import _quantize_flat, count_names, prepare
+from gradcomp.numerics.rounding import (
+    _amax_constants,
+    _quantize_flat,
+    count_names,
+    prepare,
+    quantize_fp_amax,
+)
+from gradcomp.numerics.scales import amax_scale_or_keep
 
-__all__ = ["stochastic_prune", "prune_quantize", "topk_prune", "topk_stochastic_prune",
-           "topk_threshold", "keep_count", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
+__all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_prune",
+           "topk_stochastic_prune", "topk_threshold", "keep_count", "PRUNE_COUNTS",
+           "PRUNE_QUANTIZE_COUNTS"]
 
 
 def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
@@ -51,22 +60,27 @@ def _prune_count_kernel(x: torch.Tensor, a: torch.Tensor, a_at: torch.Tensor, k1
     return out, _prune_counts(x, out, a_at, count)
 
 
-def _prune_counts(x, out, a_at, names):
+def _prune_counts(x, out, a_at, names, gate=None):
+    """The counts ``names`` of one pruning; ``gate``: an always-true 0-d bool that ties the
+    counts of ``out`` to the loop that writes it (see ``_prune_quantize_amax_kernel``)."""
+    def of_out(mask):
+        return mask if gate is None else mask & gate
     terms = {"nonfinite": lambda: (~torch.isfinite(x)).sum(),
-             "zeros": lambda: (out == 0).sum(),
-             "at_threshold": lambda: (out.abs() == a_at).sum()}
+             "zeros": lambda: of_out(out == 0).sum(),
+             "at_threshold": lambda: of_out(out.abs() == a_at).sum()}
     return torch.stack([terms[n]() for n in names])
 
 
 def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start: int = 0, *,
-                           stochastic: bool, scaled: bool, count: tuple):
+                           stochastic: bool, scaled: bool, count: tuple, fast: bool = False,
+                           overflow_inf: bool = False, gate=None):
     """Eq. 5, then ``quantize_fp`` of the pruned values, in one loop (the pruned tensor is never
     written); ``count``: names of ``PRUNE_QUANTIZE_COUNTS``, counted in the same loop."""
     p = _prune_kernel(x, a, k1, k2, start)
     qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)  # "nonfinite" of p is x's
     pnames = tuple(n for n in count if n not in QUANTIZE_COUNTS)
     q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,
-                       scaled=scaled, count=qnames)
+                       scaled=scaled, count=qnames, fast=fast, overflow_inf=overflow_inf)
     if not count:
         return q
     got = {}
@@ -74,9 +88,39 @@ def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start:
         q, qc = q
         got.update(zip(qnames, qc.unbind()))
     if pnames:  # "pruned_zeros" is stochastic_prune's "zeros" of p
-        pc = _prune_counts(x, p, a_at, tuple(n.removeprefix("pruned_") for n in pnames))
+        pc = _prune_counts(x, p, a_at, tuple(n.removeprefix("pruned_") for n in pnames), gate)
         got.update(zip(pnames, pc.unbind()))
     return q, torch.stack([got[n] for n in count])
+
+
+def _prune_quantize_amax_kernel(x, a, a_at, k1, k2, maxn, factor, keep, ints, floats, keys, *,
+                                stochastic: bool, scaled: bool, count: tuple, fast: bool,
+                                overflow_inf: bool):
+    """``_prune_quantize_kernel`` at the amax scale of the pruned values, one compiled call.
+
+    amax(P(x)) needs no pass over P(x): an element with |x| >= a is kept as it is and every
+    other becomes 0 or +-a, so amax(P(x)) = amax(x) when amax(x) >= a (NaN: NaN), else a when
+    some element survived, else 0. The reduction reads x (no hash), the rounding loop prunes
+    at the scale of max(amax(x), a) and reduces "some element survived"; where none did the
+    output is all zeros whatever the scale, and the scale returned is ``keep`` (amax 0).
+    Returns (out, [counts,] s, amax(P(x))).
+    """
+    amax_x = x.abs().amax().to(torch.float64)
+    a64 = a.to(torch.float64)
+    guess = amax_scale_or_keep(torch.maximum(amax_x, a64), maxn, factor, keep)
+    # the counts of the pruned values must come from the loop that prunes: inductor would
+    # otherwise fuse them into the amax loop (they do not need the scale) and hash every
+    # element twice; an always-true gate computed from the scale ties them to that loop
+    gate = (guess == guess) | (guess != guess)
+    res = _prune_quantize_kernel(x, a, a_at, k1, k2, guess, ints, floats, keys,
+                                 stochastic=stochastic, scaled=scaled, count=count, fast=fast,
+                                 overflow_inf=overflow_inf, gate=gate)
+    out = res[0] if count else res
+    survived = (out != 0).any()  # NaN != 0: a NaN survives (its amax is NaN: keep anyway)
+    big = (amax_x >= a64) | torch.isnan(amax_x)
+    amax_p = torch.where(big, amax_x, torch.where(survived, a64, torch.zeros_like(a64)))
+    s = torch.where(survived, guess, keep.to(guess))
+    return (*res, s, amax_p) if count else (res, s, amax_p)
 
 
 # what ``stochastic_prune(..., counts=True)`` counts, in this order
@@ -169,12 +213,57 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    op = variant(_prune_quantize_kernel, "prune_quantize", stochastic=args.stochastic,
-                  scaled=args.scaled, count=names)
+    op = variant(_prune_quantize_kernel, "prune_quantize", count=names, **args.static)
     res = op(x.detach().reshape(-1), a, a_at, k1, k2, *args.tensors, compile=compile)
     if names:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
+
+
+def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", *,
+                        margin: float = 0.0, keep: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None,
+                        compile: bool | None = None, counts=False):
+    """``quantize_fp_amax(stochastic_prune(x, threshold, generator), fmt, rounding, margin=...,
+    keep=..., generator=generator)`` in one compiled call, without writing the pruned tensor:
+    the same bits, scale and amax (amax of the *pruned* values, derived from x's: see
+    ``_prune_quantize_amax_kernel``), the same two seeds drawn in the same order.
+
+    Returns ``(out, s, amax)``, with ``counts`` (names of ``PRUNE_QUANTIZE_COUNTS``)
+    ``(out, counts, s, amax)``. Compiled: a reduction over x, then the prune-and-round loop;
+    eager: the two functions.
+    """
+    require_float_tensor(x, "x")
+    names = count_names(counts, PRUNE_QUANTIZE_COUNTS)
+    if not use_compiled(compile) or x.numel() == 0:  # the two calls
+        pnames = tuple(n for n in names if n in PRUNE_QUANTIZE_COUNTS[:3])
+        qnames = tuple(n for n in names if n not in PRUNE_QUANTIZE_COUNTS[:3])
+        p = stochastic_prune(x, threshold, generator, compile=False,
+                             counts=tuple(n.removeprefix("pruned_") for n in pnames) or False)
+        got = {}
+        if pnames:
+            p, pc = p
+            got.update(zip(pnames, pc.unbind()))
+        q, *rest = quantize_fp_amax(p, fmt, rounding, margin=margin, keep=keep,
+                                    generator=generator, compile=False, counts=qnames or False)
+        if qnames:
+            got.update(zip(qnames, rest[0].unbind()))
+        if not names:
+            return q, *rest[-2:]
+        return q, torch.stack([got[n] for n in names]), *rest[-2:]
+    a, a_at = _threshold(x, threshold)
+    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device))
+    args = prepare(x, fmt, rounding, None, generator)
+    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
+    maxn, factor = _amax_constants(fmt, float(margin), torch.device(x.device))
+    keep_t = (torch.ones((), dtype=torch.float64, device=x.device) if keep is None
+              else keep.detach().reshape(()).to(device=x.device, dtype=torch.float64))
+    _, ints, floats, keys = args.tensors
+    op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
+                 count=names, **{**args.static, "scaled": True})
+    res = op(x.detach().reshape(-1), a, a_at, k1, k2, maxn, factor, keep_t, ints, floats, keys,
+             compile=True)
+    return (res[0].view(x.shape), *res[1:])
 
 
 def keep_count(n: int, sparsity: float) -> int:

@@ -23,6 +23,17 @@ How (one pass, branch-free, the same code on CPU and CUDA):
    (``overflow="saturate"``) or inf (``overflow="inf"``); NaN stays NaN (payload kept).
 5. The sign bit is put back (so -0 stays -0 and a flushed negative value is -0).
 
+Nearest rounding of a float32 container on the CPU takes a float path instead of step 2 where
+it is exact (``_float_path``: 1 to 21 mantissa bits, range well inside float32): saturate
+first (rounding is monotone, so clamping |y| to max_normal before rounding equals saturating
+after), then Veltkamp's splitting c = a*(2^d0 + 1), hi = c - (c - a), which rounds a to
+man_bits + 1 significant bits, half to even, in three hardware operations. The same bits as
+the integer path (checked on every float32 input: ``benchmarks/rounding_exactness.py``; the
+tests sweep every float32 of the boundary binades against ml_dtypes); why: inductor's CPU code
+reinterprets float <-> int element by element, which made the integer path compute-bound on
+cache-resident gradients. The kernels are compiled without FMA contraction (an FMA would skip
+the rounding of a*K); Triton contracts, so CUDA keeps the integer path.
+
 Random bits for stochastic rounding: ONE int64 seed is drawn per call from the user's
 ``torch.Generator`` (a 0-d tensor on the generator's device: no host sync on CUDA), and each
 element hashes (seed, element index) with the package's counter hash
@@ -42,7 +53,9 @@ identical bits; if compilation fails the eager path is used, with a warning.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -50,11 +63,18 @@ import torch
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.kernels import compile_enabled, kernel_keys, set_compile, variant
+from gradcomp.numerics.kernels import (
+    compile_enabled,
+    kernel_keys,
+    set_compile,
+    use_compiled,
+    variant,
+)
 from gradcomp.numerics.random import draw_seed, random_bits
+from gradcomp.numerics.scales import amax_scale_or_keep
 
-__all__ = ["quantize_fp", "set_compile", "compile_enabled", "count_names", "prepare", "COUNTS",
-           "ROUNDINGS", "KernelArgs"]
+__all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
+           "prepare", "COUNTS", "ROUNDINGS", "KernelArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -105,8 +125,33 @@ def _constants_host(fmt: FPFormat, wide: bool):
     # Without subnormals C = min_normal * 2^(T+2): ulp(|y|+C) = 4 min_normal, so every
     # |y| < min_normal (< half that ulp) rounds to exactly 0: the flush, in the same add
     magic = 2.0 ** (fmt.emin - m + T) if fmt.subnormals else 2.0 ** (fmt.emin + T + 2)
-    floats = [inv1, inv2, st1, st2, 0.0, magic]
+    # float path of nearest rounding (``_float_path``): Veltkamp's splitting constant, the
+    # normal-range bounds, the clamp (max_normal when saturating; 2 max_normal, which rounds to
+    # itself above max_normal, with overflow="inf") and what an overflow becomes
+    inf = fmt.overflow == "inf"
+    floats = [inv1, inv2, st1, st2, 0.0, magic, 2.0 ** d0 + 1, fmt.min_normal, fmt.max_normal,
+              2.0 * fmt.max_normal if inf else fmt.max_normal,
+              math.inf if inf else fmt.max_normal]
+    if not _float_path(fmt, wide):
+        floats[6:] = [0.0] * 5  # not used: that format takes the integer path
     return ints, floats
+
+
+def _float_path(fmt: FPFormat, wide: bool) -> bool:
+    """Whether nearest rounding to ``fmt`` runs on float operations (``_quantize_flat``).
+
+    Veltkamp's splitting c = a*(2^d0 + 1), hi = c - (c - a) rounds a float32 ``a`` to
+    24 - d0 = man_bits + 1 significant bits, round half to even, in three hardware operations
+    (no bit reinterpretation, which inductor's CPU code does element by element). Exact where
+    2 <= d0 (man_bits <= 21), where ties to even of the significand are ties to the even code
+    (man_bits >= 1; for man_bits = 0 the even code is the exponent's parity) and where
+    c cannot overflow (2 max_normal (2^d0 + 1) < 2^128). Verified against the integer path
+    on every float32 input for formats of 1 to 21 mantissa bits (tests/numerics); float64
+    inputs keep the integer path.
+    """
+    if wide or not 1 <= fmt.man_bits <= 21:
+        return False
+    return math.log2(fmt.max_normal) + 1 + (23 - fmt.man_bits) + 1 < 128
 
 
 @lru_cache(maxsize=256)
@@ -120,9 +165,11 @@ def _constants(fmt: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.T
 
 
 def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, scaled: bool,
-                   count: tuple = ()):
+                   count: tuple = (), fast: bool = False, overflow_inf: bool = False):
     """Core on a 1-d tensor (eager, or traced by torch.compile); returns x's dtype, and with
-    ``count`` (names of ``COUNTS``) also their int64 counts, in that order, from the same loop."""
+    ``count`` (names of ``COUNTS``) also their int64 counts, in that order, from the same loop.
+    ``fast``: nearest rounding on float operations (only where ``_float_path`` holds for the
+    format; ``overflow_inf``: its overflow is inf)."""
     out_dtype = x.dtype
     wide = out_dtype == torch.float64
     fdt, idt, T = (_F64 if wide else _F32)[:3]
@@ -136,6 +183,23 @@ def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, s
     inf_bits = ints[7]
     mag = bits & ~sign_mask
     a = torch.minimum(mag, inf_bits)  # NaN payloads clamped: no integer overflow below
+
+    if fast:  # nearest on float operations (``_float_path``): the same bits, vectorised
+        ay = y.abs()
+        a = torch.minimum(ay, floats[9])  # saturate first: rounding is monotone
+        c = a * floats[6]
+        hi = c - (c - a)  # Veltkamp: a rounded to man_bits, round half to even
+        sub = (a + floats[5]) - floats[5]  # below min_normal, as the integer path
+        r = torch.where(a < floats[7], sub, hi)
+        if overflow_inf:
+            r = torch.where(r > floats[8], floats[10], r)
+        out = torch.where(y != y, y, torch.copysign(r, y))  # NaN in -> the same NaN out
+        if scaled:
+            out = out / s
+        out = out.to(out_dtype)
+        if not count:
+            return out
+        return out, _counts(x, out, lambda: ay > floats[8], count)
 
     # normal range: integer rounding of the bit pattern at bit d0
     if stochastic:
@@ -168,17 +232,17 @@ def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, s
     out = out.to(out_dtype)
     if not count:
         return out
-    return out, _counts(x, out, mag, ints, count)
+    # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
+    return out, _counts(x, out, lambda: (mag > ints[5]) & (mag <= inf_bits), count)
 
 
-def _counts(x, out, mag, ints, names):
-    """The int64 counts ``names`` (of ``COUNTS``) of one quantization, stacked in that order."""
-    inf_bits = ints[7]
+def _counts(x, out, overflowed, names):
+    """The int64 counts ``names`` (of ``COUNTS``) of one quantization, stacked in that order;
+    ``overflowed()``: the mask of |x*s| > max_normal (inf included, NaN not)."""
     zero = out == 0
     terms = {
         "nonfinite": lambda: (~torch.isfinite(x)).sum(),
-        # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
-        "overflow": lambda: ((mag > ints[5]) & (mag <= inf_bits)).sum(),
+        "overflow": lambda: overflowed().sum(),
         "underflow": lambda: (zero & (x != 0) & torch.isfinite(x)).sum(),
         "nan": lambda: torch.isnan(x).sum(),
         "zeros": lambda: zero.sum(),
@@ -256,19 +320,83 @@ def quantize_fp(
         return x.clone()
     # one variant (its own compiled code object) per rounding, scaling and set of counts; the
     # format's constants are tensors, not guards, so a new format reuses the variant
-    op = variant(_quantize_flat, "quantize_fp", stochastic=args.stochastic, scaled=args.scaled,
-                 count=names)
+    op = variant(_quantize_flat, "quantize_fp", count=names, **args.static)
     if names:
         out, c = op(flat, *args.tensors, compile=compile)
         return out.view(x.shape), c
     return op(flat, *args.tensors, compile=compile).view(x.shape)
 
 
+def _amax_flat(x, maxn, factor, keep, ints, floats, keys, *, stochastic: bool, scaled: bool,
+               count: tuple, fast: bool, overflow_inf: bool):
+    """The amax scale of the whole flat x, then ``_quantize_flat`` with it, in one compiled
+    call (a reduction loop, then the rounding loop); returns (out, [counts,] s, amax)."""
+    amax = x.abs().amax().to(torch.float64)  # NaN propagates: the scale is then kept
+    s = amax_scale_or_keep(amax, maxn, factor, keep)
+    res = _quantize_flat(x, s, ints, floats, keys, 0, stochastic=stochastic, scaled=scaled,
+                         count=count, fast=fast, overflow_inf=overflow_inf)
+    return (*res, s, amax) if count else (res, s, amax)
+
+
+@lru_cache(maxsize=256)
+def _amax_constants(fmt: FPFormat, margin: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached per device: a host-to-device copy per call would synchronise
+    return (torch.tensor(fmt.max_normal, dtype=torch.float64, device=device),
+            torch.tensor(2.0 ** margin, dtype=torch.float64, device=device))
+
+
+def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "nearest", *,
+                     margin: float = 0.0, keep: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, compile: bool | None = None,
+                     counts=False):
+    """``quantize_fp(x, fmt, rounding, scale=s)`` with x's own amax scale s, found in the same
+    compiled call: s = fmt.max_normal / (amax * 2^margin), amax = max |x|
+    (``scales.amax_scale_or_keep``); where amax is 0, inf or NaN (or s would not be a positive
+    finite float64), s = ``keep`` (the caller's previous scale; None: 1). What an amax scaling
+    policy does per call, without a separate min/max pass and a dozen small device ops.
+
+    Returns ``(out, s, amax)`` (s and amax: 0-d float64 on x's device, no host sync), with
+    ``counts`` ``(out, counts, s, amax)`` (``quantize_fp``'s counts of this call). Rounding,
+    overflow, NaN and zeros as ``quantize_fp``; the same bits as ``quantize_fp(x, fmt,
+    rounding, scale=s, generator=generator)`` with that s. Compiled: one reduction loop over x
+    and the rounding loop, one dispatch; eager: ``torch.aminmax``, then the chunked rounding.
+    An empty x gives amax 0 and s = ``keep``.
+    """
+    names = count_names(counts, COUNTS)
+    args = prepare(x, fmt, rounding, None, generator)
+    margin = float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
+    dev = x.device
+    keep_t = (torch.ones((), dtype=torch.float64, device=dev) if keep is None
+              else keep.detach().reshape(()).to(device=dev, dtype=torch.float64))
+    flat = x.reshape(-1)
+    if flat.numel() == 0:
+        amax = torch.zeros((), dtype=torch.float64, device=dev)
+        if names:
+            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev), keep_t, amax
+        return x.clone(), keep_t, amax
+    maxn, factor = _amax_constants(fmt, margin, torch.device(dev))
+    static = {**args.static, "scaled": True}
+    _, ints, floats, keys = args.tensors
+    if use_compiled(compile):
+        op = variant(_amax_flat, "quantize_fp_amax", elementwise=False, count=names, **static)
+        res = op(flat, maxn, factor, keep_t, ints, floats, keys, compile=True)
+    else:  # the reduction, then the chunked elementwise pass: the same operations
+        lo, hi = torch.aminmax(flat)
+        amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+        s = amax_scale_or_keep(amax, maxn, factor, keep_t)
+        op = variant(_quantize_flat, "quantize_fp", count=names, **static)
+        r = op(flat, s, ints, floats, keys, compile=False)
+        res = (*r, s, amax) if names else (r, s, amax)
+    return (res[0].view(x.shape), *res[1:])
+
+
 class KernelArgs(NamedTuple):
     """What ``quantize_fp``'s kernel takes besides x: the variant and its tensor arguments."""
 
-    stochastic: bool
-    scaled: bool
+    static: MappingProxyType  # the variant: stochastic, scaled, fast, overflow_inf
     tensors: tuple  # (scale, ints, floats, keys)
 
 
@@ -276,17 +404,16 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
     """Check ``quantize_fp``'s arguments and build its kernel arguments (one seed drawn from
     ``generator`` for stochastic rounding); shared with the fused prune + quantize kernel."""
     require_float_tensor(x, "x")
-    require_choice(x.dtype, "x.dtype", _DTYPES)
     if isinstance(fmt, str):
         fmt = FPFormat.from_name(fmt)
     elif not isinstance(fmt, FPFormat):
         raise TypeError(f"fmt must be an FPFormat or a format name, got {type(fmt).__name__}")
-    require_choice(rounding, "rounding", ROUNDINGS)
-    wide = x.dtype == torch.float64
-    fdt = torch.float64 if wide else torch.float32
+    static, ints, floats, one, zero_keys = _plan(fmt, rounding, x.dtype, x.device,
+                                                 scale is not None)
     if scale is None:
-        s = torch.ones((), dtype=fdt, device=x.device)
+        s = one
     else:
+        fdt = one.dtype
         if isinstance(scale, torch.Tensor):
             if scale.numel() != 1:
                 raise ValueError(f"scale must be a number or a 0-d tensor, got shape "
@@ -300,13 +427,31 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
             v = float(scale)
             if not (v > 0 and np.isfinite(v)):
                 raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    ints, floats = _constants(fmt, wide, torch.device(x.device))
-    stochastic = rounding == "stochastic"
-    if stochastic:
+    if zero_keys is None:  # stochastic: one seed per call
         keys = kernel_keys(draw_seed(generator, x.device))  # = random.stacked_keys
     else:
-        keys = _zero_keys(torch.device(x.device))
-    return KernelArgs(stochastic, scale is not None, (s, ints, floats, keys))
+        keys = zero_keys
+    return KernelArgs(static, (s, ints, floats, keys))
+
+
+@lru_cache(maxsize=512)
+def _plan(fmt: FPFormat, rounding: str, dtype: torch.dtype, device: torch.device,
+          scaled: bool):
+    """What ``prepare`` builds once per format, rounding, dtype, device and scaling: the
+    variant, the format's constant tensors, a scale of 1 and the keys of nearest rounding
+    (cached: a call then costs no host-to-device copy and little Python)."""
+    require_choice(dtype, "x.dtype", _DTYPES)
+    require_choice(rounding, "rounding", ROUNDINGS)
+    wide = dtype == torch.float64
+    ints, floats = _constants(fmt, wide, device)
+    stochastic = rounding == "stochastic"
+    # CPU only: Triton contracts a*K - a into an FMA (no switch to stop it), and on a GPU
+    # the integer path's reinterpretations cost nothing anyway
+    fast = not stochastic and device.type == "cpu" and _float_path(fmt, wide)
+    static = MappingProxyType({"stochastic": stochastic, "scaled": scaled, "fast": fast,
+                               "overflow_inf": fast and fmt.overflow == "inf"})
+    one = torch.ones((), dtype=torch.float64 if wide else torch.float32, device=device)
+    return static, ints, floats, one, None if stochastic else _zero_keys(device)
 
 
 @lru_cache(maxsize=16)

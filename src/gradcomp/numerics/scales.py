@@ -22,7 +22,7 @@ import torch
 
 from gradcomp.numerics.formats import FPFormat
 
-__all__ = ["amax_to_scale", "mean_log2_to_scale", "scale_is_usable"]
+__all__ = ["amax_to_scale", "amax_scale_or_keep", "mean_log2_to_scale", "scale_is_usable"]
 
 
 def scale_is_usable(stat: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,25 @@ def amax_to_scale(amax: torch.Tensor, fmt: FPFormat, *, margin: float = 0.0,
     if power_of_two:
         s = torch.exp2(torch.clamp(torch.floor(torch.log2(s)), -126, 126))
     return torch.where(ok, s, torch.full_like(s, float(fallback)))
+
+
+def amax_scale_or_keep(amax: torch.Tensor, max_normal, margin_factor,
+                       keep: torch.Tensor) -> torch.Tensor:
+    """The amax policies' update: s = max_normal / (amax * margin_factor) (``amax_to_scale``
+    with margin_factor = 2^margin), or ``keep`` (the previous scale) where amax is unusable or
+    s is not a positive finite float64 (as TransformerEngine keeps its scale).
+
+    ``max_normal`` and ``margin_factor``: Python floats or float64 0-d tensors (the same
+    float64 operations either way, so the fused amax-quantize kernels that compute it inside
+    their compiled call get the bits of the policy's own update).
+    """
+    amax = amax.to(torch.float64)
+    ok = scale_is_usable(amax)
+    safe = torch.where(ok, amax, torch.ones_like(amax))
+    # reciprocal then multiply, as ``amax_to_scale``'s float / tensor (Tensor.__rtruediv__)
+    # computes it: the same bits whether max_normal is a Python float or a tensor
+    new = torch.reciprocal(safe * margin_factor) * max_normal
+    return torch.where(ok & torch.isfinite(new) & (new > 0), new, keep.to(new))
 
 
 def mean_log2_to_scale(mean_log2: torch.Tensor, *, margin: float = 3.0,
