@@ -90,3 +90,40 @@ def test_eager_chunks_give_identical_bits_and_bound_the_temporaries(monkeypatch,
         assert torch.equal(a.view(torch.int64 if dtype == torch.float64 else torch.int32),
                            b.view(torch.int64 if dtype == torch.float64 else torch.int32))
     assert seen and max(seen) == 1000 and len(seen) == 3 * 11
+
+
+def _mul_add(x, s, t, start: int = 0):
+    return x * s + t + start
+
+
+def _pair(x, s):
+    return x * s, (x > 0).sum()
+
+
+def test_compiled_kernels_skip_dynamo_after_a_bit_exact_check(monkeypatch):
+    # the second call of a signature runs the compiled graph without dynamo, the first one
+    # checked it against dynamo's result; other sizes, dtypes and layouts stay exact
+    op = kernels.FusedOp(_mul_add, "mul_add")
+    pair = kernels.FusedOp(_pair, "pair")
+    s, t = torch.tensor(3.0), torch.tensor(0.5)
+    x = torch.randn(1001)
+    first = op(x, s, t, compile=True)
+    assert torch.equal(first, _mul_add(x, s, t))
+    dynamo = []
+    real = op._compiled
+    monkeypatch.setattr(op, "_compiled", lambda *a: dynamo.append(1) or real(*a))
+    for n in (1001, 77, 4096):
+        y = torch.randn(n)
+        assert torch.equal(op(y, s, t, compile=True), _mul_add(y, s, t))
+    assert dynamo == []  # every later call of that signature went direct
+    # a new signature (float64, a strided view) goes through dynamo once, then direct
+    for z in (torch.randn(500, dtype=torch.float64), torch.randn(800)[::2]):
+        sz = s.to(z.dtype)
+        for _ in range(3):
+            assert torch.equal(op(z, sz, t.to(z.dtype), compile=True),
+                               _mul_add(z, sz, t.to(z.dtype)))
+    assert len(dynamo) == 2
+    # a tuple result keeps its structure
+    p, c = pair(x, s, compile=True)
+    p2, c2 = pair(x, s, compile=True)
+    assert torch.equal(p, p2) and int(c) == int(c2) == int((x > 0).sum())

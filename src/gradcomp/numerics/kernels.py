@@ -126,12 +126,12 @@ def kernel_keys(seed: torch.Tensor) -> torch.Tensor:
     return torch.tensor(_host_keys(int(seed)), dtype=torch.int32)
 
 
-def kernel_seed_keys(seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``random.seed_keys(seed)``: two 0-d int32 tensors, the same bits (CPU: Python integers)."""
+def kernel_seed_keys(seed: torch.Tensor) -> torch.Tensor:
+    """``random.seed_keys(seed)`` as one int32 tensor ``[k1, k2]``, the same bits (CPU: Python
+    integers; one tensor, so one small op per call)."""
     if seed.device.type != "cpu":
-        return seed_keys(seed)
-    k1, k2 = _host_keys(int(seed))[:2]
-    return torch.tensor(k1, dtype=torch.int32), torch.tensor(k2, dtype=torch.int32)
+        return torch.stack(seed_keys(seed))
+    return torch.tensor(_host_keys(int(seed))[:2], dtype=torch.int32)
 
 
 class FusedOp:
@@ -241,7 +241,8 @@ class _Direct:
     Built from the graph that dynamo captured on a call (its placeholders are the function's
     tensor arguments, ``l_<name>_``, and their symbolic sizes); used only for arguments of the
     same signature (``_signature``: the guards that matter to a pure tensor kernel), only when
-    every symbolic size belongs to one argument dimension (no sizes shared by duck-sizing), and
+    every symbolic size or stride belongs to one argument dimension (none shared by
+    duck-sizing), and
     only after it returned bit for bit what dynamo returned for the same arguments. A size the
     graph does not take (its generated code asserts sizes) returns None: the caller goes back
     to dynamo for that signature.
@@ -254,8 +255,8 @@ class _Direct:
     def __call__(self, args):
         args = args + self.tail
         try:
-            out = self.compiled(*[args[i] if d is None else args[i].shape[d]
-                                  for i, d in self.getters])
+            out = self.compiled(*[args[i] if d is None else args[i].shape[d] if d >= 0
+                                  else args[i].stride(-1 - d) for i, d in self.getters])
         except Exception:  # noqa: BLE001 - e.g. assert_size_stride on a specialised size
             return None
         return out[0] if self.single else tuple(out)
@@ -284,12 +285,19 @@ class _Direct:
             name = n.name[2:-1] if n.name.startswith("l_") and n.name.endswith("_") else None
             if name not in names or not isinstance(args[names.index(name)], torch.Tensor):
                 return None
+            # sizes as dimension d >= 0, strides as -1 - d (a strided view's stride symbol)
             for d, size in enumerate(ev.shape):
                 if isinstance(size, torch.SymInt):
                     expr = size.node.expr
                     if not expr.is_Symbol or str(expr) in dims:
                         return None
                     dims[str(expr)] = (names.index(name), d)
+        for n in nodes:  # a stride symbol that no size explains (a strided view)
+            ev = n.meta.get("example_value")
+            if isinstance(ev, torch.Tensor):
+                for j, st in enumerate(ev.stride()):
+                    if isinstance(st, torch.SymInt) and st.node.expr.is_Symbol:
+                        dims.setdefault(str(st.node.expr), (names.index(n.name[2:-1]), -1 - j))
         for n in nodes:
             ev = n.meta.get("example_value")
             param = n.name[2:-1] if n.name.startswith("l_") and n.name.endswith("_") else None

@@ -26,6 +26,7 @@ from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
     _amax_constants,
     _quantize_flat,
+    _scale_arg,
     count_names,
     prepare,
     quantize_fp_amax,
@@ -37,27 +38,39 @@ __all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_pr
            "PRUNE_QUANTIZE_COUNTS"]
 
 
-def _prune_kernel(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
-                  start: int = 0):
-    """Eq. 5 on a flat tensor; ``a`` is already rounded to x's dtype, held in compute precision.
+def _kernel_threshold(x: torch.Tensor, thr: torch.Tensor):
+    """(a in compute precision, a rounded to x's dtype) from the 0-d threshold tensor, inside
+    the kernel (scalar work in the compiled call, not separate small ops per call): a is
+    rounded to x's dtype (so +-a is representable), held in compute precision; NaN or a
+    negative value -> 0 (nothing below it)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a_at = thr.to(x.dtype)
+    a = a_at.to(cdt)
+    return torch.where(a > 0, a, torch.zeros_like(a)), a_at
+
+
+def _prune_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor, start: int = 0):
+    """Eq. 5 on a flat tensor at threshold ``thr`` (``_kernel_threshold``), random keys
+    ``keys`` = [k1, k2] (``random.seed_keys``).
 
     |x| >= a (and NaN, whose comparisons are false): kept; u*a <= |x| < a: sign(x)*a;
     |x| < u*a: 0; u ~ U[0,1) from the counter hash, so P(keep as a) = |x|/a: unbiased.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a, _ = _kernel_threshold(x, thr)
     xf = x.to(cdt)
-    u = uniform_from_keys(k1, k2, x.numel(), x.device, cdt, start)
+    u = uniform_from_keys(keys[0], keys[1], x.numel(), x.device, cdt, start)
     ax = xf.abs()
     small = torch.where(ax >= a * u, torch.copysign(a.expand_as(xf), xf), torch.zeros_like(xf))
     return torch.where(ax < a, small, xf).to(x.dtype)
 
 
-def _prune_count_kernel(x: torch.Tensor, a: torch.Tensor, a_at: torch.Tensor, k1: torch.Tensor,
-                        k2: torch.Tensor, start: int = 0, *, count: tuple):
+def _prune_count_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor,
+                        start: int = 0, *, count: tuple):
     """``_prune_kernel`` plus the counts ``count`` (names of ``PRUNE_COUNTS``) from the same
     loop, int64, in that order."""
-    out = _prune_kernel(x, a, k1, k2, start)
-    return out, _prune_counts(x, out, a_at, count)
+    out = _prune_kernel(x, thr, keys, start)
+    return out, _prune_counts(x, out, _kernel_threshold(x, thr)[1], count)
 
 
 def _prune_counts(x, out, a_at, names, gate=None):
@@ -71,12 +84,12 @@ def _prune_counts(x, out, a_at, names, gate=None):
     return torch.stack([terms[n]() for n in names])
 
 
-def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start: int = 0, *,
+def _prune_quantize_kernel(x, thr, pkeys, scale, ints, floats, keys, start: int = 0, *,
                            stochastic: bool, scaled: bool, count: tuple, fast: bool = False,
                            overflow_inf: bool = False, gate=None):
     """Eq. 5, then ``quantize_fp`` of the pruned values, in one loop (the pruned tensor is never
     written); ``count``: names of ``PRUNE_QUANTIZE_COUNTS``, counted in the same loop."""
-    p = _prune_kernel(x, a, k1, k2, start)
+    p = _prune_kernel(x, thr, pkeys, start)
     qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)  # "nonfinite" of p is x's
     pnames = tuple(n for n in count if n not in QUANTIZE_COUNTS)
     q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,
@@ -88,12 +101,13 @@ def _prune_quantize_kernel(x, a, a_at, k1, k2, scale, ints, floats, keys, start:
         q, qc = q
         got.update(zip(qnames, qc.unbind()))
     if pnames:  # "pruned_zeros" is stochastic_prune's "zeros" of p
-        pc = _prune_counts(x, p, a_at, tuple(n.removeprefix("pruned_") for n in pnames), gate)
+        pc = _prune_counts(x, p, _kernel_threshold(x, thr)[1],
+                           tuple(n.removeprefix("pruned_") for n in pnames), gate)
         got.update(zip(pnames, pc.unbind()))
     return q, torch.stack([got[n] for n in count])
 
 
-def _prune_quantize_amax_kernel(x, a, a_at, k1, k2, maxn, factor, keep, ints, floats, keys, *,
+def _prune_quantize_amax_kernel(x, thr, pkeys, maxn, factor, keep, ints, floats, keys, *,
                                 stochastic: bool, scaled: bool, count: tuple, fast: bool,
                                 overflow_inf: bool):
     """``_prune_quantize_kernel`` at the amax scale of the pruned values, one compiled call.
@@ -106,13 +120,13 @@ def _prune_quantize_amax_kernel(x, a, a_at, k1, k2, maxn, factor, keep, ints, fl
     Returns (out, [counts,] s, amax(P(x))).
     """
     amax_x = x.abs().amax().to(torch.float64)
-    a64 = a.to(torch.float64)
+    a64 = _kernel_threshold(x, thr)[0].to(torch.float64)
     guess = amax_scale_or_keep(torch.maximum(amax_x, a64), maxn, factor, keep)
     # the counts of the pruned values must come from the loop that prunes: inductor would
     # otherwise fuse them into the amax loop (they do not need the scale) and hash every
     # element twice; an always-true gate computed from the scale ties them to that loop
     gate = (guess == guess) | (guess != guess)
-    res = _prune_quantize_kernel(x, a, a_at, k1, k2, guess, ints, floats, keys,
+    res = _prune_quantize_kernel(x, thr, pkeys, guess, ints, floats, keys,
                                  stochastic=stochastic, scaled=scaled, count=count, fast=fast,
                                  overflow_inf=overflow_inf, gate=gate)
     out = res[0] if count else res
@@ -132,23 +146,26 @@ PRUNE_QUANTIZE_COUNTS = ("nonfinite", "pruned_zeros", "at_threshold", "overflow"
 _PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
 
 
-def _threshold(x: torch.Tensor, threshold):
-    """(a in compute precision, a rounded to x's dtype) from a float or 0-d tensor threshold."""
+def _threshold_arg(x: torch.Tensor, threshold) -> torch.Tensor:
+    """The threshold as the kernels take it: a 0-d tensor on x's device (any float dtype;
+    ``_kernel_threshold`` rounds it to x's dtype inside the kernel)."""
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a float or a 0-d tensor, got shape "
                              f"{tuple(threshold.shape)}")
-        a = threshold.detach().reshape(()).to(x.device)
+        if not threshold.is_floating_point():
+            threshold = threshold.double()
+        t = threshold.detach()
+        t = t if t.dim() == 0 else t.reshape(())
+        t = t if t.device == x.device else t.to(x.device)
     else:
         a_f = float(threshold)
         if not math.isfinite(a_f) or a_f < 0:
             raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-        a = torch.tensor(a_f, dtype=torch.float64, device=x.device)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a_at = a.to(x.dtype)
-    a = a_at.to(cdt)
-    a = torch.where(a > 0, a, torch.zeros_like(a))  # NaN / negative -> 0: nothing below it
-    return a, a_at
+        t = torch.tensor(a_f, dtype=torch.float64, device=x.device)
+    # half types: rounded here, because inductor keeps a half-precision scalar in float32
+    # inside the kernel (the +-a symbols would then not compare equal to the stored values)
+    return t.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | None = None, *,
@@ -177,18 +194,18 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
     """
     require_float_tensor(x, "x")
     names = count_names(counts, PRUNE_COUNTS)
-    a, a_at = _threshold(x, threshold)
+    thr = _threshold_arg(x, threshold)
     if x.numel() == 0:
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device))  # = random.seed_keys
+    keys = kernel_seed_keys(draw_seed(generator, x.device))  # = random.seed_keys
     flat = x.detach().reshape(-1)
     if names:
         op = variant(_prune_count_kernel, "stochastic_prune", count=names)
-        out, c = op(flat, a, a_at, k1, k2, compile=compile)
+        out, c = op(flat, thr, keys, compile=compile)
         return out.view(x.shape), c
-    return _PRUNE(flat, a, k1, k2, compile=compile).view(x.shape)
+    return _PRUNE(flat, thr, keys, compile=compile).view(x.shape)
 
 
 def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", scale=None,
@@ -206,15 +223,15 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
     """
     require_float_tensor(x, "x")
     names = count_names(counts, PRUNE_QUANTIZE_COUNTS)
-    a, a_at = _threshold(x, threshold)
-    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device)) if x.numel() else (None, None)
+    thr = _threshold_arg(x, threshold)
+    pkeys = kernel_seed_keys(draw_seed(generator, x.device)) if x.numel() else None
     args = prepare(x, fmt, rounding, scale, generator)
     if x.numel() == 0:
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
     op = variant(_prune_quantize_kernel, "prune_quantize", count=names, **args.static)
-    res = op(x.detach().reshape(-1), a, a_at, k1, k2, *args.tensors, compile=compile)
+    res = op(x.detach().reshape(-1), thr, pkeys, *args.tensors, compile=compile)
     if names:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
@@ -251,17 +268,16 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
         if not names:
             return q, *rest[-2:]
         return q, torch.stack([got[n] for n in names]), *rest[-2:]
-    a, a_at = _threshold(x, threshold)
-    k1, k2 = kernel_seed_keys(draw_seed(generator, x.device))
+    thr = _threshold_arg(x, threshold)
+    pkeys = kernel_seed_keys(draw_seed(generator, x.device))
     args = prepare(x, fmt, rounding, None, generator)
     fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
     maxn, factor = _amax_constants(fmt, float(margin), torch.device(x.device))
-    keep_t = (torch.ones((), dtype=torch.float64, device=x.device) if keep is None
-              else keep.detach().reshape(()).to(device=x.device, dtype=torch.float64))
+    keep_t = _scale_arg(keep, x.device)
     _, ints, floats, keys = args.tensors
     op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
                  count=names, **{**args.static, "scaled": True})
-    res = op(x.detach().reshape(-1), a, a_at, k1, k2, maxn, factor, keep_t, ints, floats, keys,
+    res = op(x.detach().reshape(-1), thr, pkeys, maxn, factor, keep_t, ints, floats, keys,
              compile=True)
     return (res[0].view(x.shape), *res[1:])
 

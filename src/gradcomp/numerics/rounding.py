@@ -82,6 +82,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # container: (float dtype, int dtype, mantissa bits, exponent bits, numpy float, numpy int)
 _F32 = (torch.float32, torch.int32, 23, 8, np.float32, np.int32)
 _F64 = (torch.float64, torch.int64, 52, 11, np.float64, np.int64)
+_ONE_FMT = FPFormat.from_name("e4m3fn")  # any format: only its cached factor 2^0 = 1 is used
 
 
 def _pow2_factors(e: int) -> tuple[float, float]:
@@ -338,6 +339,17 @@ def _amax_flat(x, maxn, factor, keep, ints, floats, keys, *, stochastic: bool, s
     return (*res, s, amax) if count else (res, s, amax)
 
 
+def _scale_arg(keep, device) -> torch.Tensor:
+    """``keep`` (None: 1) as a 0-d float64 tensor on ``device``, with no op where it is one."""
+    if keep is None:
+        return _amax_constants(_ONE_FMT, 0.0, torch.device(device))[1]  # 2^0: a cached 1
+    t = keep.detach()
+    t = t if t.dim() == 0 else t.reshape(())
+    if t.dtype != torch.float64 or t.device != device:
+        t = t.to(device=device, dtype=torch.float64)
+    return t
+
+
 @lru_cache(maxsize=256)
 def _amax_constants(fmt: FPFormat, margin: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     # cached per device: a host-to-device copy per call would synchronise
@@ -369,14 +381,14 @@ def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "near
         raise ValueError(f"margin must be a finite number, got {margin!r}")
     fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
     dev = x.device
-    keep_t = (torch.ones((), dtype=torch.float64, device=dev) if keep is None
-              else keep.detach().reshape(()).to(device=dev, dtype=torch.float64))
+    keep_t = _scale_arg(keep, dev)
     flat = x.reshape(-1)
     if flat.numel() == 0:
         amax = torch.zeros((), dtype=torch.float64, device=dev)
         if names:
-            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev), keep_t, amax
-        return x.clone(), keep_t, amax
+            return (x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev),
+                    keep_t.clone(), amax)
+        return x.clone(), keep_t.clone(), amax
     maxn, factor = _amax_constants(fmt, margin, torch.device(dev))
     static = {**args.static, "scaled": True}
     _, ints, floats, keys = args.tensors
@@ -418,7 +430,10 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
             if scale.numel() != 1:
                 raise ValueError(f"scale must be a number or a 0-d tensor, got shape "
                                  f"{tuple(scale.shape)}")
-            s = scale.detach().reshape(()).to(device=x.device, dtype=fdt)
+            s = scale.detach()
+            s = s if s.dim() == 0 else s.reshape(())
+            if s.dtype != fdt or s.device != x.device:
+                s = s.to(device=x.device, dtype=fdt)
             check = scale.device.type == "cpu"
         else:
             s = torch.tensor(float(scale), dtype=fdt, device=x.device)
