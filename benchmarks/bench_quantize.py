@@ -6,6 +6,7 @@ torch's float8 cast (``x.to(float8_e4m3fn).float()``: RNE only, no scaling), and
 Prints the min and median of ``--repeat`` runs and ratios to clone (min / min). Run:
 
     python benchmarks/bench_quantize.py [--n 16777216] [--repeat 7] [--device cpu]
+    python benchmarks/bench_quantize.py --n 802816 --repeat 50 --no-eager   # a ResNet layer
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from _timing import time_call  # noqa: E402  (a sibling script module)
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.rounding import quantize_fp
+from gradcomp.numerics.kernels import variant
+from gradcomp.numerics.rounding import _quantize_flat, prepare, quantize_fp, quantize_fp_amax
 
 
 def main(argv=None) -> int:
@@ -44,6 +46,16 @@ def main(argv=None) -> int:
         # with the metric / non-finite counts of the hot path reduced in the same pass
         cases[f"nearest+counts ({tag})"] = lambda c=compiled: quantize_fp(
             x, fmt, compile=c, counts=True)
+        # the current amax scale found in the same call (a reduction pass, then the rounding)
+        cases[f"amax+nearest ({tag})"] = lambda c=compiled: quantize_fp_amax(x, fmt, compile=c)
+    static = dict(prepare(x, fmt, "nearest", None, None).static)
+    if static["fast"]:
+        # the integer (bit-pattern) rounding that nearest used before its float path: the
+        # same bits (benchmarks/rounding_exactness.py), the previous speed
+        static.update(fast=False, overflow_inf=False)
+        integer = variant(_quantize_flat, "quantize_fp", count=(), **static)
+        cases["nearest, integer path"] = lambda: integer(
+            x, *prepare(x, fmt, "nearest", None, None).tensors, compile=True)
     try:
         from qtorch.quant import float_quantize
 
@@ -55,9 +67,9 @@ def main(argv=None) -> int:
     results = {name: time_call(fn, args.repeat, device) for name, fn in cases.items()}
     ref = results["clone"][0]
     print(f"{args.n} float32 on {device}, format {fmt.name}, threads {torch.get_num_threads()}")
-    print(f"{'case':<24s} {'min ms':>9s} {'median ms':>10s} {'x clone':>8s}")
+    print(f"{'case':<26s} {'min ms':>9s} {'median ms':>10s} {'x clone':>8s}")
     for name, (tmin, tmed) in results.items():
-        print(f"{name:<24s} {tmin * 1e3:9.2f} {tmed * 1e3:10.2f} {tmin / ref:8.2f}")
+        print(f"{name:<26s} {tmin * 1e3:9.2f} {tmed * 1e3:10.2f} {tmin / ref:8.2f}")
     return 0
 
 

@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FPFormat": "gradcomp.numerics.formats",
     "quantize_fp": "gradcomp.numerics.rounding",
+    "quantize_fp_amax": "gradcomp.numerics.rounding",
     "fit_lognormal": "gradcomp.numerics.fit",
     "LognormalFit": "gradcomp.numerics.fit",
     "ks_table": "gradcomp.numerics.goodness",
@@ -31,6 +32,8 @@ _EXPORTS = {
     "lognormal_threshold": "gradcomp.numerics.sparsity",
     "LayerStats": "gradcomp.numerics.fit",
     "stochastic_prune": "gradcomp.numerics.pruning",
+    "prune_quantize": "gradcomp.numerics.pruning",
+    "prune_quantize_amax": "gradcomp.numerics.pruning",
     "set_compile": "gradcomp.numerics.kernels",
     "Pruner": "gradcomp.compressors.pruning",
     "FPQuantizer": "gradcomp.compressors.quantizer",

@@ -16,6 +16,11 @@ compute the same integer/float operations, so both give identical bits (the rand
 from the counter-based hash in :mod:`gradcomp.numerics.random`, whose keys are computed *outside*
 the compiled region: see ``seed_keys``).
 
+Dispatch: the first call of an argument signature (dtypes, devices, ranks, layouts) goes
+through ``torch.compile``; the graph it compiles is then called directly (``_Direct``), once it
+has returned bit for bit what dynamo returned, because dynamo's frame evaluation and guards cost
+50-130 us per call, paid per layer and step by every hot-path kernel.
+
 Fallback: if compiling or running the fused kernel raises (no C++ toolchain, unsupported
 backend), the fused path is switched off for the whole process (every operator), one
 ``RuntimeWarning`` says why, and the eager body answers the call.
