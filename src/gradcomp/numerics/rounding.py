@@ -147,8 +147,9 @@ def _float_path(fmt: FPFormat, wide: bool) -> bool:
     2 <= d0 (man_bits <= 21), where ties to even of the significand are ties to the even code
     (man_bits >= 1; for man_bits = 0 the even code is the exponent's parity) and where
     c cannot overflow (2 max_normal (2^d0 + 1) < 2^128). Verified against the integer path
-    on every float32 input for formats of 1 to 21 mantissa bits (tests/numerics); float64
-    inputs keep the integer path.
+    on every float32 input for 22 formats of 1 to 21 mantissa bits
+    (``benchmarks/rounding_exactness.py``) and against ml_dtypes on every float32 of the
+    boundary binades (tests/numerics/test_rounding.py); float64 inputs keep the integer path.
     """
     if wide or not 1 <= fmt.man_bits <= 21:
         return False
