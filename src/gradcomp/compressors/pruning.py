@@ -355,8 +355,8 @@ class Pruner(CountsMixin):
         fused += tuple(k for k in qnames if k not in fused)
         if q.fused_amax:  # the pruned values' amax scale, found in the same compiled call
             out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
-                                             margin=q.scaling.margin, keep=q.scaling.scale,
-                                             generator=generator, counts=fused or False)
+                                             generator=generator, counts=fused or False,
+                                             **q.amax_rule())
             s, amax = rest[-2:]
             q.scaling.commit(s)
             allc = dict(zip(fused, rest[0].unbind())) if fused else {}

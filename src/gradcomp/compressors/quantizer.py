@@ -93,6 +93,11 @@ class FPQuantizer(CountsMixin):
         then find amax, scale and rounding in one compiled call (``quantize_fp_amax``)."""
         return isinstance(self.scaling, AmaxCurrent) and self.scaling.amax_timing == "current"
 
+    def amax_rule(self) -> dict:
+        """The ``margin`` and ``keep`` (current scale) that the fused amax kernels take for a
+        ``fused_amax`` quantizer; its policy then ``commit``s the scale they return."""
+        return {"margin": self.scaling.margin, "keep": self.scaling.scale}
+
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  measure: bool | None = None, check: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,9 +115,8 @@ class FPQuantizer(CountsMixin):
             # the current amax, its scale and the rounding in one compiled call; the amax is
             # NaN/inf exactly when x holds a NaN/inf, so it is the call's flag
             names = self.count_names(measure, False)
-            q, *rest = quantize_fp_amax(x, self.fmt, self.rounding, margin=self.scaling.margin,
-                                        keep=self.scaling.scale, generator=generator,
-                                        counts=names or False)
+            q, *rest = quantize_fp_amax(x, self.fmt, self.rounding, generator=generator,
+                                        counts=names or False, **self.amax_rule())
             s, amax = rest[-2:]
             self.scaling.commit(s)
             got = dict(zip(names, rest[0].unbind())) if names else {}

@@ -82,7 +82,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # container: (float dtype, int dtype, mantissa bits, exponent bits, numpy float, numpy int)
 _F32 = (torch.float32, torch.int32, 23, 8, np.float32, np.int32)
 _F64 = (torch.float64, torch.int64, 52, 11, np.float64, np.int64)
-_ONE_FMT = FPFormat.from_name("e4m3fn")  # any format: only its cached factor 2^0 = 1 is used
 
 
 def _pow2_factors(e: int) -> tuple[float, float]:
@@ -343,12 +342,18 @@ def _amax_flat(x, maxn, factor, keep, ints, floats, keys, *, stochastic: bool, s
 def _scale_arg(keep, device) -> torch.Tensor:
     """``keep`` (None: 1) as a 0-d float64 tensor on ``device``, with no op where it is one."""
     if keep is None:
-        return _amax_constants(_ONE_FMT, 0.0, torch.device(device))[1]  # 2^0: a cached 1
+        return _one64(torch.device(device))
     t = keep.detach()
     t = t if t.dim() == 0 else t.reshape(())
     if t.dtype != torch.float64 or t.device != device:
         t = t.to(device=device, dtype=torch.float64)
     return t
+
+
+@lru_cache(maxsize=16)
+def _one64(device) -> torch.Tensor:
+    # cached per device, as _zero_keys
+    return torch.ones((), dtype=torch.float64, device=device)
 
 
 @lru_cache(maxsize=256)
