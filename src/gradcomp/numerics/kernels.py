@@ -248,9 +248,10 @@ class _Direct:
     same signature (``_signature``: the guards that matter to a pure tensor kernel), only when
     every symbolic size or stride belongs to one argument dimension (none shared by
     duck-sizing), and
-    only after it returned bit for bit what dynamo returned for the same arguments. A size the
-    graph does not take (its generated code asserts sizes) returns None: the caller goes back
-    to dynamo for that signature.
+    only after it returned bit for bit what dynamo returned for the same arguments (that check,
+    at the first call of a signature, is the one host synchronisation it adds on a GPU, beside
+    the compilation itself). A size the graph does not take (its generated code asserts sizes)
+    returns None: the caller goes back to dynamo for that signature.
     """
 
     def __init__(self, compiled, getters, single: bool, tail: tuple):
