@@ -19,14 +19,12 @@ import math
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
-from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys, use_compiled, variant
 from gradcomp.numerics.random import draw_seed, uniform_from_keys
 from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
-    _amax_constants,
     _quantize_flat,
-    _scale_arg,
+    amax_args,
     count_names,
     prepare,
     quantize_fp_amax,
@@ -270,15 +268,10 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
         return q, torch.stack([got[n] for n in names]), *rest[-2:]
     thr = _threshold_arg(x, threshold)
     pkeys = kernel_seed_keys(draw_seed(generator, x.device))
-    args = prepare(x, fmt, rounding, None, generator)
-    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
-    maxn, factor = _amax_constants(fmt, float(margin), torch.device(x.device))
-    keep_t = _scale_arg(keep, x.device)
-    _, ints, floats, keys = args.tensors
+    args = amax_args(x, fmt, rounding, margin, keep, generator)
     op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
-                 count=names, **{**args.static, "scaled": True})
-    res = op(x.detach().reshape(-1), thr, pkeys, maxn, factor, keep_t, ints, floats, keys,
-             compile=True)
+                 count=names, **args.static)
+    res = op(x.detach().reshape(-1), thr, pkeys, *args.tensors, compile=True)
     return (res[0].view(x.shape), *res[1:])
 
 

@@ -74,7 +74,7 @@ from gradcomp.numerics.random import draw_seed, random_bits
 from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
-           "prepare", "COUNTS", "ROUNDINGS", "KernelArgs"]
+           "prepare", "amax_args", "COUNTS", "ROUNDINGS", "KernelArgs", "AmaxArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -339,15 +339,39 @@ def _amax_flat(x, maxn, factor, keep, ints, floats, keys, *, stochastic: bool, s
     return (*res, s, amax) if count else (res, s, amax)
 
 
-def _scale_arg(keep, device) -> torch.Tensor:
-    """``keep`` (None: 1) as a 0-d float64 tensor on ``device``, with no op where it is one."""
+def _scale_arg(keep, device, dtype=torch.float64) -> torch.Tensor:
+    """A 0-d tensor scale ``keep`` (None: 1) as ``dtype`` on ``device``, with no op where it
+    already is one."""
     if keep is None:
         return _one64(torch.device(device))
     t = keep.detach()
     t = t if t.dim() == 0 else t.reshape(())
-    if t.dtype != torch.float64 or t.device != device:
-        t = t.to(device=device, dtype=torch.float64)
+    if t.dtype != dtype or t.device != device:
+        t = t.to(device=device, dtype=dtype)
     return t
+
+
+class AmaxArgs(NamedTuple):
+    """What the fused amax kernels take besides x (``quantize_fp_amax``,
+    ``pruning.prune_quantize_amax``): the variant and (max_normal, 2^margin, keep, ints,
+    floats, keys)."""
+
+    static: dict
+    tensors: tuple
+
+
+def amax_args(x: torch.Tensor, fmt, rounding: str, margin, keep, generator) -> AmaxArgs:
+    """Check the amax kernels' arguments and build them (one seed drawn for stochastic
+    rounding), as ``prepare`` does for ``quantize_fp``."""
+    args = prepare(x, fmt, rounding, None, generator)
+    margin = float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
+    maxn, factor = _amax_constants(fmt, margin, torch.device(x.device))
+    _, ints, floats, keys = args.tensors
+    return AmaxArgs({**args.static, "scaled": True},
+                    (maxn, factor, _scale_arg(keep, x.device), ints, floats, keys))
 
 
 @lru_cache(maxsize=16)
@@ -381,13 +405,9 @@ def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "near
     An empty x gives amax 0 and s = ``keep``.
     """
     names = count_names(counts, COUNTS)
-    args = prepare(x, fmt, rounding, None, generator)
-    margin = float(margin)
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number, got {margin!r}")
-    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
+    args = amax_args(x, fmt, rounding, margin, keep, generator)
+    maxn, factor, keep_t, ints, floats, keys = args.tensors
     dev = x.device
-    keep_t = _scale_arg(keep, dev)
     flat = x.reshape(-1)
     if flat.numel() == 0:
         amax = torch.zeros((), dtype=torch.float64, device=dev)
@@ -395,17 +415,15 @@ def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "near
             return (x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev),
                     keep_t.clone(), amax)
         return x.clone(), keep_t.clone(), amax
-    maxn, factor = _amax_constants(fmt, margin, torch.device(dev))
-    static = {**args.static, "scaled": True}
-    _, ints, floats, keys = args.tensors
     if use_compiled(compile):
-        op = variant(_amax_flat, "quantize_fp_amax", elementwise=False, count=names, **static)
-        res = op(flat, maxn, factor, keep_t, ints, floats, keys, compile=True)
+        op = variant(_amax_flat, "quantize_fp_amax", elementwise=False, count=names,
+                     **args.static)
+        res = op(flat, *args.tensors, compile=True)
     else:  # the reduction, then the chunked elementwise pass: the same operations
         lo, hi = torch.aminmax(flat)
         amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
         s = amax_scale_or_keep(amax, maxn, factor, keep_t)
-        op = variant(_quantize_flat, "quantize_fp", count=names, **static)
+        op = variant(_quantize_flat, "quantize_fp", count=names, **args.static)
         r = op(flat, s, ints, floats, keys, compile=False)
         res = (*r, s, amax) if names else (r, s, amax)
     return (res[0].view(x.shape), *res[1:])
@@ -436,10 +454,7 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
             if scale.numel() != 1:
                 raise ValueError(f"scale must be a number or a 0-d tensor, got shape "
                                  f"{tuple(scale.shape)}")
-            s = scale.detach()
-            s = s if s.dim() == 0 else s.reshape(())
-            if s.dtype != fdt or s.device != x.device:
-                s = s.to(device=x.device, dtype=fdt)
+            s = _scale_arg(scale, x.device, fdt)
             check = scale.device.type == "cpu"
         else:
             s = torch.tensor(float(scale), dtype=fdt, device=x.device)
