@@ -1,0 +1,92 @@
+"""Compression time per training step: the summed wall time of the compression hooks.
+
+``bench_train_step.py`` times whole steps, whose noise on a shared machine can exceed the
+compression's cost; this script times only what the wrapper's hooks spend inside the backward
+pass (every selected layer's statistics, pruning and quantization), per step, and prints the
+median and minimum over ``--steps`` steps after ``--warmup`` steps (past the first metric step,
+so no compilation falls in the window). It wraps the hook of ``compress_gradients`` from the
+outside, so the same script times an earlier version too (run it with ``PYTHONPATH`` set to
+that version's ``src``):
+
+    python benchmarks/bench_hook_time.py --recipes fp6,fp6-optscale,prune-0.8,prune-0.8-fp6
+    PYTHONPATH=/path/to/older/checkout/src python benchmarks/bench_hook_time.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradcomp.integration.wrap as wrap
+from gradcomp.apps.models import build_model
+from gradcomp.apps.recipes import get_recipe
+
+
+def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, steps: int):
+    """(median, min) seconds per step spent in the compression hooks, and the step median."""
+    spent = [0.0]
+    layer_compress = wrap._Layer.compress
+
+    def timed(self, g):
+        t0 = time.perf_counter()
+        out = layer_compress(self, g)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    wrap._Layer.compress = timed
+    try:
+        torch.manual_seed(0)
+        model = build_model(model_name, width=width)
+        handle = wrap.compress_gradients(model, get_recipe(recipe).compression)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 1, 28, 28)
+        y = torch.randint(0, 10, (batch,))
+
+        def step():
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            handle.step(opt)
+
+        for _ in range(warmup):
+            step()
+        hooks, whole = [], []
+        for _ in range(steps):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            step()
+            whole.append(time.perf_counter() - t0)
+            hooks.append(spent[0])
+        handle.remove()
+    finally:
+        wrap._Layer.compress = layer_compress
+    return statistics.median(hooks), min(hooks), statistics.median(whole)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default="fp6,fp6-optscale,prune-0.8,prune-0.8-fp6")
+    ap.add_argument("--model", default="resnet8")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.model} width {args.width}, batch {args.batch}, {args.threads} threads, "
+          f"{args.steps} steps after {args.warmup}; gradcomp from {wrap.__file__}\n")
+    print("| recipe | compression per step (median) | min | step (median) |")
+    print("|---|---:|---:|---:|")
+    for name in args.recipes.split(","):
+        med, low, step = measure(name, args.model, args.width, args.batch, args.warmup,
+                                 args.steps)
+        print(f"| {name} | {med * 1e3:.2f} ms | {low * 1e3:.2f} ms | {step * 1e3:.1f} ms |")
+
+
+if __name__ == "__main__":
+    main()
