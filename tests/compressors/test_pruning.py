@@ -45,6 +45,27 @@ def test_unbiased():
     assert bool((y[:, vals.abs() >= a] == vals[vals.abs() >= a]).all())
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_zeros_stay_zero_where_the_uniform_is_zero(compile):
+    # generator seed 2 draws the call's seed whose hash gives u = 0 at element 920876
+    # (probability 2^-24 per element): a*u <= |x| would keep a zero there as +-a (E[T(0)] > 0)
+    from gradcomp.numerics.random import draw_seed, uniform_from_counter
+    i = 920876
+    u = uniform_from_counter(draw_seed(torch.Generator().manual_seed(2), "cpu"), i + 1)
+    assert float(u[i]) == 0.0 and int((u == 0).sum()) == 1  # the premise
+    x = torch.full((i + 1,), 0.25)
+    x[i] = 0.0
+    y = stochastic_prune(x, 1.0, torch.Generator().manual_seed(2), compile=compile)
+    assert float(y[i]) == 0.0
+    x[i] = -0.0
+    y = stochastic_prune(x, 1.0, torch.Generator().manual_seed(2), compile=compile)
+    assert float(y[i]) == 0.0
+    # any nonzero value at u = 0 is kept as +-a, with its own sign
+    x[i] = -1e-30
+    y = stochastic_prune(x, 1.0, torch.Generator().manual_seed(2), compile=compile)
+    assert float(y[i]) == -1.0
+
+
 @pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0, 4.0])
 def test_achieved_sparsity_on_synthetic_lognormal(sigma):
     n = 500_000

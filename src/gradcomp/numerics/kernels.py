@@ -232,8 +232,11 @@ class FusedOp:
 
 def _signature(args) -> tuple:
     """What a compiled graph was specialised on besides sizes: each tensor's dtype, device,
-    dimensions, contiguity and autograd flag; each other argument's value."""
-    return tuple((a.dtype, a.device, a.dim(), a.is_contiguous(), a.requires_grad)
+    dimensions, contiguity and autograd flag, and whether it has 2^31 elements or more (the
+    kernels' int32 counts and counters test that size: a guard in the graph, which a direct
+    call would skip); each other argument's value."""
+    return tuple((a.dtype, a.device, a.dim(), a.is_contiguous(), a.requires_grad,
+                  a.numel() >= 1 << 31)
                  if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
 
 

@@ -28,6 +28,7 @@ from gradcomp.numerics.rounding import (
     count_names,
     prepare,
     quantize_fp_amax,
+    stack_counts,
 )
 from gradcomp.numerics.scales import amax_scale_or_keep
 
@@ -51,15 +52,18 @@ def _prune_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor, start:
     """Eq. 5 on a flat tensor at threshold ``thr`` (``_kernel_threshold``), random keys
     ``keys`` = [k1, k2] (``random.seed_keys``).
 
-    |x| >= a (and NaN, whose comparisons are false): kept; u*a <= |x| < a: sign(x)*a;
-    |x| < u*a: 0; u ~ U[0,1) from the counter hash, so P(keep as a) = |x|/a: unbiased.
+    |x| >= a (and NaN, whose comparisons are false): kept; u*a < |x| < a: sign(x)*a;
+    |x| <= u*a: 0; u ~ U[0,1) from the counter hash, so P(keep as a) = P(u < |x|/a) = |x|/a
+    up to the 2^-24 grid of u: unbiased. The comparison is strict so that a zero stays zero
+    also when u = 0 (probability 2^-24); every element it keeps is then nonzero, so its sign
+    is x < 0 (a select: ``copysign`` is a library call per vector in inductor's CPU code).
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     a, _ = _kernel_threshold(x, thr)
     xf = x.to(cdt)
     u = uniform_from_keys(keys[0], keys[1], x.numel(), x.device, cdt, start)
     ax = xf.abs()
-    small = torch.where(ax >= a * u, torch.copysign(a.expand_as(xf), xf), torch.zeros_like(xf))
+    small = torch.where(ax > a * u, torch.where(xf < 0, -a, a), torch.zeros_like(xf))
     return torch.where(ax < a, small, xf).to(x.dtype)
 
 
@@ -76,10 +80,10 @@ def _prune_counts(x, out, a_at, names, gate=None):
     counts of ``out`` to the loop that writes it (see ``_prune_quantize_amax_kernel``)."""
     def of_out(mask):
         return mask if gate is None else mask & gate
-    terms = {"nonfinite": lambda: (~torch.isfinite(x)).sum(),
-             "zeros": lambda: of_out(out == 0).sum(),
-             "at_threshold": lambda: of_out(out.abs() == a_at).sum()}
-    return torch.stack([terms[n]() for n in names])
+    terms = {"nonfinite": lambda: ~torch.isfinite(x),
+             "zeros": lambda: of_out(out == 0),
+             "at_threshold": lambda: of_out(out.abs() == a_at)}
+    return stack_counts([terms[n]() for n in names])
 
 
 def _prune_quantize_kernel(x, thr, pkeys, scale, ints, floats, keys, start: int = 0, *,
@@ -170,8 +174,9 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
                      compile: bool | None = None, counts=False):
     """Unbiased stochastic pruning (Eq. 5) of ``x`` at ``threshold`` a; returns a new tensor.
 
-    Semantics per element: |x| >= a keeps x; a*u <= |x| < a gives sign(x)*a; |x| < a*u gives
-    +0, with u uniform on the 2^-24 grid of [0, 1) (so E[T(x)] = x up to that resolution).
+    Semantics per element: |x| >= a keeps x; a*u < |x| < a gives sign(x)*a; |x| <= a*u gives
+    +0, with u uniform on the 2^-24 grid of [0, 1) (so E[T(x)] = x up to that resolution, and
+    exactly 0 for x = 0).
     a is first rounded to x's dtype (so +-a is representable and the operator is exactly
     unbiased for that rounded a). NaN and +-inf pass through unchanged; zeros stay zero; an
     all-zero tensor is returned unchanged. A tensor threshold that is <= 0 or NaN means no
