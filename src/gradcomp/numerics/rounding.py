@@ -195,7 +195,10 @@ def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, s
         r = torch.where(a < floats[7], sub, hi)
         if overflow_inf:
             r = torch.where(r > floats[8], floats[10], r)
-        out = torch.where(y != y, y, torch.copysign(r, y))  # NaN in -> the same NaN out
+        # the sign back by selects (copysign is a library call per vector in inductor's CPU
+        # code): y < 0 -> -r (-0 where r = 0, as copysign); +-0 and NaN -> y itself (the
+        # same signed zero, the same NaN)
+        out = torch.where(y < 0, -r, torch.where(y > 0, r, y))
         if scaled:
             out = out / s
         out = out.to(out_dtype)
