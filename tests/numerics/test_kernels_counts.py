@@ -128,3 +128,26 @@ def test_counts_names_outside_the_list_are_refused():
         quantize_fp(x, "e4m3", counts="zeros")
     with pytest.raises(ValueError, match="counts must name at least one"):
         quantize_fp(x, "e4m3", counts=())
+
+
+def test_counts_sum_in_int32_below_2_31_elements_and_in_int64_above(monkeypatch):
+    from gradcomp.numerics import rounding
+    from gradcomp.numerics.rounding import stack_counts
+    small = torch.tensor([True, False, True])
+    c = stack_counts([small, ~small])
+    assert c.dtype == torch.int64 and c.tolist() == [2, 1]
+    assert rounding.INT32_COUNT_LIMIT == kernels._INT32_LIMIT == 2**31
+    # a mask at the limit sums in int64 (here the limit lowered to 3: an int32 sum of 2^31
+    # elements would wrap to -2^31, and summing that many takes too long for a test)
+    sums = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **k: sums.append(k["dtype"])
+                        or real_sum(t, *a, **k))
+    monkeypatch.setattr(rounding, "INT32_COUNT_LIMIT", 3)
+    assert stack_counts([small, small[:2]]).tolist() == [2, 1]
+    assert sums == [torch.int64, torch.int32]
+    # the compiled kernels' direct calls are told apart by the same size test (a graph built
+    # for smaller tensors must not take such a tensor without dynamo's guard)
+    huge = torch.ones((), dtype=torch.bool).expand(1 << 31)  # stride 0: no memory
+    sig = kernels._signature
+    assert sig((small,)) != sig((huge,)) and sig((small,)) == sig((~small,))

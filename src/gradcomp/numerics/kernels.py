@@ -69,6 +69,7 @@ __all__ = ["FusedOp", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set
 # would skip that rounding
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.enable_floating_point_contract_flag": "off",
                    "cpp.enable_unsafe_math_opt_flag": False}
+_INT32_LIMIT = 1 << 31  # rounding.INT32_COUNT_LIMIT (kernels sits below rounding)
 EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large enough to be fast)
 
 _OVERRIDE: bool | None = None
@@ -236,7 +237,7 @@ def _signature(args) -> tuple:
     kernels' int32 counts and counters test that size: a guard in the graph, which a direct
     call would skip); each other argument's value."""
     return tuple((a.dtype, a.device, a.dim(), a.is_contiguous(), a.requires_grad,
-                  a.numel() >= 1 << 31)
+                  a.numel() >= _INT32_LIMIT)
                  if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
 
 

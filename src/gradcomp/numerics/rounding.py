@@ -255,6 +255,9 @@ def _counts(x, out, overflowed, names):
     return stack_counts([terms[n]() for n in names])
 
 
+INT32_COUNT_LIMIT = 1 << 31  # masks with fewer elements are counted in int32 (exact)
+
+
 def stack_counts(masks) -> torch.Tensor:
     """The number of True elements of each mask, as one 1-d int64 tensor.
 
@@ -264,8 +267,8 @@ def stack_counts(masks) -> torch.Tensor:
     an int32 sum). A larger mask sums in int64 (inside a compiled kernel the size test is a
     guard: such a tensor gets its own graph; ``kernels._signature`` keeps direct calls apart).
     """
-    return torch.stack([m.sum(dtype=torch.int32 if m.numel() < 1 << 31 else torch.int64)
-                        for m in masks]).to(torch.int64)
+    return torch.stack([m.sum(dtype=torch.int32 if m.numel() < INT32_COUNT_LIMIT
+                              else torch.int64) for m in masks]).to(torch.int64)
 
 
 # what ``quantize_fp(..., counts=True)`` counts, in this order
