@@ -133,6 +133,39 @@ def test_optimal_format_offsets_and_metrics():
     assert chosen[-1] == chosen[0] - 1 and chosen[1] == chosen[0] + 1
 
 
+def test_metrics_read_every_device_count_in_one_transfer(monkeypatch):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                      nn.Linear(64, 10))
+    h = compress_gradients(m, CompressionConfig(
+        prune=PruneSpec(0.8), quantize=QuantizeSpec(bits=6), metrics_every=1))
+    x = torch.randn(256, 20)
+    for _ in range(3):
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+        h.step()
+    want = h.metrics(reset=False)
+    p, q = h.pruners[0], h.quantizers.quantizers[0]
+    want_p, want_q = p.metrics(), q.metrics()
+    # no per-value conversion of a device scalar (each is a sync on an accelerator): the
+    # counts go through one stack and one tolist per device
+    lists = []
+    real_tolist = torch.Tensor.tolist
+
+    def no_float(t):
+        raise AssertionError("float() of a tensor in metrics")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", no_float)
+    monkeypatch.setattr(torch.Tensor, "item", no_float)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: lists.append(t.numel())
+                        or real_tolist(t))
+    got = h.metrics(reset=False)
+    assert lists == [5 * 2 + 2]  # five counts and the threshold of two layers, one read
+    assert got == want and p.metrics() == want_p and q.metrics() == want_q
+    assert want["overall"]["sparsity"] > 0.5 and want["layers"]["0"]["threshold"] > 0
+    h.remove()
+
+
 def test_heterogeneous_meets_budget_on_layers():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp.compressors._counts import CountsMixin
+from gradcomp.compressors._counts import CountsMixin, read_floats
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.pruning import (
@@ -391,15 +391,16 @@ class Pruner(CountsMixin):
         self._threshold = torch.where(keep, a, a * torch.exp(step).to(a.dtype))
 
     def metrics(self, reset: bool = False) -> dict:
-        """Floats (one sync): achieved sparsity over the measured calls since the last reset
-        (NaN before any), elements measured, threshold (NaN when none), target sparsity,
+        """Floats (one host transfer): achieved sparsity over the measured calls since the last
+        reset (NaN before any), elements measured, threshold (NaN when none), target sparsity,
         calibration factor."""
         n = self._elements
         z = self._acc.get("zeros")
+        got = read_floats({"zeros": z, "threshold": self._threshold})
         out = {
-            "sparsity": float(z) / n if (z is not None and n) else math.nan,
+            "sparsity": got["zeros"] / n if (z is not None and n) else math.nan,
             "elements": n,
-            "threshold": float(self._threshold) if self._threshold is not None else math.nan,
+            "threshold": got["threshold"] if self._threshold is not None else math.nan,
             "target_sparsity": self.target,
             "calibration_factor": math.exp(self.log_factor),
         }

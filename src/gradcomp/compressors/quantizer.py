@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp.compressors._counts import CountsMixin
+from gradcomp.compressors._counts import CountsMixin, read_floats
 from gradcomp.compressors.scaling import AmaxCurrent, PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
@@ -186,7 +186,7 @@ class FPQuantizer(CountsMixin):
             self.reset_metrics()
         if not sync:
             return out
-        return {k: float(v) for k, v in out.items()}
+        return read_floats(out)
 
     def state_dict(self) -> dict:
         return {"fmt": self.fmt, "rounding": self.rounding, "scaling": self.scaling.state_dict()}
@@ -280,7 +280,7 @@ class BlockQuantizer(CountsMixin):
             self.reset_metrics()
         if not sync:
             return out
-        return {k: float(v) for k, v in out.items()}
+        return read_floats(out)
 
     def state_dict(self) -> dict:
         return {"fmt": self.fmt.name, "rounding": self.rounding, "dims": self.dims}

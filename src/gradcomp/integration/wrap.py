@@ -54,6 +54,7 @@ import math
 import torch
 from torch import nn
 
+from gradcomp.compressors._counts import read_floats
 from gradcomp.compressors.pruning import PrunerGroup
 from gradcomp.compressors.quantizer import SELECTS, QuantizerGroup, select_split
 from gradcomp.config import CompressionConfig, PruneSpec, QuantizeSpec
@@ -386,7 +387,8 @@ class CompressionHandle:
         return h + pa + pe * width  # + one sign bit per +-a symbol
 
     def metrics(self, reset: bool = True) -> dict:
-        """Per-layer and overall (element-weighted) metrics since the last reset; one sync.
+        """Per-layer and overall (element-weighted) metrics since the last reset; one host
+        transfer per device (``compressors._counts.read_floats``).
 
         Keys: sparsity (fraction of zeros in the compressed gradient), overflow and underflow
         (fractions of elements, FP only), nonfinite (count), bits_per_element, threshold /
@@ -398,18 +400,28 @@ class CompressionHandle:
         layers = {}
         tot = {"elements": 0.0, "zeros": 0.0, "overflow": 0.0, "underflow": 0.0,
                "nonfinite": 0.0, "bits": 0.0}
+        # every layer's device counts first, read in one transfer (read_floats)
+        raw = {}
         for layer in self._layers:
             i = layer.index
             pc = self.pruners[i].counts(reset) if self.pruners is not None else {}
             qz = self.quantizers.quantizers if self.quantizers is not None else None
             qc = qz[i].counts(reset) if qz is not None else {}
-            n = float(layer.elements)
             final = qc if qz is not None else pc  # zeros of the last compressor's output
-            acc = {"elements": n, "zeros": float(final.get("zeros", 0.0)),
-                   "at_threshold": float(pc.get("at_threshold", 0.0)),
-                   "overflow": float(qc.get("overflow", 0.0)),
-                   "underflow": float(qc.get("underflow", 0.0)),
-                   "nonfinite": float(layer.nonfinite) if layer.nonfinite is not None else 0.0}
+            raw[i, "zeros"] = final.get("zeros", 0.0)
+            raw[i, "at_threshold"] = pc.get("at_threshold", 0.0)
+            raw[i, "overflow"] = qc.get("overflow", 0.0)
+            raw[i, "underflow"] = qc.get("underflow", 0.0)
+            raw[i, "nonfinite"] = 0.0 if layer.nonfinite is None else layer.nonfinite
+            if self.pruners is not None:
+                raw[i, "threshold"] = self.pruners[i].threshold
+        got = read_floats(raw)
+        for layer in self._layers:
+            i = layer.index
+            n = float(layer.elements)
+            acc = {"elements": n, **{k: got[i, k] for k in
+                                     ("zeros", "at_threshold", "overflow", "underflow",
+                                      "nonfinite")}}
             row = {
                 "sparsity": acc["zeros"] / n if n else None,
                 "overflow": acc["overflow"] / n if n else None,
@@ -418,9 +430,8 @@ class CompressionHandle:
                 "bits_per_element": self.bits_per_element(acc) if n else None,
             }
             if self.pruners is not None:
-                p = self.pruners[i]
-                row["threshold"] = float(p.threshold) if p.threshold is not None else None
-                row["target_sparsity"] = p.target
+                row["threshold"] = got[i, "threshold"]  # None where no threshold
+                row["target_sparsity"] = self.pruners[i].target
             layers[layer.name] = row
             if n:
                 tot["elements"] += n
