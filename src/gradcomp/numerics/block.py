@@ -577,8 +577,15 @@ def _compile_switch(compile) -> bool:
     return compile_enabled()
 
 
-def _canonical(x: torch.Tensor, bf: BlockFormat):
-    """(canonical padded tensor, reduce dims, restore(out) -> x-shaped tensor)."""
+def _canonical(x: torch.Tensor, bf: BlockFormat, pad_short: bool = True):
+    """(canonical padded tensor, reduce dims, restore(out) -> x-shaped tensor).
+
+    ``pad_short=False``: a 1-D blocked extent shorter than one block (a conv output with 16
+    channels under 32-element blocks) is not padded: each row is its block as it is. Zero
+    padding never changes a block's amax, scale or rounded elements, nor the counts (a zero
+    neither underflows nor saturates), so nearest rounding gives the same values on half the
+    elements (a NaN block is NaN either way, its payload may differ); stochastic rounding
+    must pad, because its counter runs over the padded layout."""
     shape = x.shape
     nd = len(bf.block)
     y = x
@@ -596,13 +603,16 @@ def _canonical(x: torch.Tensor, bf: BlockFormat):
     sizes = mshape[y.dim() - nd:]
     y = y.reshape(lead, *sizes)
     pads = [(-s) % b for s, b in zip(sizes, bf.block)]
+    short = not pad_short and nd == 1 and 0 < sizes[0] < bf.block[0]
+    if short:
+        pads = [0]
     if any(pads):
         spec = []
         for p in reversed(pads):
             spec += [0, p]
         y = F.pad(y, spec)
     if nd == 1:
-        b = bf.block[0]
+        b = sizes[0] if short else bf.block[0]
         y = y.reshape(-1, b)
         red = (1,)
     else:
@@ -637,7 +647,7 @@ def _run(x, bf, rounding, generator, compile, metrics):
         k1, k2 = seed_keys(draw_seed(generator, dev))
     else:
         k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
-    xc, red, restore = _canonical(x.detach(), bf)
+    xc, red, restore = _canonical(x.detach(), bf, pad_short=stochastic)
     if xc.numel() >= 1 << 31:
         raise ValueError(f"x has too many elements for the int32 counter: {xc.numel()}")
     kind = _KINDS[(bf.scale, bf.rule)]
