@@ -5,7 +5,8 @@ memory traffic; the layers of the benchmark models (0.4-1.6M float32 neural-grad
 stay in cache, where the kernels' arithmetic decides. This script calls each kernel the way the
 compressors' hot path does (the pruning kernel with the non-finite count, the fused amax
 kernels, and the metric steps' variants with every count), interleaved with ``x.clone()``
-(``--calls`` rounds), and prints the minimum and median time per call and the minimum's ratio
+(``--calls`` rounds), and the block quantizers on a 16-channel conv output of the same size
+(where the size allows), and prints the minimum and median time per call and the minimum's ratio
 to the clone's minimum. Run it with ``PYTHONPATH`` on another checkout's ``src`` to compare
 versions:
 
@@ -20,13 +21,24 @@ import time
 
 import torch
 
+from gradcomp.compressors.quantizer import BlockQuantizer
 from gradcomp.numerics.pruning import prune_quantize_amax, stochastic_prune
 from gradcomp.numerics.rounding import quantize_fp_amax
 
 
 def cases(x: torch.Tensor, g: torch.Generator) -> dict:
-    """name -> a call as the compressors make it (FP6 = e3m2, threshold at about 1.5 sigma)."""
+    """name -> a call as the compressors make it (FP6 = e3m2, threshold at about 1.5 sigma;
+    the block formats on x taken as a 16-channel conv output (N, 16, 28, 28), blocks along the
+    channels, as the block recipes quantize the first stage of the benchmark ResNets)."""
     thr = torch.tensor(1.5e-3, dtype=torch.float64)
+    block = {}
+    if x.numel() % (16 * 28 * 28) == 0:
+        conv = x.view(-1, 16, 28, 28)
+        for fmt in ("mxfp8_e4m3", "nvfp4"):
+            for rounding in ("nearest", "stochastic"):
+                q = BlockQuantizer(fmt, rounding)
+                block[f"{fmt} {rounding}, channel blocks of a 16-channel conv output"] = (
+                    lambda q=q: q.compress(conv, g, measure=False))
     return {
         "clone": lambda: x.clone(),
         "prune + non-finite count (hot path)":
@@ -36,6 +48,7 @@ def cases(x: torch.Tensor, g: torch.Generator) -> dict:
             x, thr, "e3m2", generator=g, counts=("nonfinite",)),
         "FP6 at the current amax (hot path)": lambda: quantize_fp_amax(x, "e3m2"),
         "FP6 at the current amax + all counts": lambda: quantize_fp_amax(x, "e3m2", counts=True),
+        **block,
     }
 
 
