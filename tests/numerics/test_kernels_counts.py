@@ -136,7 +136,7 @@ def test_counts_sum_in_int32_below_2_31_elements_and_in_int64_above(monkeypatch)
     small = torch.tensor([True, False, True])
     c = stack_counts([small, ~small])
     assert c.dtype == torch.int64 and c.tolist() == [2, 1]
-    assert rounding.INT32_COUNT_LIMIT == kernels._INT32_LIMIT == 2**31
+    assert rounding.INT32_COUNT_LIMIT == kernels.INT32_LIMIT == 2**31
     # a mask at the limit sums in int64 (here the limit lowered to 3: an int32 sum of 2^31
     # elements would wrap to -2^31, and summing that many takes too long for a test)
     sums = []

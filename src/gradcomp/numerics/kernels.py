@@ -57,7 +57,7 @@ import torch
 from gradcomp.numerics._checks import require_choice
 from gradcomp.numerics.random import seed_keys, stacked_keys
 
-__all__ = ["FusedOp", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set_compile",
+__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set_compile",
            "use_compiled", "variant"]
 
 # inductor's CPU code generator picks serial loops for some kernels whose shapes are dynamic
@@ -69,7 +69,9 @@ __all__ = ["FusedOp", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set
 # would skip that rounding
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.enable_floating_point_contract_flag": "off",
                    "cpp.enable_unsafe_math_opt_flag": False}
-_INT32_LIMIT = 1 << 31  # rounding.INT32_COUNT_LIMIT (kernels sits below rounding)
+# tensors of this many elements or more take int64 counts (rounding.stack_counts) and their
+# own direct-call signature
+INT32_LIMIT = 1 << 31
 EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large enough to be fast)
 
 _OVERRIDE: bool | None = None
@@ -237,7 +239,7 @@ def _signature(args) -> tuple:
     kernels' int32 counts and counters test that size: a guard in the graph, which a direct
     call would skip); each other argument's value."""
     return tuple((a.dtype, a.device, a.dim(), a.is_contiguous(), a.requires_grad,
-                  a.numel() >= _INT32_LIMIT)
+                  a.numel() >= INT32_LIMIT)
                  if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
 
 

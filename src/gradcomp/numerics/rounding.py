@@ -64,6 +64,7 @@ import torch
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import (
+    INT32_LIMIT,
     compile_enabled,
     kernel_keys,
     set_compile,
@@ -255,7 +256,7 @@ def _counts(x, out, overflowed, names):
     return stack_counts([terms[n]() for n in names])
 
 
-INT32_COUNT_LIMIT = 1 << 31  # masks with fewer elements are counted in int32 (exact)
+INT32_COUNT_LIMIT = INT32_LIMIT  # masks with fewer elements are counted in int32 (exact)
 
 
 def stack_counts(masks) -> torch.Tensor:
