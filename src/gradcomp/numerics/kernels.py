@@ -57,8 +57,8 @@ import torch
 from gradcomp.numerics._checks import require_choice
 from gradcomp.numerics.random import seed_keys, stacked_keys
 
-__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "kernel_keys", "kernel_seed_keys", "set_compile",
-           "use_compiled", "variant"]
+__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "kernel_keys", "kernel_seed_keys",
+           "set_compile", "use_compiled", "variant"]
 
 # inductor's CPU code generator picks serial loops for some kernels whose shapes are dynamic
 # (measured: the pruning kernel with its counts ran on one thread, 2x slower on two cores);
