@@ -439,23 +439,30 @@ def test_fused_equals_eager():
 
 @pytest.mark.parametrize("name", ROWS_1D)
 def test_rows_shorter_than_a_block_need_no_padding(name):
-    # nearest rounding quantizes a row shorter than one block as its own block (no padded
-    # copy): the same values and counts as the zero-padded block (the spec reference pads);
-    # a NaN block stays NaN (its payload is not specified and may differ)
+    # a row shorter than one block is quantized as its own block (no padded copy): the same
+    # values and counts as the zero-padded block (the spec reference pads), with stochastic
+    # rounding too (each element draws the bits of its padded index); a NaN block stays NaN
+    # (its payload is not specified and may differ)
     bf = BlockFormat.from_name(name)
     b = bf.block[0]
 
     def bits(t):
         return torch.where(torch.isnan(t), torch.full_like(t, math.nan), t).view(torch.int32)
 
+    def gen():
+        return torch.Generator().manual_seed(5)
+
     for n in sorted({1, 5, b // 2, b - 1}):
         x = _lognormal((7, n), 2.5, seed=n)
         x[0, 0], x[1, -1], x[2, :] = float("nan"), float("inf"), 0.0
         padded = torch.cat([x, torch.zeros(7, b - n)], dim=1)
         for compile in ((False, True) if name in ("mxfp8_e4m3", "nvfp4") else (False,)):
-            out, m = quantize_block_metrics(x, bf, compile=compile)
-            ref, mref = quantize_block_metrics(padded, bf, compile=compile)
-            assert torch.equal(bits(out), bits(ref[:, :n].contiguous())), (name, n, compile)
-            assert all(int(u) == int(v) for u, v in zip(m, mref)), (name, n, compile)
-            assert torch.equal(bits(quantize_block(x, bf, compile=compile)), bits(out))
+            for rounding in ("nearest", "stochastic"):
+                out, m = quantize_block_metrics(x, bf, rounding, gen(), compile=compile)
+                ref, mref = quantize_block_metrics(padded, bf, rounding, gen(), compile=compile)
+                what = (name, n, compile, rounding)
+                assert torch.equal(bits(out), bits(ref[:, :n].contiguous())), what
+                assert all(int(u) == int(v) for u, v in zip(m, mref)), what
+                assert torch.equal(bits(quantize_block(x, bf, rounding, gen(), compile=compile)),
+                                   bits(out)), what
         assert _same(quantize_block(x, bf, compile=False), spec_reference(x, bf))

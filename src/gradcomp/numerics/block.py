@@ -92,7 +92,7 @@ import torch.nn.functional as F
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.random import draw_seed, seed_keys, uniform_from_keys
+from gradcomp.numerics.random import draw_seed, hash_at, seed_keys, uniform_from_keys
 
 __all__ = [
     "BlockFormat",
@@ -466,15 +466,24 @@ def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool):
     return _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
 
 
-def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, metrics: bool):
-    """Round the scaled elements and dequantize (elementwise given the block scales)."""
+def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, metrics: bool,
+                    pad_to: int | None = None):
+    """Round the scaled elements and dequantize (elementwise given the block scales).
+    ``pad_to``: x is (rows, s) rows shorter than one block of ``pad_to`` elements, unpadded
+    (``_canonical``); element (r, j) draws the random bits of element r * pad_to + j of the
+    padded layout, so the result is the padded pass's."""
     wide = x.dtype == torch.float64
     c = _container(wide)
     xf = x.to(c.fdt)
     y = xf / a if kind == "fp32" else xf * a
     u = None
-    if stochastic:
+    if stochastic and pad_to is None:
         u = uniform_from_keys(k1, k2, y.numel(), y.device, c.fdt).view(y.shape)
+    elif stochastic:
+        rows = torch.arange(y.shape[0], dtype=torch.int32, device=y.device) * pad_to
+        cols = torch.arange(y.shape[1], dtype=torch.int32, device=y.device)
+        h = hash_at(k1, k2, rows[:, None] + cols[None, :])
+        u = ((h >> 8) & 0xFFFFFF).to(c.fdt) * (2.0**-24)  # uniform_from_keys' mapping
     q = _round_elems(y, ints, flts, u, c)
     out = (q * deq).to(x.dtype)
     if not metrics:
@@ -487,27 +496,27 @@ def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, 
 
 
 def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
-                tensor_scale: bool, metrics: bool):
+                tensor_scale: bool, metrics: bool, pad_to: int | None = None):
     """The whole block quantization on the canonical (padded, split) tensor x."""
     a, deq = _block_scales(x, ints, flts, sc, red, kind, tensor_scale)
-    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics)
+    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics, pad_to)
 
 
 # one module-level function per variant (dynamo's recompile budget is per code object)
-def _k_floor(x, i, f, s, k1, k2, red, st, ts, m):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m)
+def _k_floor(x, i, f, s, k1, k2, red, st, ts, m, p=None):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m, p)
 
 
-def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m)
+def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m, p=None):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m, p)
 
 
-def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m):
-    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m)
+def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m, p=None):
+    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m, p)
 
 
-def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m):
-    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m)
+def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m, p=None):
+    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m, p)
 
 
 # stochastic rounding runs as two fused kernels, block scales then elements: measured on the
@@ -529,12 +538,12 @@ def _s_fp32(x, i, f, s, red, ts):
     return _block_scales(x, i, f, s, red, "fp32", ts)
 
 
-def _e_kernel_floor(x, a, d, i, f, k1, k2, m):
-    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m)
+def _e_kernel_floor(x, a, d, i, f, k1, k2, m, p=None):
+    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m, p)
 
 
-def _e_kernel_fp32(x, a, d, i, f, k1, k2, m):
-    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m)
+def _e_kernel_fp32(x, a, d, i, f, k1, k2, m, p=None):
+    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m, p)
 
 
 _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
@@ -583,9 +592,9 @@ def _canonical(x: torch.Tensor, bf: BlockFormat, pad_short: bool = True):
     ``pad_short=False``: a 1-D blocked extent shorter than one block (a conv output with 16
     channels under 32-element blocks) is not padded: each row is its block as it is. Zero
     padding never changes a block's amax, scale or rounded elements, nor the counts (a zero
-    neither underflows nor saturates), so nearest rounding gives the same values on half the
+    neither underflows nor saturates), so quantization gives the same values on half the
     elements (a NaN block is NaN either way, its payload may differ); stochastic rounding
-    must pad, because its counter runs over the padded layout."""
+    draws each element's bits at its padded index (``_block_elements``' ``pad_to``)."""
     shape = x.shape
     nd = len(bf.block)
     y = x
@@ -647,21 +656,27 @@ def _run(x, bf, rounding, generator, compile, metrics):
         k1, k2 = seed_keys(draw_seed(generator, dev))
     else:
         k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
-    xc, red, restore = _canonical(x.detach(), bf, pad_short=stochastic)
-    if xc.numel() >= 1 << 31:
-        raise ValueError(f"x has too many elements for the int32 counter: {xc.numel()}")
+    xc, red, restore = _canonical(x.detach(), bf, pad_short=False)
+    # rows shorter than one block stay unpadded; stochastic rounding then draws each element's
+    # bits at its index in the padded layout (the counter of the padded pass)
+    pad_to = None
+    if stochastic and len(bf.block) == 1 and xc.dim() == 2 and xc.shape[1] != bf.block[0]:
+        pad_to = bf.block[0]
+    counted = xc.numel() if pad_to is None else xc.shape[0] * pad_to
+    if counted >= 1 << 31:
+        raise ValueError(f"x has too many elements for the int32 counter: {counted}")
     kind = _KINDS[(bf.scale, bf.rule)]
     fn = _KERNELS[kind]
-    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics)
+    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics, pad_to)
     res = None
     if _compile_switch(compile) and xc.numel() > 0:
         try:
-            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics)
+            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics, pad_to)
             if stochastic:
                 a, deq = _compiled(_S_KERNELS[kind], variant)(xc, ints, flts, sc, red,
                                                                bf.tensor_scale)
                 res = _compiled(_E_KERNELS[kind], variant)(xc, a, deq, ints, flts, k1, k2,
-                                                           metrics)
+                                                           metrics, pad_to)
             else:
                 res = _compiled(fn, variant)(*args)
         except Exception as exc:  # a missing C++ toolchain must not break training

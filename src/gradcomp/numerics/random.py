@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
-    "sample_values", "hash_counter", "random_bits", "stacked_keys", "wide_keys",
+    "sample_values", "hash_at", "hash_counter", "random_bits", "stacked_keys", "wide_keys",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -97,7 +97,13 @@ def hash_counter(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
     if start + numel >= 1 << 31:
         raise ValueError(f"numel must be < 2**31 for the int32 counter, got {start + numel}")
     device = k1.device if device is None else device
-    idx = torch.arange(start, start + numel, device=device, dtype=torch.int32)
+    return hash_at(k1, k2, torch.arange(start, start + numel, device=device, dtype=torch.int32))
+
+
+def hash_at(k1: torch.Tensor, k2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``hash_counter`` at the given int32 counter values ``idx`` (any shape): the bits that
+    element ``idx`` of a flat pass draws (a layout that skips elements, e.g. padding, can draw
+    what the padded pass drew)."""
     return mix32(mix32(idx ^ k1) + k2)
 
 
