@@ -92,7 +92,7 @@ import torch.nn.functional as F
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.random import draw_seed, hash_at, seed_keys, uniform_from_keys
+from gradcomp.numerics.random import draw_seed, seed_keys, uniform_at, uniform_from_keys
 
 __all__ = [
     "BlockFormat",
@@ -482,8 +482,7 @@ def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, 
     elif stochastic:
         rows = torch.arange(y.shape[0], dtype=torch.int32, device=y.device) * pad_to
         cols = torch.arange(y.shape[1], dtype=torch.int32, device=y.device)
-        h = hash_at(k1, k2, rows[:, None] + cols[None, :])
-        u = ((h >> 8) & 0xFFFFFF).to(c.fdt) * (2.0**-24)  # uniform_from_keys' mapping
+        u = uniform_at(k1, k2, rows[:, None] + cols[None, :], c.fdt)
     q = _round_elems(y, ints, flts, u, c)
     out = (q * deq).to(x.dtype)
     if not metrics:

@@ -19,7 +19,8 @@ import torch
 
 __all__ = [
     "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
-    "sample_values", "hash_at", "hash_counter", "random_bits", "stacked_keys", "wide_keys",
+    "sample_values", "hash_at", "hash_counter", "uniform_at", "random_bits", "stacked_keys",
+    "wide_keys",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -142,7 +143,17 @@ def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=Non
 
     Values: the top 24 bits of ``hash_counter`` times 2^-24.
     """
-    h = hash_counter(k1, k2, numel, device, start)
+    return _uniform(hash_counter(k1, k2, numel, device, start), dtype)
+
+
+def uniform_at(k1: torch.Tensor, k2: torch.Tensor, idx: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``uniform_from_keys`` at the given int32 counter values ``idx`` (``hash_at``)."""
+    return _uniform(hash_at(k1, k2, idx), dtype)
+
+
+def _uniform(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # the top 24 bits of the hash times 2^-24: exact in float32, so u < 1
     return _srl(h, 8).to(dtype) * (2.0**-24)
 
 
