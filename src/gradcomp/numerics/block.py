@@ -585,11 +585,11 @@ def _compile_switch(compile) -> bool:
     return compile_enabled()
 
 
-def _canonical(x: torch.Tensor, bf: BlockFormat, pad_short: bool = True):
+def _canonical(x: torch.Tensor, bf: BlockFormat):
     """(canonical padded tensor, reduce dims, restore(out) -> x-shaped tensor).
 
-    ``pad_short=False``: a 1-D blocked extent shorter than one block (a conv output with 16
-    channels under 32-element blocks) is not padded: each row is its block as it is. Zero
+    A 1-D blocked extent shorter than one block (a conv output with 16 channels under
+    32-element blocks) is not padded: each row is its block as it is. Zero
     padding never changes a block's amax, scale or rounded elements, nor the counts (a zero
     neither underflows nor saturates), so quantization gives the same values on half the
     elements (a NaN block is NaN either way, its payload may differ); stochastic rounding
@@ -611,7 +611,7 @@ def _canonical(x: torch.Tensor, bf: BlockFormat, pad_short: bool = True):
     sizes = mshape[y.dim() - nd:]
     y = y.reshape(lead, *sizes)
     pads = [(-s) % b for s, b in zip(sizes, bf.block)]
-    short = not pad_short and nd == 1 and 0 < sizes[0] < bf.block[0]
+    short = nd == 1 and 0 < sizes[0] < bf.block[0]
     if short:
         pads = [0]
     if any(pads):
@@ -655,7 +655,7 @@ def _run(x, bf, rounding, generator, compile, metrics):
         k1, k2 = seed_keys(draw_seed(generator, dev))
     else:
         k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
-    xc, red, restore = _canonical(x.detach(), bf, pad_short=False)
+    xc, red, restore = _canonical(x.detach(), bf)
     # rows shorter than one block stay unpadded; stochastic rounding then draws each element's
     # bits at its index in the padded layout (the counter of the padded pass)
     pad_to = None
