@@ -13,6 +13,7 @@ from torch import nn
 from gradcomp.compressors.pruning import stochastic_prune
 from gradcomp.integration.wrap import CompressionConfig, PruneSpec, QuantizeSpec, compress_gradients
 from gradcomp.numerics.fit import fit_lognormal
+from gradcomp.numerics.random import StepStreams
 from gradcomp.numerics.rounding import quantize_fp
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -61,6 +62,24 @@ def test_prune_on_device_is_unbiased_and_hits_sparsity(device):
     assert abs((y.double().mean() - x.double().mean()).item()) < 5 * se
     # lognormal(0, 1) at a = 1: S = Phi(0) - e^0.5 Phi(-1) = 0.2384
     assert abs((y == 0).double().mean().item() - 0.2384) < 0.003
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_streams_give_the_same_bits_on_every_device_without_sync(device):
+    # the keys are built on the host (an accelerator gets them in one non-blocking copy per
+    # step and draw): the same streams as on the CPU, and no synchronisation
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    xd, a = x.to(device), torch.tensor(0.5, device=device)
+    stochastic_prune(xd, a, StepStreams(1, 3).stream(0))  # warm-up: compilation syncs once
+    dev, cpu = StepStreams(9, 3), StepStreams(9, 3)
+    dev.set_step(7)
+    cpu.set_step(7)
+    with no_host_sync(device):
+        got = [stochastic_prune(xd, a, dev.stream(i)) for i in (2, 0, 2)]
+    want = [stochastic_prune(x, 0.5, cpu.stream(i)) for i in (2, 0, 2)]
+    for p, q in zip(got, want):
+        assert torch.equal(p.cpu(), q)
+    assert not torch.equal(want[0], want[2])  # stream 2's second draw is new noise
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ from gradcomp.integration.wrap import (
     QuantizeSpec,
     compress_gradients,
 )
+from gradcomp.numerics.random import StepStreams
 from gradcomp.numerics.rounding import quantize_fp
 
 
@@ -58,7 +59,8 @@ def test_quantized_gradient_equals_operator_applied_by_hand():
     assert torch.equal(got["head.weight"], m.head.weight.grad)
 
 
-def test_pruned_gradient_equals_operator_with_same_generator():
+def test_pruned_gradient_equals_operator_with_the_step_stream():
+    # layer i's d-th stochastic call at step k is keyed by StepStreams(seed): stream i, draw d
     torch.manual_seed(0)
     m = Toy()
     x, w = torch.randn(64, 6), torch.randn(64, 3)
@@ -67,12 +69,21 @@ def test_pruned_gradient_equals_operator_with_same_generator():
     _warm(h, m, x, w)
     th = h.pruners[0].threshold
     assert th is not None and float(th) > 0
-    gen_state = h.generators(torch.device("cpu")).get_state()
-    got = _grads(m, x, w)
-    gen = torch.Generator().set_state(gen_state)
+    streams = StepStreams(5, 1)
+    streams.set_step(h.step_count)
     hid = torch.relu(m.lin(x)).detach()
-    gp = stochastic_prune(w, th, gen)  # d(sum(out*w))/d(out) = w
-    assert torch.equal(got["head.weight"], gp.t() @ hid)
+    # gradient accumulation: two backward passes in one step draw twice (different noise)
+    for _ in range(2):
+        th = h.pruners[0].threshold  # the empirical method's tracking moves it per call
+        got = _grads(m, x, w)
+        gp = stochastic_prune(w, th, streams.stream(0))  # d(sum(out*w))/d(out) = w
+        assert torch.equal(got["head.weight"], gp.t() @ hid)
+    assert not torch.equal(gp, stochastic_prune(w, th, torch.Generator().manual_seed(5)))
+    h.step()  # the next step: its own keys, draw 0 again
+    streams.set_step(h.step_count)
+    th = h.pruners[0].threshold
+    got = _grads(m, x, w)
+    assert torch.equal(got["head.weight"], stochastic_prune(w, th, streams.stream(0)).t() @ hid)
     h.remove()
 
 

@@ -1,4 +1,4 @@
-"""Counts from the kernels' own pass (``counts=True``) and the CPU shortcut of the hash keys."""
+"""Counts from the kernels' own pass (``counts=True``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from gradcomp.numerics import kernels
-from gradcomp.numerics.kernels import kernel_keys, kernel_seed_keys
 from gradcomp.numerics.pruning import stochastic_prune
-from gradcomp.numerics.random import SEED_HIGH, draw_seed, seed_keys, stacked_keys
 from gradcomp.numerics.rounding import COUNTS, quantize_fp
 
 
@@ -22,18 +20,6 @@ def _awkward(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     x[7::211] = float("inf")
     x[11::307] = float("-inf")
     return x.to(dtype)
-
-
-def test_cpu_keys_equal_the_device_chain_bit_for_bit():
-    g = torch.Generator().manual_seed(3)
-    edges = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, SEED_HIGH - 1, SEED_HIGH - 2**31]
-    seeds = edges + [int(draw_seed(g, "cpu")) for _ in range(500)]
-    for v in seeds:
-        s = torch.tensor(v, dtype=torch.int64)
-        a, b = kernel_keys(s), stacked_keys(s)
-        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), v
-        for p, q in zip(kernel_seed_keys(s), seed_keys(s)):
-            assert p.dtype == q.dtype and p.shape == q.shape == () and torch.equal(p, q), v
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -1,6 +1,21 @@
+import numpy as np
+import pytest
 import torch
 
-from gradcomp.numerics.random import sample_values
+from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.random import (
+    SEED_HIGH,
+    StepStreams,
+    draw_keys,
+    draw_seed,
+    host_keys,
+    keys_of_seed,
+    sample_values,
+    seed_keys,
+    stacked_keys,
+    stream_seed,
+    uniform_from_keys,
+)
 
 
 def test_sample_values_returns_every_element_of_a_small_tensor():
@@ -18,3 +33,88 @@ def test_sample_values_draws_with_replacement_and_repeats_with_the_seed():
     assert not torch.equal(a, big[:5000])  # drawn, not a prefix
     # every value is hit (P(miss one) = 100 * 0.99^5000 ~ 1e-19): draws are spread over all
     assert a.unique().numel() == 100
+
+
+
+
+def test_cpu_keys_equal_the_device_chain_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    edges = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, SEED_HIGH - 1, SEED_HIGH - 2**31]
+    seeds = edges + [int(draw_seed(g, "cpu")) for _ in range(500)]
+    for v in seeds:
+        s = torch.tensor(v, dtype=torch.int64)
+        a, b = keys_of_seed(s), stacked_keys(s)
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), v
+        assert a.tolist() == host_keys(v), v
+        for p, q in zip(a[:2], seed_keys(s)):
+            assert torch.equal(p, q), v
+
+
+def _splitmix64_oracle(z: np.uint64) -> np.uint64:
+    """SplitMix64's output for state z (Steele, Lea, Flood 2014), in numpy's wrapping uint64."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(z) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def test_stream_seed_is_splitmix64_chained_over_step_stream_and_draw():
+    # the oracle is SplitMix64: its first output from state 0 is the published 0xE220A8397B1DCDAF
+    assert int(_splitmix64_oracle(np.uint64(0))) == 0xE220A8397B1DCDAF
+    for seed, step, stream, draw in [(0, 0, 0, 0), (7, 123456, 3, 1), (2**64 - 1, 2**40, 99, 5)]:
+        z = _splitmix64_oracle(np.uint64(seed))
+        for v in (step, stream, draw):
+            z = _splitmix64_oracle(z ^ np.uint64(v))
+        assert stream_seed(seed, step, stream, draw) == int(z) >> 2
+
+
+def test_stream_seeds_differ_across_steps_streams_and_draws():
+    got = {stream_seed(5, k, i, d) for k in range(64) for i in range(16) for d in range(4)}
+    assert len(got) == 64 * 16 * 4
+    assert all(0 <= v < SEED_HIGH for v in got)
+    assert stream_seed(5, 1, 2, 0) != stream_seed(6, 1, 2, 0)
+
+
+@pytest.mark.parametrize("bad", [{"seed": -1}, {"step": 2**64}, {"stream": 1.0}, {"draw": None}])
+def test_stream_seed_rejects_what_is_not_a_64_bit_count(bad):
+    args = {"seed": 0, "step": 0, "stream": 0, "draw": 0, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        stream_seed(**args)
+
+
+def test_step_streams_give_each_draw_its_documented_keys():
+    st = StepStreams(11, 3)
+    st.set_step(4)
+    first = [draw_keys(st.stream(i), "cpu") for i in range(3)]
+    second = draw_keys(st.stream(1), "cpu")  # a second call of stream 1 in the same step
+    for i, k in enumerate(first):
+        assert k.dtype == torch.int32 and k.tolist() == host_keys(stream_seed(11, 4, i, 0))
+    assert second.tolist() == host_keys(stream_seed(11, 4, 1, 1))
+    st.set_step(4)  # the same step again: the same keys, draw counters from 0
+    assert torch.equal(draw_keys(st.stream(1), "cpu"), first[1])
+    st.set_step(5)
+    assert not torch.equal(draw_keys(st.stream(1), "cpu"), first[1])
+    with pytest.raises(TypeError, match="draw_keys"):
+        draw_seed(st.stream(0), "cpu")
+    with pytest.raises(ValueError, match="step"):
+        st.set_step(-1)
+    with pytest.raises(ValueError, match="streams"):
+        StepStreams(0, 0)
+
+
+def test_a_stream_keys_the_operator_with_its_documented_seed():
+    # Eq. 5 written out with u from the keys of stream_seed(3, 9, 1, 0): the operator called
+    # with stream 1 at step 9 gives exactly that
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    st = StepStreams(3, 2)
+    st.set_step(9)
+    got = stochastic_prune(x, 0.8, st.stream(1))
+    k = torch.tensor(host_keys(stream_seed(3, 9, 1, 0)), dtype=torch.int32)
+    u = uniform_from_keys(k[0], k[1], x.numel())
+    a = torch.tensor(0.8, dtype=torch.float32)
+    small = torch.where(a * u < x.abs(), torch.where(x < 0, -a, a), torch.zeros_like(x))
+    assert torch.equal(got, torch.where(x.abs() >= a, x, small))
+    st.set_step(9)
+    assert torch.equal(stochastic_prune(x, 0.8, st.stream(1)), got)  # repeatable
+    assert not torch.equal(stochastic_prune(x, 0.8, st.stream(0)), got)  # another stream

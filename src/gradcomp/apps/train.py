@@ -785,8 +785,11 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
             from gradcomp.integration.ddp_hooks import prime_buckets
 
             prime_buckets(net, comm_state, test.x[: cfg.batch_size].to(dev))
-    # attached after the resume's bucket priming; its hooks only observe the backward
-    handle = compress_gradients(model, recipe.compression, seed=cfg.seed) \
+    # attached after the resume's bucket priming; its hooks only observe the backward. Each
+    # rank its own noise (rank 0: the run seed): identical noise on every rank would not
+    # average down in the gradient all-reduce
+    handle = compress_gradients(model, recipe.compression,
+                                seed=(cfg.seed + 1_000_003 * rank) % (1 << 62)) \
         if recipe.compression is not None else None
     if handle is not None and ck is not None:
         handle.load_state_dict(ck["ranks"][rank]["compressor"])

@@ -67,7 +67,7 @@ from gradcomp.numerics.block import BlockFormat, quantize_block
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.hadamard import pad_to_block, rht, rht_signs
 from gradcomp.numerics.luq import luq_quantize
-from gradcomp.numerics.random import DeviceGenerators, draw_seed, uniform_from_counter
+from gradcomp.numerics.random import DeviceGenerators, draw_keys, uniform_from_keys
 from gradcomp.numerics.rounding import ROUNDINGS, quantize_fp
 from gradcomp.numerics.scales import amax_to_scale
 
@@ -216,7 +216,8 @@ def _int_quantize(x: torch.Tensor, bits: int, stochastic: bool, generator) -> to
     step = torch.where(amax > 0, amax / n, torch.ones_like(amax))
     t = torch.where(fin, y / step, torch.zeros_like(y))
     if stochastic:
-        u = uniform_from_counter(draw_seed(generator, x.device), t.numel(), x.device, cdt)
+        k = draw_keys(generator, x.device)
+        u = uniform_from_keys(k[0], k[1], t.numel(), x.device, cdt)
         fl = torch.floor(t)
         q = fl + (u.view(t.shape) < t - fl).to(cdt)
     else:

@@ -61,7 +61,7 @@ from gradcomp.config import CompressionConfig, PruneSpec, QuantizeSpec
 from gradcomp.integration.capture import select_layers
 from gradcomp.numerics.fit import LayerStats, layer_stats
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.random import DeviceGenerators
+from gradcomp.numerics.random import DeviceGenerators, StepStreams
 
 __all__ = ["QuantizeSpec", "PruneSpec", "CompressionConfig", "CompressionHandle",
            "compress_gradients", "select_split", "select_modules", "SELECTS"]
@@ -163,7 +163,7 @@ class _Layer:
                 bad = (~torch.isfinite(g)).sum()
             out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
             finite = True
-        gen = h.generators(g.device)
+        gen = h.streams.stream(self.index)  # this layer's keys of the step: no generator call
         # the first compressor sees g itself, so its count is g's
         check = (skip_mode or measure) and bad is None
         q = h.quantizers.quantizers[self.index] if h.quantizers is not None else None
@@ -213,7 +213,10 @@ class CompressionHandle:
         self.pruners = None if p is None else PrunerGroup(
             n, p.sparsity, p.method, heterogeneous=p.heterogeneous, cos_target=p.cos_target,
             cap=p.cap, truncate_k=p.truncate_k)
-        self.generators = DeviceGenerators(seed)
+        self.generators = DeviceGenerators(seed)  # the statistics' samples
+        # the stochastic compressors' hash keys: a function of (seed, step, layer, draw), so a
+        # step calls no generator; a negative seed is taken modulo 2^64, as torch.manual_seed
+        self.streams = StepStreams(int(seed) & ((1 << 64) - 1), max(n, 1))
         self.step_count = 0
         self.refreshes = 0
         self.skipped_steps = 0
@@ -295,6 +298,7 @@ class CompressionHandle:
         # a non-finite step's statistics are discarded; an incomplete refresh is retried
         pending = self.collecting and (bad or not self._refresh())
         self.step_count += 1
+        self.streams.set_step(self.step_count)
         every = self.config.refresh_every
         self.collecting = pending or bool(every and self.step_count % every == 0)
         self.measuring = self.active and self.step_count % self.config.metrics_every == 0
@@ -478,6 +482,7 @@ class CompressionHandle:
             raise ValueError(f"compressor state is for layers {list(state['layers'])}, "
                              f"this model has {self.layers}")
         self.step_count, self.refreshes = state["step_count"], state["refreshes"]
+        self.streams.set_step(self.step_count)
         self.skipped_steps = state["skipped_steps"]
         self.collecting, self.active = state["collecting"], state["active"]
         self.generators.load_state_dict(state["generators"])
@@ -508,6 +513,10 @@ def compress_gradients(model: nn.Module, config: CompressionConfig,
 
     Call ``handle.step(optimizer)`` in place of ``optimizer.step()`` (it drives the statistics
     schedule and the dynamic loss scale) and ``handle.on_epoch_start(epoch)`` at each epoch.
-    ``seed`` seeds the compressors' generators (stochastic rounding/pruning, samples).
+    ``seed``: the run seed of the stochastic compressors (pruning, stochastic rounding: the
+    hash keys of layer i's d-th draw at step k are ``random.stream_seed(seed, k, i, d)``'s, so
+    no generator is called per step and a resumed run repeats them) and of the statistics
+    samples' generators. Under data parallelism give each rank its own seed (the same seed is
+    the same noise on every rank, which averaging across ranks then does not reduce).
     """
     return CompressionHandle(model, config, seed)

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
-from gradcomp.numerics.random import draw_seed, seed_keys, uniform_at, uniform_from_keys
+from gradcomp.numerics.random import draw_keys, uniform_at, uniform_from_keys
 
 __all__ = [
     "BlockFormat",
@@ -652,7 +652,7 @@ def _run(x, bf, rounding, generator, compile, metrics):
     sc = _elem_consts(_E4M3, wide, dev)
     stochastic = rounding == "stochastic"
     if stochastic:
-        k1, k2 = seed_keys(draw_seed(generator, dev))
+        k1, k2 = draw_keys(generator, dev)[:2].unbind()
     else:
         k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
     xc, red, restore = _canonical(x.detach(), bf)
@@ -711,7 +711,7 @@ def quantize_block(x: torch.Tensor, bf, rounding: str = "nearest",
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased) for the elements;
             scales always follow the format's rule.
         generator: torch.Generator for stochastic rounding (one seed per call); None uses
-            torch's default generator of x's device.
+            torch's default generator of x's device; or a ``random.Stream`` (its next draw).
         compile: True = one fused torch.compile kernel, False = eager, None = the module switch
             of :mod:`gradcomp.numerics.rounding` (``GRADCOMP_COMPILE``). Identical bits.
 

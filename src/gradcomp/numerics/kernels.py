@@ -25,14 +25,6 @@ Fallback: if compiling or running the fused kernel raises (no C++ toolchain, uns
 backend), the fused path is switched off for the whole process (every operator), one
 ``RuntimeWarning`` says why, and the eager body answers the call.
 
-Keys of the counter hash (:func:`kernel_keys`): a stochastic operator draws one seed per call
-and derives the hash keys from it (``random.stacked_keys``: about forty 0-d integer tensor ops,
-0.2-0.4 ms per call on a loaded CPU, i.e. more than the kernel itself for a small layer). A
-seed on the CPU is read for free (no device to synchronise), so there the same 32-bit integer
-ops run on Python integers (a few microseconds) and give the same keys, bit for bit (a test
-compares them with ``random.stacked_keys``); a seed on an accelerator keeps the device ops (no
-host sync).
-
 Eager memory: the eager body of an elementwise operator materialises about ten full-size
 temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
 ``EAGER_CHUNK`` elements of the flat input (``start=`` tells the body where the chunk begins,
@@ -55,10 +47,9 @@ import warnings
 import torch
 
 from gradcomp.numerics._checks import require_choice
-from gradcomp.numerics.random import seed_keys, stacked_keys
 
-__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "kernel_keys", "kernel_seed_keys",
-           "set_compile", "use_compiled", "variant"]
+__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "set_compile", "use_compiled",
+           "variant"]
 
 # inductor's CPU code generator picks serial loops for some kernels whose shapes are dynamic
 # (measured: the pruning kernel with its counts ran on one thread, 2x slower on two cores);
@@ -96,50 +87,6 @@ def compile_enabled() -> bool:
     value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
     require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
     return value == "1"
-
-
-_U32 = 0xFFFFFFFF
-
-
-def _mix32_int(u: int) -> int:
-    """``random.mix32`` on a Python integer (its 32-bit pattern; products wrap modulo 2^32)."""
-    u &= _U32
-    u ^= u >> 16
-    u = (u * 0x7FEB352D) & _U32
-    u ^= u >> 15
-    u = (u * 0x846CA68B) & _U32
-    return u ^ (u >> 16)
-
-
-def _signed32(u: int) -> int:
-    return u - (1 << 32) if u >= 1 << 31 else u
-
-
-def _host_keys(v: int) -> list[int]:
-    """``[k1, k2, k3, k4]`` of ``random.seed_keys`` and ``random.wide_keys`` for seed ``v``."""
-    k1 = _mix32_int((v & 0x7FFFFFFF) ^ 0x2545F491)
-    k2 = _mix32_int(((v >> 31) & 0x7FFFFFFF) ^ k1)
-    k3 = _mix32_int(k2 ^ 0x6A09E667)
-    return [_signed32(k) for k in (k1, k2, k3, _mix32_int(k3 ^ k1))]
-
-
-def kernel_keys(seed: torch.Tensor) -> torch.Tensor:
-    """``random.stacked_keys(seed)``: int32 ``[k1, k2, k3, k4]`` on seed's device, the same bits.
-
-    On the CPU the chain runs on Python integers; elsewhere it is ``stacked_keys`` itself
-    (device ops: reading the seed would synchronise).
-    """
-    if seed.device.type != "cpu":
-        return stacked_keys(seed)
-    return torch.tensor(_host_keys(int(seed)), dtype=torch.int32)
-
-
-def kernel_seed_keys(seed: torch.Tensor) -> torch.Tensor:
-    """``random.seed_keys(seed)`` as one int32 tensor ``[k1, k2]``, the same bits (CPU: Python
-    integers; one tensor, so one small op per call)."""
-    if seed.device.type != "cpu":
-        return torch.stack(seed_keys(seed))
-    return torch.tensor(_host_keys(int(seed))[:2], dtype=torch.int32)
 
 
 class FusedOp:

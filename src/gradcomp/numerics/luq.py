@@ -53,7 +53,7 @@ import torch
 from scipy.special import ndtr
 
 from gradcomp.numerics._checks import require_float_tensor, require_int_range
-from gradcomp.numerics.random import draw_seed, uniform_from_counter
+from gradcomp.numerics.random import draw_keys, uniform_from_keys
 
 __all__ = [
     "LUQ_BITS",
@@ -105,7 +105,8 @@ def _luq_once(g: torch.Tensor, alpha: torch.Tensor, e: int, generator) -> torch.
     lo = safe_alpha * torch.exp2(k)
     prob_up = torch.clamp((ay - lo) / lo, 0.0, 1.0)
     prob_up = torch.where(k >= e, torch.zeros_like(prob_up), prob_up)  # top level: clamp
-    u = uniform_from_counter(draw_seed(generator, g.device), y.numel(), g.device, cdt)
+    k = draw_keys(generator, g.device)
+    u = uniform_from_keys(k[0], k[1], y.numel(), g.device, cdt)
     mag = torch.where(u < prob_up, 2 * lo, lo)
     # underflow (Eq. 5 at alpha, the semantics of stochastic_prune): alpha if |g| >= u alpha
     mag = torch.where(ay < safe_alpha, torch.where(ay >= u * safe_alpha, lo, 0.0), mag)

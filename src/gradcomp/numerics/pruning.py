@@ -6,8 +6,9 @@
     topk_stochastic_prune      "top-k then stochastic": a = k-th largest |x|, then Eq. 5.
     topk_threshold(x, S)       that k-th largest |x|.
 
-Speed: the fused path draws ONE int64 seed per call from the caller's generator and hashes
-(seed, element index) inside the kernel (:mod:`gradcomp.numerics.random`), so there is no
+Speed: the fused path takes one set of hash keys per call (``random.draw_keys``: one seed drawn
+from the caller's ``torch.Generator``, or the next draw of a ``random.Stream``) and hashes
+(keys, element index) inside the kernel (:mod:`gradcomp.numerics.random`), so there is no
 ``torch.rand`` pass and no full-size random buffer. Fused vs eager follows the one compile
 policy of :mod:`gradcomp.numerics.kernels` (same numbers, bit for bit).
 """
@@ -19,8 +20,8 @@ import math
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
-from gradcomp.numerics.kernels import FusedOp, kernel_seed_keys, use_compiled, variant
-from gradcomp.numerics.random import draw_seed, uniform_from_keys
+from gradcomp.numerics.kernels import FusedOp, use_compiled, variant
+from gradcomp.numerics.random import draw_keys, uniform_from_keys
 from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
     _quantize_flat,
@@ -50,7 +51,7 @@ def _kernel_threshold(x: torch.Tensor, thr: torch.Tensor):
 
 def _prune_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor, start: int = 0):
     """Eq. 5 on a flat tensor at threshold ``thr`` (``_kernel_threshold``), random keys
-    ``keys`` = [k1, k2] (``random.seed_keys``).
+    ``keys`` = [k1, k2, ...] (``random.draw_keys``; the first two key the 24-bit uniforms).
 
     |x| >= a (and NaN, whose comparisons are false): kept; u*a < |x| < a: sign(x)*a;
     |x| <= u*a: 0; u ~ U[0,1) from the counter hash, so P(keep as a) = P(u < |x|/a) = |x|/a
@@ -185,8 +186,9 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
     Args:
         x: any float dtype, any device and shape (numel < 2^31).
         threshold: float, or a 0-d tensor (any float dtype, preferably on x's device).
-        generator: torch.Generator on x's device, or None for torch's default generator.
-            One int64 seed is drawn from it per call; same state -> same output.
+        generator: torch.Generator on x's device, or None for torch's default generator
+            (one int64 seed is drawn from it per call; same state -> same output), or a
+            ``random.Stream`` (its next draw: no generator call).
         compile: True = fused path, False = eager, None = the process-wide policy
             (:mod:`gradcomp.numerics.kernels`). Both give identical bits.
         counts: also return, from the same pass, a 1-d int64 tensor on x's device: [number of
@@ -202,7 +204,7 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    keys = kernel_seed_keys(draw_seed(generator, x.device))  # = random.seed_keys
+    keys = draw_keys(generator, x.device)
     flat = x.detach().reshape(-1)
     if names:
         op = variant(_prune_count_kernel, "stochastic_prune", count=names)
@@ -227,7 +229,7 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
     require_float_tensor(x, "x")
     names = count_names(counts, PRUNE_QUANTIZE_COUNTS)
     thr = _threshold_arg(x, threshold)
-    pkeys = kernel_seed_keys(draw_seed(generator, x.device)) if x.numel() else None
+    pkeys = draw_keys(generator, x.device) if x.numel() else None
     args = prepare(x, fmt, rounding, scale, generator)
     if x.numel() == 0:
         if names:
@@ -272,7 +274,7 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
             return q, *rest[-2:]
         return q, torch.stack([got[n] for n in names]), *rest[-2:]
     thr = _threshold_arg(x, threshold)
-    pkeys = kernel_seed_keys(draw_seed(generator, x.device))
+    pkeys = draw_keys(generator, x.device)
     args = amax_args(x, fmt, rounding, margin, keep, generator)
     op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
                  count=names, **args.static)

@@ -1,12 +1,23 @@
 """Counter-based random numbers: uniforms from (seed, element index) with integer bit ops.
 
 Why: a fused kernel (``torch.compile``) cannot call torch's stateful generator per element, and
-drawing a full ``torch.rand`` tensor costs a separate pass and a full-size buffer. Instead one
-int64 seed is drawn per call from the user's ``torch.Generator`` (a 0-d device tensor, so no host
-sync on CUDA) and each element hashes ``(seed, index)`` with a 32-bit integer mixer
-(the "lowbias32" mixer of C. Wellons: xor-shift / multiply rounds, bias ~0.17 of an ideal
-32-bit permutation). The same seed and shape always give the same numbers, on every device
-and in both the fused and the eager path, because only exact integer ops are used.
+drawing a full ``torch.rand`` tensor costs a separate pass and a full-size buffer. Instead each
+stochastic call gets one 62-bit seed, turns it into four int32 hash keys (``draw_keys``) and
+each element hashes ``(keys, index)`` with a 32-bit integer mixer (the "lowbias32" mixer of
+C. Wellons: xor-shift / multiply rounds, bias ~0.17 of an ideal 32-bit permutation). The same
+seed and shape always give the same numbers, on every device and in both the fused and the
+eager path, because only exact integer ops are used.
+
+Where a call's seed comes from (the ``generator`` argument of every stochastic operator):
+
+* a ``torch.Generator`` (or None: torch's default one): one int64 seed drawn per call (a 0-d
+  device tensor, so no host sync on CUDA; on the CPU its keys are derived on Python integers,
+  ``keys_of_seed``, the same bits as the device chain ``stacked_keys``);
+* a ``Stream`` of ``StepStreams``: no draw at all. The seed is a pure function of (run seed,
+  training step, stream, draw number within the step) (``stream_seed``), derived on the host,
+  so a training step costs no generator call and no device key ops per layer (on an
+  accelerator: one host-to-device copy per step for all layers), a resumed run repeats the
+  same streams from its step counter alone, and a run gives the same streams on every device.
 
 All arithmetic is int32 with wrap-around products (two's complement, the behaviour of torch
 int32 multiplication on CPU and CUDA); right shifts are made logical by masking, since torch's
@@ -18,9 +29,10 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "SEED_HIGH", "draw_seed", "mix32", "seed_keys", "uniform_from_counter", "uniform_from_keys",
-    "sample_values", "hash_at", "hash_counter", "uniform_at", "random_bits", "stacked_keys",
-    "wide_keys",
+    "SEED_HIGH", "draw_seed", "draw_keys", "host_keys", "keys_of_seed", "mix32", "seed_keys",
+    "stream_seed", "uniform_from_counter", "uniform_from_keys", "sample_values", "hash_at",
+    "hash_counter", "uniform_at", "random_bits", "stacked_keys", "wide_keys", "Stream",
+    "StepStreams",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -52,6 +64,8 @@ def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
     With ``generator=None`` torch's default generator of ``device`` is used, so
     ``torch.manual_seed`` makes a run reproducible.
     """
+    if isinstance(generator, Stream):
+        raise TypeError("draw_seed: a Stream gives hash keys, not a seed; call draw_keys")
     device = torch.device(device)
     if generator is not None:
         return torch.randint(0, SEED_HIGH, (), generator=generator, device=generator.device,
@@ -135,6 +149,166 @@ def stacked_keys(seed: torch.Tensor) -> torch.Tensor:
     k1, k2 = seed_keys(seed)
     k3, k4 = wide_keys(k1, k2)
     return torch.stack([k1, k2, k3, k4])
+
+
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+
+
+def _mix32_int(u: int) -> int:
+    """``mix32`` on a Python integer (its 32-bit pattern; products wrap modulo 2^32)."""
+    u &= _U32
+    u ^= u >> 16
+    u = (u * 0x7FEB352D) & _U32
+    u ^= u >> 15
+    u = (u * 0x846CA68B) & _U32
+    return u ^ (u >> 16)
+
+
+def _signed32(u: int) -> int:
+    return u - (1 << 32) if u >= 1 << 31 else u
+
+
+def host_keys(seed: int) -> list[int]:
+    """``stacked_keys`` of the seed ``seed`` (an int in [0, 2^62)) on Python integers: the
+    same four int32 values (a test compares every bit with the tensor chain)."""
+    k1 = _mix32_int((seed & 0x7FFFFFFF) ^ 0x2545F491)
+    k2 = _mix32_int(((seed >> 31) & 0x7FFFFFFF) ^ k1)
+    k3 = _mix32_int(k2 ^ 0x6A09E667)
+    return [_signed32(k) for k in (k1, k2, k3, _mix32_int(k3 ^ k1))]
+
+
+def keys_of_seed(seed: torch.Tensor) -> torch.Tensor:
+    """``stacked_keys(seed)``: int32 ``[k1, k2, k3, k4]`` on seed's device, the same bits.
+
+    A seed on the CPU is read for free (no device to synchronise), so there the chain runs on
+    Python integers (``host_keys``: a few microseconds instead of about forty 0-d tensor ops,
+    more than the kernel itself for a small layer); elsewhere it is ``stacked_keys`` itself.
+    """
+    if seed.device.type != "cpu":
+        return stacked_keys(seed)
+    return torch.tensor(host_keys(int(seed)), dtype=torch.int32)
+
+
+def _splitmix64(z: int) -> int:
+    # the output function of Steele, Lea and Flood's SplitMix64 (a bijection of 64-bit words)
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, step: int, stream: int, draw: int) -> int:
+    """The seed in [0, 2^62) of draw ``draw`` of stream ``stream`` at training step ``step`` of
+    a run seeded ``seed`` (each an int in [0, 2^64)).
+
+    SplitMix64's output function chained over the four numbers: a bijection of the 64-bit
+    state in each of them for the others fixed, so two draws of one run differ before the final
+    shift to 62 bits (after it they share a seed with probability 2^-62).
+    """
+    for name, v in (("seed", seed), ("step", step), ("stream", stream), ("draw", draw)):
+        if not isinstance(v, int) or not 0 <= v <= _U64:
+            raise ValueError(f"{name} must be an int in [0, 2**64), got {v!r}")
+    z = _splitmix64(seed)
+    for v in (step, stream, draw):
+        z = _splitmix64(z ^ v)
+    return z >> 2
+
+
+def draw_keys(generator, device) -> torch.Tensor:
+    """The hash keys of one stochastic call: int32 ``[k1, k2, k3, k4]`` on ``device``.
+
+    ``generator``: a ``Stream`` (its next draw of the current step, no generator call), or a
+    ``torch.Generator`` / None (one seed drawn, ``draw_seed``, then ``keys_of_seed``).
+    ``[k1, k2]`` key the 31- and 24-bit words, ``[k3, k4]`` the low word of 63-bit ones
+    (``random_bits``).
+    """
+    if isinstance(generator, Stream):
+        return generator.keys(device)
+    return keys_of_seed(draw_seed(generator, device))
+
+
+class Stream:
+    """One stream of a ``StepStreams`` (the wrapper: one per layer): pass it where a
+    stochastic operator takes ``generator``. Each call takes the stream's next draw of the
+    current step (``StepStreams``)."""
+
+    __slots__ = ("_owner", "index")
+
+    def __init__(self, owner: StepStreams, index: int):
+        self._owner, self.index = owner, index
+
+    def keys(self, device) -> torch.Tensor:
+        """The keys of this stream's next draw, int32 ``[k1, k2, k3, k4]`` on ``device``."""
+        return self._owner._next(self.index, torch.device(device))
+
+    def __repr__(self) -> str:
+        return f"Stream({self.index} of {self._owner!r})"
+
+
+class StepStreams:
+    """Hash keys for the stochastic calls of a training loop, without a generator: draw ``d``
+    of stream ``i`` at step ``k`` has the seed ``stream_seed(seed, k, i, d)`` and the keys
+    ``host_keys`` of it.
+
+    ``stream(i)``: stream i (a ``Stream``). ``set_step(k)``: step k begins; every stream's draw
+    counter restarts at 0 (a step may call a stream several times: prune then stochastic
+    rounding, gradient accumulation). A step's keys are thus a function of the run seed and the
+    step counter: a resumed run repeats them, every device sees the same ones, and a step costs
+    no generator call. On the CPU a draw builds its four keys on Python integers (one small
+    tensor). On an accelerator the keys of draw ``d`` of every stream are built when the step
+    first needs that draw and sent in one non-blocking copy from pinned host memory: no host
+    synchronisation and no device op per call besides an indexing view.
+    """
+
+    def __init__(self, seed: int, streams: int):
+        if not isinstance(seed, int) or not 0 <= seed <= _U64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        self.seed, self.n = seed, streams
+        self.step = 0
+        self._draws = [0] * streams
+        self._tables: dict = {}  # (device, draw) -> (streams, 4) int32 keys on that device
+        self._streams = [Stream(self, i) for i in range(streams)]
+
+    def stream(self, index: int) -> Stream:
+        return self._streams[index]
+
+    def set_step(self, step: int) -> None:
+        """Begin step ``step`` (an int in [0, 2**64)): every stream's next draw is its first."""
+        if not isinstance(step, int) or not 0 <= step <= _U64:
+            raise ValueError(f"step must be an int in [0, 2**64), got {step!r}")
+        self.step = step
+        self._draws = [0] * self.n
+        self._tables.clear()
+
+    def keys_at(self, index: int, draw: int) -> list[int]:
+        """The four keys (Python ints) of draw ``draw`` of stream ``index`` at this step."""
+        return host_keys(stream_seed(self.seed, self.step, index, draw))
+
+    def _next(self, index: int, device: torch.device) -> torch.Tensor:
+        d = self._draws[index]
+        self._draws[index] = d + 1
+        if device.type == "cpu":
+            return torch.tensor(self.keys_at(index, d), dtype=torch.int32)
+        table = self._tables.get((device, d))
+        if table is None:
+            host = torch.tensor([self.keys_at(i, d) for i in range(self.n)], dtype=torch.int32)
+            try:  # pinned, so that the copy runs asynchronously (no host synchronisation)
+                host = host.pin_memory()
+            except RuntimeError:  # no pinned memory on this backend: a plain copy
+                pass
+            table = host.to(device, non_blocking=True)
+            # a stream that lags may need an older draw again: it is rebuilt (same keys);
+            # dropping old ones bounds the cache when the step never advances
+            for key in [k for k in self._tables if k[1] < d - 2]:
+                del self._tables[key]
+            self._tables[(device, d)] = table
+        return table[index]
+
+    def __repr__(self) -> str:
+        return f"StepStreams(seed={self.seed}, streams={self.n}, step={self.step})"
 
 
 def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,

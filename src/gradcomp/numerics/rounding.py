@@ -34,9 +34,10 @@ reinterprets float <-> int element by element, which made the integer path compu
 cache-resident gradients. The kernels are compiled without FMA contraction (an FMA would skip
 the rounding of a*K); Triton contracts, so CUDA keeps the integer path.
 
-Random bits for stochastic rounding: ONE int64 seed is drawn per call from the user's
-``torch.Generator`` (a 0-d tensor on the generator's device: no host sync on CUDA), and each
-element hashes (seed, element index) with the package's counter hash
+Random bits for stochastic rounding: one set of hash keys per call (``random.draw_keys``: ONE
+int64 seed drawn from the user's ``torch.Generator``, a 0-d tensor on the generator's device, no
+host sync on CUDA; or the next draw of a ``random.Stream``, no generator call at all), and each
+element hashes (keys, element index) with the package's counter hash
 (:func:`gradcomp.numerics.random.random_bits`). Why: inside a fused kernel there is no
 per-element call to torch's stateful generator, and ``torch.rand_like`` would cost an extra
 full-size buffer and pass. A counter-based hash is pure integer math, so the fused and eager
@@ -66,12 +67,11 @@ from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import (
     INT32_LIMIT,
     compile_enabled,
-    kernel_keys,
     set_compile,
     use_compiled,
     variant,
 )
-from gradcomp.numerics.random import draw_seed, random_bits
+from gradcomp.numerics.random import draw_keys, random_bits
 from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
@@ -318,7 +318,8 @@ def quantize_fp(
             scaling when s is a power of two). A Python/CPU scale of 0, inf or NaN raises
             ValueError; a device scale is not inspected (that would sync the host).
         generator: torch.Generator for stochastic rounding (one seed drawn per call, on the
-            generator's device); None uses torch's default generator of x's device.
+            generator's device); None uses torch's default generator of x's device; or a
+            ``random.Stream`` (its next draw of the step, no generator call).
         compile: True = fused torch.compile path, False = eager, None = module switch /
             ``GRADCOMP_COMPILE`` env (:func:`gradcomp.numerics.kernels.set_compile`). Both
             give identical bits.
@@ -485,7 +486,7 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
             if not (v > 0 and np.isfinite(v)):
                 raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if zero_keys is None:  # stochastic: one seed per call
-        keys = kernel_keys(draw_seed(generator, x.device))  # = random.stacked_keys
+        keys = draw_keys(generator, x.device)
     else:
         keys = zero_keys
     return KernelArgs(static, (s, ints, floats, keys))
