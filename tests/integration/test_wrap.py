@@ -309,3 +309,25 @@ def test_prune_then_quantize_uses_one_kernel_where_the_scale_is_known(scaling, m
     assert bool(calls) is (scaling != "amax")
     met = h.metrics()["layers"]["lin"]
     assert 0.3 < met["sparsity"] < 0.9 and met["nonfinite"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [1.5, True, 2**64, -(2**63) - 1])
+def test_seed_outside_torch_manual_seed_range_is_rejected(seed):
+    with pytest.raises(ValueError, match="seed"):
+        compress_gradients(Toy(), CompressionConfig(prune=PruneSpec(0.7)), seed=seed)
+
+
+def test_a_negative_seed_is_its_value_modulo_two_to_the_64():
+    # as torch.manual_seed: -1 and 2**64 - 1 are the same seed (the same compressed gradients)
+    x, w = torch.randn(64, 6), torch.randn(64, 3)
+    got = []
+    for seed in (-1, 2**64 - 1, 0):
+        torch.manual_seed(0)
+        m = Toy()
+        h = compress_gradients(m, CompressionConfig(prune=PruneSpec(0.7, "lognormal")),
+                               seed=seed)
+        _warm(h, m, x, w)
+        got.append(_grads(m, x, w)["lin.weight"])
+        h.remove()
+    assert torch.equal(got[0], got[1])
+    assert not torch.equal(got[0], got[2])  # the seed reaches the noise

@@ -216,8 +216,8 @@ def _int_quantize(x: torch.Tensor, bits: int, stochastic: bool, generator) -> to
     step = torch.where(amax > 0, amax / n, torch.ones_like(amax))
     t = torch.where(fin, y / step, torch.zeros_like(y))
     if stochastic:
-        k = draw_keys(generator, x.device)
-        u = uniform_from_keys(k[0], k[1], t.numel(), x.device, cdt)
+        keys = draw_keys(generator, x.device)
+        u = uniform_from_keys(keys[0], keys[1], t.numel(), x.device, cdt)
         fl = torch.floor(t)
         q = fl + (u.view(t.shape) < t - fl).to(cdt)
     else:

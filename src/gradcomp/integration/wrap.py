@@ -201,6 +201,10 @@ class CompressionHandle:
     def __init__(self, model: nn.Module, config: CompressionConfig, seed: int = 0):
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or \
+                not -(1 << 63) <= seed < (1 << 64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed's range), "
+                             f"got {seed!r}")
         self.model, self.config, self.seed = model, config, seed
         sel = select_modules(model, config)
         self._layers = [_Layer(self, n, i) for i, (n, _) in enumerate(sel)]
@@ -216,7 +220,7 @@ class CompressionHandle:
         self.generators = DeviceGenerators(seed)  # the statistics' samples
         # the stochastic compressors' hash keys: a function of (seed, step, layer, draw), so a
         # step calls no generator; a negative seed is taken modulo 2^64, as torch.manual_seed
-        self.streams = StepStreams(int(seed) & ((1 << 64) - 1), max(n, 1))
+        self.streams = StepStreams(seed % (1 << 64), max(n, 1))
         self.step_count = 0
         self.refreshes = 0
         self.skipped_steps = 0

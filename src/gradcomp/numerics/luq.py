@@ -105,8 +105,8 @@ def _luq_once(g: torch.Tensor, alpha: torch.Tensor, e: int, generator) -> torch.
     lo = safe_alpha * torch.exp2(k)
     prob_up = torch.clamp((ay - lo) / lo, 0.0, 1.0)
     prob_up = torch.where(k >= e, torch.zeros_like(prob_up), prob_up)  # top level: clamp
-    k = draw_keys(generator, g.device)
-    u = uniform_from_keys(k[0], k[1], y.numel(), g.device, cdt)
+    keys = draw_keys(generator, g.device)
+    u = uniform_from_keys(keys[0], keys[1], y.numel(), g.device, cdt)
     mag = torch.where(u < prob_up, 2 * lo, lo)
     # underflow (Eq. 5 at alpha, the semantics of stochastic_prune): alpha if |g| >= u alpha
     mag = torch.where(ay < safe_alpha, torch.where(ay >= u * safe_alpha, lo, 0.0), mag)
