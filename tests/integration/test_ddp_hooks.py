@@ -11,6 +11,7 @@ from _ddp_worker import METHODS, FakeBucket, spawn, train_digits
 
 from gradcomp.compressors.comm import QSGD, BlockCompress, ScaleCom, TopK
 from gradcomp.integration import ddp_hooks as H
+from gradcomp.integration.wrap import CompressionConfig, QuantizeSpec, compress_gradients
 
 WORLD = 2
 
@@ -36,8 +37,30 @@ def _ef_run(state, hook, rank, steps=5, n=300):
     return rec
 
 
+def _dynamic_scale_skips(rank):
+    """compress_gradients with one dynamic loss scale on every rank, the same data on both, and
+    rank 0's loss x 1e30 at step 30, once the scale has settled (its neural gradients overflow
+    the scale; alone, rank 1 takes that step): which steps each rank skipped, and its weights
+    after step 30."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    h = compress_gradients(m, CompressionConfig(
+        quantize=QuantizeSpec(bits=4, scaling="dynamic"), nonfinite="keep"))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    skips = []
+    for step in range(31):
+        loss = m(torch.randn(16, 6, generator=g)).square().mean()
+        if rank == 0 and step == 30:
+            loss = loss * 1e30
+        opt.zero_grad()
+        loss.backward()
+        skips.append(not h.step(opt))
+    return skips, torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
 def _session(rank, world):
-    out = {"train": {}}
+    out = {"train": {}, "dynamic": _dynamic_scale_skips(rank)}
     for name in _methods():
         acc, flat, state = train_digits(name, rank, world)
         out["train"][name] = {"acc": acc, "flat": flat, "metrics": state.metrics(),
@@ -74,6 +97,14 @@ def _session(rank, world):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return spawn("test_ddp_hooks:_session", tmp_path_factory.mktemp("ddp"), WORLD)
+
+
+def test_a_loss_scale_overflow_on_one_rank_skips_the_step_on_every_rank(results):
+    # rank 0 alone overflows at step 30; a rank that stepped there would leave the replicas apart
+    (skips0, w0), (skips1, w1) = results[0]["dynamic"], results[1]["dynamic"]
+    assert skips0[30] and skips0 == skips1
+    assert not all(skips0)  # the other steps were taken
+    assert torch.equal(w0, w1)
 
 
 def test_every_hook_trains_and_replicas_stay_identical(results):

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,12 +74,13 @@ def test_pruned_gradient_equals_operator_with_the_step_stream():
     streams.set_step(h.step_count)
     hid = torch.relu(m.lin(x)).detach()
     # gradient accumulation: two backward passes in one step draw twice (different noise)
+    pruned = []
     for _ in range(2):
         th = h.pruners[0].threshold  # the empirical method's tracking moves it per call
         got = _grads(m, x, w)
-        gp = stochastic_prune(w, th, streams.stream(0))  # d(sum(out*w))/d(out) = w
-        assert torch.equal(got["head.weight"], gp.t() @ hid)
-    assert not torch.equal(gp, stochastic_prune(w, th, torch.Generator().manual_seed(5)))
+        pruned.append(stochastic_prune(w, th, streams.stream(0)))  # d(sum(out*w))/d(out) = w
+        assert torch.equal(got["head.weight"], pruned[-1].t() @ hid)
+    assert not torch.equal(pruned[0] != 0, pruned[1] != 0)
     h.step()  # the next step: its own keys, draw 0 again
     streams.set_step(h.step_count)
     th = h.pruners[0].threshold
@@ -311,10 +313,40 @@ def test_prune_then_quantize_uses_one_kernel_where_the_scale_is_known(scaling, m
     assert 0.3 < met["sparsity"] < 0.9 and met["nonfinite"] == 0.0
 
 
-@pytest.mark.parametrize("seed", [1.5, True, 2**64, -(2**63) - 1])
-def test_seed_outside_torch_manual_seed_range_is_rejected(seed):
-    with pytest.raises(ValueError, match="seed"):
+@pytest.mark.parametrize("seed, error", [(1.5, TypeError), (True, TypeError), ("3", TypeError),
+                                         (2**64, ValueError), (-(2**63) - 1, ValueError)])
+def test_seed_outside_torch_manual_seed_range_is_rejected(seed, error):
+    with pytest.raises(error, match="seed"):
         compress_gradients(Toy(), CompressionConfig(prune=PruneSpec(0.7)), seed=seed)
+
+
+def test_a_numpy_integer_seed_is_that_seed():
+    h = compress_gradients(Toy(), CompressionConfig(prune=PruneSpec(0.7)), seed=np.int64(7))
+    assert h.seed == 7 and type(h.seed) is int
+
+
+def test_a_restored_state_brings_its_run_seed():
+    # the noise after a restore is the saved run's, whatever seed the new handle was built with
+    x, w = torch.randn(64, 6), torch.randn(64, 3)
+
+    def build(seed):
+        torch.manual_seed(0)
+        m = Toy()
+        return m, compress_gradients(m, CompressionConfig(prune=PruneSpec(0.7, "lognormal")),
+                                     seed=seed)
+
+    m, h = build(7)
+    _warm(h, m, x, w)
+    state, weights = h.state_dict(), {k: v.clone() for k, v in m.state_dict().items()}
+    want = _grads(m, x, w)["lin.weight"]
+    m2, h2 = build(0)
+    m2.load_state_dict(weights)
+    h2.load_state_dict(state)
+    assert h2.seed == 7 and torch.equal(_grads(m2, x, w)["lin.weight"], want)
+    m3, h3 = build(0)  # the same restore without the seed (an older state): its own seed
+    m3.load_state_dict(weights)
+    h3.load_state_dict({k: v for k, v in state.items() if k != "seed"})
+    assert h3.seed == 0 and not torch.equal(_grads(m3, x, w)["lin.weight"], want)
 
 
 def test_a_negative_seed_is_its_value_modulo_two_to_the_64():

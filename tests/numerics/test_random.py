@@ -101,6 +101,23 @@ def test_step_streams_give_each_draw_its_documented_keys():
         st.set_step(-1)
     with pytest.raises(ValueError, match="streams"):
         StepStreams(0, 0)
+    with pytest.raises(ValueError, match="index"):
+        st.stream(3)
+
+
+def test_step_streams_count_draws_per_device_and_key_other_ordinals_apart():
+    st = StepStreams(2, 2)
+    st.set_step(1)
+    # a draw on another device ("meta": an accelerator's path, the copy included, without
+    # values) does not advance the CPU's counter of the same stream
+    meta = draw_keys(st.stream(0), "meta")
+    assert meta.device.type == "meta" and meta.dtype == torch.int32 and meta.shape == (4,)
+    assert draw_keys(st.stream(0), "cpu").tolist() == host_keys(stream_seed(2, 1, 0, 0))
+    # device ordinal o keys stream i as i + 2^32 o: a second device's replica draws new noise,
+    # the first accelerator the CPU's
+    assert st.keys_at(1, 0, 0) == host_keys(stream_seed(2, 1, 1, 0))
+    assert st.keys_at(1, 0, 3) == host_keys(stream_seed(2, 1, 1 + (3 << 32), 0))
+    assert st.keys_at(1, 0, 3) != st.keys_at(1, 0, 0)
 
 
 def test_a_stream_keys_the_operator_with_its_documented_seed():

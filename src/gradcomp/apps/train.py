@@ -4,9 +4,11 @@ One function, ``train(cfg, hook=None)``, serves ``gradcomp train``, the demo, th
 capture of ``analyze``/``sparsity``/``fitcheck`` (through a :class:`StepHook`) and the tests.
 
 Determinism: the model is initialised from ``cfg.seed``, batches depend only on (seed, epoch),
-and every random draw of the compressors comes from their own generators, whose states are
-checkpointed. A run killed at any moment and resumed with ``resume=True`` therefore ends bit for
-bit where an uninterrupted run would (same machine, same thread count).
+the neural-gradient compressors' noise is a function of (run seed, rank, step, layer, draw)
+(``random.StepStreams``: the step counter is checkpointed) and every other random draw of the
+compressors comes from their own generators, whose states are checkpointed. A run killed at any
+moment and resumed with ``resume=True`` therefore ends bit for bit where an uninterrupted run
+would (same machine, same thread count).
 
 Checkpoints (``OUT/checkpoint.pt``, one per finished epoch): written to a temporary file, then
 the previous checkpoint is renamed ``checkpoint.prev.pt`` and the new one renamed into place (both
@@ -789,7 +791,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     # rank its own noise (rank 0: the run seed): identical noise on every rank would not
     # average down in the gradient all-reduce
     handle = compress_gradients(model, recipe.compression,
-                                seed=(cfg.seed + 1_000_003 * rank) % (1 << 62)) \
+                                seed=(cfg.seed + 1_000_003 * rank) % (1 << 64)) \
         if recipe.compression is not None else None
     if handle is not None and ck is not None:
         handle.load_state_dict(ck["ranks"][rank]["compressor"])

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from gradcomp.numerics.random import Stream
+
 
 class CountsMixin:
     """``__call__`` / ``_add`` / ``counts`` / ``reset_metrics`` over ``self._acc`` (key -> 0-d
@@ -20,8 +22,8 @@ class CountsMixin:
     _acc: dict
     _elements: int
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, *args,
-                 **kwargs):
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
+                 *args, **kwargs):
         """The compressed tensor alone: ``compress(x, generator, ...)[0]`` (``measure`` adds
         the call to the metrics; see the class's ``compress``)."""
         return self.compress(x, generator, *args, **kwargs)[0]

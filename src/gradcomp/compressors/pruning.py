@@ -26,6 +26,7 @@ from gradcomp.numerics.pruning import (
     topk_stochastic_prune,
     topk_threshold,
 )
+from gradcomp.numerics.random import Stream
 from gradcomp.numerics.sparsity import (
     _sparsity_of_t,
     empirical_sparsity,
@@ -250,7 +251,7 @@ class Pruner(CountsMixin):
         """Whether a call prunes (a top-k method always does; the others after an update)."""
         return self.method in ("topk", "topk_stochastic") or self._threshold is not None
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+    def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
                  measure: bool = True, finite: torch.Tensor | bool | None = None,
                  check: bool = False, then=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(pruned, nonfinite)``: the pruned tensor and whether x held a NaN/inf; no host sync.

@@ -24,6 +24,7 @@ from gradcomp.numerics._checks import require_choice, require_float_tensor, requ
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.random import Stream
 from gradcomp.numerics.rounding import COUNTS, ROUNDINGS, quantize_fp, quantize_fp_amax
 
 __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
@@ -98,7 +99,7 @@ class FPQuantizer(CountsMixin):
         ``fused_amax`` quantizer; its policy then ``commit``s the scale they return."""
         return {"margin": self.scaling.margin, "keep": self.scaling.scale}
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+    def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
                  measure: bool | None = None, check: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(Q(x*s)/s, nonfinite)``: ``__call__`` that also says whether x held a NaN/inf.
@@ -246,7 +247,7 @@ class BlockQuantizer(CountsMixin):
     def update(self, stats: LayerStats) -> None:
         """Nothing to refresh: every block's scale is computed from the block itself."""
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None,
+    def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
                  measure: bool | None = None, check: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(quantized, nonfinite)`` as ``FPQuantizer.compress``: on measured calls the

@@ -36,8 +36,10 @@ steps; ``CompressionConfig.nonfinite`` says what happens to the step:
   fit counts them; only a layer that no compressor touches takes one min/max pass), the
   optimizer's gradients are reduced with ``torch._foreach_norm`` (inf-norm), and ``step`` reads
   the OR of these flags once: the one host read per step, as GradScaler's ``found_inf``.
-  Under torch.distributed (world > 1) the flag is all-reduced (MAX) first, so every rank skips
-  the same steps. A statistics step that is skipped gathers nothing:
+  Under torch.distributed (world > 1) the flag, with a dynamic loss scale's overflow, is
+  all-reduced (MAX) first, so every rank skips the same steps (each rank's loss scale reacts to
+  its own overflows: it scales its own neural gradients). A statistics step that is skipped
+  gathers nothing:
   the refresh moves to the next step.
 * ``"keep"``: non-finite values flow on unchanged and the step is taken (a dynamic loss scale
   still sees them as an overflow and skips); no per-step check.
@@ -50,6 +52,7 @@ values keeps its previous threshold and scale (its ``LayerStats`` is passed as N
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -111,11 +114,38 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
     return sel
 
 
+def _check_seed(seed) -> int:
+    """``seed`` as a Python int in torch.manual_seed's range [-2^63, 2^64) (numpy integers
+    accepted); TypeError for a non-integer, ValueError outside the range."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r}") from None
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must be in [-2**63, 2**64) (torch.manual_seed's range), got {seed}")
+    return seed
+
+
 def _nonfinite_flag(g: torch.Tensor) -> torch.Tensor:
     """0-d float64: 1 when ``g`` holds a NaN/inf, else 0 (one min/max pass: both propagate;
     measured 10x cheaper than an inf-norm on the CPU). Only where no compressor counted."""
     lo, hi = torch.aminmax(g.detach())
     return (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
+
+
+def _all_ranks_max(t: torch.Tensor) -> torch.Tensor:
+    """``t`` all-reduced with MAX over the ranks when torch.distributed runs more than one
+    process (NCCL: through the current CUDA device), else ``t`` itself."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    dev = t.device
+    if dist.get_backend() == "nccl" and dev.type != "cuda":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.to(dev)
 
 
 class _Layer:
@@ -201,10 +231,7 @@ class CompressionHandle:
     def __init__(self, model: nn.Module, config: CompressionConfig, seed: int = 0):
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or \
-                not -(1 << 63) <= seed < (1 << 64):
-            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed's range), "
-                             f"got {seed!r}")
+        seed = _check_seed(seed)
         self.model, self.config, self.seed = model, config, seed
         sel = select_modules(model, config)
         self._layers = [_Layer(self, n, i) for i, (n, _) in enumerate(sel)]
@@ -279,21 +306,23 @@ class CompressionHandle:
         reached a compressed layer's neural gradient or ``optimizer``'s gradients. One host read
         of one device flag decides (none with ``"keep"``/``"zero"`` and no dynamic loss scale).
         """
-        found = None  # 0-d bool device tensor: skip this step
-        nonfinite_found = None
+        found = None  # 0-d bool device tensor: this rank's dynamic loss scale overflowed
+        nonfinite_found = None  # 0-d bool device tensor: a non-finite gradient on this rank
         if self.quantizers is not None and self.active:
             found = self.quantizers.step()  # the dynamic loss scale's overflow (or None)
         if self.config.nonfinite == "skip":
             nonfinite_found = self._nonfinite_flag(optimizer)
-            if nonfinite_found is not None:
-                found = nonfinite_found if found is None else \
-                    found.to(nonfinite_found.device) | nonfinite_found
-        if found is not None and nonfinite_found is not None:
-            both = torch.stack([found.reshape(()), nonfinite_found.reshape(())]).tolist()
-            skip, bad = bool(both[0]), bool(both[1])  # the one host read of the step
-        else:
-            skip = bool(found) if found is not None else False
-            bad = False
+        skip = bad = False
+        if found is not None or nonfinite_found is not None:
+            dev = (found if found is not None else nonfinite_found).device
+            zero = torch.zeros((), dtype=torch.bool, device=dev)
+            found = zero if found is None else found.reshape(()).to(dev)
+            bad_t = zero if nonfinite_found is None else nonfinite_found.reshape(()).to(dev)
+            # [skip, non-finite]: one all-reduce (MAX) under torch.distributed, so that every
+            # rank skips the same steps (an overflow or a NaN on one rank may not reach the
+            # others' neural gradients), then the one host read of the step
+            flags = _all_ranks_max(torch.stack([found | bad_t, bad_t]).to(torch.int32))
+            skip, bad = (bool(v) for v in flags.tolist())
         if optimizer is not None and not skip:
             optimizer.step()
         self.skipped_steps += int(skip)
@@ -309,8 +338,8 @@ class CompressionHandle:
         return not skip
 
     def _nonfinite_flag(self, optimizer) -> torch.Tensor | None:
-        """OR of the hooks' per-layer flags and the optimizer's gradients' check (device work),
-        all-reduced across ranks under torch.distributed; the layers' flags are reset."""
+        """OR of the hooks' per-layer flags and the optimizer's gradients' check (device work,
+        this rank's); the layers' flags are reset."""
         flags = [layer.found for layer in self._layers if layer.found is not None]
         for layer in self._layers:
             layer.found = None
@@ -331,16 +360,7 @@ class CompressionHandle:
         if not flags:
             return None
         dev = flags[0].device
-        found = torch.stack([f.reshape(()).to(dev) for f in flags]).any()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # every rank must skip the same steps (a local NaN may not reach the others)
-            t = found.to(torch.int32)
-            if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
-                t = t.cuda()
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            found = t.to(dev).bool()
-        return found
+        return torch.stack([f.reshape(()).to(dev) for f in flags]).any()
 
     def _refresh(self) -> bool:
         """Update both groups from the layers' statistics; False when nothing was usable yet
@@ -471,6 +491,7 @@ class CompressionHandle:
             "config": self.config.to_dict(),
             "layers": self.layers,
             "numels": [layer.numel for layer in self._layers],
+            "seed": self.seed,  # the stochastic streams' run seed (StepStreams)
             "step_count": self.step_count, "refreshes": self.refreshes,
             "skipped_steps": self.skipped_steps, "collecting": self.collecting,
             "active": self.active,
@@ -486,6 +507,10 @@ class CompressionHandle:
             raise ValueError(f"compressor state is for layers {list(state['layers'])}, "
                              f"this model has {self.layers}")
         self.step_count, self.refreshes = state["step_count"], state["refreshes"]
+        if "seed" in state:  # the saved run's noise, whatever seed this handle was built with
+            # (as the generators' saved states); a state without it keeps this handle's seed
+            self.seed = _check_seed(state["seed"])
+            self.streams = StepStreams(self.seed % (1 << 64), self.streams.n)
         self.streams.set_step(self.step_count)
         self.skipped_steps = state["skipped_steps"]
         self.collecting, self.active = state["collecting"], state["active"]

@@ -217,8 +217,9 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
                    generator: torch.Generator | None = None, *, compile: bool | None = None,
                    counts=False):
     """``quantize_fp(stochastic_prune(x, threshold, generator), fmt, rounding, scale,
-    generator)`` in one pass: the same bits (the same two seeds drawn from ``generator`` in
-    the same order), without writing and re-reading the pruned tensor.
+    generator)`` in one pass: the same bits (the same two draws from ``generator``, seeds of
+    a torch.Generator or a ``random.Stream``'s draws, in the same order), without writing and
+    re-reading the pruned tensor.
 
     ``counts``: True, or a sequence of names of ``PRUNE_QUANTIZE_COUNTS``: ``nonfinite`` (NaN
     or +-inf elements of x), ``pruned_zeros`` and ``at_threshold`` (``stochastic_prune``'s
@@ -249,7 +250,7 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
     """``quantize_fp_amax(stochastic_prune(x, threshold, generator), fmt, rounding, margin=...,
     keep=..., generator=generator)`` in one compiled call, without writing the pruned tensor:
     the same bits, scale and amax (amax of the *pruned* values, derived from x's: see
-    ``_prune_quantize_amax_kernel``), the same two seeds drawn in the same order.
+    ``_prune_quantize_amax_kernel``), the same two draws from ``generator`` in the same order.
 
     Returns ``(out, s, amax)``, with ``counts`` (names of ``PRUNE_QUANTIZE_COUNTS``)
     ``(out, counts, s, amax)``. Compiled: a reduction over x, then the prune-and-round loop;

@@ -15,9 +15,9 @@ Where a call's seed comes from (the ``generator`` argument of every stochastic o
   ``keys_of_seed``, the same bits as the device chain ``stacked_keys``);
 * a ``Stream`` of ``StepStreams``: no draw at all. The seed is a pure function of (run seed,
   training step, stream, draw number within the step) (``stream_seed``), derived on the host,
-  so a training step costs no generator call and no device key ops per layer (on an
-  accelerator: one host-to-device copy per step for all layers), a resumed run repeats the
-  same streams from its step counter alone, and a run gives the same streams on every device.
+  so a training step costs no generator call and no device key ops (on an accelerator: one
+  small non-blocking host-to-device copy per call), a resumed run repeats the same streams
+  from its step counter alone, and a one-device run gives the same streams on every device.
 
 All arithmetic is int32 with wrap-around products (two's complement, the behaviour of torch
 int32 multiplication on CPU and CUDA); right shifts are made logical by masking, since torch's
@@ -248,17 +248,19 @@ class Stream:
 
 class StepStreams:
     """Hash keys for the stochastic calls of a training loop, without a generator: draw ``d``
-    of stream ``i`` at step ``k`` has the seed ``stream_seed(seed, k, i, d)`` and the keys
-    ``host_keys`` of it.
+    of stream ``i`` on device ordinal ``o`` at step ``k`` has the seed
+    ``stream_seed(seed, k, i + 2^32 o, d)`` and the keys ``host_keys`` of it (``o`` is 0 for
+    the CPU and for the first accelerator, so a one-device run has the same keys on any
+    device; a replica or pipeline stage on another device gets its own).
 
-    ``stream(i)``: stream i (a ``Stream``). ``set_step(k)``: step k begins; every stream's draw
-    counter restarts at 0 (a step may call a stream several times: prune then stochastic
-    rounding, gradient accumulation). A step's keys are thus a function of the run seed and the
-    step counter: a resumed run repeats them, every device sees the same ones, and a step costs
-    no generator call. On the CPU a draw builds its four keys on Python integers (one small
-    tensor). On an accelerator the keys of draw ``d`` of every stream are built when the step
-    first needs that draw and sent in one non-blocking copy from pinned host memory: no host
-    synchronisation and no device op per call besides an indexing view.
+    ``stream(i)``: stream i (a ``Stream``). ``set_step(k)``: step k begins; every draw counter
+    restarts at 0 (a step may call a stream several times: prune then stochastic rounding,
+    gradient accumulation). Counters are kept per (stream, device), so the threads of a
+    multi-device backward (one per device) never share one. A step's keys are thus a function of
+    the run seed and the step counter: a resumed run repeats them and a step costs no generator
+    call. The keys are built on Python integers; on an accelerator they reach the device in one
+    non-blocking copy from pinned host memory on the caller's stream (no host synchronisation,
+    no device op besides the copy).
     """
 
     def __init__(self, seed: int, streams: int):
@@ -268,11 +270,12 @@ class StepStreams:
             raise ValueError(f"streams must be a positive int, got {streams!r}")
         self.seed, self.n = seed, streams
         self.step = 0
-        self._draws = [0] * streams
-        self._tables: dict = {}  # (device, draw) -> (streams, 4) int32 keys on that device
+        self._draws: dict = {}  # (stream, device type, ordinal) -> draws taken in this step
         self._streams = [Stream(self, i) for i in range(streams)]
 
     def stream(self, index: int) -> Stream:
+        if not isinstance(index, int) or not 0 <= index < self.n:
+            raise ValueError(f"index must be an int in [0, {self.n}), got {index!r}")
         return self._streams[index]
 
     def set_step(self, step: int) -> None:
@@ -280,32 +283,26 @@ class StepStreams:
         if not isinstance(step, int) or not 0 <= step <= _U64:
             raise ValueError(f"step must be an int in [0, 2**64), got {step!r}")
         self.step = step
-        self._draws = [0] * self.n
-        self._tables.clear()
+        self._draws = {}
 
-    def keys_at(self, index: int, draw: int) -> list[int]:
-        """The four keys (Python ints) of draw ``draw`` of stream ``index`` at this step."""
-        return host_keys(stream_seed(self.seed, self.step, index, draw))
+    def keys_at(self, index: int, draw: int, device_index: int = 0) -> list[int]:
+        """The four keys (Python ints) of draw ``draw`` of stream ``index`` on device ordinal
+        ``device_index`` at this step."""
+        return host_keys(stream_seed(self.seed, self.step, index + (device_index << 32), draw))
 
     def _next(self, index: int, device: torch.device) -> torch.Tensor:
-        d = self._draws[index]
-        self._draws[index] = d + 1
+        ordinal = device.index or 0  # "cuda" and "cuda:0" are one device, with one counter
+        key = (index, device.type, ordinal)
+        d = self._draws.get(key, 0)
+        self._draws[key] = d + 1
+        keys = torch.tensor(self.keys_at(index, d, ordinal), dtype=torch.int32)
         if device.type == "cpu":
-            return torch.tensor(self.keys_at(index, d), dtype=torch.int32)
-        table = self._tables.get((device, d))
-        if table is None:
-            host = torch.tensor([self.keys_at(i, d) for i in range(self.n)], dtype=torch.int32)
-            try:  # pinned, so that the copy runs asynchronously (no host synchronisation)
-                host = host.pin_memory()
-            except RuntimeError:  # no pinned memory on this backend: a plain copy
-                pass
-            table = host.to(device, non_blocking=True)
-            # a stream that lags may need an older draw again: it is rebuilt (same keys);
-            # dropping old ones bounds the cache when the step never advances
-            for key in [k for k in self._tables if k[1] < d - 2]:
-                del self._tables[key]
-            self._tables[(device, d)] = table
-        return table[index]
+            return keys
+        try:  # pinned, so that the copy runs asynchronously (no host synchronisation)
+            keys = keys.pin_memory()
+        except RuntimeError:  # no pinned memory on this backend: a plain copy
+            pass
+        return keys.to(device, non_blocking=True)
 
     def __repr__(self) -> str:
         return f"StepStreams(seed={self.seed}, streams={self.n}, step={self.step})"
