@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp.compressors._counts import CountsMixin, read_floats
+from gradcomp.compressors._counts import CountsMixin, nonfinite_flag, read_floats
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.pruning import (
@@ -303,8 +303,7 @@ class Pruner(CountsMixin):
         elif measure and n:
             bad = (~torch.isfinite(x)).sum().double()
         elif check or measure:
-            lo, hi = torch.aminmax(x.detach()) if n else (x.new_zeros(()), x.new_zeros(()))
-            bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
+            bad = nonfinite_flag(x)
         # a measured call counts zeros and +-a symbols and refreshes the slope dS/d ln a; an
         # unmeasured call corrects with that slope and its zero count (the kernel counts both
         # in its own pass)

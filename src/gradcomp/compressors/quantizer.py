@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp.compressors._counts import CountsMixin, read_floats
+from gradcomp.compressors._counts import CountsMixin, nonfinite_flag, read_floats
 from gradcomp.compressors.scaling import AmaxCurrent, PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
 from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
@@ -33,14 +33,6 @@ __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "Spl
 SELECTS = ("lognormal", "empirical")  # how a SplitChoice picks its split
 BLOCK_DIMS = ("channels", "format")  # where a BlockQuantizer's blocks run
 _COUNTS = ("elements", "overflow", "underflow", "nan", "zeros")
-
-
-def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
-    """0-d float64: 1 when x holds a NaN/inf, else 0 (one min/max pass: both propagate)."""
-    if not x.numel():
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-    lo, hi = torch.aminmax(x.detach())
-    return (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
 
 
 class FPQuantizer(CountsMixin):
@@ -269,7 +261,7 @@ class BlockQuantizer(CountsMixin):
         else:
             q = quantize_block(y, self.fmt, self.rounding, generator)
             if check:
-                bad = _nonfinite_flag(x)
+                bad = nonfinite_flag(x)
         return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:

@@ -203,8 +203,9 @@ def stream_seed(seed: int, step: int, stream: int, draw: int) -> int:
     a run seeded ``seed`` (each an int in [0, 2^64)).
 
     SplitMix64's output function chained over the four numbers: a bijection of the 64-bit
-    state in each of them for the others fixed, so two draws of one run differ before the final
-    shift to 62 bits (after it they share a seed with probability 2^-62).
+    state in each of them for the others fixed, so two draws that differ in one of the numbers
+    never share the 64-bit value; any two draws share a 62-bit seed with probability about
+    2^-62.
     """
     for name, v in (("seed", seed), ("step", step), ("stream", stream), ("draw", draw)):
         if not isinstance(v, int) or not 0 <= v <= _U64:
