@@ -18,6 +18,7 @@ from gradcomp.numerics.block import (
     e8m0_decode,
     e8m0_encode,
     quantize_block,
+    quantize_block_checked,
     quantize_block_metrics,
 )
 from gradcomp.numerics.formats import FPFormat
@@ -466,3 +467,78 @@ def test_rows_shorter_than_a_block_need_no_padding(name):
                 assert torch.equal(bits(quantize_block(x, bf, rounding, gen(), compile=compile)),
                                    bits(out)), what
         assert _same(quantize_block(x, bf, compile=False), spec_reference(x, bf))
+
+
+# ---- every E8M0 scale exponent; blocks along a middle dimension ------------------------------
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4", "mxfp8_e5m2", "e4m3fn:32:e8m0:rceil",
+                                  "e2m1fn:32:e8m0:rceil"])
+def test_every_amax_exponent_against_the_reference(name):
+    # the CPU kernels compute E8M0 scales on float operations (no bit reinterpretation, which
+    # inductor's CPU code does element by element): one block per float32 exponent field
+    # (subnormals, the normal binades, inf) and mantissa, plus a NaN block, against the spec
+    # reference's frexp-based rule, fused and eager
+    bf = BlockFormat.from_name(name)
+    mants = [0, 1, 0x400000, 0x400001, 0x7FFFFF]
+    amax = torch.tensor([(e << 23) | m for e in range(255) for m in mants],
+                        dtype=torch.int32).view(torch.float32)
+    amax = torch.cat([amax, torch.tensor([math.inf, math.nan])])
+    fill = torch.linspace(-1.0, 1.0, 31)
+    x = torch.cat([amax[:, None], amax[:, None] * fill[None, :]], dim=1)
+    x[amax == math.inf, 1:] = fill  # an inf block with finite neighbours
+    ref = spec_reference(x, bf)
+    for compile in (False, True) if name in ("mxfp8_e4m3", "e4m3fn:32:e8m0:rceil") else (False,):
+        assert _same(quantize_block(x, bf, compile=compile), ref), compile
+    assert _same(quantize_block(x[:, :16].contiguous(), bf, compile=False),
+                 spec_reference(x[:, :16].contiguous(), bf))
+
+
+ONE_D = ["mxfp8_e4m3", "mxfp4", "nvfp4", "fp8_block128", "e4m3fn:32:e8m0:rceil"]
+
+
+@pytest.mark.parametrize("name", ONE_D)
+def test_blocks_along_a_middle_dimension_equal_the_moved_layout(name):
+    # 1-D blocks along dim 1 of an (N, C, H, W) tensor are reduced in place (no copy that
+    # moves C last); values, counts and stochastic bits are those of the moved layout, for C a
+    # multiple of the block, shorter than one block, and ragged (that one moves and pads)
+    bf = BlockFormat.from_name(name)
+    b = bf.block[0]
+    along = bf.replace(dims=(1,))
+    for c in sorted({max(1, b // 2), b, 2 * b, b + b // 2}):
+        x = _lognormal((3, c, 5, 7), 2.5, seed=c)
+        x[0, 0, 0, 0], x[1, -1, 2, 3], x[2, :, 1, 1] = float("nan"), -float("inf"), 0.0
+        moved = x.movedim(1, -1).contiguous()
+        for compile in (False, True) if name in ("mxfp8_e4m3", "nvfp4") else (False,):
+            for rounding in ("nearest", "stochastic"):
+                g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+                out, m = quantize_block_metrics(x, along, rounding, g1, compile=compile)
+                ref, mref = quantize_block_metrics(moved, bf, rounding, g2, compile=compile)
+                what = (name, c, compile, rounding)
+                ref = ref.movedim(-1, 1)
+                # a NaN/inf block's NaN payloads are not specified: values compared
+                assert torch.equal(torch.isnan(out), torch.isnan(ref)), what
+                assert torch.equal(torch.nan_to_num(out, nan=0.0).view(torch.int32),
+                                   torch.nan_to_num(ref, nan=0.0).view(torch.int32)), what
+                assert [int(v) for v in m] == [int(v) for v in mref], what
+                if c <= b or c % b == 0:  # reduced in place: x's own layout
+                    assert out.is_contiguous(), what
+        assert _same(quantize_block(x, along, compile=False), spec_reference(x, along))
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])
+def test_checked_flags_exactly_the_nonfinite_tensors(name):
+    # quantize_block_checked: the quantized tensor and a count > 0 exactly when x holds a
+    # NaN/inf, for the strided layout (from the scale kernel) and the moved one (min/max)
+    bf = BlockFormat.from_name(name)
+    for fmt, shape in ((bf.replace(dims=(1,)), (2, 64, 3, 3)), (bf, (6, 64))):
+        for compile in (False, True):
+            x = _lognormal(shape, 2.0, seed=4)
+            q, bad = quantize_block_checked(x, fmt, "stochastic",
+                                            torch.Generator().manual_seed(0), compile=compile)
+            ref = quantize_block(x, fmt, "stochastic", torch.Generator().manual_seed(0),
+                                 compile=compile)
+            assert torch.equal(q.view(torch.int32), ref.view(torch.int32))
+            assert bad.dtype == torch.int64 and int(bad) == 0
+            for v in (math.nan, math.inf, -math.inf):
+                y = x.clone()
+                y.view(-1)[17] = v
+                assert int(quantize_block_checked(y, fmt, compile=compile)[1]) > 0, (fmt, v)

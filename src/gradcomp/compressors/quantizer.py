@@ -18,10 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp.compressors._counts import CountsMixin, nonfinite_flag, read_floats
+from gradcomp.compressors._counts import CountsMixin, read_floats
 from gradcomp.compressors.scaling import AmaxCurrent, PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
-from gradcomp.numerics.block import BlockFormat, quantize_block, quantize_block_metrics
+from gradcomp.numerics.block import (
+    BlockFormat,
+    quantize_block,
+    quantize_block_checked,
+    quantize_block_metrics,
+)
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.random import Stream
@@ -228,6 +233,12 @@ class BlockQuantizer(CountsMixin):
                             f"{type(fmt).__name__}")
         self.rounding = require_choice(rounding, "rounding", ROUNDINGS)
         self.dims = require_choice(dims, "dims", BLOCK_DIMS)
+        # 1-D blocks along the last dimension of the channels-last tensor are blocks along
+        # dim 1 of the tensor itself: the same blocks, values and random bits
+        # (``numerics.block._strided``), without moving the channels and back (two copies,
+        # and a channels-last result for the layer's backward)
+        self._channel_fmt = (self.fmt.replace(dims=(1,))
+                             if len(self.fmt.block) == 1 and self.fmt.dims == (-1,) else None)
         self.track_metrics = bool(track_metrics)
         self._acc: dict[str, torch.Tensor] = {}
         self._elements = 0
@@ -243,14 +254,20 @@ class BlockQuantizer(CountsMixin):
                  measure: bool | None = None, check: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(quantized, nonfinite)`` as ``FPQuantizer.compress``: on measured calls the
-        block kernel's own non-finite count, otherwise (``check``) one min/max pass."""
+        block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
+        a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
+        1-D blocks along a dimension that is not the last: ``numerics.block``'s strided
+        layout), else one min/max pass (``quantize_block_checked``)."""
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
         move = self.dims == "channels" and x.dim() in (4, 5)
+        fmt = self.fmt
+        if move and self._channel_fmt is not None:
+            fmt, move = self._channel_fmt, False
         y = x.movedim(1, -1) if move else x
         bad = None
         if measure:
-            q, m = quantize_block_metrics(y, self.fmt, self.rounding, generator)
+            q, m = quantize_block_metrics(y, fmt, self.rounding, generator)
             zeros = (q == 0).sum()
             self._add("underflow", m.underflow)
             self._add("overflow", m.saturated)
@@ -259,9 +276,11 @@ class BlockQuantizer(CountsMixin):
             self._elements += x.numel()
             bad = m.nonfinite.detach().double().reshape(())
         else:
-            q = quantize_block(y, self.fmt, self.rounding, generator)
-            if check:
-                bad = nonfinite_flag(x)
+            if check:  # the count comes from the block kernel's own amax where it can
+                q, bad = quantize_block_checked(y, fmt, self.rounding, generator)
+                bad = bad.double()
+            else:
+                q = quantize_block(y, fmt, self.rounding, generator)
         return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.random import draw_keys, uniform_at, uniform_from_keys
+from gradcomp.numerics.rounding import _float_path
 
 __all__ = [
     "BlockFormat",
@@ -104,6 +105,7 @@ __all__ = [
     "e8m0_decode",
     "e8m0_encode",
     "quantize_block",
+    "quantize_block_checked",
     "quantize_block_metrics",
 ]
 
@@ -368,20 +370,75 @@ def _log2_int(a: torch.Tensor, c: _C, mode: int) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def _elem_consts(elem: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element constants as tensors (so a new format reuses a compiled graph)."""
+    """Element constants as tensors (so a new format reuses a compiled graph): ints [emin, emax,
+    man_bits]; floats [max_normal, then the float paths' constants (``_round_elems_float``,
+    ``_e8m0_scale_float``): Veltkamp's 2^(T - m) + 1, the subnormal-grid addend
+    2^(emin - m + T), 2^emin (min normal), 2^emax, 2^-m, 2^T + 1 (Veltkamp's constant of one
+    significant bit), 2^-emax and the E8M0 floor scale of an inf amax, 2^clamp(128 - emax)]."""
     c = _container(wide)
-    ints = torch.tensor([elem.emin, elem.emax, elem.man_bits], dtype=c.idt, device=device)
-    flts = torch.tensor([elem.max_normal], dtype=c.fdt, device=device)
+    m, emax = elem.man_bits, elem.emax
+    ints = torch.tensor([elem.emin, emax, m], dtype=c.idt, device=device)
+    flts = torch.tensor([elem.max_normal, 2.0 ** (c.T - m) + 1, 2.0 ** (elem.emin - m + c.T),
+                         2.0 ** elem.emin, 2.0 ** emax, 2.0 ** -m, 2.0 ** c.T + 1,
+                         2.0 ** -emax, 2.0 ** min(max(128 - emax, -127), 127)],
+                        dtype=c.fdt, device=device)
     return ints, flts
 
 
-def _round_elems(y, ints, flts, u, c: _C):
+def _float_elems(elem: FPFormat, x: torch.Tensor) -> bool:
+    """Whether x's elements round onto ``elem`` on float operations (``_round_elems_float``):
+    a float32 container (float32 and half inputs) on the CPU, and an element format inside
+    the exact range of Veltkamp's splitting (``rounding._float_path``). CUDA keeps the bit
+    path: Triton contracts a*K - a into an FMA, which skips the rounding the splitting needs
+    (the CPU kernels are compiled without contraction, ``kernels.COMPILE_OPTIONS``)."""
+    return (x.dtype != torch.float64 and x.device.type == "cpu"
+            and _float_path(elem, wide=False))
+
+
+def _round_elems_float(y, flts, u):
+    """``_round_elems`` on float operations only, for a float32 container on the CPU
+    (``_float_elems``): the same bits, but no float <-> int reinterpretation, which inductor's
+    CPU code does element by element (a scalar loop: the bit path made every block kernel
+    several times slower than the FP kernels, measured). Saturation comes first (rounding is
+    monotone and max_normal is on the grid, so clamping |y| before rounding equals clamping
+    after; +-inf become max_normal, NaN stays NaN).
+
+    Nearest: Veltkamp's splitting c = a (2^(T-m) + 1), c - (c - a) rounds a to m + 1
+    significant bits, half to even; below min_normal (a + C) - C with C = 2^(emin - m + T)
+    rounds to the subnormal step in one round-half-to-even add (as ``rounding``'s float path).
+    Stochastic: 2^floor(log2 a) from the same splitting to one significant bit (p = a rounded
+    to one bit is 2^e or 2^(e+1); halved when above a), clamped to [2^emin, 2^emax] as the
+    bit path clamps the exponent; then k = a / ulp (exact: ulp is a power of two) and
+    floor(k) + (u < frac(k)), the bit path's formula. Signs by selects (``copysign`` is a
+    library call per vector in inductor's CPU code): y < 0 -> -r, +-0 and NaN -> y itself.
+    """
+    a = torch.minimum(y.abs(), flts[0])
+    if u is None:
+        c = a * flts[1]
+        hi = c - (c - a)
+        sub = (a + flts[2]) - flts[2]
+        r = torch.where(a < flts[3], sub, hi)
+    else:
+        c = a * flts[6]
+        p = c - (c - a)
+        p = torch.where(p > a, p * 0.5, p)
+        ulp = torch.minimum(torch.maximum(p, flts[3]), flts[4]) * flts[5]
+        k = a / ulp
+        fl = torch.floor(k)
+        r = (fl + (u < (k - fl)).to(y.dtype)) * ulp
+    return torch.where(y < 0, -r, torch.where(y > 0, r, y))
+
+
+def _round_elems(y, ints, flts, u, c: _C, fast: bool = False):
     """Round y onto the element grid (saturating); u = None: nearest-even, else stochastic.
+    ``fast``: on float operations (``_round_elems_float``, where ``_float_elems`` holds).
 
     |y| = k * ulp with ulp = 2^(e - m), e = clamp(exponent(|y|), emin, emax): y / ulp and
     r * ulp are exact power-of-two products, ``torch.round`` is half to even, and a carry
     into the next binade is just r = 2^(m+1). Signs are put back with copysign (-0 stays -0).
     """
+    if fast:
+        return _round_elems_float(y, flts, u)
     a = y.abs()
     e = (a.view(c.idt) >> c.T) & c.emask
     e = torch.minimum(torch.maximum(e - c.bias, ints[0]), ints[1])
@@ -418,13 +475,55 @@ def _e8m0_scale(amax, ints, flts, sc, c: _C, rceil: bool):
     return torch.where(nan, amax, inv), torch.where(nan, amax, scale)
 
 
+def _pow2_floor(a, flts):
+    """2^floor(log2 a) for a normal positive finite float32 a, on float operations: Veltkamp's
+    splitting with 2^23 + 1 rounds a to one significant bit (2^e or 2^(e+1)), halved when it
+    rounded up. Magnitudes of 2^64 and above are split at a * 2^-64 (exact), so a * (2^23 + 1)
+    cannot overflow. Subnormals, zero, inf and NaN give no meaningful value (callers select)."""
+    big = a >= 2.0**64
+    a = torch.where(big, a * 2.0**-64, a)
+    c = a * flts[6]
+    p = c - (c - a)
+    p = torch.where(p > a, p * 0.5, p)
+    return torch.where(big, p * 2.0**64, p)
+
+
+def _e8m0_scale_float(amax, flts, rceil: bool):
+    """``_e8m0_scale`` on float operations (a float32 container on the CPU, where inductor
+    reinterprets float <-> int element by element): the same powers of two, bit for bit.
+
+    floor: 2^(floor(log2 amax) - emax) = ``_pow2_floor(amax) * 2^-emax`` (a subnormal or zero
+    amax reads as 2^-127, as its exponent field); rceil: d = amax / max, 2^ceil(log2 d) =
+    ``_pow2_floor(d)``, doubled unless d is a power of two (a subnormal d: 2^-126 above 2^-127,
+    else 2^-127, the bit path's exact ceiling after the clamp). inf: 2^clamp(128 - emax)
+    (floor), 2^127 (rceil). Then the clamp to [2^-127, 2^127] and the exact reciprocal."""
+    tiny = 2.0**-126  # float32's smallest normal
+    if rceil:
+        d = amax / flts[0]
+        f = _pow2_floor(d, flts)
+        s = torch.where(f == d, f, f * 2.0)
+        s = torch.where(d < tiny, torch.where(d > 2.0**-127, tiny, 2.0**-127), s)
+        s = torch.where(d == math.inf, 2.0**127, s)
+    else:
+        s = torch.where(amax < tiny, 2.0**-127, _pow2_floor(amax, flts)) * flts[7]
+        s = torch.where(amax == math.inf, flts[8], s)
+    s = torch.clamp(s, 2.0**-127, 2.0**127)
+    # amax >= 0 or NaN: comparisons, because inductor's CPU code calls std::isinf / isnan
+    # element by element (no vector form)
+    nan = amax != amax
+    return torch.where(nan, amax, 1.0 / s), torch.where(nan, amax, s)
+
+
 def _e4m3_scale(amax, ints, flts, sc, c: _C, t):
     """NVFP4 scales: the float32 operation order of torchao's nvfp4_quantize / dequantize."""
     s = amax / flts[0]
     if t is not None:
         s = s / t
     s = torch.clamp(s, 2.0**-6, 448.0)  # NaN stays NaN
-    s8 = _round_elems(s, sc[0], sc[1], None, c)
+    # E4M3 (3 mantissa bits) is inside the float path's range: a float32 container on the
+    # CPU rounds the scale on float operations (``_float_elems``), the same bits
+    s8 = _round_elems(s, sc[0], sc[1], None, c,
+                      fast=c.fdt == torch.float32 and s.device.type == "cpu")
     if t is None:
         return 1.0 / s8, s8
     return (1.0 / t) / s8, t * s8
@@ -450,40 +549,48 @@ def _tensor_scale(x, flts, c: _C, red: tuple | None = None):
     return torch.clamp(t, 2.0**-126, _F32_MAX)
 
 
-def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool):
+def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool, amax=None):
     """(a, deq) per block: elements are y = x * a (E8M0, E4M3) or y = x / a (FP32), and the
-    result is Q(y) * deq."""
+    result is Q(y) * deq. ``amax``: the blocks' amax when the caller has it."""
     wide = x.dtype == torch.float64
     c = _container(wide)
     xf = x.to(c.fdt)
-    amax = xf.abs().amax(dim=red, keepdim=True)
+    if amax is None:
+        amax = xf.abs().amax(dim=red, keepdim=True)
     if kind == "fp32":
         s = _fp32_scale(amax, flts, wide)
         return s, s
     if kind == "e4m3":
         t = _tensor_scale(xf, flts, c, red) if tensor_scale else None
         return _e4m3_scale(amax, ints, flts, sc, c, t)
+    if c.fdt == torch.float32 and x.device.type == "cpu":  # float operations: vectorised
+        return _e8m0_scale_float(amax, flts, kind == "e8m0_rceil")
     return _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
 
 
 def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, metrics: bool,
-                    pad_to: int | None = None):
+                    pad_to: int | None = None, fast: bool = False, counter: tuple | None = None):
     """Round the scaled elements and dequantize (elementwise given the block scales).
     ``pad_to``: x is (rows, s) rows shorter than one block of ``pad_to`` elements, unpadded
     (``_canonical``); element (r, j) draws the random bits of element r * pad_to + j of the
-    padded layout, so the result is the padded pass's."""
+    padded layout, so the result is the padded pass's. ``counter``: int32 tensors that
+    broadcast to x and sum to each element's counter (the strided layout, ``_strided``).
+    ``fast``: elements rounded on float operations (``_float_elems``)."""
     wide = x.dtype == torch.float64
     c = _container(wide)
     xf = x.to(c.fdt)
     y = xf / a if kind == "fp32" else xf * a
     u = None
-    if stochastic and pad_to is None:
+    if stochastic and counter is not None:
+        lc, cc, tc = counter
+        u = uniform_at(k1, k2, lc + (cc + tc), c.fdt)
+    elif stochastic and pad_to is None:
         u = uniform_from_keys(k1, k2, y.numel(), y.device, c.fdt).view(y.shape)
     elif stochastic:
         rows = torch.arange(y.shape[0], dtype=torch.int32, device=y.device) * pad_to
         cols = torch.arange(y.shape[1], dtype=torch.int32, device=y.device)
         u = uniform_at(k1, k2, rows[:, None] + cols[None, :], c.fdt)
-    q = _round_elems(y, ints, flts, u, c)
+    q = _round_elems(y, ints, flts, u, c, fast)
     out = (q * deq).to(x.dtype)
     if not metrics:
         return out
@@ -495,27 +602,29 @@ def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, 
 
 
 def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
-                tensor_scale: bool, metrics: bool, pad_to: int | None = None):
+                tensor_scale: bool, metrics: bool, pad_to: int | None = None,
+                fast: bool = False):
     """The whole block quantization on the canonical (padded, split) tensor x."""
     a, deq = _block_scales(x, ints, flts, sc, red, kind, tensor_scale)
-    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics, pad_to)
+    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics, pad_to,
+                           fast)
 
 
 # one module-level function per variant (dynamo's recompile budget is per code object)
-def _k_floor(x, i, f, s, k1, k2, red, st, ts, m, p=None):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m, p)
+def _k_floor(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m, p, fe)
 
 
-def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m, p=None):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m, p)
+def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
+    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m, p, fe)
 
 
-def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m, p=None):
-    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m, p)
+def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
+    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m, p, fe)
 
 
-def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m, p=None):
-    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m, p)
+def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
+    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m, p, fe)
 
 
 # stochastic rounding runs as two fused kernels, block scales then elements: measured on the
@@ -537,12 +646,28 @@ def _s_fp32(x, i, f, s, red, ts):
     return _block_scales(x, i, f, s, red, "fp32", ts)
 
 
-def _e_kernel_floor(x, a, d, i, f, k1, k2, m, p=None):
-    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m, p)
+def _e_kernel_floor(x, a, d, i, f, k1, k2, m, p=None, fe=False):
+    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m, p, fe)
 
 
-def _e_kernel_fp32(x, a, d, i, f, k1, k2, m, p=None):
-    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m, p)
+def _e_kernel_fp32(x, a, d, i, f, k1, k2, m, p=None, fe=False):
+    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m, p, fe)
+
+
+# the strided layout (``_strided``): the element kernel of every kind and rounding, with the
+# counter tensors of stochastic rounding (None for nearest)
+def _e_kernel_at(x, a, d, i, f, k1, k2, m, st, fe, kind, lc=None, cc=None, tc=None):
+    return _block_elements(x, a, d, i, f, k1, k2, kind, st, m, None, fe,
+                           (lc, cc, tc) if st else None)
+
+
+def _s_kernel_at(x, i, f, s, kind, ts):
+    """(a, deq, blocks holding a NaN or inf): the count from the blocks' amax in the same
+    reduction (>= inf, or NaN: ``~(amax < inf)``), so that a caller checking for non-finite
+    values needs no pass of its own."""
+    amax = x.to(_container(x.dtype == torch.float64).fdt).abs().amax(dim=(2,), keepdim=True)
+    a, deq = _block_scales(x, i, f, s, (2,), kind, ts, amax)
+    return a, deq, (~(amax < math.inf)).sum(dtype=torch.int64)
 
 
 _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
@@ -640,7 +765,77 @@ def _canonical(x: torch.Tensor, bf: BlockFormat):
     return y, red, restore
 
 
-def _run(x, bf, rounding, generator, compile, metrics):
+def _strided(x: torch.Tensor, bf: BlockFormat):
+    """``(view, P)`` for 1-D blocks along a dimension d that is not the last: x (contiguous)
+    viewed as (lead, blocks, block, trail) with the block dimension reduced in place, so no
+    copy moves d last and the result comes out in x's own layout (a conv output's channel
+    blocks: amax over channel groups, vectorised along the pixels). Only where x's size along d
+    is a multiple of the block (P = that size) or shorter than one block (one short block per
+    position, P = the block, as ``_canonical``'s unpadded short rows); else None
+    (``_canonical`` moves d last and pads). Stochastic rounding draws element (l, c, t) at
+    counter (l * trail + t) * P + c: its index in ``_canonical``'s padded layout, so both
+    layouts give the same bits."""
+    if len(bf.block) != 1 or x.dim() < 2 or not x.is_contiguous():
+        return None
+    d = bf.dims[0]
+    if not -x.dim() <= d < x.dim():
+        return None  # _canonical says what is wrong
+    d %= x.dim()
+    n, b = x.shape[d], bf.block[0]
+    lead, trail = math.prod(x.shape[:d]), math.prod(x.shape[d + 1:])
+    if trail <= 1 or n == 0:
+        return None
+    if n < b:
+        return x.view(lead, 1, n, trail), b
+    if n % b == 0:
+        return x.view(lead, n // b, b, trail), n
+    return None
+
+
+def _run_strided(x, v, P, bf, ints, flts, sc, k1, k2, stochastic, compile, metrics):
+    """``_run`` on the strided layout: a block-scale kernel, then the element kernel (two
+    compiled calls; measured faster than one fused kernel on the CPU, whose scale epilogue
+    inductor runs per block row)."""
+    global _COMPILE_BROKEN
+    lead, nb, b, trail = v.shape
+    if lead * trail * P >= 1 << 31:
+        raise ValueError(f"x has too many elements for the int32 counter: {lead * trail * P}")
+    kind = _KINDS[(bf.scale, bf.rule)]
+    fast = _float_elems(bf.elem, v)
+    counter = ()
+    if stochastic:
+        dev = v.device
+        counter = ((torch.arange(lead, dtype=torch.int32, device=dev) * (trail * P))
+                   .view(lead, 1, 1, 1),
+                   torch.arange(nb * b, dtype=torch.int32, device=dev).view(1, nb, b, 1),
+                   (torch.arange(trail, dtype=torch.int32, device=dev) * P)
+                   .view(1, 1, 1, trail))
+    res = None
+    if _compile_switch(compile):
+        try:
+            variant = ("strided", kind, stochastic, bf.tensor_scale, metrics, fast)
+            a, deq, bad = _compiled(_s_kernel_at, variant)(v, ints, flts, sc, kind,
+                                                           bf.tensor_scale)
+            res = _compiled(_e_kernel_at, variant)(v, a, deq, ints, flts, k1, k2, metrics,
+                                                   stochastic, fast, kind, *counter)
+        except Exception as exc:  # a missing C++ toolchain must not break training
+            _COMPILE_BROKEN = True
+            warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
+                          "using the eager path", RuntimeWarning, stacklevel=4)
+    if res is None:
+        a, deq, bad = _s_kernel_at(v, ints, flts, sc, kind, bf.tensor_scale)
+        res = _e_kernel_at(v, a, deq, ints, flts, k1, k2, metrics, stochastic, fast, kind,
+                           *counter)
+    if not metrics:
+        return res.view(x.shape), bad
+    out, under, sat, nonfin = res
+    return out.view(x.shape), BlockMetrics(under, sat, nonfin)
+
+
+def _run(x, bf, rounding, generator, compile, metrics, flag=False):
+    """``quantize_block`` (``metrics``: with ``BlockMetrics``; ``flag``: with the 0-d int64
+    number of blocks holding a NaN or inf, from the scale kernel on the strided layout, from
+    one min/max pass otherwise)."""
     global _COMPILE_BROKEN
     require_float_tensor(x, "x")
     require_choice(x.dtype, "x.dtype", _DTYPES)
@@ -655,6 +850,11 @@ def _run(x, bf, rounding, generator, compile, metrics):
         k1, k2 = draw_keys(generator, dev)[:2].unbind()
     else:
         k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
+    strided = _strided(x.detach(), bf)
+    if strided is not None:
+        res = _run_strided(x, *strided, bf, ints, flts, sc, k1, k2, stochastic, compile,
+                           metrics)
+        return res if metrics or flag else res[0]
     xc, red, restore = _canonical(x.detach(), bf)
     # rows shorter than one block stay unpadded; stochastic rounding then draws each element's
     # bits at its index in the padded layout (the counter of the padded pass)
@@ -666,16 +866,17 @@ def _run(x, bf, rounding, generator, compile, metrics):
         raise ValueError(f"x has too many elements for the int32 counter: {counted}")
     kind = _KINDS[(bf.scale, bf.rule)]
     fn = _KERNELS[kind]
-    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics, pad_to)
+    fast = _float_elems(bf.elem, xc)
+    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics, pad_to, fast)
     res = None
     if _compile_switch(compile) and xc.numel() > 0:
         try:
-            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics, pad_to)
+            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics, pad_to, fast)
             if stochastic:
                 a, deq = _compiled(_S_KERNELS[kind], variant)(xc, ints, flts, sc, red,
                                                                bf.tensor_scale)
                 res = _compiled(_E_KERNELS[kind], variant)(xc, a, deq, ints, flts, k1, k2,
-                                                           metrics, pad_to)
+                                                           metrics, pad_to, fast)
             else:
                 res = _compiled(fn, variant)(*args)
         except Exception as exc:  # a missing C++ toolchain must not break training
@@ -684,6 +885,10 @@ def _run(x, bf, rounding, generator, compile, metrics):
                           "using the eager path", RuntimeWarning, stacklevel=3)
     if res is None:
         res = fn(*args)
+    if not metrics and flag:
+        lo, hi = torch.aminmax(xc) if xc.numel() else (torch.zeros(()), torch.zeros(()))
+        bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).to(torch.int64)
+        return restore(res), bad.to(xc.device)
     if not metrics:
         return restore(res)
     out, under, sat, nonfin = res
@@ -718,6 +923,17 @@ def quantize_block(x: torch.Tensor, bf, rounding: str = "nearest",
     Semantics (zeros, NaN, inf, subnormal scales, power-of-two amax): see the module docstring.
     """
     return _run(x, bf, rounding, generator, compile, False)
+
+
+def quantize_block_checked(x: torch.Tensor, bf, rounding: str = "nearest",
+                           generator: torch.Generator | None = None,
+                           compile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_block` plus a 0-d int64 device tensor that is > 0 exactly when x holds a
+    NaN or inf (no host sync): for blocks along a dimension that is not the last
+    (``_strided``) the number of blocks holding one, counted in the scale kernel's own
+    reduction; otherwise 1 or 0 from one min/max pass. The compressors' non-finite check
+    (skip a step that saw a NaN) without a pass of its own where the layout allows."""
+    return _run(x, bf, rounding, generator, compile, False, flag=True)
 
 
 def quantize_block_metrics(x: torch.Tensor, bf, rounding: str = "nearest",
