@@ -435,3 +435,20 @@ def test_block_forward_composes_with_backward_spec(_eager, conv, order):
     m.mid.zero_grad()
     m.mid(ref_x).backward(gout)
     assert not torch.equal(ref_x.grad, dx) and not torch.equal(m.mid.weight.grad, dw)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_one_reduction_dim_is_blocked_in_place(fmt):
+    # a block operand reduced over one dimension that is not the last (a conv's channels, a
+    # weight's rows) is quantized where it lies: the values and random bits of moving that
+    # dimension last (the 2-D permuted path), in x's own layout
+    from gradcomp.numerics.block import quantize_block
+
+    q = OperandSpec("block", fmt, "stochastic").build()
+    for shape, d in (((4, 64, 5, 3), 1), ((64, 24), 0), ((3, 16, 7), 1)):
+        x = torch.randn(shape) * torch.exp(2 * torch.randn(shape))
+        got = quantize_operand(q, x, torch.Generator().manual_seed(2), (d,))
+        ref = quantize_block(x.movedim(d, -1).contiguous(), fmt, "stochastic",
+                             torch.Generator().manual_seed(2)).movedim(-1, d)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (shape, d)
+        assert got.is_contiguous()

@@ -239,6 +239,24 @@ class OperandQuantizer:
         self.name = spec.name
         self.unbiased = spec.unbiased
         self.per_tensor = spec.kind != "block"
+        # 1-D blocks (the format's default dims) can run along any one dimension in place
+        self.in_place = (spec.kind == "block" and len(spec.format.block) == 1
+                         and spec.format.dims == (-1,))
+        self._formats: dict = {}
+
+    def _along(self, dims) -> BlockFormat:
+        """The block format with its 1-D blocks along ``dims`` (one dimension; None or (-1,):
+        the format as it is): ``quantize_operand`` hands a single reduction dimension in place
+        (``numerics.block`` reduces it where it lies: the moved layout's values and bits,
+        without the copies that move it last and back)."""
+        fmt = self.spec.format
+        if dims is None or tuple(dims) == (-1,) or not self.in_place:
+            return fmt
+        dims = tuple(dims)
+        got = self._formats.get(dims)
+        if got is None:
+            got = self._formats[dims] = fmt.replace(dims=dims)
+        return got
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  dims: Sequence[int] | None = None) -> torch.Tensor:
@@ -254,7 +272,7 @@ class OperandQuantizer:
                 # 2-D tiles over (rest, reduction): flatten the other dims into one
                 return quantize_block(x.reshape(-1, x.shape[-1]), s.format, s.rounding,
                                       generator).reshape(x.shape)
-            return quantize_block(x, s.format, s.rounding, generator)
+            return quantize_block(x, self._along(dims), s.rounding, generator)
         scale = None
         if s.scaling != "none":
             a = x.detach().abs()
@@ -495,6 +513,10 @@ def quantize_operand(quant, x: torch.Tensor, generator, dims: Sequence[int]) -> 
         return quant(x, gen, dims)
     nd = x.dim()
     dims = [d % nd for d in dims]
+    if len(dims) == 1 and isinstance(quant, OperandQuantizer) and quant.in_place:
+        # one reduction dimension and 1-D blocks: blocked where it lies
+        # (``OperandQuantizer._along``), the same values and random bits as moving it last
+        return quant(x, gen, (-1,) if dims[0] == nd - 1 else (dims[0],))
     rest = [d for d in range(nd) if d not in dims]
     y = x.permute(*rest, *dims)
     shape = y.shape
