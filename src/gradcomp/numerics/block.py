@@ -74,7 +74,16 @@ Edge cases, exactly:
 Block layout: 1-D blocks along ``dims[0]`` (default the last dimension), 2-D tiles over
 ``dims`` (default the last two). A ragged last block is padded with zeros logically (zeros do not
 change an amax); the result has x's shape. Tensors with fewer dimensions than the tile get
-leading dimensions of size 1; 0-d tensors are one block.
+leading dimensions of size 1; 0-d tensors are one block. Stochastic rounding draws element i's
+random bits at i's index in the layout with the blocked dimension(s) moved last and padded.
+1-D blocks along a dimension that is not the last, of a contiguous x whose size there is a
+multiple of the block or shorter than one block, are reduced where they lie (``_strided``: no
+copy, the result in x's layout, the same values and bits); the other layouts are moved.
+
+How (CPU): inductor's CPU code reinterprets float <-> int element by element, so where a loop
+is vectorised the float32 container rounds elements and computes E8M0/E4M3 scales on float
+operations (``_round_elems_float``, ``_e8m0_scale_float``: the same bits as the bit rules,
+tested on every float32 exponent); CUDA and float64 use the bit rules.
 """
 
 from __future__ import annotations
