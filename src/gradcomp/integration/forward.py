@@ -302,7 +302,7 @@ class _BlockSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, quant, dims):
         y = quantize_operand(quant, x.detach(), None, dims)
-        if y.stride() == x.stride():  # one reduction dim blocked in place: x's own layout
+        if y is not x and y.stride() == x.stride():  # blocked in place: x's own layout
             return y
         # x's memory layout (the reduction dims were moved last and back: a permuted view)
         return torch.empty_like(x).copy_(y)
