@@ -102,7 +102,7 @@ import torch.nn.functional as F
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.random import draw_keys, uniform_at, uniform_from_keys
-from gradcomp.numerics.rounding import _float_path
+from gradcomp.numerics.rounding import _float_path, nearest_on_floats, signed_like, veltkamp
 
 __all__ = [
     "BlockFormat",
@@ -423,19 +423,15 @@ def _round_elems_float(y, flts, u):
     """
     a = torch.minimum(y.abs(), flts[0])
     if u is None:
-        c = a * flts[1]
-        hi = c - (c - a)
-        sub = (a + flts[2]) - flts[2]
-        r = torch.where(a < flts[3], sub, hi)
+        r = nearest_on_floats(a, flts[1], flts[2], flts[3])
     else:
-        c = a * flts[6]
-        p = c - (c - a)
+        p = veltkamp(a, flts[6])
         p = torch.where(p > a, p * 0.5, p)
         ulp = torch.minimum(torch.maximum(p, flts[3]), flts[4]) * flts[5]
         k = a / ulp
         fl = torch.floor(k)
         r = (fl + (u < (k - fl)).to(y.dtype)) * ulp
-    return torch.where(y < 0, -r, torch.where(y > 0, r, y))
+    return signed_like(y, r)
 
 
 def _round_elems(y, ints, flts, u, c: _C, fast: bool = False):
@@ -491,8 +487,7 @@ def _pow2_floor(a, flts):
     cannot overflow. Subnormals, zero, inf and NaN give no meaningful value (callers select)."""
     big = a >= 2.0**64
     a = torch.where(big, a * 2.0**-64, a)
-    c = a * flts[6]
-    p = c - (c - a)
+    p = veltkamp(a, flts[6])
     p = torch.where(p > a, p * 0.5, p)
     return torch.where(big, p * 2.0**64, p)
 

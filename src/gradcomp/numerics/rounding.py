@@ -190,16 +190,10 @@ def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, s
     if fast:  # nearest on float operations (``_float_path``): the same bits, vectorised
         ay = y.abs()
         a = torch.minimum(ay, floats[9])  # saturate first: rounding is monotone
-        c = a * floats[6]
-        hi = c - (c - a)  # Veltkamp: a rounded to man_bits, round half to even
-        sub = (a + floats[5]) - floats[5]  # below min_normal, as the integer path
-        r = torch.where(a < floats[7], sub, hi)
+        r = nearest_on_floats(a, floats[6], floats[5], floats[7])
         if overflow_inf:
             r = torch.where(r > floats[8], floats[10], r)
-        # the sign back by selects (copysign is a library call per vector in inductor's CPU
-        # code): y < 0 -> -r (-0 where r = 0, as copysign); +-0 and NaN -> y itself (the
-        # same signed zero, the same NaN)
-        out = torch.where(y < 0, -r, torch.where(y > 0, r, y))
+        out = signed_like(y, r)
         if scaled:
             out = out / s
         out = out.to(out_dtype)
@@ -240,6 +234,32 @@ def _quantize_flat(x, scale, ints, floats, keys, start=0, *, stochastic: bool, s
         return out
     # |x*s| > max_normal on the bits: inf counts, NaN (magnitude bits above inf's) does not
     return out, _counts(x, out, lambda: (mag > ints[5]) & (mag <= inf_bits), count)
+
+
+def veltkamp(a, k):
+    """Veltkamp's splitting: with c = a * k, k = 2^d + 1, ``c - (c - a)`` is a rounded to its
+    leading (significand bits - d) bits, round half to even (no FMA contraction: the kernels
+    are compiled without it, ``kernels.COMPILE_OPTIONS``; a * k must not overflow)."""
+    c = a * k
+    return c - (c - a)
+
+
+def nearest_on_floats(a, k, magic, min_normal):
+    """a >= 0 (saturated; NaN passes) rounded to nearest, ties to even, on an FP grid with
+    float operations only (no float <-> int reinterpretation, which inductor's CPU code does
+    element by element): ``veltkamp(a, 2^(T - m) + 1)`` in the normal range, and below
+    ``min_normal`` the FPU's own round-half-to-even add (a + magic) - magic, magic = the
+    subnormal step times 2^T (or the flush constant, ``_constants_host``)."""
+    hi = veltkamp(a, k)
+    sub = (a + magic) - magic  # below min_normal, as the integer path
+    return torch.where(a < min_normal, sub, hi)
+
+
+def signed_like(y, r):
+    """r (>= 0) with y's sign by selects (``copysign`` is a library call per vector in
+    inductor's CPU code): y < 0 -> -r (-0 where r = 0, as copysign); +-0 and NaN -> y itself
+    (the same signed zero, the same NaN)."""
+    return torch.where(y < 0, -r, torch.where(y > 0, r, y))
 
 
 def _counts(x, out, overflowed, names):
