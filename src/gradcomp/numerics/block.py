@@ -102,7 +102,13 @@ import torch.nn.functional as F
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.random import draw_keys, uniform_at, uniform_from_keys
-from gradcomp.numerics.rounding import _float_path, nearest_on_floats, signed_like, veltkamp
+from gradcomp.numerics.rounding import (
+    _float_path,
+    nearest_on_floats,
+    nonfinite_flag,
+    signed_like,
+    veltkamp,
+)
 
 __all__ = [
     "BlockFormat",
@@ -837,8 +843,7 @@ def _run_strided(x, v, P, bf, ints, flts, sc, k1, k2, stochastic, compile, metri
                            *counter)
     if not metrics:
         return res.view(x.shape), bad
-    out, under, sat, nonfin = res
-    return out.view(x.shape), BlockMetrics(under, sat, nonfin)
+    return _with_metrics(res, lambda out: out.view(x.shape))
 
 
 def _run(x, bf, rounding, generator, compile, metrics, flag=False):
@@ -895,11 +900,15 @@ def _run(x, bf, rounding, generator, compile, metrics, flag=False):
     if res is None:
         res = fn(*args)
     if not metrics and flag:
-        lo, hi = torch.aminmax(xc) if xc.numel() else (torch.zeros(()), torch.zeros(()))
-        bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).to(torch.int64)
-        return restore(res), bad.to(xc.device)
+        return restore(res), nonfinite_flag(xc).to(torch.int64)
     if not metrics:
         return restore(res)
+    return _with_metrics(res, restore)
+
+
+def _with_metrics(res, restore):
+    """(restore(out), BlockMetrics) from a metrics kernel's (out, underflow, saturated,
+    nonfinite)."""
     out, under, sat, nonfin = res
     return restore(out), BlockMetrics(under, sat, nonfin)
 

@@ -276,6 +276,16 @@ def _counts(x, out, overflowed, names):
     return stack_counts([terms[n]() for n in names])
 
 
+def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-d float64 on x's device: 1 when x holds a NaN/inf, else 0 (one min/max pass: both
+    propagate; measured 10x cheaper than an inf-norm on the CPU); 0 for an empty x. For a call
+    whose kernel counted nothing (the compressors, ``block.quantize_block_checked``)."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    lo, hi = torch.aminmax(x.detach())
+    return (~(torch.isfinite(lo) & torch.isfinite(hi))).double()
+
+
 INT32_COUNT_LIMIT = INT32_LIMIT  # masks with fewer elements are counted in int32 (exact)
 
 
