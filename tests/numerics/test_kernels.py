@@ -127,3 +127,52 @@ def test_compiled_kernels_skip_dynamo_after_a_bit_exact_check(monkeypatch):
     p, c = pair(x, s, compile=True)
     p2, c2 = pair(x, s, compile=True)
     assert torch.equal(p, p2) and int(c) == int(c2) == int((x > 0).sum())
+
+
+@pytest.mark.parametrize("n", [64 * 1024, 1605632, 3 * 1024 * 77])
+def test_pruning_in_the_2d_counter_layout_equals_the_flat_pass(n):
+    # the fused CPU kernel runs on a (rows, L) view (numerics.random.counter_layout); values,
+    # counts and random bits equal the eager flat pass, also on the direct (dynamo-free) call
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-2
+    x[::1001] = 0.0
+    x[3], x[77], x[-1] = float("nan"), float("inf"), -float("inf")
+    for seed in (1, 2):
+        want = stochastic_prune(x, 5e-3, torch.Generator().manual_seed(seed), compile=False,
+                                counts=True)
+        got = stochastic_prune(x, 5e-3, torch.Generator().manual_seed(seed), compile=True,
+                               counts=True)
+        assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))
+        assert torch.equal(got[1], want[1])
+        plain = stochastic_prune(x.view(-1, 8), 5e-3, torch.Generator().manual_seed(seed),
+                                 compile=True)
+        assert plain.shape == (n // 8, 8)
+        assert torch.equal(plain.reshape(-1).view(torch.int32), want[0].view(torch.int32))
+
+
+def test_eager_chunks_of_the_2d_counter_layout_are_whole_rows(monkeypatch):
+    # the eager fallback of a 2-D call chunks whole rows and counts ``start`` in elements
+    from gradcomp.numerics import pruning
+    from gradcomp.numerics.random import counter_layout, draw_keys
+
+    n = 64 * 1024
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e-2
+    keys = draw_keys(torch.Generator().manual_seed(4), "cpu")
+    thr = torch.tensor(5e-3, dtype=torch.float64)
+    flat = pruning._PRUNE.eager(x, thr, keys)
+    x2, wide = counter_layout(x, keys, True)
+    monkeypatch.setattr(kernels, "EAGER_CHUNK", 5000)
+    seen = []
+    body = pruning._PRUNE.fn
+
+    def fn(x, *rest, start=0):
+        seen.append((x.shape, start))
+        return body(x, *rest, start=start)
+
+    monkeypatch.setattr(pruning._PRUNE, "fn", fn)
+    out = pruning._PRUNE.eager(x2, thr, wide)
+    assert out.shape == x2.shape
+    assert torch.equal(out.reshape(-1).view(torch.int32), flat.view(torch.int32))
+    width = x2.shape[1]
+    rows = 5000 // width
+    assert seen[0] == ((rows, width), 0) and seen[1] == ((rows, width), rows * width)
+    assert sum(s[0][0] for s in seen) == x2.shape[0]

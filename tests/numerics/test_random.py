@@ -4,8 +4,12 @@ import torch
 
 from gradcomp.numerics.pruning import stochastic_prune
 from gradcomp.numerics.random import (
+    COUNTER_COLUMNS,
     SEED_HIGH,
     StepStreams,
+    counter_columns,
+    counter_layout,
+    counter_like,
     draw_keys,
     draw_seed,
     host_keys,
@@ -15,6 +19,7 @@ from gradcomp.numerics.random import (
     stacked_keys,
     stream_seed,
     uniform_from_keys,
+    uniform_like,
 )
 
 
@@ -135,3 +140,31 @@ def test_a_stream_keys_the_operator_with_its_documented_seed():
     st.set_step(9)
     assert torch.equal(stochastic_prune(x, 0.8, st.stream(1)), got)  # repeatable
     assert not torch.equal(stochastic_prune(x, 0.8, st.stream(0)), got)  # another stream
+
+
+@pytest.mark.parametrize("n", [64 * 1024, 1605632, 1024 * 1024, 1028 * 1024, 3 * 1024 * 77])
+def test_the_2d_counter_layout_draws_what_the_flat_pass_draws(n):
+    keys = draw_keys(torch.Generator().manual_seed(n), "cpu")
+    width = counter_columns(n, "cpu")
+    rows = n // width
+    assert width and n % width == 0 and rows >= 64 and rows not in (width, 4 + COUNTER_COLUMNS)
+    x, wide = counter_layout(torch.zeros(n), keys, True)
+    assert x.shape == (rows, width)
+    assert torch.equal(wide[:4], keys) and torch.equal(wide[4:], torch.arange(COUNTER_COLUMNS,
+                                                                              dtype=torch.int32))
+    for start in (0, 12345):
+        assert torch.equal(counter_like(x, wide, start).reshape(-1),
+                           torch.arange(start, start + n, dtype=torch.int32))
+        assert torch.equal(uniform_like(wide, x, torch.float64, start).reshape(-1),
+                           uniform_from_keys(keys[0], keys[1], n, "cpu", torch.float64, start))
+    # the eager path and other devices keep the flat layout
+    flat = torch.zeros(n)
+    assert counter_layout(flat, keys, False)[0] is flat
+    assert counter_columns(n, "meta") == 0
+
+
+@pytest.mark.parametrize("n", [4096, 10_007, 63 * 64, 2 * 3 * 5 * 7 * 11 * 13, 0])
+def test_sizes_without_a_fitting_row_stay_flat(n):
+    # 4096 = 64 x 64 (rows equal to the width would share dynamo's size symbol), an odd
+    # size, fewer than 64 rows of 64, no power-of-two factor of 64, nothing
+    assert counter_columns(n, "cpu") == 0

@@ -162,16 +162,21 @@ class FusedOp:
         n = x.numel()
         if not self.elementwise or n <= EAGER_CHUNK:
             return self.fn(*args)
-        first = self.fn(x[:EAGER_CHUNK], *rest, start=0)
+        # chunks of whole rows: a flat x has rows of one element, the counter hash's 2-D
+        # layout (``random.counter_layout``) rows of L; ``start`` counts elements
+        rows = x.shape[0]
+        row = n // rows
+        step = max(1, EAGER_CHUNK // row)
+        first = self.fn(x[:step], *rest, start=0)
         counts = None
         if isinstance(first, tuple):
             first, counts = first
-        out = torch.empty(n, dtype=first.dtype, device=first.device)
-        out[:EAGER_CHUNK] = first
+        out = torch.empty(x.shape, dtype=first.dtype, device=first.device)
+        out[:step] = first
         del first
-        for i in range(EAGER_CHUNK, n, EAGER_CHUNK):
-            j = min(i + EAGER_CHUNK, n)
-            res = self.fn(x[i:j], *rest, start=i)
+        for i in range(step, rows, step):
+            j = min(i + step, rows)
+            res = self.fn(x[i:j], *rest, start=i * row)
             if counts is None:
                 out[i:j] = res
             else:
