@@ -8,12 +8,12 @@ seeded order each round) so that machine load hits every recipe alike. ``copy-fl
 compression must at least pay. The overhead is the median over rounds of (recipe's median step
 / baseline's median step in that round), with a distribution-free 95% confidence interval of
 that median (order statistics: ``median_ci_ranks``); the quartiles of the per-round ratios show
-the noise. A target is shown met when the interval's upper end is below it. "Fastest steps" compares each recipe's
-fastest step with the baseline's (machine noise only ever adds time, so the minimum is the
-least disturbed figure, as in the kernel benchmarks). Each recipe is installed as ``train``
-installs it: forward quantization (``quantize_forward``: PACT/SAWB or block formats), per-GEMM
-backward quantization (``quantize_backward``) and neural-gradient compression
-(``compress_gradients``).
+the noise. A target is shown met when the interval's upper end is below it. "Fastest steps"
+compares each recipe's fastest step with the baseline's (machine noise only ever adds time, so
+the minimum is the least disturbed figure, as in the kernel benchmarks). Each recipe is
+installed as ``train`` installs it: forward quantization (``quantize_forward``: PACT/SAWB or
+block formats), per-GEMM backward quantization (``quantize_backward``) and neural-gradient
+compression (``compress_gradients``).
 Targets on the CPU (issue 13): FP quantization <= 10% overhead, stochastic pruning <= 12%,
 prune + FP6 <= 15%. Per-GEMM FP4 recipes emulate their formats in float32 (no FP4 GEMM), so
 their overhead measures the emulation, not what FP4 hardware would run.
