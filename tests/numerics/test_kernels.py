@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradcomp.numerics import kernels
-from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.pruning import prune_quantize, prune_quantize_amax, stochastic_prune
 from gradcomp.numerics.rounding import quantize_fp
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -131,8 +131,9 @@ def test_compiled_kernels_skip_dynamo_after_a_bit_exact_check(monkeypatch):
 
 @pytest.mark.parametrize("n", [64 * 1024, 1605632, 3 * 1024 * 77])
 def test_pruning_in_the_2d_counter_layout_equals_the_flat_pass(n):
-    # the fused CPU kernel runs on a (rows, L) view (numerics.random.counter_layout); values,
-    # counts and random bits equal the eager flat pass, also on the direct (dynamo-free) call
+    # the fused CPU kernels run on a (rows, L) view (numerics.random.counter_layout); values,
+    # counts, scales and random bits equal the eager flat pass, also on the direct
+    # (dynamo-free) call
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-2
     x[::1001] = 0.0
     x[3], x[77], x[-1] = float("nan"), float("inf"), -float("inf")
@@ -147,6 +148,17 @@ def test_pruning_in_the_2d_counter_layout_equals_the_flat_pass(n):
                                  compile=True)
         assert plain.shape == (n // 8, 8)
         assert torch.equal(plain.reshape(-1).view(torch.int32), want[0].view(torch.int32))
+        # prune + quantize (nearest: the 2-D layout; stochastic: flat), with and without the
+        # amax scale, every count
+        for rounding in ("nearest", "stochastic"):
+            for fn, kw in ((prune_quantize, {"scale": 2.0**6}), (prune_quantize_amax, {})):
+                outs = [fn(x, 5e-3, "e3m2", rounding, generator=torch.Generator().manual_seed(
+                    seed), compile=c, counts=True, **kw) for c in (False, True)]
+                for a, b in zip(*outs):  # NaN in x: amax and the kept scale's inputs are NaN
+                    assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True, rtol=0,
+                                                               atol=0), (fn.__name__, rounding)
+                    if a.dtype == torch.float32:
+                        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def test_eager_chunks_of_the_2d_counter_layout_are_whole_rows(monkeypatch):

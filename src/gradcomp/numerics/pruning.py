@@ -94,6 +94,13 @@ def _prune_quantize_kernel(x, thr, pkeys, scale, ints, floats, keys, start: int 
     """Eq. 5, then ``quantize_fp`` of the pruned values, in one loop (the pruned tensor is never
     written); ``count``: names of ``PRUNE_QUANTIZE_COUNTS``, counted in the same loop."""
     p = _prune_kernel(x, thr, pkeys, start)
+    if x.dim() == 2:
+        # the 2-D counter layout (nearest rounding only): p passes unchanged (the columns are
+        # >= 0), but through a select that reads the columns, so the rounding's loop keeps
+        # the (rows, L) shape and fuses with the hash's (without it inductor merged the
+        # rounding into a flat loop, wrote the hash's mask to memory between the two:
+        # measured 10x slower)
+        p = torch.where(pkeys[4:4 + x.shape[1]] >= 0, p, torch.full_like(p, float("nan")))
     qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)  # "nonfinite" of p is x's
     pnames = tuple(n for n in count if n not in QUANTIZE_COUNTS)
     q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,
@@ -238,9 +245,8 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
     op = variant(_prune_quantize_kernel, "prune_quantize", count=names, **args.static)
-    # flat, not the 2-D counter layout: there inductor keeps the hash in a (rows, L) loop of
-    # its own, writes its mask to memory and rounds in a flat loop (measured 10x slower)
-    res = op(x.detach().reshape(-1), thr, pkeys, *args.tensors, compile=compile)
+    flat, pkeys = _layout(x, pkeys, args, use_compiled(compile))
+    res = op(flat, thr, pkeys, *args.tensors, compile=compile)
     if names:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
@@ -282,8 +288,19 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
     args = amax_args(x, fmt, rounding, margin, keep, generator)
     op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
                  count=names, **args.static)
-    res = op(x.detach().reshape(-1), thr, pkeys, *args.tensors, compile=True)
+    flat, pkeys = _layout(x, pkeys, args, True)
+    res = op(flat, thr, pkeys, *args.tensors, compile=True)
     return (res[0].view(x.shape), *res[1:])
+
+
+def _layout(x, pkeys, args, compiled: bool):
+    """(x, pruning keys) of a prune + quantize kernel: the 2-D counter layout
+    (``random.counter_layout``) for nearest rounding; stochastic rounding's bit path hashes a
+    flat counter of its own, so x stays flat there."""
+    flat = x.detach().reshape(-1)
+    if args.static["stochastic"]:
+        return flat, pkeys
+    return counter_layout(flat, pkeys, compiled)
 
 
 def keep_count(n: int, sparsity: float) -> int:

@@ -150,12 +150,11 @@ def random_bits(keys: torch.Tensor, numel: int, wide: bool, device=None,
 # Inductor's CPU code builds an in-kernel arange vector from 16 scalars (``Vectorized<int32_t>::
 # arange``): measured on 1.6M float32 in cache, a pruning-like kernel cost 0.80 ms per call with
 # it and 0.46 ms with the counter built from a row offset plus 16 columns loaded from a small
-# tensor, the same values. So the pruning kernel views its flat input as (rows, L) and takes the
-# columns 0..L-1 after the four keys (``counter_layout``): element (r, c) draws at counter
-# r*L + c + start, exactly what the flat pass draws (same bits in both layouts). Kernels whose
-# hashed value feeds more work (prune + quantize, the bit path of stochastic rounding) stay
-# flat: there inductor keeps the hash in a (rows, L) loop of its own, writes its result to
-# memory and finishes in a flat loop (measured 10x slower).
+# tensor, the same values. So the pruning kernels view their flat input as (rows, L) and take
+# the columns 0..L-1 after the four keys (``counter_layout``): element (r, c) draws at counter
+# r*L + c + start, exactly what the flat pass draws (same bits in both layouts). Stochastic
+# rounding's bit path (``rounding``, also after pruning) keeps the flat counter: it is bound by
+# its float <-> int reinterpretations, which inductor's CPU code does element by element.
 COUNTER_COLUMNS = 1024  # the longest row; the keys tensor of the 2-D layout holds 4 + this
 _WIDTHS = (1024, 512, 256, 128, 64)
 
