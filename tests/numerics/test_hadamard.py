@@ -98,3 +98,37 @@ def test_nan_spreads_within_block_only():
     x[3] = float("nan")
     y = hadamard_transform(x, 16)
     assert torch.isnan(y[:16]).all() and torch.equal(y[16:], torch.zeros(16))
+
+
+@pytest.mark.parametrize(("dtype", "n", "fns"), [
+    (torch.float32, 16, ("hadamard_transform", "rht", "rht_inverse")),
+    (torch.float64, 32, ("hadamard_transform",)),  # odd log2(n): a rounded normalisation
+])
+def test_fused_transforms_equal_the_eager_butterfly_bit_for_bit(dtype, n, fns):
+    # the fused pass (blocks along any dim transformed where they lie, the signs in the same
+    # pass) computes the eager butterfly's additions: the same bits, in x's own layout
+    from gradcomp.numerics import kernels
+
+    g = torch.Generator().manual_seed(n)
+    s = rht_signs(n, 5)
+    calls = {"hadamard_transform": (hadamard_transform, n), "rht": (rht, s),
+             "rht_inverse": (rht_inverse, s)}
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    for shape, dim in (((4 * n, 24), 0), ((6, 2 * n), -1), ((3, 2 * n, 7), 1),
+                       ((2 * n, 3, 5), 0)):
+        x = (torch.randn(*shape, generator=g, dtype=dtype)
+             * torch.rand(*shape, generator=g, dtype=dtype).pow(8) * 1e4)
+        x.view(-1)[::11] = 0.0
+        strided = x.transpose(0, -1).contiguous().transpose(0, -1)
+        for name in fns:
+            fn, arg = calls[name]
+            for inp in (x, strided):
+                results = []
+                for fused in (True, False):
+                    kernels.set_compile(fused)
+                    try:
+                        results.append(fn(inp, arg, dim))
+                    finally:
+                        kernels.set_compile(None)
+                assert torch.equal(results[0].view(bits), results[1].view(bits)), (name, shape)
+                assert results[0].shape == x.shape and results[0].is_contiguous()

@@ -27,9 +27,12 @@ block (every output of a block depends on every input). Zeros stay zeros.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradcomp.numerics._checks import require_float_tensor
+from gradcomp.numerics.kernels import variant
 from gradcomp.numerics.random import SEED_HIGH, uniform_from_counter
 
 __all__ = [
@@ -87,20 +90,49 @@ def hadamard_transform(x: torch.Tensor, block: int = 16, dim: int = -1) -> torch
     require_float_tensor(x, "x")
     n = _check_block(block)
     d = _check_dim(x, dim, n)
-    y = x.movedim(d, -1)
-    lead = y.shape[:-1]
-    size = y.shape[-1]
-    y = y.reshape(-1, size // n, n)
+    return _transform(x, d, n, None, "none")
+
+
+def _transform(x: torch.Tensor, d: int, n: int, signs, where: str) -> torch.Tensor:
+    """H_n along dim d, with the sign vector applied before (``where="pre"``: H D x) or after
+    (``"post"``: D H x) in the same pass, or none. x is viewed as (blocks, n, trail) in its own
+    layout (trail: the elements after dim d), so blocks along a dimension that is not the last
+    are transformed where they lie, vectorised along the trailing elements, and the result has
+    x's layout."""
+    x = x.contiguous()
+    trail = math.prod(x.shape[d + 1:])
+    y = x.view(-1, n) if trail == 1 else x.view(-1, n, trail)
+    args = (y,) if signs is None else (y, signs.to(x.device, x.dtype))
+    if x.dtype in (torch.float32, torch.float64) and y.numel():
+        # one fused pass (the eager butterfly wrote and re-read the tensor three times per
+        # stage, after a copy that moved dim last and a pass for the signs); the same
+        # operations on every element, so the same bits. Half types stay eager: inductor keeps
+        # a half-precision graph's intermediates in float32 (no rounding between the stages)
+        out = variant(_butterfly, "hadamard_transform", elementwise=False, n=n,
+                      where=where)(*args)
+    else:
+        out = _butterfly(*args, n=n, where=where)
+    return out.view(x.shape)
+
+
+def _butterfly(y: torch.Tensor, signs: torch.Tensor | None = None, *, n: int,
+               where: str) -> torch.Tensor:
+    """H_n on the middle dimension of y (blocks, n[, trail]): log2(n) Sylvester stages, then
+    the normalisation; ``signs`` multiplied in before or after (``where``)."""
+    rows, tail = y.shape[0], tuple(y.shape[2:])
+    s = None if signs is None else signs.reshape(n, *(1 for _ in tail))
+    if where == "pre":
+        y = y * s
     h = 1
     while h < n:
         # pairs (j, j + h) inside groups of 2h: the butterfly of one Sylvester stage
-        v = y.reshape(y.shape[0], y.shape[1], n // (2 * h), 2, h)
-        a, b = v[..., 0, :], v[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2).reshape(y.shape[0], y.shape[1], n)
+        v = y.reshape(rows, n // (2 * h), 2, h, *tail)
+        a, b = v[:, :, 0], v[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).reshape(rows, n, *tail)
         h *= 2
     log2n = n.bit_length() - 1
     y = y * (2.0 ** (-log2n / 2))
-    return y.reshape(*lead, size).movedim(-1, d)
+    return y * s if where == "post" else y
 
 
 def rht_signs(block: int, seed: int, step: int = 0, device=None,
@@ -123,14 +155,12 @@ def rht_signs(block: int, seed: int, step: int = 0, device=None,
     return s.to(device=dev, dtype=dtype)
 
 
-def _apply_signs(x: torch.Tensor, signs: torch.Tensor, d: int, n: int) -> torch.Tensor:
+def _check_signs(signs: torch.Tensor) -> int:
+    n = _check_block(int(signs.numel()))
     if signs.shape != (n,):
         raise ValueError(f"signs must have shape ({n},) (one sign per block element), got "
                          f"{tuple(signs.shape)}")
-    y = x.movedim(d, -1)
-    shape = y.shape
-    y = (y.reshape(*shape[:-1], shape[-1] // n, n) * signs.to(x.device, x.dtype)).reshape(shape)
-    return y.movedim(-1, d)
+    return n
 
 
 def rht(x: torch.Tensor, signs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -139,17 +169,15 @@ def rht(x: torch.Tensor, signs: torch.Tensor, dim: int = -1) -> torch.Tensor:
     ``signs`` is a vector of +1/-1 (e.g. :func:`rht_signs`), applied to each block before H.
     """
     require_float_tensor(x, "x")
-    n = _check_block(int(signs.numel()))
-    d = _check_dim(x, dim, n)
-    return hadamard_transform(_apply_signs(x, signs, d, n), n, d)
+    n = _check_signs(signs)
+    return _transform(x, _check_dim(x, dim, n), n, signs, "pre")
 
 
 def rht_inverse(y: torch.Tensor, signs: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The exact inverse D H y of :func:`rht` (H symmetric orthogonal, D^2 = I)."""
     require_float_tensor(y, "y")
-    n = _check_block(int(signs.numel()))
-    d = _check_dim(y, dim, n)
-    return _apply_signs(hadamard_transform(y, n, d), signs, d, n)
+    n = _check_signs(signs)
+    return _transform(y, _check_dim(y, dim, n), n, signs, "post")
 
 
 def pad_to_block(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tensor:

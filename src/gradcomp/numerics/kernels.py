@@ -27,9 +27,10 @@ backend), the fused path is switched off for the whole process (every operator),
 
 Eager memory: the eager body of an elementwise operator materialises about ten full-size
 temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
-``EAGER_CHUNK`` elements of the flat input (``start=`` tells the body where the chunk begins,
-so the counter hash draws the same bits as in one pass: identical results) and writes into one
-output tensor: peak memory about input + output + a few chunk-sized temporaries.
+about ``EAGER_CHUNK`` elements (whole rows of a 2-D input) of the flat input (``start=`` tells
+the body where the chunk begins, so the counter hash draws the same bits as in one pass:
+identical results) and writes into one output tensor: peak memory about input + output + a
+few chunk-sized temporaries.
 
 Counts from the same pass: an elementwise operator may return ``(out, counts)``, ``counts`` a
 1-d int64 tensor of element counts (non-finite inputs, zeros of the output, ...) reduced in the
@@ -94,9 +95,10 @@ class FusedOp:
 
     ``fn`` must be a module-level function of tensors only (constants passed as tensors, so
     that a new format or threshold reuses the compiled graph instead of recompiling). With
-    ``elementwise=True`` its first argument is a flat tensor, its result has that tensor's
-    shape, and it takes ``start=`` (the chunk's offset in the whole tensor): the eager path
-    then runs in chunks (module docstring). A result may also be a pair ``(out, counts)``
+    ``elementwise=True`` its first argument is a flat tensor (or the (rows, L) view of one:
+    ``random.counter_layout``), its result has that tensor's shape, and it takes ``start=``
+    (the chunk's offset in the whole tensor, in elements): the eager path then runs in chunks
+    of whole rows (module docstring). A result may also be a pair ``(out, counts)``
     with ``counts`` a 1-d int64 tensor of sums over the elements (added over the chunks).
     Keyword arguments ``static`` (Python constants) are bound to the body: each set is its own
     variant, compiled separately (``FusedOp(body, name, True, stochastic=True)``).
