@@ -171,3 +171,27 @@ def test_closed_form_single_interval():
     # values outside [0.5, 2] are clamped to the ends: their squared error is "clamp"
     clamp = np.where(xs > 2, (xs - 2) ** 2, 0) + np.where(xs < 0.5, (0.5 - xs) ** 2, 0)
     assert abs(single["clamp"] - clamp.mean()) < 5 * clamp.std() / math.sqrt(len(xs))
+
+
+@pytest.mark.parametrize(("bits", "samples"), [(4, 1), (2, 2), (8, 1)])
+def test_fused_luq_equals_the_eager_operator_bit_for_bit(bits, samples):
+    # the fused call finds alpha and runs the operator in one compiled call, the binades on
+    # float operations (Veltkamp's splitting instead of frexp; the 8-bit format's range keeps
+    # frexp and the eager path): the same bits, specials and subnormals included
+    from gradcomp.numerics import kernels
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(20_000, generator=g) * torch.rand(20_000, generator=g).pow(8) * 10
+    x[::97] = 0.0
+    x[3], x[9], x[11], x[13] = float("nan"), float("inf"), -float("inf"), -0.0
+    x[17], x[19] = 1e-40, -3e-39
+    for scale in (1.0, 1e30, 1e-30):
+        outs = []
+        for fused in (True, False):
+            kernels.set_compile(fused)
+            try:
+                outs.append(luq_quantize(x * scale, bits, samples=samples,
+                                         generator=torch.Generator().manual_seed(7)))
+            finally:
+                kernels.set_compile(None)
+        assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32)), scale

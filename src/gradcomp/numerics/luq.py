@@ -53,7 +53,9 @@ import torch
 from scipy.special import ndtr
 
 from gradcomp.numerics._checks import require_float_tensor, require_int_range
+from gradcomp.numerics.kernels import use_compiled, variant
 from gradcomp.numerics.random import draw_keys, uniform_from_keys
+from gradcomp.numerics.rounding import veltkamp
 
 __all__ = [
     "LUQ_BITS",
@@ -66,6 +68,10 @@ __all__ = [
 ]
 
 LUQ_BITS = (2, 8)  # 1 sign + 1..7 exponent bits
+# the largest range exponent E whose binades come from float operations (r * (2^23 + 1) must
+# stay finite in float32 for r <= 2^E: 2^100 * 2^24 < 2^128); the 8-bit format's E = 128 takes
+# frexp
+_FLOAT_LOG2_MAX = 100
 
 
 def _range_exponent(bits: int, range_exponent: int | None) -> int:
@@ -80,9 +86,8 @@ def luq_alpha(g: torch.Tensor, bits: int = 4, range_exponent: int | None = None)
     require_float_tensor(g, "g")
     e = _range_exponent(bits, range_exponent)
     cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
-    a = g.detach().to(cdt).abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    amax = a.amax() if a.numel() else torch.zeros((), dtype=cdt, device=g.device)
+    y = g.detach().to(cdt)
+    amax = _finite_amax(y) if y.numel() else torch.zeros((), dtype=cdt, device=g.device)
     return amax * 2.0**-e
 
 
@@ -92,26 +97,59 @@ def luq_grid(alpha: float, bits: int = 4, range_exponent: int | None = None) -> 
     return np.concatenate([[0.0], float(alpha) * 2.0 ** np.arange(e + 1)])
 
 
-def _luq_once(g: torch.Tensor, alpha: torch.Tensor, e: int, generator) -> torch.Tensor:
-    cdt = alpha.dtype
+def _luq_once(g: torch.Tensor, alpha: torch.Tensor | None, e: int, generator) -> torch.Tensor:
+    """One draw of the operator; ``alpha`` None: found in the same compiled call (the fused
+    path, ``_luq_amax_body``)."""
+    keys = draw_keys(generator, g.device)
+    cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
     y = g.detach().to(cdt).reshape(-1)
+    if alpha is None:  # one compiled call: the finite amax, then the operator's loop
+        op = variant(_luq_amax_body, "luq_quantize", elementwise=False, e=e)
+        return op(y, keys, compile=True).reshape(g.shape)
+    return variant(_luq_body, "luq_quantize", e=e)(y, alpha, keys,
+                                                   compile=False).reshape(g.shape)
+
+
+def _finite_amax(y: torch.Tensor) -> torch.Tensor:
+    """max |y| over the finite values (0 where there are none)."""
+    a = y.abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros_like(a)).amax()
+
+
+def _luq_amax_body(y: torch.Tensor, keys: torch.Tensor, *, e: int) -> torch.Tensor:
+    """``_luq_body`` at alpha = ``luq_alpha`` of y, in one compiled call (y non-empty)."""
+    return _luq_body(y, _finite_amax(y) * 2.0**-e, keys, e=e)
+
+
+def _luq_body(y: torch.Tensor, alpha: torch.Tensor, keys: torch.Tensor, start: int = 0, *,
+              e: int) -> torch.Tensor:
+    """The LUQ operator on a flat y (compute precision) at ``alpha``, hash keys ``keys``."""
+    cdt = alpha.dtype
     ay = y.abs()
     live = torch.isfinite(y) & (ay > 0) & (alpha > 0)
     safe_alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     r = torch.where(live, ay / safe_alpha, torch.ones_like(ay))
-    # floor(log2 r) exactly: frexp gives r = m 2^p with m in [0.5, 1)
-    _, p = torch.frexp(r)
-    k = torch.clamp(p.to(cdt) - 1, 0, e)
-    lo = safe_alpha * torch.exp2(k)
+    if e <= _FLOAT_LOG2_MAX:
+        # 2^floor(log2 r) on float operations (inductor's CPU code calls frexp per element):
+        # Veltkamp's splitting rounds r to one significant bit, 2^k or 2^(k+1), halved when
+        # above r; exact (r * K stays finite for r <= 2^e), the same powers of two as frexp's
+        t = 23 if cdt == torch.float32 else 52
+        p2 = veltkamp(r, 2.0**t + 1)
+        p2 = torch.clamp(torch.where(p2 > r, p2 * 0.5, p2), 1.0, 2.0**e)
+        lo = safe_alpha * p2
+        top = p2 >= 2.0**e
+    else:  # floor(log2 r) exactly: frexp gives r = m 2^p with m in [0.5, 1)
+        _, p = torch.frexp(r)
+        k = torch.clamp(p.to(cdt) - 1, 0, e)
+        lo = safe_alpha * torch.exp2(k)
+        top = k >= e
     prob_up = torch.clamp((ay - lo) / lo, 0.0, 1.0)
-    prob_up = torch.where(k >= e, torch.zeros_like(prob_up), prob_up)  # top level: clamp
-    keys = draw_keys(generator, g.device)
-    u = uniform_from_keys(keys[0], keys[1], y.numel(), g.device, cdt)
+    prob_up = torch.where(top, torch.zeros_like(prob_up), prob_up)  # top level: clamp
+    u = uniform_from_keys(keys[0], keys[1], y.numel(), y.device, cdt, start)
     mag = torch.where(u < prob_up, 2 * lo, lo)
     # underflow (Eq. 5 at alpha, the semantics of stochastic_prune): alpha if |g| >= u alpha
     mag = torch.where(ay < safe_alpha, torch.where(ay >= u * safe_alpha, lo, 0.0), mag)
-    out = torch.where(live, torch.copysign(mag, y), y)
-    return out.reshape(g.shape)
+    return torch.where(live, torch.copysign(mag, y), y)
 
 
 def luq_quantize(g: torch.Tensor, bits: int = 4, *, samples: int = 1,
@@ -132,7 +170,11 @@ def luq_quantize(g: torch.Tensor, bits: int = 4, *, samples: int = 1,
     samples = require_int_range(samples, "samples", 1, 1 << 16)
     if g.numel() == 0:
         return g.clone()
-    alpha = luq_alpha(g, bits, e)
+    # fused: one compiled call per draw (alpha found in it; inductor's CPU frexp, which the
+    # 8-bit format's E = 128 needs, is a float32-only library call: that format stays eager);
+    # eager: alpha once, then the chunked operator (the same operations, the same bits)
+    fused = e <= _FLOAT_LOG2_MAX and use_compiled(None)
+    alpha = None if fused else luq_alpha(g, bits, e)
     out = _luq_once(g, alpha, e, generator)
     for _ in range(samples - 1):
         out = out + _luq_once(g, alpha, e, generator)
