@@ -1,0 +1,63 @@
+"""The per-GEMM recipes' operand transforms: randomized Hadamard transform and LUQ, per call.
+
+``quantize_backward``'s NVFP4 and Quartet recipes apply a 16-element RHT to both weight-gradient
+operands along their reduction dimension (dim 0 of a (pixels, channels) matrix), and the LUQ
+recipe quantizes the neural gradient with LUQ at 4 bits. This script times those calls on
+operands of a ResNet-8 layer (batch 128, 28x28, 64 channels for the RHT; 1.6M elements for LUQ),
+interleaved with ``x.clone()`` of the same tensor (the memory roofline, measured in the same
+run), and prints the minimum and median per call and the minimum's ratio to the clone's. Run it
+with ``PYTHONPATH`` on another checkout's ``src`` to compare versions:
+
+    python benchmarks/bench_gemm_operands.py [--calls 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gradcomp.numerics.hadamard import rht, rht_signs
+from gradcomp.numerics.luq import luq_quantize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128 * 784, 64, generator=gen)  # pixels x channels: RHT along dim 0
+    g = torch.randn(128 * 16 * 28 * 28, generator=gen)  # one 16-channel layer's gradient
+    signs = rht_signs(16, 3)
+    cases = {
+        "clone of the RHT operand (6.4M)": lambda: x.clone(),
+        "rht, 16-element blocks along dim 0 (6.4M)": lambda: rht(x, signs, 0),
+        "clone of the LUQ operand (1.6M)": lambda: g.clone(),
+        "luq_quantize, 4 bits (1.6M)": lambda: luq_quantize(g, 4),
+    }
+    for f in cases.values():  # compilation and warm-up
+        for _ in range(3):
+            f()
+    times = {k: [] for k in cases}
+    for _ in range(args.calls):
+        for k, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    print(f"float32, {torch.get_num_threads()} threads, {args.calls} interleaved calls per case\n")
+    print("| call | min ms | median ms | min x clone |")
+    print("|---|---:|---:|---:|")
+    ref = None
+    for k, v in times.items():
+        if k.startswith("clone"):
+            ref = min(v)
+        print(f"| {k} | {1e3 * min(v):.2f} | {1e3 * statistics.median(v):.2f} | "
+              f"{min(v) / ref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
