@@ -112,10 +112,19 @@ def hash_counter(k1: torch.Tensor, k2: torch.Tensor, numel: int, device=None,
     The one per-element hash of the package (stochastic rounding and stochastic pruning both
     draw from it). Safe inside torch.compile given keys from ``seed_keys``.
     """
-    if start + numel >= 1 << 31:
-        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {start + numel}")
     device = k1.device if device is None else device
-    return hash_at(k1, k2, torch.arange(start, start + numel, device=device, dtype=torch.int32))
+    return hash_at(k1, k2, _flat_counter(numel, device, start))
+
+
+def _flat_counter(numel: int, device, start: int) -> torch.Tensor:
+    """int32 start, start+1, ..., start+numel-1 (the counter of a flat pass)."""
+    _check_counter(start + numel)
+    return torch.arange(start, start + numel, device=device, dtype=torch.int32)
+
+
+def _check_counter(end: int) -> None:
+    if end >= 1 << 31:
+        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {end}")
 
 
 def hash_at(k1: torch.Tensor, k2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -196,11 +205,9 @@ def counter_like(x: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.T
     """The int32 counter of every element of ``x`` (what ``hash_counter`` hashes): a flat x
     counts start, start+1, ...; a (rows, L) x (``counter_layout``) counts r*L + c + start,
     its columns c read from ``keys[4:4 + L]``. Safe inside torch.compile."""
-    n = x.numel()
-    if start + n >= 1 << 31:
-        raise ValueError(f"numel must be < 2**31 for the int32 counter, got {start + n}")
     if x.dim() == 1:
-        return torch.arange(start, start + n, device=x.device, dtype=torch.int32)
+        return _flat_counter(x.numel(), x.device, start)
+    _check_counter(start + x.numel())
     rows, width = x.shape
     base = torch.arange(rows, device=x.device, dtype=torch.int32) * width + start
     return base[:, None] + keys[4:4 + width]
