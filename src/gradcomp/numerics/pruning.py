@@ -21,7 +21,12 @@ import torch
 
 from gradcomp.numerics._checks import require_float_tensor, require_open_unit
 from gradcomp.numerics.kernels import FusedOp, use_compiled, variant
-from gradcomp.numerics.random import counter_layout, draw_keys, uniform_like
+from gradcomp.numerics.random import (
+    counter_layout,
+    draw_keys,
+    layout_columns,
+    uniform_like,
+)
 from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
     _quantize_flat,
@@ -100,7 +105,7 @@ def _prune_quantize_kernel(x, thr, pkeys, scale, ints, floats, keys, start: int 
         # the (rows, L) shape and fuses with the hash's (without it inductor merged the
         # rounding into a flat loop, wrote the hash's mask to memory between the two:
         # measured 10x slower)
-        p = torch.where(pkeys[4:4 + x.shape[1]] >= 0, p, torch.full_like(p, float("nan")))
+        p = torch.where(layout_columns(x, pkeys) >= 0, p, torch.full_like(p, float("nan")))
     qnames = tuple(n for n in count if n in QUANTIZE_COUNTS)  # "nonfinite" of p is x's
     pnames = tuple(n for n in count if n not in QUANTIZE_COUNTS)
     q = _quantize_flat(p, scale, ints, floats, keys, start, stochastic=stochastic,

@@ -35,7 +35,7 @@ __all__ = [
     "stream_seed", "uniform_from_counter", "uniform_from_keys", "sample_values", "hash_at",
     "hash_counter", "uniform_at", "random_bits", "stacked_keys", "wide_keys", "Stream",
     "StepStreams", "COUNTER_COLUMNS", "counter_columns", "counter_layout", "counter_like",
-    "uniform_like",
+    "layout_columns", "uniform_like",
 ]
 
 # seeds are drawn in [0, 2^62): positive int64, room for the two 31-bit halves below
@@ -210,7 +210,13 @@ def counter_like(x: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.T
     _check_counter(start + x.numel())
     rows, width = x.shape
     base = torch.arange(rows, device=x.device, dtype=torch.int32) * width + start
-    return base[:, None] + keys[4:4 + width]
+    return base[:, None] + layout_columns(x, keys)
+
+
+def layout_columns(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The column indices 0..L-1 of a (rows, L) counter layout, as its keys tensor carries
+    them (``counter_layout``)."""
+    return keys[4:4 + x.shape[1]]
 
 
 def uniform_like(keys: torch.Tensor, x: torch.Tensor, dtype: torch.dtype = torch.float32,
