@@ -129,6 +129,33 @@ def test_compiled_kernels_skip_dynamo_after_a_bit_exact_check(monkeypatch):
     assert torch.equal(p, p2) and int(c) == int(c2) == int((x > 0).sum())
 
 
+def test_a_bound_operator_calls_with_its_fixed_arguments(monkeypatch):
+    # op.bind(None, s, None): each call passes x and t; the same results as op(x, s, t), on the
+    # direct call after the first call of a signature, through the operator's own dispatch for
+    # a new signature, eager when compilation is off
+    op = kernels.FusedOp(_mul_add, "mul_add_bound")
+    s = torch.tensor(3.0)
+    bound = op.bind(None, s, None)
+    t = torch.tensor(0.5)
+    x = torch.randn(1001)
+    assert torch.equal(bound(x, t, compile=True), _mul_add(x, s, t))
+    assert len(bound._direct) == 1 and next(iter(bound._direct.values())) is not None
+    calls = []
+    real = op.__call__
+    monkeypatch.setattr(kernels.FusedOp, "__call__",
+                        lambda self, *a, **k: calls.append(k) or real(*a, **k))
+    for n in (1001, 77):
+        y = torch.randn(n)
+        assert torch.equal(bound(y, t, compile=True), _mul_add(y, s, t))
+    assert calls == []  # the direct call: no operator dispatch
+    z = torch.randn(800)[::2]  # a new signature of the varying arguments
+    assert torch.equal(bound(z, t, compile=True), _mul_add(z, s, t))
+    assert torch.equal(bound(z, t, compile=False), _mul_add(z, s, t))
+    assert [k["compile"] for k in calls] == [True, False]
+    with pytest.raises(TypeError, match="2 varying arguments"):
+        bound(x)
+
+
 @pytest.mark.parametrize("n", [64 * 1024, 1605632, 3 * 1024 * 77])
 def test_pruning_in_the_2d_counter_layout_equals_the_flat_pass(n):
     # the fused CPU kernels run on a (rows, L) view (numerics.random.counter_layout); values,

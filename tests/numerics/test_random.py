@@ -14,6 +14,7 @@ from gradcomp.numerics.random import (
     draw_seed,
     host_keys,
     keys_of_seed,
+    keys_table,
     sample_values,
     seed_keys,
     stacked_keys,
@@ -123,6 +124,34 @@ def test_step_streams_count_draws_per_device_and_key_other_ordinals_apart():
     assert st.keys_at(1, 0, 0) == host_keys(stream_seed(2, 1, 1, 0))
     assert st.keys_at(1, 0, 3) == host_keys(stream_seed(2, 1, 1 + (3 << 32), 0))
     assert st.keys_at(1, 0, 3) != st.keys_at(1, 0, 0)
+
+
+def test_keys_table_is_host_keys_of_stream_seed_for_every_stream():
+    # the vectorised chain (numpy uint64 arrays) equals the Python-integer one bit for bit,
+    # over the whole range of every argument
+    rng = np.random.default_rng(0)
+    top = np.iinfo(np.uint64).max
+    for seed, step, draw in [(0, 0, 0), (2**64 - 1, 2**64 - 1, 2**64 - 1), (5, 1, 1)] + [
+            tuple(int(v) for v in rng.integers(0, top, 3, dtype=np.uint64, endpoint=True))
+            for _ in range(20)]:
+        streams = np.concatenate([np.arange(3, dtype=np.uint64), np.array(
+            [2**32 + 1, 2**64 - 1], dtype=np.uint64), rng.integers(0, top, 3, dtype=np.uint64)])
+        table = keys_table(seed, step, streams, draw)
+        assert table.dtype == np.int32 and table.shape == (streams.size, 4)
+        for row, i in zip(table, streams):
+            assert row.tolist() == host_keys(stream_seed(seed, step, int(i), draw))
+
+
+def test_step_streams_take_each_draw_from_one_table_per_step():
+    st = StepStreams(7, 5)
+    for step in (0, 3):
+        st.set_step(step)
+        for draw in (0, 1):
+            for i in (4, 0, 2):
+                k = draw_keys(st.stream(i), "cpu")
+                assert k.tolist() == st.keys_at(i, draw) == host_keys(stream_seed(7, step, i,
+                                                                                   draw))
+        assert len(st._tables) == 2  # one table per draw of the step, every stream in it
 
 
 def test_a_stream_keys_the_operator_with_its_documented_seed():

@@ -18,15 +18,19 @@ import torch
 from gradcomp.compressors._counts import CountsMixin, nonfinite_flag, read_floats
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_open_unit
 from gradcomp.numerics.fit import LayerStats
+from gradcomp.numerics.kernels import use_compiled
 from gradcomp.numerics.pruning import (
+    prune_kernel,
+    prune_layout,
     prune_quantize,
     prune_quantize_amax,
+    prune_quantize_amax_kernel,
     stochastic_prune,
     topk_prune,
     topk_stochastic_prune,
     topk_threshold,
 )
-from gradcomp.numerics.random import Stream
+from gradcomp.numerics.random import Stream, counter_layout, draw_keys
 from gradcomp.numerics.sparsity import (
     _sparsity_of_t,
     empirical_sparsity,
@@ -288,8 +292,17 @@ class Pruner(CountsMixin):
                 self._threshold = self._threshold.to(x.device)
             names = self._count_names(measure, check, finite)
             fused = then is not None and getattr(then, "fusable", False)
+            hot = self._hot(x)
             if fused:
-                out, got = self._prune_quantize(x, generator, measure, names, then)
+                out, got = self._prune_quantize(x, generator, measure, names, then, hot)
+            elif hot:  # arguments checked when set: the kernel itself (``stochastic_prune``)
+                flat, keys = counter_layout(x.view(-1), draw_keys(generator, x.device), True)
+                res = prune_kernel(names)(flat, self._threshold, keys, compile=True)
+                if names:
+                    out = res[0].view(x.shape)
+                    got = dict(zip(names, res[1].unbind()))
+                else:
+                    out = res.view(x.shape)
             elif names:
                 out, c = stochastic_prune(x, self._threshold, generator, counts=names)
                 got = dict(zip(names, c.unbind()))
@@ -298,7 +311,7 @@ class Pruner(CountsMixin):
         bad = None
         if "nonfinite" in got:
             bad = got["nonfinite"].double()
-            if finite is None:
+            if finite is None and self.tracking:  # only the threshold tracking reads it
                 finite = got["nonfinite"] == 0
         elif measure and n:
             bad = (~torch.isfinite(x)).sum().double()
@@ -347,16 +360,36 @@ class Pruner(CountsMixin):
             names.append("at_threshold")
         return tuple(names)
 
-    def _prune_quantize(self, x, generator, measure, names, q):
+    def _hot(self, x: torch.Tensor) -> bool:
+        """Whether this call can take the kernels directly (the hot path: one per layer and
+        step): fused path, a contiguous float32/float64 x outside autograd, the threshold a 0-d
+        float tensor on x's device (what ``stochastic_prune`` would check and convert)."""
+        a = self._threshold
+        return (x.dtype in _HOT_DTYPES and x.is_contiguous() and not x.requires_grad
+                and use_compiled(None) and a.dim() == 0 and a.device == x.device
+                and a.is_floating_point() and not a.requires_grad)
+
+    def _prune_quantize(self, x, generator, measure, names, q, hot: bool = False):
         """This call's pruning and ``q``'s quantization in one kernel; returns (out, the
         pruning counts by name) after ``q`` has accounted for its own counts."""
         qnames = q.count_names(measure, False)
         fused = tuple("pruned_zeros" if k == "zeros" else k for k in names)
         fused += tuple(k for k in qnames if k not in fused)
         if q.fused_amax:  # the pruned values' amax scale, found in the same compiled call
-            out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
-                                             generator=generator, counts=fused or False,
-                                             **q.amax_rule())
+            keep = q.scaling.scale
+            if hot and keep.dtype == torch.float64 and keep.dim() == 0 \
+                    and keep.device == x.device:
+                kernel = prune_quantize_amax_kernel(q.fmt, q.rounding, x.dtype, x.device,
+                                                    q.scaling.margin, fused)
+                pkeys = draw_keys(generator, x.device)
+                rkeys = (draw_keys(generator, x.device),) if q.rounding == "stochastic" else ()
+                flat, pkeys = prune_layout(x, pkeys, q.rounding)
+                out, *rest = kernel(flat, self._threshold, pkeys, keep, *rkeys, compile=True)
+                out = out.view(x.shape)
+            else:
+                out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
+                                                 generator=generator, counts=fused or False,
+                                                 **q.amax_rule())
             s, amax = rest[-2:]
             q.scaling.commit(s)
             allc = dict(zip(fused, rest[0].unbind())) if fused else {}
@@ -446,6 +479,8 @@ TRACKING_METHODS = ("empirical",)  # thresholds corrected on measured calls (Pru
 # a floor on dS/d ln a in the tracking step: with almost no value below the threshold the
 # derivative vanishes and the step is bounded by its clip instead
 _MIN_SLOPE = 1e-2
+# the dtypes whose threshold the kernels take as it is (a half x needs it rounded first)
+_HOT_DTYPES = (torch.float32, torch.float64)
 HETEROGENEOUS_METHODS = ("lognormal", "empirical")  # thresholds for the allocated sparsities
 
 

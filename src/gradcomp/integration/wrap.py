@@ -154,11 +154,9 @@ class _Layer:
         self.numel = 0
         self.elements = 0  # elements measured since the last metrics reset (a host int)
         self.nonfinite: torch.Tensor | None = None
-        self.found: torch.Tensor | None = None  # 0-d bool: a non-finite value this step
-
-    def _flag(self, bad: torch.Tensor) -> None:
-        bad = bad.reshape(())
-        self.found = bad if self.found is None else self.found | bad.to(self.found.device)
+        # this step's non-finite flags (each > 0 when its call saw a NaN/inf), combined once in
+        # ``CompressionHandle.step``: no device op per layer
+        self.flags: list[torch.Tensor] = []
 
     def compress(self, g: torch.Tensor) -> torch.Tensor:
         h = self.handle
@@ -178,7 +176,7 @@ class _Layer:
             if skip_mode and bad is None and g.numel():
                 bad = nonfinite_flag(g)
             if skip_mode and bad is not None:
-                self._flag(bad > 0)
+                self.flags.append(bad)
             return g
         out = g
         if h.config.nonfinite == "zero":
@@ -207,7 +205,7 @@ class _Layer:
                 bad.double()
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         if skip_mode and bad is not None:
-            self._flag(bad > 0)
+            self.flags.append(bad)
         return out
 
 
@@ -333,9 +331,9 @@ class CompressionHandle:
     def _nonfinite_flag(self, optimizer) -> torch.Tensor | None:
         """OR of the hooks' per-layer flags and the optimizer's gradients' check (device work,
         this rank's); the layers' flags are reset."""
-        flags = [layer.found for layer in self._layers if layer.found is not None]
+        flags = [f for layer in self._layers for f in layer.flags]
         for layer in self._layers:
-            layer.found = None
+            layer.flags = []
         if optimizer is not None:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for group in optimizer.param_groups:
@@ -353,7 +351,8 @@ class CompressionHandle:
         if not flags:
             return None
         dev = flags[0].device
-        return torch.stack([f.reshape(()).to(dev) for f in flags]).any()
+        # a flag is > 0 (or True) when its check saw a NaN/inf
+        return (torch.stack([f.reshape(()).to(dev, torch.float64) for f in flags]) > 0).any()
 
     def _refresh(self) -> bool:
         """Update both groups from the layers' statistics; False when nothing was usable yet

@@ -49,7 +49,7 @@ import torch
 
 from gradcomp.numerics._checks import require_choice
 
-__all__ = ["FusedOp", "INT32_LIMIT", "compile_enabled", "set_compile", "use_compiled",
+__all__ = ["Bound", "FusedOp", "INT32_LIMIT", "compile_enabled", "set_compile", "use_compiled",
            "variant"]
 
 # inductor's CPU code generator picks serial loops for some kernels whose shapes are dynamic
@@ -68,6 +68,7 @@ EAGER_CHUNK = 1 << 20  # elements per eager chunk (bounded temporaries; large en
 
 _OVERRIDE: bool | None = None
 _BROKEN = False
+_ENV = [None, True]  # (the last GRADCOMP_COMPILE read, whether it means the fused path)
 
 
 def set_compile(enabled: bool | None) -> None:
@@ -85,9 +86,12 @@ def compile_enabled() -> bool:
         return False
     if _OVERRIDE is not None:
         return _OVERRIDE
-    value = os.environ.get("GRADCOMP_COMPILE", "1").strip()
-    require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
-    return value == "1"
+    raw = os.environ.get("GRADCOMP_COMPILE", "1")
+    if raw != _ENV[0]:  # parsed once per value (this runs per kernel call)
+        value = raw.strip()
+        require_choice(value, "GRADCOMP_COMPILE", ("0", "1"))
+        _ENV[:] = [raw, value == "1"]
+    return _ENV[1]
 
 
 class FusedOp:
@@ -158,6 +162,11 @@ class FusedOp:
                               RuntimeWarning, stacklevel=3)
         return self.eager(*args)
 
+    def bind(self, *template) -> Bound:
+        """This operator with the arguments of ``template`` fixed; ``None`` marks what each
+        call passes (``Bound``)."""
+        return Bound(self, template)
+
     def eager(self, *args):
         """The eager body, chunked for an elementwise operator."""
         x, rest = args[0], args[1:]
@@ -185,6 +194,47 @@ class FusedOp:
                 out[i:j] = res[0]
                 counts = counts + res[1]
         return out if counts is None else (out, counts)
+
+
+class Bound:
+    """A ``FusedOp`` with some arguments fixed (``op.bind(*template)``): ``bound(*varying,
+    compile=None)`` is ``op(*args, compile=compile)``, ``args`` the template with the varying
+    arguments in its ``None`` slots, in order. The same results; what it saves is per call:
+    the fixed arguments' part of the signature (``_signature``, computed from the varying
+    ones alone) and the caller's rebuilding of the fixed tensors, so that a hot path (a layer's
+    compression, once per layer and step) costs a dictionary lookup and the compiled call.
+    The fixed tensors are held, so they must not change in place between calls.
+    """
+
+    __slots__ = ("op", "template", "slots", "_direct")
+
+    def __init__(self, op: FusedOp, template: tuple):
+        self.op, self.template = op, tuple(template)
+        self.slots = tuple(i for i, a in enumerate(self.template) if a is None)
+        self._direct: dict = {}  # the varying arguments' signature -> _Direct or None
+
+    def __call__(self, *varying, compile: bool | None = None):
+        if len(varying) != len(self.slots):
+            raise TypeError(f"{self.op.name}: {len(self.slots)} varying arguments expected, "
+                            f"got {len(varying)}")
+        args = list(self.template)
+        for i, v in zip(self.slots, varying):
+            args[i] = v
+        args = tuple(args)
+        if not use_compiled(compile):
+            return self.op(*args, compile=False)
+        sig = _signature(varying)
+        direct = self._direct.get(sig, False)
+        if direct:
+            out = direct(args)
+            if out is not None:
+                return out
+            self._direct[sig] = None  # a size it cannot take: the operator's own dispatch
+            direct = None
+        res = self.op(*args, compile=True)
+        if direct is False:  # first call with this signature: the operator's validated call
+            self._direct[sig] = self.op._direct.get(_signature(args)) or None
+        return res
 
 
 def _signature(args) -> tuple:

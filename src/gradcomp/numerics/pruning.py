@@ -31,6 +31,7 @@ from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
     _quantize_flat,
     amax_args,
+    bind_kernel,
     count_names,
     prepare,
     quantize_fp_amax,
@@ -39,8 +40,8 @@ from gradcomp.numerics.rounding import (
 from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_prune",
-           "topk_stochastic_prune", "topk_threshold", "keep_count", "PRUNE_COUNTS",
-           "PRUNE_QUANTIZE_COUNTS"]
+           "topk_stochastic_prune", "topk_threshold", "keep_count", "prune_kernel",
+           "prune_quantize_amax_kernel", "prune_layout", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
 
 
 def _kernel_threshold(x: torch.Tensor, thr: torch.Tensor):
@@ -217,13 +218,36 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    flat, keys = counter_layout(x.detach().reshape(-1), draw_keys(generator, x.device),
-                                use_compiled(compile))
+    use = use_compiled(compile)  # decided once per call (the policy reads the environment)
+    flat, keys = counter_layout(x.detach().reshape(-1), draw_keys(generator, x.device), use)
     if names:
-        op = variant(_prune_count_kernel, "stochastic_prune", count=names)
-        out, c = op(flat, thr, keys, compile=compile)
+        out, c = variant(_prune_count_kernel, "stochastic_prune", count=names)(
+            flat, thr, keys, compile=use)
         return out.view(x.shape), c
-    return _PRUNE(flat, thr, keys, compile=compile).view(x.shape)
+    return _PRUNE(flat, thr, keys, compile=use).view(x.shape)
+
+
+def prune_kernel(counts: tuple = ()) -> FusedOp:
+    """``stochastic_prune``'s fused operator, for a hot path that checked its arguments once
+    (a compressor's layer): ``op(x, threshold, keys, compile=...)`` with ``(x, keys) =
+    random.counter_layout(flat, draw_keys(...), compiled)``, ``threshold`` a 0-d float tensor
+    on x's device (x float32 or float64: a half x needs ``stochastic_prune``'s rounding of
+    it); returns the pruned x in that layout, with ``counts`` (names of ``PRUNE_COUNTS``)
+    ``(out, counts)``."""
+    return variant(_prune_count_kernel, "stochastic_prune", count=tuple(counts)) if counts \
+        else _PRUNE
+
+
+def prune_quantize_amax_kernel(fmt, rounding: str, dtype: torch.dtype, device: torch.device,
+                               margin: float = 0.0, counts: tuple = ()):
+    """``prune_quantize_amax``'s compiled kernel for a hot path (as ``prune_kernel``):
+    ``kernel(x, threshold, pkeys, keep[, keys], compile=True)`` with ``(x, pkeys) =
+    prune_layout(x, pkeys, rounding)``, ``keep`` a 0-d float64 scale on x's device and, for
+    stochastic rounding, the rounding's own keys (drawn after ``pkeys``); returns
+    ``prune_quantize_amax``'s results in that layout. Cached per argument set."""
+    return bind_kernel(_prune_quantize_amax_kernel, "prune_quantize_amax",
+                       (fmt, rounding, dtype, device, float(margin)), tuple(counts), lead=3,
+                       amax=True, elementwise=False)
 
 
 def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", scale=None,
@@ -249,9 +273,9 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    op = variant(_prune_quantize_kernel, "prune_quantize", count=names, **args.static)
-    flat, pkeys = _layout(x, pkeys, args, use_compiled(compile))
-    res = op(flat, thr, pkeys, *args.tensors, compile=compile)
+    op = bind_kernel(_prune_quantize_kernel, "prune_quantize", args.key, names, lead=3)
+    flat, pkeys = prune_layout(x, pkeys, rounding, use_compiled(compile))
+    res = op(flat, thr, pkeys, *args.varying, compile=compile)
     if names:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
@@ -291,19 +315,18 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
     thr = _threshold_arg(x, threshold)
     pkeys = draw_keys(generator, x.device)
     args = amax_args(x, fmt, rounding, margin, keep, generator)
-    op = variant(_prune_quantize_amax_kernel, "prune_quantize_amax", elementwise=False,
-                 count=names, **args.static)
-    flat, pkeys = _layout(x, pkeys, args, True)
-    res = op(flat, thr, pkeys, *args.tensors, compile=True)
+    op = prune_quantize_amax_kernel(*args.key, names)
+    flat, pkeys = prune_layout(x, pkeys, rounding)
+    res = op(flat, thr, pkeys, *args.varying, compile=True)
     return (res[0].view(x.shape), *res[1:])
 
 
-def _layout(x, pkeys, args, compiled: bool):
+def prune_layout(x, pkeys, rounding: str, compiled: bool = True):
     """(x, pruning keys) of a prune + quantize kernel: the 2-D counter layout
     (``random.counter_layout``) for nearest rounding; stochastic rounding's bit path hashes a
     flat counter of its own, so x stays flat there."""
     flat = x.detach().reshape(-1)
-    if args.static["stochastic"]:
+    if rounding == "stochastic":
         return flat, pkeys
     return counter_layout(flat, pkeys, compiled)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -261,6 +262,40 @@ def host_keys(seed: int) -> list[int]:
     return [_signed32(k) for k in (k1, k2, k3, _mix32_int(k3 ^ k1))]
 
 
+def _mix32_array(u: np.ndarray) -> np.ndarray:
+    """``_mix32_int`` on a uint64 array of 32-bit values (each product < 2^64: exact)."""
+    u = u ^ (u >> _NP_16)
+    u = (u * np.uint64(0x7FEB352D)) & _NP_U32
+    u = u ^ (u >> _NP_15)
+    u = (u * np.uint64(0x846CA68B)) & _NP_U32
+    return u ^ (u >> _NP_16)
+
+
+def _splitmix64_array(z: np.ndarray) -> np.ndarray:
+    """``_splitmix64`` on a uint64 array (array arithmetic wraps modulo 2^64, as the masks)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+_NP_U32, _NP_15, _NP_16 = np.uint64(_U32), np.uint64(15), np.uint64(16)
+
+
+def keys_table(seed: int, step: int, streams: np.ndarray, draw: int) -> np.ndarray:
+    """``host_keys(stream_seed(seed, step, i, draw))`` for every i of ``streams`` (a uint64
+    array) at once: an (len(streams), 4) int32 array, the same bits (numpy's uint64 array
+    arithmetic is the masked Python-integer arithmetic)."""
+    z = _splitmix64(_splitmix64(seed) ^ step)
+    z = _splitmix64_array(np.full(streams.shape, z, dtype=np.uint64) ^ streams)
+    seeds = _splitmix64_array(z ^ np.uint64(draw)) >> np.uint64(2)
+    k1 = _mix32_array((seeds & np.uint64(0x7FFFFFFF)) ^ np.uint64(0x2545F491))
+    k2 = _mix32_array(((seeds >> np.uint64(31)) & np.uint64(0x7FFFFFFF)) ^ k1)
+    k3 = _mix32_array(k2 ^ np.uint64(0x6A09E667))
+    k4 = _mix32_array(k3 ^ k1)
+    return np.stack([k1, k2, k3, k4], axis=1).astype(np.uint32).view(np.int32)
+
+
 def keys_of_seed(seed: torch.Tensor) -> torch.Tensor:
     """``stacked_keys(seed)``: int32 ``[k1, k2, k3, k4]`` on seed's device, the same bits.
 
@@ -355,6 +390,9 @@ class StepStreams:
         self.seed, self.n = seed, streams
         self.step = 0
         self._draws: dict = {}  # (stream, device type, ordinal) -> draws taken in this step
+        # (device type, ordinal, draw) -> every stream's keys of that draw in this step, as one
+        # (streams, 4) tensor on the device (``keys_table``: built once per step and draw)
+        self._tables: dict = {}
         self._streams = [Stream(self, i) for i in range(streams)]
 
     def stream(self, index: int) -> Stream:
@@ -368,6 +406,7 @@ class StepStreams:
             raise ValueError(f"step must be an int in [0, 2**64), got {step!r}")
         self.step = step
         self._draws = {}
+        self._tables = {}
 
     def keys_at(self, index: int, draw: int, device_index: int = 0) -> list[int]:
         """The four keys (Python ints) of draw ``draw`` of stream ``index`` on device ordinal
@@ -379,7 +418,15 @@ class StepStreams:
         key = (index, device.type, ordinal)
         d = self._draws.get(key, 0)
         self._draws[key] = d + 1
-        keys = torch.tensor(self.keys_at(index, d, ordinal), dtype=torch.int32)
+        table = self._tables.get((device.type, ordinal, d))
+        if table is None:
+            table = self._tables[device.type, ordinal, d] = self._table(d, device, ordinal)
+        return table[index]  # a row of the table: keys are only read
+
+    def _table(self, draw: int, device: torch.device, ordinal: int) -> torch.Tensor:
+        """Draw ``draw`` of every stream at this step on ``device``: (streams, 4) int32."""
+        streams = np.arange(self.n, dtype=np.uint64) + np.uint64(ordinal << 32)
+        keys = torch.from_numpy(keys_table(self.seed, self.step, streams, draw))
         if device.type == "cpu":
             return keys
         try:  # pinned, so that the copy runs asynchronously (no host synchronisation)

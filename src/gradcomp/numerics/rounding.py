@@ -75,8 +75,8 @@ from gradcomp.numerics.random import draw_keys, random_bits
 from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
-           "prepare", "amax_args", "stack_counts", "COUNTS", "ROUNDINGS", "KernelArgs",
-           "AmaxArgs"]
+           "prepare", "amax_args", "amax_kernel", "bind_kernel", "stack_counts", "COUNTS",
+           "ROUNDINGS", "KernelArgs", "AmaxArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -373,22 +373,50 @@ def quantize_fp(
         return x.clone()
     # one variant (its own compiled code object) per rounding, scaling and set of counts; the
     # format's constants are tensors, not guards, so a new format reuses the variant
-    op = variant(_quantize_flat, "quantize_fp", count=names, **args.static)
+    res = bind_kernel(_quantize_flat, "quantize_fp", args.key, names)(
+        flat, *args.varying, compile=compile)
     if names:
-        out, c = op(flat, *args.tensors, compile=compile)
-        return out.view(x.shape), c
-    return op(flat, *args.tensors, compile=compile).view(x.shape)
+        return res[0].view(x.shape), res[1]
+    return res.view(x.shape)
+
+
+@lru_cache(maxsize=1024)
+def bind_kernel(fn, name: str, key: tuple, names: tuple, lead: int = 1, amax: bool = False,
+                elementwise: bool = True, **extra):
+    """The variant of the rounding kernel ``fn`` (``quantize_fp``'s, the amax one, the fused
+    prune + quantize ones) for a ``prepare`` key (``KernelArgs.key``; ``amax``: an
+    ``amax_args`` key) and a set of counts, the format's constant tensors bound
+    (``kernels.Bound``, cached: a hot-path call then costs no rebuilding of them). A call
+    passes ``lead`` leading arguments (x; the pruning kernels also the threshold and its keys),
+    then the key's ``varying`` arguments. ``extra``: more static arguments of ``fn``."""
+    if amax:
+        fmt, rounding, dtype, device, margin = key
+        static, ints, floats, _, zero_keys = _plan(fmt, rounding, dtype, device, True)
+        maxn, factor = _amax_constants(fmt, margin, device)
+        fixed = (maxn, factor, None, ints, floats, zero_keys)
+    else:
+        static, ints, floats, one, zero_keys = _plan(*key)
+        fixed = (None if key[-1] else one, ints, floats, zero_keys)
+    op = variant(fn, name, elementwise=elementwise, count=names, **static, **extra)
+    return op.bind(*(None,) * lead, *fixed)
 
 
 def _amax_flat(x, maxn, factor, keep, ints, floats, keys, *, stochastic: bool, scaled: bool,
-               count: tuple, fast: bool, overflow_inf: bool):
+               count: tuple, fast: bool, overflow_inf: bool, flag: bool = False):
     """The amax scale of the whole flat x, then ``_quantize_flat`` with it, in one compiled
-    call (a reduction loop, then the rounding loop); returns (out, [counts,] s, amax)."""
+    call (a reduction loop, then the rounding loop); returns (out, [counts,] s, amax[, bad])
+    (``bad``: ``_nonfinite_amax``, with ``flag``)."""
     amax = x.abs().amax().to(torch.float64)  # NaN propagates: the scale is then kept
     s = amax_scale_or_keep(amax, maxn, factor, keep)
     res = _quantize_flat(x, s, ints, floats, keys, 0, stochastic=stochastic, scaled=scaled,
                          count=count, fast=fast, overflow_inf=overflow_inf)
-    return (*res, s, amax) if count else (res, s, amax)
+    tail = (s, amax, _nonfinite_amax(amax)) if flag else (s, amax)
+    return (*res, *tail) if count else (res, *tail)
+
+
+def _nonfinite_amax(amax: torch.Tensor) -> torch.Tensor:
+    """1.0 (float64) where an amax is NaN or +-inf, i.e. its tensor held a NaN/inf, else 0."""
+    return (~torch.isfinite(amax)).to(torch.float64)
 
 
 def _scale_arg(keep, device, dtype=torch.float64) -> torch.Tensor:
@@ -406,10 +434,13 @@ def _scale_arg(keep, device, dtype=torch.float64) -> torch.Tensor:
 class AmaxArgs(NamedTuple):
     """What the fused amax kernels take besides x (``quantize_fp_amax``,
     ``pruning.prune_quantize_amax``): the variant and (max_normal, 2^margin, keep, ints,
-    floats, keys)."""
+    floats, keys); ``key`` and ``varying`` as ``KernelArgs``' (``varying``: keep, then the
+    keys of stochastic rounding)."""
 
     static: dict
     tensors: tuple
+    key: tuple
+    varying: tuple
 
 
 def amax_args(x: torch.Tensor, fmt, rounding: str, margin, keep, generator) -> AmaxArgs:
@@ -419,11 +450,12 @@ def amax_args(x: torch.Tensor, fmt, rounding: str, margin, keep, generator) -> A
     margin = float(margin)
     if not math.isfinite(margin):
         raise ValueError(f"margin must be a finite number, got {margin!r}")
-    fmt = FPFormat.from_name(fmt) if isinstance(fmt, str) else fmt
-    maxn, factor = _amax_constants(fmt, margin, torch.device(x.device))
+    fmt, rounding, dtype, device, _ = args.key
+    maxn, factor = _amax_constants(fmt, margin, device)
     _, ints, floats, keys = args.tensors
-    return AmaxArgs({**args.static, "scaled": True},
-                    (maxn, factor, _scale_arg(keep, x.device), ints, floats, keys))
+    keep_t = _scale_arg(keep, device)
+    return AmaxArgs({**args.static, "scaled": True}, (maxn, factor, keep_t, ints, floats, keys),
+                    (fmt, rounding, dtype, device, margin), (keep_t, *args.varying))
 
 
 @lru_cache(maxsize=16)
@@ -442,7 +474,7 @@ def _amax_constants(fmt: FPFormat, margin: float, device) -> tuple[torch.Tensor,
 def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "nearest", *,
                      margin: float = 0.0, keep: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, compile: bool | None = None,
-                     counts=False):
+                     counts=False, flag: bool = False):
     """``quantize_fp(x, fmt, rounding, scale=s)`` with x's own amax scale s, found in the same
     compiled call: s = fmt.max_normal / (amax * 2^margin), amax = max |x|
     (``scales.amax_scale_or_keep``); where amax is 0, inf or NaN (or s would not be a positive
@@ -454,38 +486,59 @@ def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "near
     overflow, NaN and zeros as ``quantize_fp``; the same bits as ``quantize_fp(x, fmt,
     rounding, scale=s, generator=generator)`` with that s. Compiled: one reduction loop over x
     and the rounding loop, one dispatch; eager: ``torch.aminmax``, then the chunked rounding.
-    An empty x gives amax 0 and s = ``keep``.
+    An empty x gives amax 0 and s = ``keep``. ``flag``: a last result, 0-d float64, 1.0 when
+    x held a NaN or +-inf (amax is then NaN/inf), else 0.0: from the same call (a compressor's
+    non-finite flag without three more small device ops).
     """
     names = count_names(counts, COUNTS)
     args = amax_args(x, fmt, rounding, margin, keep, generator)
     maxn, factor, keep_t, ints, floats, keys = args.tensors
     dev = x.device
     flat = x.reshape(-1)
+    flag = bool(flag)
     if flat.numel() == 0:
         amax = torch.zeros((), dtype=torch.float64, device=dev)
+        tail = (keep_t.clone(), amax, amax.clone()) if flag else (keep_t.clone(), amax)
         if names:
-            return (x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev),
-                    keep_t.clone(), amax)
-        return x.clone(), keep_t.clone(), amax
+            return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=dev), *tail
+        return x.clone(), *tail
     if use_compiled(compile):
-        op = variant(_amax_flat, "quantize_fp_amax", elementwise=False, count=names,
-                     **args.static)
-        res = op(flat, *args.tensors, compile=True)
+        res = amax_kernel(*args.key, names, flag)(flat, *args.varying, compile=True)
     else:  # the reduction, then the chunked elementwise pass: the same operations
         lo, hi = torch.aminmax(flat)
         amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
         s = amax_scale_or_keep(amax, maxn, factor, keep_t)
         op = variant(_quantize_flat, "quantize_fp", count=names, **args.static)
         r = op(flat, s, ints, floats, keys, compile=False)
-        res = (*r, s, amax) if names else (r, s, amax)
+        tail = (s, amax, _nonfinite_amax(amax)) if flag else (s, amax)
+        res = (*r, *tail) if names else (r, *tail)
     return (res[0].view(x.shape), *res[1:])
 
 
+def amax_kernel(fmt: FPFormat, rounding: str, dtype: torch.dtype, device: torch.device,
+                margin: float = 0.0, counts: tuple = (), flag: bool = False):
+    """``quantize_fp_amax``'s compiled kernel for a hot path that checked its arguments once
+    (a compressor's layer): ``kernel(flat, keep[, keys])`` on a flat contiguous x of ``dtype``
+    on ``device``, ``keep`` a 0-d float64 scale on it and, for stochastic rounding,
+    ``draw_keys``' keys, returns ``quantize_fp_amax(x, ..., counts=counts, flag=flag)``'s
+    results (flat). Always the fused path (``kernels.Bound``; check ``use_compiled`` first:
+    called with ``compile=False`` it runs the body unchunked). Cached per argument set; the
+    format, rounding and dtype are checked when first built."""
+    return bind_kernel(_amax_flat, "quantize_fp_amax", (fmt, rounding, dtype, device,
+                                                         float(margin)),
+                       tuple(counts), amax=True, elementwise=False, flag=bool(flag))
+
+
 class KernelArgs(NamedTuple):
-    """What ``quantize_fp``'s kernel takes besides x: the variant and its tensor arguments."""
+    """What ``quantize_fp``'s kernel takes besides x: the variant and its tensor arguments;
+    ``key``: (format, rounding, dtype, device, scaled), what the kernel's constants are cached
+    by (``_plan``); ``varying``: the scale (when given) and the keys of stochastic rounding,
+    the arguments that change from call to call."""
 
     static: MappingProxyType  # the variant: stochastic, scaled, fast, overflow_inf
     tensors: tuple  # (scale, ints, floats, keys)
+    key: tuple
+    varying: tuple
 
 
 def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs:
@@ -515,11 +568,14 @@ def prepare(x: torch.Tensor, fmt, rounding: str, scale, generator) -> KernelArgs
             v = float(scale)
             if not (v > 0 and np.isfinite(v)):
                 raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    varying = () if scale is None else (s,)
     if zero_keys is None:  # stochastic: one seed per call
         keys = draw_keys(generator, x.device)
+        varying += (keys,)
     else:
         keys = zero_keys
-    return KernelArgs(static, (s, ints, floats, keys))
+    return KernelArgs(static, (s, ints, floats, keys),
+                      (fmt, rounding, x.dtype, x.device, scale is not None), varying)
 
 
 @lru_cache(maxsize=512)
