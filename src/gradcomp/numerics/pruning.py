@@ -220,11 +220,10 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
         return x.clone()
     use = use_compiled(compile)  # decided once per call (the policy reads the environment)
     flat, keys = counter_layout(x.detach().reshape(-1), draw_keys(generator, x.device), use)
+    res = prune_kernel(names)(flat, thr, keys, compile=use)
     if names:
-        out, c = variant(_prune_count_kernel, "stochastic_prune", count=names)(
-            flat, thr, keys, compile=use)
-        return out.view(x.shape), c
-    return _PRUNE(flat, thr, keys, compile=use).view(x.shape)
+        return res[0].view(x.shape), res[1]
+    return res.view(x.shape)
 
 
 def prune_kernel(counts: tuple = ()) -> FusedOp:
