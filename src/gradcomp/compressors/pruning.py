@@ -20,17 +20,16 @@ from gradcomp.numerics._checks import require_choice, require_float_tensor, requ
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.kernels import use_compiled
 from gradcomp.numerics.pruning import (
-    prune_kernel,
-    prune_layout,
     prune_quantize,
     prune_quantize_amax,
-    prune_quantize_amax_kernel,
+    prune_quantize_amax_unchecked,
+    prune_unchecked,
     stochastic_prune,
     topk_prune,
     topk_stochastic_prune,
     topk_threshold,
 )
-from gradcomp.numerics.random import Stream, counter_layout, draw_keys
+from gradcomp.numerics.random import Stream
 from gradcomp.numerics.sparsity import (
     _sparsity_of_t,
     empirical_sparsity,
@@ -295,14 +294,11 @@ class Pruner(CountsMixin):
             hot = self._hot(x)
             if fused:
                 out, got = self._prune_quantize(x, generator, measure, names, then, hot)
-            elif hot:  # arguments checked when set: the kernel itself (``stochastic_prune``)
-                flat, keys = counter_layout(x.view(-1), draw_keys(generator, x.device), True)
-                res = prune_kernel(names)(flat, self._threshold, keys, compile=True)
+            elif hot:  # arguments checked when set: ``stochastic_prune`` without its checks
+                out = prune_unchecked(x, self._threshold, generator, names)
                 if names:
-                    out = res[0].view(x.shape)
-                    got = dict(zip(names, res[1].unbind()))
-                else:
-                    out = res.view(x.shape)
+                    out, c = out
+                    got = dict(zip(names, c.unbind()))
             elif names:
                 out, c = stochastic_prune(x, self._threshold, generator, counts=names)
                 got = dict(zip(names, c.unbind()))
@@ -379,13 +375,9 @@ class Pruner(CountsMixin):
             keep = q.scaling.scale
             if hot and keep.dtype == torch.float64 and keep.dim() == 0 \
                     and keep.device == x.device:
-                kernel = prune_quantize_amax_kernel(q.fmt, q.rounding, x.dtype, x.device,
-                                                    q.scaling.margin, fused)
-                pkeys = draw_keys(generator, x.device)
-                rkeys = (draw_keys(generator, x.device),) if q.rounding == "stochastic" else ()
-                flat, pkeys = prune_layout(x, pkeys, q.rounding)
-                out, *rest = kernel(flat, self._threshold, pkeys, keep, *rkeys, compile=True)
-                out = out.view(x.shape)
+                out, *rest = prune_quantize_amax_unchecked(
+                    x, self._threshold, q.fmt, q.rounding, q.scaling.margin, keep, generator,
+                    fused)
             else:
                 out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
                                                  generator=generator, counts=fused or False,

@@ -30,13 +30,13 @@ from gradcomp.numerics.block import (
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import use_compiled
-from gradcomp.numerics.random import Stream, draw_keys
+from gradcomp.numerics.random import Stream
 from gradcomp.numerics.rounding import (
     COUNTS,
     ROUNDINGS,
-    amax_kernel,
     quantize_fp,
     quantize_fp_amax,
+    quantize_fp_amax_unchecked,
 )
 
 __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
@@ -80,8 +80,6 @@ class FPQuantizer(CountsMixin):
         self._acc: dict[str, torch.Tensor] = {}
         self._elements = 0
         self._last_scale: torch.Tensor | None = None
-        # (format, rounding, dtype, device, counts, margin) -> the hot path's bound kernel
-        self._kernels: dict = {}
 
     def update(self, stats: LayerStats) -> None:
         """Refresh the scale from this layer's statistics (on the schedule)."""
@@ -128,23 +126,13 @@ class FPQuantizer(CountsMixin):
                     and keep.device == x.device and keep.dtype == torch.float64
                     and keep.dim() == 0):
                 # the hot path (a layer's call per step): this quantizer's arguments were
-                # checked when it was built, so the bound kernel is called directly
-                key = (self.fmt, self.rounding, x.dtype, x.device, names, pol.margin)
-                kernel = self._kernels.get(key)
-                if kernel is None:
-                    kernel = self._kernels[key] = amax_kernel(
-                        self.fmt, self.rounding, x.dtype, x.device, pol.margin, names, True)
-                if self.rounding == "stochastic":
-                    res = kernel(x.view(-1), keep, draw_keys(generator, x.device), compile=True)
-                else:
-                    res = kernel(x.view(-1), keep, compile=True)
-                q = res[0].view(x.shape)
+                # checked when it was built, so the kernel is called without the checks
+                res = quantize_fp_amax_unchecked(x, self.fmt, self.rounding, pol.margin, keep,
+                                                 generator, names, True)
             else:
-                q, *res = quantize_fp_amax(x, self.fmt, self.rounding, generator=generator,
-                                           counts=names or False, flag=True,
-                                           **self.amax_rule())
-                res = (q, *res)
-            s, bad = res[-3], res[-1]
+                res = quantize_fp_amax(x, self.fmt, self.rounding, generator=generator,
+                                       counts=names or False, flag=True, **self.amax_rule())
+            q, s, bad = res[0], res[-3], res[-1]
             pol.commit(s)
             got = dict(zip(names, res[1].unbind())) if names else {}
             return q, self.account(x.numel(), s, None, bad, measure, got)

@@ -41,7 +41,8 @@ from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_prune",
            "topk_stochastic_prune", "topk_threshold", "keep_count", "prune_kernel",
-           "prune_quantize_amax_kernel", "prune_layout", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
+           "prune_quantize_amax_kernel", "prune_layout", "prune_unchecked",
+           "prune_quantize_amax_unchecked", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
 
 
 def _kernel_threshold(x: torch.Tensor, thr: torch.Tensor):
@@ -218,10 +219,19 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
         if names:
             return x.clone(), torch.zeros(len(names), dtype=torch.int64, device=x.device)
         return x.clone()
-    use = use_compiled(compile)  # decided once per call (the policy reads the environment)
-    flat, keys = counter_layout(x.detach().reshape(-1), draw_keys(generator, x.device), use)
-    res = prune_kernel(names)(flat, thr, keys, compile=use)
-    if names:
+    return prune_unchecked(x.detach(), thr, generator, names, use_compiled(compile))
+
+
+def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts: tuple = (),
+                    compiled: bool = True):
+    """``stochastic_prune`` after its argument checks, for a hot path that made them once (a
+    compressor's layer): x a float tensor outside autograd, ``threshold`` as the kernels take
+    it (``_threshold_arg``: a 0-d float tensor on x's device, x's own dtype for a half x),
+    ``counts`` a tuple of ``PRUNE_COUNTS`` names, ``compiled`` the fused path or the eager
+    one. Its results, the same draw from ``generator``."""
+    flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
+    res = prune_kernel(counts)(flat, threshold, keys, compile=compiled)
+    if counts:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
 
@@ -318,6 +328,20 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
     flat, pkeys = prune_layout(x, pkeys, rounding)
     res = op(flat, thr, pkeys, *args.varying, compile=True)
     return (res[0].view(x.shape), *res[1:])
+
+
+def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt, rounding: str,
+                                  margin: float, keep: torch.Tensor, generator,
+                                  counts: tuple = ()):
+    """``prune_quantize_amax``'s fused call after its argument checks (as ``prune_unchecked``;
+    ``keep`` a 0-d float64 scale on x's device, ``fmt`` an FPFormat, ``counts`` a tuple of
+    ``PRUNE_QUANTIZE_COUNTS`` names): its results, the same two draws in the same order."""
+    pkeys = draw_keys(generator, x.device)
+    rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
+    flat, pkeys = prune_layout(x, pkeys, rounding)
+    out, *rest = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts)(
+        flat, threshold, pkeys, keep, *rkeys, compile=True)
+    return (out.view(x.shape), *rest)
 
 
 def prune_layout(x, pkeys, rounding: str, compiled: bool = True):

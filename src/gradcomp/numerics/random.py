@@ -239,12 +239,14 @@ _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
 
-def _mix32_int(u: int) -> int:
-    """``mix32`` on a Python integer (its 32-bit pattern; products wrap modulo 2^32)."""
-    u &= _U32
-    u ^= u >> 16
+def _mix32_int(u):
+    """``mix32`` on a Python integer (its 32-bit pattern; products wrap modulo 2^32), or
+    elementwise on a numpy uint64 array (each product of two 32-bit values < 2^64: exact; no
+    in-place operation, so the caller's array is left as it is)."""
+    u = u & _U32
+    u = u ^ (u >> 16)
     u = (u * 0x7FEB352D) & _U32
-    u ^= u >> 15
+    u = u ^ (u >> 15)
     u = (u * 0x846CA68B) & _U32
     return u ^ (u >> 16)
 
@@ -256,44 +258,26 @@ def _signed32(u: int) -> int:
 def host_keys(seed: int) -> list[int]:
     """``stacked_keys`` of the seed ``seed`` (an int in [0, 2^62)) on Python integers: the
     same four int32 values (a test compares every bit with the tensor chain)."""
+    return [_signed32(k) for k in _keys_of(seed)]
+
+
+def _keys_of(seed):
+    """(k1, k2, k3, k4) of a seed in [0, 2^62) as unsigned 32-bit values: Python integers, or
+    elementwise on a numpy uint64 array of seeds (``keys_table``)."""
     k1 = _mix32_int((seed & 0x7FFFFFFF) ^ 0x2545F491)
     k2 = _mix32_int(((seed >> 31) & 0x7FFFFFFF) ^ k1)
     k3 = _mix32_int(k2 ^ 0x6A09E667)
-    return [_signed32(k) for k in (k1, k2, k3, _mix32_int(k3 ^ k1))]
-
-
-def _mix32_array(u: np.ndarray) -> np.ndarray:
-    """``_mix32_int`` on a uint64 array of 32-bit values (each product < 2^64: exact)."""
-    u = u ^ (u >> _NP_16)
-    u = (u * np.uint64(0x7FEB352D)) & _NP_U32
-    u = u ^ (u >> _NP_15)
-    u = (u * np.uint64(0x846CA68B)) & _NP_U32
-    return u ^ (u >> _NP_16)
-
-
-def _splitmix64_array(z: np.ndarray) -> np.ndarray:
-    """``_splitmix64`` on a uint64 array (array arithmetic wraps modulo 2^64, as the masks)."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-_NP_U32, _NP_15, _NP_16 = np.uint64(_U32), np.uint64(15), np.uint64(16)
+    return k1, k2, k3, _mix32_int(k3 ^ k1)
 
 
 def keys_table(seed: int, step: int, streams: np.ndarray, draw: int) -> np.ndarray:
     """``host_keys(stream_seed(seed, step, i, draw))`` for every i of ``streams`` (a uint64
     array) at once: an (len(streams), 4) int32 array, the same bits (numpy's uint64 array
     arithmetic is the masked Python-integer arithmetic)."""
-    z = _splitmix64(_splitmix64(seed) ^ step)
-    z = _splitmix64_array(np.full(streams.shape, z, dtype=np.uint64) ^ streams)
-    seeds = _splitmix64_array(z ^ np.uint64(draw)) >> np.uint64(2)
-    k1 = _mix32_array((seeds & np.uint64(0x7FFFFFFF)) ^ np.uint64(0x2545F491))
-    k2 = _mix32_array(((seeds >> np.uint64(31)) & np.uint64(0x7FFFFFFF)) ^ k1)
-    k3 = _mix32_array(k2 ^ np.uint64(0x6A09E667))
-    k4 = _mix32_array(k3 ^ k1)
-    return np.stack([k1, k2, k3, k4], axis=1).astype(np.uint32).view(np.int32)
+    z = _splitmix64(_splitmix64(seed) ^ step)  # the part shared by every stream
+    z = _splitmix64(np.full(streams.shape, z, dtype=np.uint64) ^ streams)
+    seeds = _splitmix64(z ^ np.uint64(draw)) >> np.uint64(2)
+    return np.stack(_keys_of(seeds), axis=1).astype(np.uint32).view(np.int32)
 
 
 def keys_of_seed(seed: torch.Tensor) -> torch.Tensor:
@@ -309,7 +293,8 @@ def keys_of_seed(seed: torch.Tensor) -> torch.Tensor:
 
 
 def _splitmix64(z: int) -> int:
-    # the output function of Steele, Lea and Flood's SplitMix64 (a bijection of 64-bit words)
+    # the output function of Steele, Lea and Flood's SplitMix64 (a bijection of 64-bit words);
+    # also elementwise on a numpy uint64 array, whose arithmetic wraps modulo 2^64 as the masks
     z = (z + 0x9E3779B97F4A7C15) & _U64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64

@@ -75,8 +75,8 @@ from gradcomp.numerics.random import draw_keys, random_bits
 from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
-           "prepare", "amax_args", "amax_kernel", "bind_kernel", "stack_counts", "COUNTS",
-           "ROUNDINGS", "KernelArgs", "AmaxArgs"]
+           "prepare", "amax_args", "amax_kernel", "bind_kernel", "quantize_fp_amax_unchecked",
+           "stack_counts", "COUNTS", "ROUNDINGS", "KernelArgs", "AmaxArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -527,6 +527,19 @@ def amax_kernel(fmt: FPFormat, rounding: str, dtype: torch.dtype, device: torch.
     return bind_kernel(_amax_flat, "quantize_fp_amax", (fmt, rounding, dtype, device,
                                                          float(margin)),
                        tuple(counts), amax=True, elementwise=False, flag=bool(flag))
+
+
+def quantize_fp_amax_unchecked(x: torch.Tensor, fmt: FPFormat, rounding: str, margin: float,
+                               keep: torch.Tensor, generator, counts: tuple = (),
+                               flag: bool = False):
+    """``quantize_fp_amax``'s fused call after its argument checks, for a hot path that made
+    them once (a compressor's layer): x a contiguous float tensor outside autograd, ``keep`` a
+    0-d float64 scale on x's device, ``fmt`` an FPFormat, ``rounding`` one of ``ROUNDINGS``,
+    ``counts`` a tuple of ``COUNTS`` names. Its results, the same draw from ``generator``."""
+    keys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
+    res = amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, flag)(
+        x.view(-1), keep, *keys, compile=True)
+    return (res[0].view(x.shape), *res[1:])
 
 
 class KernelArgs(NamedTuple):
