@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gradcomp.compressors.pruning import Pruner
-from gradcomp.compressors.quantizer import FPQuantizer
+from gradcomp.compressors.quantizer import BlockQuantizer, FPQuantizer
 from gradcomp.numerics import kernels
+from gradcomp.numerics.block import quantize_block_checked
 from gradcomp.numerics.fit import LayerStats, fit_lognormal
 from gradcomp.numerics.pruning import prune_quantize_amax, stochastic_prune
 from gradcomp.numerics.random import StepStreams
@@ -114,3 +115,34 @@ def test_hot_path_steps_aside_for_what_it_does_not_take():
     out, _ = p.compress(half, _streams().stream(0), measure=False)
     assert torch.equal(out, stochastic_prune(half, p.threshold, _streams().stream(0),
                                              compile=False))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_block_quantizer_hot_path_calls_its_kernels_directly(monkeypatch, fmt, rounding):
+    # conv outputs with channels shorter than one block, one block and several: after a layer's
+    # first call the block kernels run without any operator dispatch (their bound direct calls),
+    # bit for bit the public quantize_block's eager path (channels blocked in place), and the
+    # non-finite count is the eager path's
+    q = BlockQuantizer(fmt, rounding, track_metrics=False)
+    along = q.fmt.replace(dims=(1,))
+    grads = [_grad(2 * c * 36, seed=c).view(2, c, 6, 6) for c in (16, 32, 64)]
+    grads[1][1, 3, 2, 2] = float("nan")
+
+    def check():
+        for i, g in enumerate(grads):
+            out, bad = q.compress(g, _streams(i).stream(0), check=True)
+            want, wbad = quantize_block_checked(g, along, rounding, _streams(i).stream(0),
+                                                compile=False)
+            assert torch.equal(torch.isnan(out), torch.isnan(want))
+            assert torch.equal(_bits(torch.nan_to_num(out)), _bits(torch.nan_to_num(want)))
+            assert (float(bad) > 0) == (int(wbad) > 0) == (i == 1)
+
+    check()
+    calls = []  # the operators' dispatch on the fused path (the reference calls it eager)
+    real = kernels.FusedOp.__call__
+    monkeypatch.setattr(kernels.FusedOp, "__call__",
+                        lambda self, *a, **k: calls.append(k.get("compile")) or real(self, *a,
+                                                                                    **k))
+    check()
+    assert calls and True not in calls

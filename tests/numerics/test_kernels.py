@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,63 @@ def test_a_bound_operator_calls_with_its_fixed_arguments(monkeypatch):
     assert [k["compile"] for k in calls] == [True, False]
     with pytest.raises(TypeError, match="2 varying arguments"):
         bound(x)
+
+
+def _broadcast(x, a, k1, *, k):
+    return x * a + k1 * k
+
+
+def _spy_dynamo(monkeypatch, op) -> list:
+    calls = []
+    real = op._compiled
+    monkeypatch.setattr(op, "_compiled", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_direct_calls_take_shared_sizes_size_one_dimensions_and_int_statics(monkeypatch):
+    # a (rows, 1) input broadcast against x shares x's row symbol; a keyword-only int static
+    # becomes a graph input; a size-1 dimension is specialised by dynamo: each signature goes
+    # through dynamo once, then every call is direct, bit for bit the eager body's
+    op = kernels.FusedOp(_broadcast, "broadcast", k=3)
+    k1 = torch.tensor(0.25)
+    x, a = torch.randn(6, 5), torch.randn(6, 1)
+    assert torch.equal(op(x, a, k1, compile=True), x * a + k1 * 3)
+    assert all(d is not None for d in op._direct.values())
+    dynamo = _spy_dynamo(monkeypatch, op)
+    for rows, cols in ((6, 5), (9, 4), (2, 33)):
+        x, a = torch.randn(rows, cols), torch.randn(rows, 1)
+        assert torch.equal(op(x, a, k1, compile=True), x * a + k1 * 3)
+    assert dynamo == []
+    one = torch.randn(1, 7), torch.randn(1, 1)  # a size-1 row: its own signature
+    for _ in range(2):
+        assert torch.equal(op(*one, k1, compile=True), one[0] * one[1] + k1 * 3)
+    assert len(dynamo) == 1
+    x, a = torch.randn(4, 3), torch.randn(4, 1)
+    assert torch.equal(op(x, a, k1, compile=True), x * a + k1 * 3)
+    assert len(dynamo) == 1  # the general graph's direct call still answers
+    five = kernels.FusedOp(_broadcast, "broadcast", k=5)  # another static value: its own code
+    for _ in range(2):
+        assert torch.equal(five(x, a, k1, compile=True), x * a + k1 * 5)
+    assert all(d is not None for d in five._direct.values())
+
+
+def _scale_by(x, s):
+    return x * s
+
+
+def test_the_recompile_limit_starts_a_fresh_code_object():
+    # more graphs than dynamo's recompile budget of one code object (8): the operator compiles
+    # a fresh copy instead of switching every fused operator to the eager path
+    op = kernels.FusedOp(_scale_by, "scale_by", split=("limit",))
+    s = torch.tensor(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for dtype in (torch.float32, torch.float64):
+            for rank in range(1, 6):
+                x = torch.randn(*[3 + d for d in range(rank)]).to(dtype)
+                assert torch.equal(op(x, s.to(dtype), compile=True), x * s.to(dtype))
+    assert len(op._graphs) == 10 and op._copies >= 1
+    assert not kernels._BROKEN  # the fused path stays on for every operator
 
 
 @pytest.mark.parametrize("n", [64 * 1024, 1605632, 3 * 1024 * 77])

@@ -21,12 +21,7 @@ import torch
 from gradcomp.compressors._counts import CountsMixin, read_floats
 from gradcomp.compressors.scaling import AmaxCurrent, PerLayerEmpirical, ScalingPolicy, make_scaling
 from gradcomp.numerics._checks import require_choice, require_float_tensor, require_int_range
-from gradcomp.numerics.block import (
-    BlockFormat,
-    quantize_block,
-    quantize_block_checked,
-    quantize_block_metrics,
-)
+from gradcomp.numerics.block import BLOCK_DTYPES, BlockFormat, quantize_block_unchecked
 from gradcomp.numerics.fit import LayerStats
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.kernels import use_compiled
@@ -273,8 +268,10 @@ class BlockQuantizer(CountsMixin):
         block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
         a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
         1-D blocks along a dimension that is not the last: ``numerics.block``'s strided
-        layout), else one min/max pass (``quantize_block_checked``)."""
+        layout), else one min/max pass (``numerics.block.quantize_block_checked``)."""
         require_float_tensor(x, "x")
+        if x.dtype not in BLOCK_DTYPES:
+            require_choice(x.dtype, "x.dtype", BLOCK_DTYPES)
         measure = self.track_metrics if measure is None else bool(measure)
         move = self.dims == "channels" and x.dim() in (4, 5)
         fmt = self.fmt
@@ -282,8 +279,11 @@ class BlockQuantizer(CountsMixin):
             fmt, move = self._channel_fmt, False
         y = x.movedim(1, -1) if move else x
         bad = None
+        # format and rounding were checked at construction, x just above: the numerics'
+        # unchecked call (``quantize_block_metrics`` / ``_checked`` / ``quantize_block``)
+        stochastic = self.rounding == "stochastic"
         if measure:
-            q, m = quantize_block_metrics(y, fmt, self.rounding, generator)
+            q, m = quantize_block_unchecked(y, fmt, stochastic, generator, metrics=True)
             zeros = (q == 0).sum()
             self._add("underflow", m.underflow)
             self._add("overflow", m.saturated)
@@ -293,10 +293,10 @@ class BlockQuantizer(CountsMixin):
             bad = m.nonfinite.detach().double().reshape(())
         else:
             if check:  # the count comes from the block kernel's own amax where it can
-                q, bad = quantize_block_checked(y, fmt, self.rounding, generator)
+                q, bad = quantize_block_unchecked(y, fmt, stochastic, generator, flag=True)
                 bad = bad.double()
             else:
-                q = quantize_block(y, fmt, self.rounding, generator)
+                q = quantize_block_unchecked(y, fmt, stochastic, generator)
         return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:

@@ -52,8 +52,9 @@ Edge cases, exactly:
 * a block of zeros: amax 0 gives the smallest scale of the rule (E8M0 2^-127: byte 0 for floor
   and rceil; E4M3 2^-6 * t; FP32 2^-126); the block stays zero (signs kept).
 * a block holding NaN: amax is NaN, so the scale is NaN (E8M0 byte 0xFF, E4M3 NaN, FP32 NaN)
-  and every element of that block is NaN. torchao's dequantized blocks are NaN too (its scale
-  is NaN); its stored element codes are finite.
+  and every element of that block is NaN (sign and payload unspecified: which NaN operand an
+  operation passes on depends on the compiled code). torchao's dequantized blocks are NaN too
+  (its scale is NaN); its stored element codes are finite.
 * a block holding +-inf (no NaN): amax is inf. E8M0 floor reads log2(inf) as 128: k = 128 -
   emax; rceil gives k = 127 (byte 254); E4M3 clamps to 448 * t; FP32 clamps to float32 max. The
   inf elements saturate to +-max * s, which overflows to +-inf in a float32/half result for
@@ -90,8 +91,6 @@ from __future__ import annotations
 
 import math
 import re
-import types
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -101,6 +100,7 @@ import torch.nn.functional as F
 
 from gradcomp.numerics._checks import require_choice, require_float_tensor
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.kernels import variant
 from gradcomp.numerics.random import draw_keys, uniform_at, uniform_from_keys
 from gradcomp.numerics.rounding import (
     _float_path,
@@ -111,6 +111,7 @@ from gradcomp.numerics.rounding import (
 )
 
 __all__ = [
+    "BLOCK_DTYPES",
     "BlockFormat",
     "BlockMetrics",
     "NAMED_BLOCK_FORMATS",
@@ -122,6 +123,7 @@ __all__ = [
     "quantize_block",
     "quantize_block_checked",
     "quantize_block_metrics",
+    "quantize_block_unchecked",
 ]
 
 SCALE_FORMATS = ("e8m0", "e4m3", "fp32")
@@ -129,7 +131,7 @@ SCALE_RULES = ("floor", "rceil", "nearest")
 _RULES_FOR = {"e8m0": ("floor", "rceil"), "e4m3": ("nearest",), "fp32": ("nearest",)}
 _SCALE_BITS = {"e8m0": 8, "e4m3": 8, "fp32": 32}
 _ROUNDINGS = ("nearest", "stochastic")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BLOCK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what x may be
 _E4M3 = FPFormat.from_name("e4m3fn")
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -312,7 +314,7 @@ def e8m0_encode(v: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
     NaN). Everything else agrees bit for bit (tested). Accepts float32/bfloat16/float16/float64.
     """
     require_float_tensor(v, "v")
-    require_choice(v.dtype, "v.dtype", _DTYPES)
+    require_choice(v.dtype, "v.dtype", BLOCK_DTYPES)
     require_choice(rounding, "rounding", ("floor", "ceil", "nearest"))
     wide = v.dtype == torch.float64
     c = _container(wide)
@@ -400,14 +402,14 @@ def _elem_consts(elem: FPFormat, wide: bool, device) -> tuple[torch.Tensor, torc
     return ints, flts
 
 
-def _float_elems(elem: FPFormat, x: torch.Tensor) -> bool:
-    """Whether x's elements round onto ``elem`` on float operations (``_round_elems_float``):
-    a float32 container (float32 and half inputs) on the CPU, and an element format inside
-    the exact range of Veltkamp's splitting (``rounding._float_path``). CUDA keeps the bit
-    path: Triton contracts a*K - a into an FMA, which skips the rounding the splitting needs
-    (the CPU kernels are compiled without contraction, ``kernels.COMPILE_OPTIONS``)."""
-    return (x.dtype != torch.float64 and x.device.type == "cpu"
-            and _float_path(elem, wide=False))
+def _float_elems(elem: FPFormat, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether elements of x (``dtype`` on ``device``) round onto ``elem`` on float operations
+    (``_round_elems_float``): a float32 container (float32 and half inputs) on the CPU, and an
+    element format inside the exact range of Veltkamp's splitting (``rounding._float_path``).
+    CUDA keeps the bit path: Triton contracts a*K - a into an FMA, which skips the rounding the
+    splitting needs (the CPU kernels are compiled without contraction,
+    ``kernels.COMPILE_OPTIONS``)."""
+    return dtype != torch.float64 and device.type == "cpu" and _float_path(elem, wide=False)
 
 
 def _round_elems_float(y, flts, u):
@@ -583,18 +585,19 @@ def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool, 
     return _e8m0_scale(amax, ints, flts, sc, c, kind == "e8m0_rceil")
 
 
-def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, metrics: bool,
+def _block_elements(x, a, deq, ints, flts, k1, k2, div: bool, stochastic: bool, metrics: bool,
                     pad_to: int | None = None, fast: bool = False, counter: tuple | None = None):
-    """Round the scaled elements and dequantize (elementwise given the block scales).
-    ``pad_to``: x is (rows, s) rows shorter than one block of ``pad_to`` elements, unpadded
-    (``_canonical``); element (r, j) draws the random bits of element r * pad_to + j of the
-    padded layout, so the result is the padded pass's. ``counter``: int32 tensors that
-    broadcast to x and sum to each element's counter (the strided layout, ``_strided``).
-    ``fast``: elements rounded on float operations (``_float_elems``)."""
+    """Round the scaled elements and dequantize (elementwise given the block scales): y = x / a
+    (``div``, FP32 scales) or x * a. ``pad_to``: x is (rows, s) rows shorter than one block of
+    ``pad_to`` elements, unpadded (``_canonical``); element (r, j) draws the random bits of
+    element r * pad_to + j of the padded layout, so the result is the padded pass's.
+    ``counter``: int32 tensors that broadcast to x and sum to each element's counter (the
+    strided layout, ``_strided_counter``). ``fast``: elements rounded on float operations
+    (``_float_elems``)."""
     wide = x.dtype == torch.float64
     c = _container(wide)
     xf = x.to(c.fdt)
-    y = xf / a if kind == "fp32" else xf * a
+    y = xf / a if div else xf * a
     u = None
     if stochastic and counter is not None:
         lc, cc, tc = counter
@@ -616,113 +619,110 @@ def _block_elements(x, a, deq, ints, flts, k1, k2, kind: str, stochastic: bool, 
     return out, underflow, saturated, nonfinite
 
 
-def _block_body(x, ints, flts, sc, k1, k2, red: tuple, kind: str, stochastic: bool,
-                tensor_scale: bool, metrics: bool, pad_to: int | None = None,
-                fast: bool = False):
+@lru_cache(maxsize=64)
+def _strided_counter(lead: int, nb: int, b: int, trail: int, short: int | None,
+                     device: torch.device) -> tuple:
+    """int32 tensors that broadcast to the strided view (lead, nb blocks, b, trail) and sum to
+    element (l, c, t)'s counter (l * trail + t) * P + c (``_strided``): P = nb * b, or
+    ``short`` (the block size) for a dimension shorter than one block. Passed to the kernel
+    (loaded, broadcast: measured 3-7x faster on the CPU than the same iota computed inside the
+    compiled loop, whose index arithmetic inductor did not vectorise) and kept per shape (a
+    layer's gradient has the same shape every step)."""
+    P = nb * b if short is None else short
+    return ((torch.arange(lead, dtype=torch.int32, device=device) * (trail * P))
+            .view(lead, 1, 1, 1),
+            torch.arange(nb * b, dtype=torch.int32, device=device).view(1, nb, b, 1),
+            (torch.arange(trail, dtype=torch.int32, device=device) * P).view(1, 1, 1, trail))
+
+
+# ---- the kernels: each a FusedOp variant (``kernels.variant``) of one body, its Python-valued
+# arguments bound per variant, its tensors passed (a new format or size reuses the graph) ----
+# (the E4M3 scale constants come as two tensors si, sf: a graph input must be an argument)
+def _one_pass(x, ints, flts, si, sf, k1, k2, *, red, kind, stochastic, ts, metrics, pad_to,
+              fast):
     """The whole block quantization on the canonical (padded, split) tensor x."""
-    a, deq = _block_scales(x, ints, flts, sc, red, kind, tensor_scale)
-    return _block_elements(x, a, deq, ints, flts, k1, k2, kind, stochastic, metrics, pad_to,
-                           fast)
-
-
-# one module-level function per variant (dynamo's recompile budget is per code object)
-def _k_floor(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_floor", st, ts, m, p, fe)
-
-
-def _k_rceil(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
-    return _block_body(x, i, f, s, k1, k2, red, "e8m0_rceil", st, ts, m, p, fe)
-
-
-def _k_e4m3(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
-    return _block_body(x, i, f, s, k1, k2, red, "e4m3", st, ts, m, p, fe)
-
-
-def _k_fp32(x, i, f, s, k1, k2, red, st, ts, m, p=None, fe=False):
-    return _block_body(x, i, f, s, k1, k2, red, "fp32", st, ts, m, p, fe)
+    a, deq = _block_scales(x, ints, flts, (si, sf), red, kind, ts)
+    return _block_elements(x, a, deq, ints, flts, k1, k2, kind == "fp32", stochastic, metrics,
+                           pad_to, fast)
 
 
 # stochastic rounding runs as two fused kernels, block scales then elements: measured on the
 # CPU, inductor's single reduction-plus-hash kernel was about 3x slower than the two (the
 # extra traffic is the scale tensor, 1/n of x)
-def _s_floor(x, i, f, s, red, ts):
-    return _block_scales(x, i, f, s, red, "e8m0_floor", ts)
+def _scales(x, ints, flts, si, sf, *, red, kind, ts):
+    return _block_scales(x, ints, flts, (si, sf), red, kind, ts)
 
 
-def _s_rceil(x, i, f, s, red, ts):
-    return _block_scales(x, i, f, s, red, "e8m0_rceil", ts)
+def _elements(x, a, deq, ints, flts, k1, k2, *, div, metrics, pad_to, fast):
+    return _block_elements(x, a, deq, ints, flts, k1, k2, div, True, metrics, pad_to, fast)
 
 
-def _s_e4m3(x, i, f, s, red, ts):
-    return _block_scales(x, i, f, s, red, "e4m3", ts)
-
-
-def _s_fp32(x, i, f, s, red, ts):
-    return _block_scales(x, i, f, s, red, "fp32", ts)
-
-
-def _e_kernel_floor(x, a, d, i, f, k1, k2, m, p=None, fe=False):
-    return _block_elements(x, a, d, i, f, k1, k2, "e8m0_floor", True, m, p, fe)
-
-
-def _e_kernel_fp32(x, a, d, i, f, k1, k2, m, p=None, fe=False):
-    return _block_elements(x, a, d, i, f, k1, k2, "fp32", True, m, p, fe)
-
-
-# the strided layout (``_strided``): the element kernel of every kind and rounding, with the
-# counter tensors of stochastic rounding (None for nearest)
-def _e_kernel_at(x, a, d, i, f, k1, k2, m, st, fe, kind, lc=None, cc=None, tc=None):
-    return _block_elements(x, a, d, i, f, k1, k2, kind, st, m, None, fe,
-                           (lc, cc, tc) if st else None)
-
-
-def _s_kernel_at(x, i, f, s, kind, ts):
+# the strided layout (``_strided``): block scales, then the elements of every rounding (two
+# kernels: measured faster than one fused kernel on the CPU, whose scale epilogue inductor runs
+# per block row)
+def _scales_at(x, ints, flts, si, sf, *, kind, ts):
     """(a, deq, blocks holding a NaN or inf): the count from the blocks' amax in the same
     reduction (>= inf, or NaN: ``~(amax < inf)``), so that a caller checking for non-finite
     values needs no pass of its own."""
     amax = x.to(_container(x.dtype == torch.float64).fdt).abs().amax(dim=(2,), keepdim=True)
-    a, deq = _block_scales(x, i, f, s, (2,), kind, ts, amax, vec=True)
+    a, deq = _block_scales(x, ints, flts, (si, sf), (2,), kind, ts, amax, vec=True)
     return a, deq, (~(amax < math.inf)).sum(dtype=torch.int64)
+
+
+def _elements_at(x, a, deq, ints, flts, k1, k2, lc=None, cc=None, tc=None, *, div, stochastic,
+                 metrics, fast):
+    return _block_elements(x, a, deq, ints, flts, k1, k2, div, stochastic, metrics, None, fast,
+                           (lc, cc, tc) if stochastic else None)
 
 
 _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
           ("e4m3", "nearest"): "e4m3", ("fp32", "nearest"): "fp32"}
-_KERNELS = {"e8m0_floor": _k_floor, "e8m0_rceil": _k_rceil, "e4m3": _k_e4m3, "fp32": _k_fp32}
-# multiply-by-reciprocal kinds share one element kernel (the kind only selects x*a vs x/a)
-_S_KERNELS = {"e8m0_floor": _s_floor, "e8m0_rceil": _s_rceil, "e4m3": _s_e4m3,
-              "fp32": _s_fp32}
-_E_KERNELS = {"e8m0_floor": _e_kernel_floor, "e8m0_rceil": _e_kernel_floor,
-              "e4m3": _e_kernel_floor, "fp32": _e_kernel_fp32}
-_COMPILED: dict = {}
-_COMPILE_BROKEN = False
 
 
-def _compiled(fn, variant: tuple = ()):
-    """The compiled kernel of ``fn`` for one variant (the Python-valued arguments and the
-    canonical rank). Each variant gets its own copy of ``fn``'s code object: dynamo's recompile
-    budget (8 graphs) is per code object, and one recipe can need more variants of one kernel
-    than that (NVFP4 1x16 and 16x16 tiles, nearest and stochastic, with and without metrics);
-    past the budget dynamo fails, and a failure sends every later call down the eager path."""
-    key = (fn, variant)
-    if key not in _COMPILED:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_v{len(_COMPILED)}")
-        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                   fn.__closure__)
-        from gradcomp.numerics.kernels import COMPILE_OPTIONS
+class _Plan(NamedTuple):
+    """A layout's kernels for one format, rounding, metrics, dtype and device, with the
+    constant tensors bound (``kernels.Bound``): ``scales`` (None: one pass) takes x, ``elements``
+    takes x (a, deq) k1, k2."""
 
-        _COMPILED[key] = torch.compile(clone, dynamic=True, fullgraph=True,
-                                       options=COMPILE_OPTIONS)
-    return _COMPILED[key]
+    scales: object
+    elements: object
+    zero_keys: tuple
 
 
-def _compile_switch(compile) -> bool:
-    if compile is not None:
-        return bool(compile)
-    if _COMPILE_BROKEN:
-        return False
-    from gradcomp.numerics.kernels import compile_enabled  # the one compile policy
-
-    return compile_enabled()
+@lru_cache(maxsize=512)
+def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
+          device: torch.device, layout: tuple) -> _Plan:
+    """The kernels of one call shape: ``layout`` is ("strided", short) or ("canonical", red,
+    pad_to). Multiply-by-reciprocal kinds share one element kernel (the kind only selects
+    x * a against x / a)."""
+    wide = dtype == torch.float64
+    ints, flts = _elem_consts(bf.elem, wide, device)
+    sc = _elem_consts(_E4M3, wide, device)
+    kind = _KINDS[(bf.scale, bf.rule)]
+    div = kind == "fp32"
+    fast = _float_elems(bf.elem, dtype, device)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
+    if layout[0] == "strided":
+        scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
+        elements = variant(_elements_at, "quantize_block", False, split, div=div,
+                           stochastic=stochastic, metrics=metrics, fast=fast)
+        counters = (None,) * 3 if stochastic else ()
+        return _Plan(scales.bind(None, ints, flts, *sc),
+                     elements.bind(None, None, None, ints, flts, None, None, *counters),
+                     (zero, zero))
+    _, red, pad_to = layout
+    if not stochastic:
+        one = variant(_one_pass, "quantize_block", False, split, red=red, kind=kind,
+                      stochastic=False, ts=bf.tensor_scale, metrics=metrics, pad_to=pad_to,
+                      fast=fast)
+        return _Plan(None, one.bind(None, ints, flts, *sc, None, None), (zero, zero))
+    scales = variant(_scales, "quantize_block", False, split, red=red, kind=kind,
+                     ts=bf.tensor_scale)
+    elements = variant(_elements, "quantize_block", False, split, div=div, metrics=metrics,
+                       pad_to=pad_to, fast=fast)
+    return _Plan(scales.bind(None, ints, flts, *sc),
+                 elements.bind(None, None, None, ints, flts, None, None), (zero, zero))
 
 
 def _canonical(x: torch.Tensor, bf: BlockFormat):
@@ -781,15 +781,15 @@ def _canonical(x: torch.Tensor, bf: BlockFormat):
 
 
 def _strided(x: torch.Tensor, bf: BlockFormat):
-    """``(view, P)`` for 1-D blocks along a dimension d that is not the last: x (contiguous)
+    """``(view, short)`` for 1-D blocks along a dimension d that is not the last: x (contiguous)
     viewed as (lead, blocks, block, trail) with the block dimension reduced in place, so no
     copy moves d last and the result comes out in x's own layout (a conv output's channel
     blocks: amax over channel groups, vectorised along the pixels). Only where x's size along d
-    is a multiple of the block (P = that size) or shorter than one block (one short block per
-    position, P = the block, as ``_canonical``'s unpadded short rows); else None
+    is a multiple of the block (``short`` None) or shorter than one block (one short block per
+    position, as ``_canonical``'s unpadded short rows; ``short`` the block size); else None
     (``_canonical`` moves d last and pads). Stochastic rounding draws element (l, c, t) at
-    counter (l * trail + t) * P + c: its index in ``_canonical``'s padded layout, so both
-    layouts give the same bits."""
+    counter (l * trail + t) * P + c (P: x's size along d, or the block for a short one): its
+    index in ``_canonical``'s padded layout, so both layouts give the same bits."""
     if len(bf.block) != 1 or x.dim() < 2 or not x.is_contiguous():
         return None
     d = bf.dims[0]
@@ -803,44 +803,19 @@ def _strided(x: torch.Tensor, bf: BlockFormat):
     if n < b:
         return x.view(lead, 1, n, trail), b
     if n % b == 0:
-        return x.view(lead, n // b, b, trail), n
+        return x.view(lead, n // b, b, trail), None
     return None
 
 
-def _run_strided(x, v, P, bf, ints, flts, sc, k1, k2, stochastic, compile, metrics):
-    """``_run`` on the strided layout: a block-scale kernel, then the element kernel (two
-    compiled calls; measured faster than one fused kernel on the CPU, whose scale epilogue
-    inductor runs per block row)."""
-    global _COMPILE_BROKEN
+def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
+    """``_run`` on the strided layout: a block-scale kernel, then the element kernel."""
     lead, nb, b, trail = v.shape
-    if lead * trail * P >= 1 << 31:
-        raise ValueError(f"x has too many elements for the int32 counter: {lead * trail * P}")
-    kind = _KINDS[(bf.scale, bf.rule)]
-    fast = _float_elems(bf.elem, v)
-    counter = ()
-    if stochastic:
-        dev = v.device
-        counter = ((torch.arange(lead, dtype=torch.int32, device=dev) * (trail * P))
-                   .view(lead, 1, 1, 1),
-                   torch.arange(nb * b, dtype=torch.int32, device=dev).view(1, nb, b, 1),
-                   (torch.arange(trail, dtype=torch.int32, device=dev) * P)
-                   .view(1, 1, 1, trail))
-    res = None
-    if _compile_switch(compile):
-        try:
-            variant = ("strided", kind, stochastic, bf.tensor_scale, metrics, fast)
-            a, deq, bad = _compiled(_s_kernel_at, variant)(v, ints, flts, sc, kind,
-                                                           bf.tensor_scale)
-            res = _compiled(_e_kernel_at, variant)(v, a, deq, ints, flts, k1, k2, metrics,
-                                                   stochastic, fast, kind, *counter)
-        except Exception as exc:  # a missing C++ toolchain must not break training
-            _COMPILE_BROKEN = True
-            warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          "using the eager path", RuntimeWarning, stacklevel=4)
-    if res is None:
-        a, deq, bad = _s_kernel_at(v, ints, flts, sc, kind, bf.tensor_scale)
-        res = _e_kernel_at(v, a, deq, ints, flts, k1, k2, metrics, stochastic, fast, kind,
-                           *counter)
+    counted = lead * trail * (nb * b if short is None else short)
+    if counted >= 1 << 31:
+        raise ValueError(f"x has too many elements for the int32 counter: {counted}")
+    counter = _strided_counter(lead, nb, b, trail, short, v.device) if stochastic else ()
+    a, deq, bad = plan.scales(v, compile=compile)
+    res = plan.elements(v, a, deq, k1, k2, *counter, compile=compile)
     if not metrics:
         return res.view(x.shape), bad
     return _with_metrics(res, lambda out: out.view(x.shape))
@@ -850,26 +825,31 @@ def _run(x, bf, rounding, generator, compile, metrics, flag=False):
     """``quantize_block`` (``metrics``: with ``BlockMetrics``; ``flag``: with the 0-d int64
     number of blocks holding a NaN or inf, from the scale kernel on the strided layout, from
     one min/max pass otherwise)."""
-    global _COMPILE_BROKEN
     require_float_tensor(x, "x")
-    require_choice(x.dtype, "x.dtype", _DTYPES)
+    require_choice(x.dtype, "x.dtype", BLOCK_DTYPES)
     bf = _as_block_format(bf)
     require_choice(rounding, "rounding", _ROUNDINGS)
-    wide = x.dtype == torch.float64
-    dev = torch.device(x.device)
-    ints, flts = _elem_consts(bf.elem, wide, dev)
-    sc = _elem_consts(_E4M3, wide, dev)
-    stochastic = rounding == "stochastic"
-    if stochastic:
-        k1, k2 = draw_keys(generator, dev)[:2].unbind()
-    else:
-        k1 = k2 = torch.zeros((), dtype=torch.int32, device=dev)
-    strided = _strided(x.detach(), bf)
+    return quantize_block_unchecked(x, bf, rounding == "stochastic", generator, metrics, flag,
+                                    compile)
+
+
+def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
+                             generator=None, metrics: bool = False, flag: bool = False,
+                             compile: bool | None = None):
+    """:func:`quantize_block` (``metrics``: :func:`quantize_block_metrics`, ``flag``:
+    :func:`quantize_block_checked`) after their checks: x a tensor of a block dtype (float32,
+    float16, bfloat16, float64), ``bf`` a :class:`BlockFormat`, ``stochastic`` a bool. What a
+    compressor that checked its format and rounding once calls per layer and step."""
+    dev = x.device
+    x = x.detach()
+    strided = _strided(x, bf)
     if strided is not None:
-        res = _run_strided(x, *strided, bf, ints, flts, sc, k1, k2, stochastic, compile,
-                           metrics)
+        v, short = strided
+        plan = _plan(bf, stochastic, metrics, x.dtype, dev, ("strided", short))
+        k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
+        res = _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics)
         return res if metrics or flag else res[0]
-    xc, red, restore = _canonical(x.detach(), bf)
+    xc, red, restore = _canonical(x, bf)
     # rows shorter than one block stay unpadded; stochastic rounding then draws each element's
     # bits at its index in the padded layout (the counter of the padded pass)
     pad_to = None
@@ -878,27 +858,15 @@ def _run(x, bf, rounding, generator, compile, metrics, flag=False):
     counted = xc.numel() if pad_to is None else xc.shape[0] * pad_to
     if counted >= 1 << 31:
         raise ValueError(f"x has too many elements for the int32 counter: {counted}")
-    kind = _KINDS[(bf.scale, bf.rule)]
-    fn = _KERNELS[kind]
-    fast = _float_elems(bf.elem, xc)
-    args = (xc, ints, flts, sc, k1, k2, red, stochastic, bf.tensor_scale, metrics, pad_to, fast)
-    res = None
-    if _compile_switch(compile) and xc.numel() > 0:
-        try:
-            variant = (xc.dim(), red, stochastic, bf.tensor_scale, metrics, pad_to, fast)
-            if stochastic:
-                a, deq = _compiled(_S_KERNELS[kind], variant)(xc, ints, flts, sc, red,
-                                                               bf.tensor_scale)
-                res = _compiled(_E_KERNELS[kind], variant)(xc, a, deq, ints, flts, k1, k2,
-                                                           metrics, pad_to, fast)
-            else:
-                res = _compiled(fn, variant)(*args)
-        except Exception as exc:  # a missing C++ toolchain must not break training
-            _COMPILE_BROKEN = True
-            warnings.warn(f"quantize_block: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          "using the eager path", RuntimeWarning, stacklevel=3)
-    if res is None:
-        res = fn(*args)
+    plan = _plan(bf, stochastic, metrics, x.dtype, dev, ("canonical", red, pad_to))
+    k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
+    if xc.numel() == 0:
+        compile = False
+    if plan.scales is None:
+        res = plan.elements(xc, k1, k2, compile=compile)
+    else:
+        a, deq = plan.scales(xc, compile=compile)
+        res = plan.elements(xc, a, deq, k1, k2, compile=compile)
     if not metrics and flag:
         return restore(res), nonfinite_flag(xc).to(torch.int64)
     if not metrics:
@@ -966,7 +934,7 @@ def block_scales(x: torch.Tensor, bf) -> torch.Tensor:
     ``(leading, blocks...)``: ``(numel / n,)``-like rows for 1-D blocks, ``(lead, r, c)``
     tile grids for 2-D. Values of E8M0 blocks are powers of two (NaN for a NaN block)."""
     require_float_tensor(x, "x")
-    require_choice(x.dtype, "x.dtype", _DTYPES)
+    require_choice(x.dtype, "x.dtype", BLOCK_DTYPES)
     bf = _as_block_format(bf)
     wide = x.dtype == torch.float64
     c = _container(wide)

@@ -59,8 +59,11 @@ __all__ = ["Bound", "FusedOp", "INT32_LIMIT", "compile_enabled", "set_compile", 
 # TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG): the float path of nearest rounding
 # (Veltkamp's splitting, numerics.rounding) needs a*K rounded before c - a, and an FMA
 # would skip that rounding
+# size_asserts (inductor's default, pinned): the generated code checks every input's sizes and
+# strides against the symbols it is called with, which is what makes a direct call (``_Direct``)
+# of a graph whose inputs share size symbols safe (a mismatch raises, dynamo answers)
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.enable_floating_point_contract_flag": "off",
-                   "cpp.enable_unsafe_math_opt_flag": False}
+                   "cpp.enable_unsafe_math_opt_flag": False, "size_asserts": True}
 # tensors of this many elements or more take int64 counts (rounding.stack_counts) and their
 # own direct-call signature
 INT32_LIMIT = 1 << 31
@@ -105,26 +108,27 @@ class FusedOp:
     of whole rows (module docstring). A result may also be a pair ``(out, counts)``
     with ``counts`` a 1-d int64 tensor of sums over the elements (added over the chunks).
     Keyword arguments ``static`` (Python constants) are bound to the body: each set is its own
-    variant, compiled separately (``FusedOp(body, name, True, stochastic=True)``).
+    variant, compiled separately (``FusedOp(body, name, True, stochastic=True)``). ``split``:
+    values that get a variant of their own without being arguments (dtype, device type: each
+    would otherwise be one more graph of the same code object, whose recompile budget dynamo
+    limits to 8).
     """
 
-    def __init__(self, fn, name: str, elementwise: bool = False, **static):
+    def __init__(self, fn, name: str, elementwise: bool = False, split: tuple = (), **static):
         self.name, self.elementwise = name, elementwise
-        if static:
+        if static or split:
             # one variant of a kernel: ``static`` (Python constants: which rounding, which
             # counts) bound to a copy of fn's code object, because dynamo's recompile budget is
             # per code object and one body serves many variants
             # (bound as keyword defaults: torch.compile of a functools.partial would compile a
             # shared wrapper frame instead)
-            code = fn.__code__.replace(co_name=f"{fn.__name__}__{'_'.join(map(str, static))}")
-            clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                       fn.__closure__)
-            clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
-            fn = clone
+            fn = _copy(fn, f"{fn.__name__}__{'_'.join(map(str, static))}",
+                       {**(fn.__kwdefaults__ or {}), **static})
         self.fn = fn
         self._compiled = None
         self._graphs: list = []  # (FX graph, compiled callable) as the backend built them
         self._direct: dict = {}  # argument signature -> _Direct (or None: take dynamo)
+        self._copies = 0  # fresh code objects made after dynamo's recompile limit (``_renew``)
 
     def _backend(self, gm, example_inputs):
         # inductor itself (torch.compile(..., options=COMPILE_OPTIONS) does the same); the
@@ -146,13 +150,22 @@ class FusedOp:
                     out = direct(args)
                     if out is not None:
                         return out
-                    self._direct[sig] = None  # a size it cannot take: dynamo from now on
                 if self._compiled is None:
                     self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
                                                    backend=self._backend)
                 built = len(self._graphs)
-                res = self._compiled(*args)
-                if direct is False:  # first call with this signature
+                try:
+                    res = self._compiled(*args)
+                except Exception as exc:
+                    if not self._renew(exc):
+                        raise
+                    built = len(self._graphs)
+                    res = self._compiled(*args)
+                if direct is not None:
+                    # first call with this signature, or one whose sizes the direct graph
+                    # does not take (sizes that duck-sizing tied together when it was
+                    # compiled): dynamo compiled a more general graph, which replaces it;
+                    # no new graph: dynamo from now on for this signature
                     self._direct[sig] = _Direct.validated(self, args, res, built)
                 return res
             except Exception as exc:  # a missing C++ toolchain must not break training
@@ -161,6 +174,20 @@ class FusedOp:
                               "using the eager path for every fused operator",
                               RuntimeWarning, stacklevel=3)
         return self.eager(*args)
+
+    def _renew(self, exc: Exception) -> bool:
+        """After dynamo's recompile limit (8 graphs per code object: dtypes, size-1
+        specialisations and duck-sized shapes of a long run add up), compile a fresh copy of
+        the body's code object, whose budget starts again (the graphs built so far stay
+        reachable through their direct calls); True when it did (at most 16 copies)."""
+        if type(exc).__name__ != "FailOnRecompileLimitHit" or self._copies >= 16:
+            return False
+        self._copies += 1
+        self.fn = _copy(self.fn, f"{self.fn.__code__.co_name}_{self._copies}",
+                        self.fn.__kwdefaults__)
+        self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
+                                       backend=self._backend)
+        return True
 
     def bind(self, *template) -> Bound:
         """This operator with the arguments of ``template`` fixed; ``None`` marks what each
@@ -196,6 +223,15 @@ class FusedOp:
         return out if counts is None else (out, counts)
 
 
+def _copy(fn, name: str, kwdefaults: dict | None):
+    """``fn`` with a code object of its own named ``name`` (dynamo keeps its compiled graphs
+    and its recompile budget per code object) and keyword-only defaults ``kwdefaults``."""
+    code = fn.__code__.replace(co_name=name)
+    clone = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = kwdefaults
+    return clone
+
+
 class Bound:
     """A ``FusedOp`` with some arguments fixed (``op.bind(*template)``): ``bound(*varying,
     compile=None)`` is ``op(*args, compile=compile)``, ``args`` the template with the varying
@@ -229,22 +265,32 @@ class Bound:
             out = direct(args)
             if out is not None:
                 return out
-            self._direct[sig] = None  # a size it cannot take: the operator's own dispatch
-            direct = None
         res = self.op(*args, compile=True)
-        if direct is False:  # first call with this signature: the operator's validated call
+        if direct is not None:
+            # first call with this signature, or sizes the direct call did not take: the
+            # operator's validated call as it holds it now (None: its own dispatch from now on)
             self._direct[sig] = self.op._direct.get(_signature(args)) or None
         return res
 
 
 def _signature(args) -> tuple:
     """What a compiled graph was specialised on besides sizes: each tensor's dtype, device,
-    dimensions, contiguity and autograd flag, and whether it has 2^31 elements or more (the
+    dimensions, contiguity and autograd flag, whether it has 2^31 elements or more (the
     kernels' int32 counts and counters test that size: a guard in the graph, which a direct
-    call would skip); each other argument's value."""
+    call would skip) and which of its sizes are 0 or 1 (dynamo specialises those: a graph
+    compiled for a size-1 dimension does not take others, nor the general graph size 1);
+    each other argument's value."""
     return tuple((a.dtype, a.device, a.dim(), a.is_contiguous(), a.requires_grad,
-                  a.numel() >= INT32_LIMIT)
+                  a.numel() >= INT32_LIMIT, _small(a.shape))
                  if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+
+
+def _small(shape) -> tuple | bool:
+    """The sizes of ``shape`` with those of 2 and above as 2 (False when none is 0 or 1)."""
+    return (0 in shape or 1 in shape) and tuple(map(min, shape, _TWOS))
+
+
+_TWOS = (2,) * 64  # more than any tensor's dimensions
 
 
 class _Direct:
@@ -256,17 +302,21 @@ class _Direct:
     Built from the graph that dynamo captured on a call (its placeholders are the function's
     tensor arguments, ``l_<name>_``, and their symbolic sizes); used only for arguments of the
     same signature (``_signature``: the guards that matter to a pure tensor kernel), only when
-    every symbolic size or stride belongs to one argument dimension (none shared by
-    duck-sizing), and
+    every symbolic size or stride is one argument dimension's (a symbol shared by several, as
+    an input broadcast against another, is read from the first: the generated code asserts
+    every input's sizes against it), and
     only after it returned bit for bit what dynamo returned for the same arguments (that check,
     at the first call of a signature, is the one host synchronisation it adds on a GPU, beside
     the compilation itself). A size the graph does not take (its generated code asserts sizes)
-    returns None: the caller goes back to dynamo for that signature.
+    returns None: the caller goes back to dynamo, which compiles a more general graph (then
+    validated in turn) or keeps that signature.
     """
 
     def __init__(self, compiled, getters, single: bool, tail: tuple):
         self.compiled, self.getters, self.single = compiled, getters, single
-        self.tail = tail  # the defaults of the positional parameters the call leaves out
+        # the defaults of the positional parameters the call leaves out, then the values of
+        # the keyword-only (static) ones
+        self.tail = tail
 
     def __call__(self, args):
         args = args + self.tail
@@ -290,6 +340,14 @@ class _Direct:
         if missing > len(defaults):
             return None
         tail = tuple(defaults[len(defaults) - missing:]) if missing else ()
+        # the keyword-only parameters: a variant's static values (``FusedOp(..., **static)``);
+        # dynamo makes an int among them a graph input like any int argument
+        kwonly = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+        kwdefaults = op.fn.__kwdefaults__ or {}
+        if any(k not in kwdefaults for k in kwonly):
+            return None
+        names += kwonly
+        tail += tuple(kwdefaults[k] for k in kwonly)
         args = args + tail
         nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
         dims: dict = {}  # symbol -> (argument index, dimension)
@@ -305,9 +363,12 @@ class _Direct:
             for d, size in enumerate(ev.shape):
                 if isinstance(size, torch.SymInt):
                     expr = size.node.expr
-                    if not expr.is_Symbol or str(expr) in dims:
+                    if not expr.is_Symbol:
                         return None
-                    dims[str(expr)] = (names.index(name), d)
+                    # a symbol shared by several dimensions (an input broadcast against
+                    # another, or duck-sizing): read from its first, the generated code
+                    # asserts the others (``COMPILE_OPTIONS``' size_asserts)
+                    dims.setdefault(str(expr), (names.index(name), d))
         for n in nodes:  # a stride symbol that no size explains (a strided view)
             ev = n.meta.get("example_value")
             if isinstance(ev, torch.Tensor):
@@ -356,13 +417,14 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
 _VARIANTS: dict = {}
 
 
-def variant(fn, name: str, elementwise: bool = True, **static) -> FusedOp:
+def variant(fn, name: str, elementwise: bool = True, split: tuple = (), **static) -> FusedOp:
     """The ``FusedOp`` of ``fn`` with ``static`` bound, built on first use and kept (one
-    compiled code object per variant: a rounding mode, a set of counts, ...)."""
-    key = (fn, elementwise, tuple(sorted(static.items())))
+    compiled code object per variant: a rounding mode, a set of counts, ..., and per ``split``
+    value, see ``FusedOp``)."""
+    key = (fn, elementwise, split, tuple(sorted(static.items())))
     op = _VARIANTS.get(key)
     if op is None:
-        op = _VARIANTS[key] = FusedOp(fn, name, elementwise=elementwise, **static)
+        op = _VARIANTS[key] = FusedOp(fn, name, elementwise=elementwise, split=split, **static)
     return op
 
 
