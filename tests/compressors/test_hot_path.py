@@ -117,25 +117,37 @@ def test_hot_path_steps_aside_for_what_it_does_not_take():
                                              compile=False))
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "nvfp4_2d"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_block_quantizer_hot_path_calls_its_kernels_directly(monkeypatch, fmt, rounding):
-    # conv outputs with channels shorter than one block, one block and several: after a layer's
-    # first call the block kernels run without any operator dispatch (their bound direct calls),
-    # bit for bit the public quantize_block's eager path (channels blocked in place), and the
-    # non-finite count is the eager path's
+    # conv outputs with channels shorter than one block, one block and several (1-D blocks:
+    # along the channels in place; 16x16 tiles: channels moved last), and a linear layer's
+    # gradient (blocks of a row): after a layer's first call the block kernels run without any
+    # operator dispatch (their bound direct calls), bit for bit the public
+    # quantize_block_checked's eager path, and the non-finite count is the eager path's
     q = BlockQuantizer(fmt, rounding, track_metrics=False)
-    along = q.fmt.replace(dims=(1,))
+    tiles = len(q.fmt.block) == 2
+    along = q.fmt if tiles else q.fmt.replace(dims=(1,))
     grads = [_grad(2 * c * 36, seed=c).view(2, c, 6, 6) for c in (16, 32, 64)]
+    grads.append(_grad(64 * 1024, seed=5))
     grads[1][1, 3, 2, 2] = float("nan")
+
+    def reference(g, stream):
+        if g.dim() == 2:
+            return quantize_block_checked(g, q.fmt, rounding, stream, compile=False)
+        if not tiles:
+            return quantize_block_checked(g, along, rounding, stream, compile=False)
+        out, bad = quantize_block_checked(g.movedim(1, -1), q.fmt, rounding, stream,
+                                          compile=False)
+        return out.movedim(-1, 1), bad
 
     def check():
         for i, g in enumerate(grads):
             out, bad = q.compress(g, _streams(i).stream(0), check=True)
-            want, wbad = quantize_block_checked(g, along, rounding, _streams(i).stream(0),
-                                                compile=False)
+            want, wbad = reference(g, _streams(i).stream(0))
             assert torch.equal(torch.isnan(out), torch.isnan(want))
-            assert torch.equal(_bits(torch.nan_to_num(out)), _bits(torch.nan_to_num(want)))
+            assert torch.equal(_bits(torch.nan_to_num(out).contiguous()),
+                               _bits(torch.nan_to_num(want).contiguous()))
             assert (float(bad) > 0) == (int(wbad) > 0) == (i == 1)
 
     check()

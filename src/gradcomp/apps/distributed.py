@@ -25,7 +25,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch_local", "worker_main", "running_under_torchrun", "validate_comm_args",
+__all__ = ["finished", "launch_local", "worker_main", "running_under_torchrun",
+           "validate_comm_args",
            "EXIT_INTERRUPTED"]
 
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT stop
@@ -102,14 +103,24 @@ def _spawned(rank: int, world: int, port: int, cfgs, backend, hooks):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        res = worker_main(cfgs[rank], backend, hooks[rank] if hooks else None)
+        worker_main(cfgs[rank], backend, hooks[rank] if hooks else None)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         _say(f"gradcomp train: rank {rank}: error: {exc}")
         os._exit(2)
     except (PeerTimeoutError, CompressionNotAppliedError) as exc:  # the message names the rank
         _say(f"gradcomp train: error: {exc}")
         os._exit(1)
-    return res
+    finished(0)
+
+
+def finished(code: int) -> None:
+    """End a rank's process that has done its work (process group destroyed, files closed)
+    without the interpreter's teardown: torch's C++ teardown of such a process sometimes
+    aborted ("terminate called without an active exception", a thread still joinable) on a
+    loaded machine, turning a finished run into a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _say(line: str) -> None:

@@ -638,10 +638,12 @@ def _strided_counter(lead: int, nb: int, b: int, trail: int, short: int | None,
 # ---- the kernels: each a FusedOp variant (``kernels.variant``) of one body, its Python-valued
 # arguments bound per variant, its tensors passed (a new format or size reuses the graph) ----
 # (the E4M3 scale constants come as two tensors si, sf: a graph input must be an argument)
-def _one_pass(x, ints, flts, si, sf, k1, k2, *, red, kind, stochastic, ts, metrics, pad_to,
+# (``tile``: 2-D blocks, reduced over dims (2, 4) of the canonical tensor, else (1,); a bool,
+# not the tuple: dynamo would make a tuple's ints graph inputs that a direct call cannot name)
+def _one_pass(x, ints, flts, si, sf, k1, k2, *, tile, kind, stochastic, ts, metrics, pad_to,
               fast):
     """The whole block quantization on the canonical (padded, split) tensor x."""
-    a, deq = _block_scales(x, ints, flts, (si, sf), red, kind, ts)
+    a, deq = _block_scales(x, ints, flts, (si, sf), _red(tile), kind, ts)
     return _block_elements(x, a, deq, ints, flts, k1, k2, kind == "fp32", stochastic, metrics,
                            pad_to, fast)
 
@@ -649,8 +651,13 @@ def _one_pass(x, ints, flts, si, sf, k1, k2, *, red, kind, stochastic, ts, metri
 # stochastic rounding runs as two fused kernels, block scales then elements: measured on the
 # CPU, inductor's single reduction-plus-hash kernel was about 3x slower than the two (the
 # extra traffic is the scale tensor, 1/n of x)
-def _scales(x, ints, flts, si, sf, *, red, kind, ts):
-    return _block_scales(x, ints, flts, (si, sf), red, kind, ts)
+def _scales(x, ints, flts, si, sf, *, tile, kind, ts):
+    return _block_scales(x, ints, flts, (si, sf), _red(tile), kind, ts)
+
+
+def _red(tile: bool) -> tuple:
+    """The block dimensions of ``_canonical``'s tensor: (lead, r, b0, c, b1) or (rows, b)."""
+    return (2, 4) if tile else (1,)
 
 
 def _elements(x, a, deq, ints, flts, k1, k2, *, div, metrics, pad_to, fast):
@@ -682,7 +689,7 @@ _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
 class _Plan(NamedTuple):
     """A layout's kernels for one format, rounding, metrics, dtype and device, with the
     constant tensors bound (``kernels.Bound``): ``scales`` (None: one pass) takes x, ``elements``
-    takes x (a, deq) k1, k2."""
+    takes x, (a, deq,) k1, k2 (and the strided layout's counter tensors when stochastic)."""
 
     scales: object
     elements: object
@@ -698,10 +705,13 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
     wide = dtype == torch.float64
     ints, flts = _elem_consts(bf.elem, wide, device)
     sc = _elem_consts(_E4M3, wide, device)
+    if sc[0] is ints:  # E4M3 elements: the same cached tensors, which dynamo would merge into
+        sc = tuple(t.clone() for t in sc)  # one graph input that other formats' calls reuse
     kind = _KINDS[(bf.scale, bf.rule)]
     div = kind == "fp32"
     fast = _float_elems(bf.elem, dtype, device)
-    zero = torch.zeros((), dtype=torch.int32, device=device)
+    # nearest rounding's keys, unused: two tensors (one passed twice is merged by dynamo)
+    zero = tuple(torch.zeros((), dtype=torch.int32, device=device) for _ in range(2))
     split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
     if layout[0] == "strided":
         scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
@@ -710,19 +720,20 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
         counters = (None,) * 3 if stochastic else ()
         return _Plan(scales.bind(None, ints, flts, *sc),
                      elements.bind(None, None, None, ints, flts, None, None, *counters),
-                     (zero, zero))
+                     zero)
     _, red, pad_to = layout
+    tile = red == (2, 4)
     if not stochastic:
-        one = variant(_one_pass, "quantize_block", False, split, red=red, kind=kind,
+        one = variant(_one_pass, "quantize_block", False, split, tile=tile, kind=kind,
                       stochastic=False, ts=bf.tensor_scale, metrics=metrics, pad_to=pad_to,
                       fast=fast)
-        return _Plan(None, one.bind(None, ints, flts, *sc, None, None), (zero, zero))
-    scales = variant(_scales, "quantize_block", False, split, red=red, kind=kind,
+        return _Plan(None, one.bind(None, ints, flts, *sc, None, None), zero)
+    scales = variant(_scales, "quantize_block", False, split, tile=tile, kind=kind,
                      ts=bf.tensor_scale)
     elements = variant(_elements, "quantize_block", False, split, div=div, metrics=metrics,
                        pad_to=pad_to, fast=fast)
     return _Plan(scales.bind(None, ints, flts, *sc),
-                 elements.bind(None, None, None, ints, flts, None, None), (zero, zero))
+                 elements.bind(None, None, None, ints, flts, None, None), zero)
 
 
 def _canonical(x: torch.Tensor, bf: BlockFormat):
@@ -808,7 +819,8 @@ def _strided(x: torch.Tensor, bf: BlockFormat):
 
 
 def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
-    """``_run`` on the strided layout: a block-scale kernel, then the element kernel."""
+    """``quantize_block_unchecked`` on the strided layout: a block-scale kernel, then the
+    element kernel."""
     lead, nb, b, trail = v.shape
     counted = lead * trail * (nb * b if short is None else short)
     if counted >= 1 << 31:
@@ -903,8 +915,9 @@ def quantize_block(x: torch.Tensor, bf, rounding: str = "nearest",
             scales always follow the format's rule.
         generator: torch.Generator for stochastic rounding (one seed per call); None uses
             torch's default generator of x's device; or a ``random.Stream`` (its next draw).
-        compile: True = one fused torch.compile kernel, False = eager, None = the module switch
-            of :mod:`gradcomp.numerics.rounding` (``GRADCOMP_COMPILE``). Identical bits.
+        compile: True = the fused torch.compile kernels (one, or a block-scale kernel then an
+            element kernel), False = eager, None = the switch of
+            :mod:`gradcomp.numerics.kernels` (``GRADCOMP_COMPILE``). Identical bits.
 
     Semantics (zeros, NaN, inf, subnormal scales, power-of-two amax): see the module docstring.
     """

@@ -23,7 +23,9 @@ has returned bit for bit what dynamo returned, because dynamo's frame evaluation
 
 Fallback: if compiling or running the fused kernel raises (no C++ toolchain, unsupported
 backend), the fused path is switched off for the whole process (every operator), one
-``RuntimeWarning`` says why, and the eager body answers the call.
+``RuntimeWarning`` says why, and the eager body answers the call. Dynamo's recompile limit (8
+graphs per code object) is not such a failure: the operator compiles a fresh copy of its code
+object (``FusedOp._renew``, at most 3 times).
 
 Eager memory: the eager body of an elementwise operator materialises about ten full-size
 temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
@@ -59,9 +61,9 @@ __all__ = ["Bound", "FusedOp", "INT32_LIMIT", "compile_enabled", "set_compile", 
 # TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG): the float path of nearest rounding
 # (Veltkamp's splitting, numerics.rounding) needs a*K rounded before c - a, and an FMA
 # would skip that rounding
-# size_asserts (inductor's default, pinned): the generated code checks every input's sizes and
-# strides against the symbols it is called with, which is what makes a direct call (``_Direct``)
-# of a graph whose inputs share size symbols safe (a mismatch raises, dynamo answers)
+# size_asserts (inductor's default, pinned): the generated code checks the sizes and strides of
+# the inputs its kernels read against the symbols it is called with (a second line of defence
+# for ``_Direct``, which compares the sizes that share a symbol itself)
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.enable_floating_point_contract_flag": "off",
                    "cpp.enable_unsafe_math_opt_flag": False, "size_asserts": True}
 # tensors of this many elements or more take int64 counts (rounding.stack_counts) and their
@@ -122,8 +124,8 @@ class FusedOp:
             # per code object and one body serves many variants
             # (bound as keyword defaults: torch.compile of a functools.partial would compile a
             # shared wrapper frame instead)
-            fn = _copy(fn, f"{fn.__name__}__{'_'.join(map(str, static))}",
-                       {**(fn.__kwdefaults__ or {}), **static})
+            tag = "_".join([f"{k}={v}" for k, v in static.items()] + list(map(str, split)))
+            fn = _copy(fn, f"{fn.__name__}__{tag}", {**(fn.__kwdefaults__ or {}), **static})
         self.fn = fn
         self._compiled = None
         self._graphs: list = []  # (FX graph, compiled callable) as the backend built them
@@ -161,11 +163,13 @@ class FusedOp:
                         raise
                     built = len(self._graphs)
                     res = self._compiled(*args)
-                if direct is not None:
+                if direct is not None and not _repeats(args):
                     # first call with this signature, or one whose sizes the direct graph
                     # does not take (sizes that duck-sizing tied together when it was
                     # compiled): dynamo compiled a more general graph, which replaces it;
-                    # no new graph: dynamo from now on for this signature
+                    # no new graph: dynamo from now on for this signature. A call passing one
+                    # tensor twice builds nothing: dynamo merged the two into one graph input,
+                    # and a direct call would read the first for both on later calls
                     self._direct[sig] = _Direct.validated(self, args, res, built)
                 return res
             except Exception as exc:  # a missing C++ toolchain must not break training
@@ -179,8 +183,9 @@ class FusedOp:
         """After dynamo's recompile limit (8 graphs per code object: dtypes, size-1
         specialisations and duck-sized shapes of a long run add up), compile a fresh copy of
         the body's code object, whose budget starts again (the graphs built so far stay
-        reachable through their direct calls); True when it did (at most 16 copies)."""
-        if type(exc).__name__ != "FailOnRecompileLimitHit" or self._copies >= 16:
+        reachable through their direct calls); True when it did (at most 3 copies: each graph
+        is a C++ compilation)."""
+        if type(exc).__name__ != "FailOnRecompileLimitHit" or self._copies >= 3:
             return False
         self._copies += 1
         self.fn = _copy(self.fn, f"{self.fn.__code__.co_name}_{self._copies}",
@@ -285,6 +290,12 @@ def _signature(args) -> tuple:
                  if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
 
 
+def _repeats(args) -> bool:
+    """Whether one tensor object is passed as two of ``args``."""
+    ids = [id(a) for a in args if isinstance(a, torch.Tensor)]
+    return len(set(ids)) < len(ids)
+
+
 def _small(shape) -> tuple | bool:
     """The sizes of ``shape`` with those of 2 and above as 2 (False when none is 0 or 1)."""
     return (0 in shape or 1 in shape) and tuple(map(min, shape, _TWOS))
@@ -300,26 +311,31 @@ class _Direct:
     eager), paid per layer and step by every hot-path kernel.
 
     Built from the graph that dynamo captured on a call (its placeholders are the function's
-    tensor arguments, ``l_<name>_``, and their symbolic sizes); used only for arguments of the
-    same signature (``_signature``: the guards that matter to a pure tensor kernel), only when
-    every symbolic size or stride is one argument dimension's (a symbol shared by several, as
-    an input broadcast against another, is read from the first: the generated code asserts
-    every input's sizes against it), and
-    only after it returned bit for bit what dynamo returned for the same arguments (that check,
-    at the first call of a signature, is the one host synchronisation it adds on a GPU, beside
-    the compilation itself). A size the graph does not take (its generated code asserts sizes)
-    returns None: the caller goes back to dynamo, which compiles a more general graph (then
-    validated in turn) or keeps that signature.
+    tensor arguments, ``l_<name>_``, their symbolic sizes, and the int arguments and int
+    keyword-only constants dynamo made inputs); used only for arguments of the same signature
+    (``_signature``: the guards that matter to a pure tensor kernel), only when every symbolic
+    size or stride is an argument dimension's, and only after it returned bit for bit what
+    dynamo returned for the same arguments (that check, at the first call of a signature, is
+    the one host synchronisation it adds on a GPU, beside the compilation itself). A symbol
+    shared by several dimensions (an input broadcast against another, or duck-sizing) is read
+    from the first and the others are compared with it at each call (``same``); a size the
+    graph does not take (those comparisons, or the generated code's own size asserts) returns
+    None: the caller goes back to dynamo, which compiles a more general graph (then validated
+    in turn) or keeps that signature.
     """
 
-    def __init__(self, compiled, getters, single: bool, tail: tuple):
+    def __init__(self, compiled, getters, single: bool, tail: tuple, same: tuple = ()):
         self.compiled, self.getters, self.single = compiled, getters, single
         # the defaults of the positional parameters the call leaves out, then the values of
         # the keyword-only (static) ones
         self.tail = tail
+        self.same = same  # ((i, d, j, e), ...): args[i].shape[d] must equal args[j].shape[e]
 
     def __call__(self, args):
         args = args + self.tail
+        for i, d, j, e in self.same:
+            if args[i].shape[d] != args[j].shape[e]:
+                return None
         try:
             out = self.compiled(*[args[i] if d is None else args[i].shape[d] if d >= 0
                                   else args[i].stride(-1 - d) for i, d in self.getters])
@@ -351,6 +367,7 @@ class _Direct:
         args = args + tail
         nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
         dims: dict = {}  # symbol -> (argument index, dimension)
+        same = []  # dimensions that share a symbol with the one it is read from
         getters = []
         for n in nodes:
             ev = n.meta.get("example_value")
@@ -366,9 +383,10 @@ class _Direct:
                     if not expr.is_Symbol:
                         return None
                     # a symbol shared by several dimensions (an input broadcast against
-                    # another, or duck-sizing): read from its first, the generated code
-                    # asserts the others (``COMPILE_OPTIONS``' size_asserts)
-                    dims.setdefault(str(expr), (names.index(name), d))
+                    # another, or duck-sizing): read from its first, the others compared
+                    first = dims.setdefault(str(expr), (names.index(name), d))
+                    if first != (names.index(name), d):
+                        same.append((*first, names.index(name), d))
         for n in nodes:  # a stride symbol that no size explains (a strided view)
             ev = n.meta.get("example_value")
             if isinstance(ev, torch.Tensor):
@@ -389,7 +407,7 @@ class _Direct:
             else:
                 return None
         single = isinstance(res, torch.Tensor)
-        direct = cls(compiled, getters, single, tail)
+        direct = cls(compiled, getters, single, tail, tuple(same))
         try:
             got = direct(args[:len(args) - len(tail)])
         except Exception:  # noqa: BLE001 - any failure: keep dynamo

@@ -174,8 +174,9 @@ def counter_columns(numel: int, device) -> int:
     ``device``, or 0 (a flat loop: not on the CPU, or no width that fits).
 
     L divides numel and leaves at least 64 rows, and the rows differ from L and from the
-    keys' length: a size shared by two arguments (dynamo's duck sizing) would keep the call
-    on dynamo's dispatch (``kernels._Direct`` needs one symbol per argument dimension).
+    keys' length: a size shared by two arguments (dynamo's duck sizing) would tie them in the
+    compiled graph, whose direct call (``kernels._Direct``) then refuses other sizes until
+    dynamo compiles a more general graph.
     """
     if torch.device(device).type != "cpu" or numel >= 1 << 31:
         return 0

@@ -103,6 +103,7 @@ def _as_flag(msg: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from gradcomp.apps.distributed import (
         EXIT_INTERRUPTED,
+        finished,
         launch_local,
         running_under_torchrun,
         validate_comm_args,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                              "process is one rank (torchrun's --nproc_per_node): leave it out")
         validate_comm_args(cfg.comm, cfg.comm_options, fsdp=cfg.fsdp)
         res = worker_main(cfg, backend=args.backend)
-        return EXIT_INTERRUPTED if res.interrupted else 0
+        finished(EXIT_INTERRUPTED if res.interrupted else 0)  # a torchrun rank: no teardown
     if args.nproc > 1:
         # before spawning: one line, not N
         validate_comm_args(cfg.comm, cfg.comm_options, fsdp=cfg.fsdp)
