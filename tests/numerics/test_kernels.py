@@ -236,11 +236,11 @@ def test_the_recompile_limit_starts_a_fresh_code_object(monkeypatch):
     # compiles a fresh copy instead of switching every fused operator to the eager path
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(kernels, "_BROKEN", kernels._BROKEN)  # restored after the test
     op = kernels.FusedOp(_scale_by, "scale_by", split=("limit",))
     s = torch.tensor(3.0)
-    with warnings.catch_warnings():
+    # (dynamo's own patch: its config is not a plain module, monkeypatch's undo deletes the key)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=2):
         warnings.simplefilter("error", RuntimeWarning)
         for dtype in (torch.float32, torch.float64):
             for rank in (1, 2):
