@@ -713,27 +713,26 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
     # nearest rounding's keys, unused: two tensors (one passed twice is merged by dynamo)
     zero = tuple(torch.zeros((), dtype=torch.int32, device=device) for _ in range(2))
     split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
+    counters = ()
     if layout[0] == "strided":
         scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
         elements = variant(_elements_at, "quantize_block", False, split, div=div,
                            stochastic=stochastic, metrics=metrics, fast=fast)
         counters = (None,) * 3 if stochastic else ()
-        return _Plan(scales.bind(None, ints, flts, *sc),
-                     elements.bind(None, None, None, ints, flts, None, None, *counters),
-                     zero)
-    _, red, pad_to = layout
-    tile = red == (2, 4)
-    if not stochastic:
-        one = variant(_one_pass, "quantize_block", False, split, tile=tile, kind=kind,
-                      stochastic=False, ts=bf.tensor_scale, metrics=metrics, pad_to=pad_to,
-                      fast=fast)
-        return _Plan(None, one.bind(None, ints, flts, *sc, None, None), zero)
-    scales = variant(_scales, "quantize_block", False, split, tile=tile, kind=kind,
-                     ts=bf.tensor_scale)
-    elements = variant(_elements, "quantize_block", False, split, div=div, metrics=metrics,
-                       pad_to=pad_to, fast=fast)
+    else:
+        _, red, pad_to = layout
+        tile = red == (2, 4)
+        if not stochastic:
+            one = variant(_one_pass, "quantize_block", False, split, tile=tile, kind=kind,
+                          stochastic=False, ts=bf.tensor_scale, metrics=metrics, pad_to=pad_to,
+                          fast=fast)
+            return _Plan(None, one.bind(None, ints, flts, *sc, None, None), zero)
+        scales = variant(_scales, "quantize_block", False, split, tile=tile, kind=kind,
+                         ts=bf.tensor_scale)
+        elements = variant(_elements, "quantize_block", False, split, div=div, metrics=metrics,
+                           pad_to=pad_to, fast=fast)
     return _Plan(scales.bind(None, ints, flts, *sc),
-                 elements.bind(None, None, None, ints, flts, None, None), zero)
+                 elements.bind(None, None, None, ints, flts, None, None, *counters), zero)
 
 
 def _canonical(x: torch.Tensor, bf: BlockFormat):
