@@ -1,9 +1,11 @@
 """The per-GEMM recipes' operand transforms: randomized Hadamard transform and LUQ, per call.
 
-``quantize_backward``'s NVFP4 and Quartet recipes apply a 16-element RHT to both weight-gradient
-operands along their reduction dimension (dim 0 of a (pixels, channels) matrix), and the LUQ
-recipe quantizes the neural gradient with LUQ at 4 bits. This script times those calls on
-operands of a ResNet-8 layer (batch 128, 28x28, 64 channels for the RHT; 1.6M elements for LUQ),
+``quantize_backward``'s NVFP4 and Quartet recipes apply a 16- / 32-element RHT to both
+weight-gradient operands along dim 0 (a linear layer's (tokens, features) matrix; a conv
+layer's (batch, channels, h, w) tensor, transformed along its batch), and the LUQ recipe
+quantizes the neural gradient with LUQ at 4 bits. This script times those calls on operands of
+a ResNet-8 layer (batch 128, 28x28: a (pixels, 64 channels) matrix and a 16-channel conv
+operand for the RHT; 1.6M elements for LUQ),
 interleaved with ``x.clone()`` of the same tensor (the memory roofline, measured in the same
 run), and prints the minimum and median per call and the minimum's ratio to the clone's. Run it
 with ``PYTHONPATH`` on another checkout's ``src`` to compare versions:
@@ -32,10 +34,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(128 * 784, 64, generator=gen)  # pixels x channels: RHT along dim 0
     g = torch.randn(128 * 16 * 28 * 28, generator=gen)  # one 16-channel layer's gradient
-    signs = rht_signs(16, 3)
+    conv = torch.randn(128, 16, 28, 28, generator=gen)  # a conv operand: RHT along its batch
+    signs, signs32 = rht_signs(16, 3), rht_signs(32, 3)
     cases = {
         "clone of the RHT operand (6.4M)": lambda: x.clone(),
         "rht, 16-element blocks along dim 0 (6.4M)": lambda: rht(x, signs, 0),
+        "clone of the conv operand (1.6M)": lambda: conv.clone(),
+        "rht of the conv operand, 16-element blocks along the batch": lambda: rht(conv, signs, 0),
+        "rht of the conv operand, 32-element blocks along the batch": lambda: rht(conv, signs32,
+                                                                                 0),
         "clone of the LUQ operand (1.6M)": lambda: g.clone(),
         "luq_quantize, 4 bits (1.6M)": lambda: luq_quantize(g, 4),
     }

@@ -170,13 +170,16 @@ def _spy_dynamo(monkeypatch, op) -> list:
 
 def test_direct_calls_take_shared_sizes_size_one_dimensions_and_int_statics(monkeypatch):
     # a (rows, 1) input broadcast against x shares x's row symbol; a keyword-only int static
-    # becomes a graph input; a size-1 dimension is specialised by dynamo: each signature goes
-    # through dynamo once, then every call is direct, bit for bit the eager body's
+    # is traced as a constant (not a graph input); a size-1 dimension is specialised by
+    # dynamo: each signature goes through dynamo once, then every call is direct, bit for bit
+    # the eager body's
     op = kernels.FusedOp(_broadcast, "broadcast", k=3)
     k1 = torch.tensor(0.25)
     x, a = torch.randn(6, 5), torch.randn(6, 1)
     assert torch.equal(op(x, a, k1, compile=True), x * a + k1 * 3)
     assert all(d is not None for d in op._direct.values())
+    inputs = [n.name for gm, _ in op._graphs for n in gm.graph.nodes if n.op == "placeholder"]
+    assert "l_k_" not in inputs and "l_x_" in inputs
     dynamo = _spy_dynamo(monkeypatch, op)
     for rows, cols in ((6, 5), (9, 4), (2, 33)):
         x, a = torch.randn(rows, cols), torch.randn(rows, 1)

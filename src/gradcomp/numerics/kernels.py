@@ -11,7 +11,8 @@ Compile policy (the only place that reads ``GRADCOMP_COMPILE``):
 A :class:`FusedOp` wraps one module-level function (its eager body). The fused path is
 ``torch.compile(fn, dynamic=True, fullgraph=True)``, built lazily on first use (never at import);
 ``dynamic=True`` so that a new tensor length does not recompile, ``fullgraph=True`` so that a
-graph break is an error rather than a silent slow path. The eager body and the compiled one
+graph break is an error rather than a silent slow path; a variant's static ints are traced as
+constants (``FusedOp._dynamo``). The eager body and the compiled one
 compute the same integer/float operations, so both give identical bits (the random bits come
 from the counter-based hash in :mod:`gradcomp.numerics.random`, whose keys are computed *outside*
 the compiled region: see ``seed_keys``).
@@ -157,12 +158,12 @@ class FusedOp:
                                                    backend=self._backend)
                 built = len(self._graphs)
                 try:
-                    res = self._compiled(*args)
+                    res = self._dynamo(args)
                 except Exception as exc:
                     if not self._renew(exc):
                         raise
                     built = len(self._graphs)
-                    res = self._compiled(*args)
+                    res = self._dynamo(args)
                 if direct is not None and not _repeats(args):
                     # first call with this signature, or one whose sizes the direct graph
                     # does not take (sizes that duck-sizing tied together when it was
@@ -178,6 +179,15 @@ class FusedOp:
                               "using the eager path for every fused operator",
                               RuntimeWarning, stacklevel=3)
         return self.eager(*args)
+
+    def _dynamo(self, args):
+        # the body's int arguments are a variant's static values (its tensors carry everything
+        # that varies): traced as constants, not as symbolic graph inputs (dynamo's default
+        # for an int argument, ``specialize_int=False``), whose arithmetic inductor's CPU code
+        # then redoes per vector of the loop (LUQ's 2^E: a ``std::pow`` per 16 elements, the
+        # kernel 2.5x slower, measured)
+        with torch._dynamo.config.patch(specialize_int=True):
+            return self._compiled(*args)
 
     def _renew(self, exc: Exception) -> bool:
         """After dynamo's recompile limit (8 graphs per code object: dtypes, size-1
@@ -311,12 +321,13 @@ class _Direct:
     eager), paid per layer and step by every hot-path kernel.
 
     Built from the graph that dynamo captured on a call (its placeholders are the function's
-    tensor arguments, ``l_<name>_``, their symbolic sizes, and the int arguments and int
-    keyword-only constants dynamo made inputs); used only for arguments of the same signature
-    (``_signature``: the guards that matter to a pure tensor kernel), only when every symbolic
-    size or stride is an argument dimension's, and only after it returned bit for bit what
-    dynamo returned for the same arguments (that check, at the first call of a signature, is
-    the one host synchronisation it adds on a GPU, beside the compilation itself). A symbol
+    tensor arguments, ``l_<name>_``, their symbolic sizes, and any int argument dynamo made an
+    input: none, as ``FusedOp._dynamo`` traces ints as constants); used only for arguments of
+    the same signature (``_signature``: the guards that matter to a pure tensor kernel), only
+    when every symbolic size or stride is an argument dimension's, and only after it returned
+    bit for bit what dynamo returned for the same arguments (that check, at the first call of a
+    signature, is the one host synchronisation it adds on a GPU, beside the compilation
+    itself). A symbol
     shared by several dimensions (an input broadcast against another, or duck-sizing) is read
     from the first and the others are compared with it at each call (``same``); a size the
     graph does not take (those comparisons, or the generated code's own size asserts) returns
@@ -356,8 +367,8 @@ class _Direct:
         if missing > len(defaults):
             return None
         tail = tuple(defaults[len(defaults) - missing:]) if missing else ()
-        # the keyword-only parameters: a variant's static values (``FusedOp(..., **static)``);
-        # dynamo makes an int among them a graph input like any int argument
+        # the keyword-only parameters: a variant's static values (``FusedOp(..., **static)``),
+        # constants of the graph (``FusedOp._dynamo``), passed on as the call passes them
         kwonly = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
         kwdefaults = op.fn.__kwdefaults__ or {}
         if any(k not in kwdefaults for k in kwonly):

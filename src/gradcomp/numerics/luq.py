@@ -54,7 +54,7 @@ from scipy.special import ndtr
 
 from gradcomp.numerics._checks import require_float_tensor, require_int_range
 from gradcomp.numerics.kernels import use_compiled, variant
-from gradcomp.numerics.random import draw_keys, uniform_from_keys
+from gradcomp.numerics.random import counter_layout, draw_keys, uniform_like
 from gradcomp.numerics.rounding import veltkamp
 
 __all__ = [
@@ -104,6 +104,10 @@ def _luq_once(g: torch.Tensor, alpha: torch.Tensor | None, e: int, generator) ->
     cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
     y = g.detach().to(cdt).reshape(-1)
     if alpha is None:  # one compiled call: the finite amax, then the operator's loop
+        # on the CPU y as (rows, L) with the counter's columns after the keys
+        # (``random.counter_layout``): the same counter per element as the flat pass, without
+        # the in-kernel arange that inductor's CPU code builds from 16 scalars
+        y, keys = counter_layout(y, keys, True)
         op = variant(_luq_amax_body, "luq_quantize", elementwise=False, e=e)
         return op(y, keys, compile=True).reshape(g.shape)
     return variant(_luq_body, "luq_quantize", e=e)(y, alpha, keys,
@@ -123,7 +127,8 @@ def _luq_amax_body(y: torch.Tensor, keys: torch.Tensor, *, e: int) -> torch.Tens
 
 def _luq_body(y: torch.Tensor, alpha: torch.Tensor, keys: torch.Tensor, start: int = 0, *,
               e: int) -> torch.Tensor:
-    """The LUQ operator on a flat y (compute precision) at ``alpha``, hash keys ``keys``."""
+    """The LUQ operator on a flat y (compute precision), or its 2-D counter layout with the
+    columns after the keys (``random.counter_layout``), at ``alpha``, hash keys ``keys``."""
     cdt = alpha.dtype
     ay = y.abs()
     live = torch.isfinite(y) & (ay > 0) & (alpha > 0)
@@ -145,11 +150,13 @@ def _luq_body(y: torch.Tensor, alpha: torch.Tensor, keys: torch.Tensor, start: i
         top = k >= e
     prob_up = torch.clamp((ay - lo) / lo, 0.0, 1.0)
     prob_up = torch.where(top, torch.zeros_like(prob_up), prob_up)  # top level: clamp
-    u = uniform_from_keys(keys[0], keys[1], y.numel(), y.device, cdt, start)
+    u = uniform_like(keys, y, cdt, start)  # flat y, or its (rows, L) counter layout
     mag = torch.where(u < prob_up, 2 * lo, lo)
     # underflow (Eq. 5 at alpha, the semantics of stochastic_prune): alpha if |g| >= u alpha
     mag = torch.where(ay < safe_alpha, torch.where(ay >= u * safe_alpha, lo, 0.0), mag)
-    return torch.where(live, torch.copysign(mag, y), y)
+    # y's sign by a select (mag >= 0; ``copysign`` is a library call per vector in inductor's
+    # CPU code): the same bits as copysign(mag, y) on the live (finite, non-zero) elements
+    return torch.where(live, torch.where(y < 0, -mag, mag), y)
 
 
 def luq_quantize(g: torch.Tensor, bits: int = 4, *, samples: int = 1,
