@@ -327,12 +327,11 @@ class _Direct:
     when every symbolic size or stride is an argument dimension's, and only after it returned
     bit for bit what dynamo returned for the same arguments (that check, at the first call of a
     signature, is the one host synchronisation it adds on a GPU, beside the compilation
-    itself). A symbol
-    shared by several dimensions (an input broadcast against another, or duck-sizing) is read
-    from the first and the others are compared with it at each call (``same``); a size the
-    graph does not take (those comparisons, or the generated code's own size asserts) returns
-    None: the caller goes back to dynamo, which compiles a more general graph (then validated
-    in turn) or keeps that signature.
+    itself). A symbol shared by several dimensions (an input broadcast against another, or
+    duck-sizing) is read from the first and the others are compared with it at each call
+    (``same``); a size the graph does not take (those comparisons, or the generated code's own
+    size asserts) returns None: the caller goes back to dynamo, which compiles a more general
+    graph (then validated in turn) or keeps that signature.
     """
 
     def __init__(self, compiled, getters, single: bool, tail: tuple, same: tuple = ()):
