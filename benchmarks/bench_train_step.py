@@ -19,6 +19,7 @@ prune + FP6 <= 15%. Per-GEMM FP4 recipes emulate their formats in float32 (no FP
 their overhead measures the emulation, not what FP4 hardware would run.
 
     python benchmarks/bench_train_step.py [--model resnet8 --width 16 --batch 128 --rounds 40]
+    python benchmarks/bench_train_step.py --phases --recipes nvfp4-recipe,luq-fp4  # + phases
     python benchmarks/bench_train_step.py --model gpt-tiny --batch 16 \
         --recipes fp4,luq-fp4,nvfp4-recipe,quartet-mxfp4,fp4-all-the-way,mxfp8,mxfp4,nvfp4
 
@@ -97,6 +98,9 @@ def main() -> None:
                     "prune-0.8-emp,atp-0.8,prune-0.8-fp6",
                     help="comma-separated recipe names; 'baseline' is always measured too")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--phases", action="store_true",
+                    help="also time the step's phases (forward + loss, backward, optimizer "
+                         "step) and print their medians per recipe")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.width is None and not args.model.startswith(("gpt", "bert")):
@@ -112,17 +116,25 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = _inputs(args, setups["baseline"][0], dev)
 
-    def step(model, opt, handle, fwd):
+    phases = {n: [] for n in names}  # (forward + loss, backward, optimizer step) per step
+    stamp = (lambda: (sync(), time.perf_counter())[1]) if args.phases else (lambda: 0.0)
+
+    def step(model, opt, handle, fwd, record=None):
+        t0 = stamp()
         out = model(x)
         loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         if fwd is not None:
             loss = loss + fwd.alpha_regularization()
+        t1 = stamp()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = stamp()
         if handle is not None:
             handle.step(opt)
         else:
             opt.step()
+        if record is not None and args.phases:
+            record.append((t1 - t0, t2 - t1, stamp() - t2))
 
     for s in setups.values():  # warm-up: statistics step, compilation of fused kernels
         for _ in range(3):
@@ -138,7 +150,7 @@ def main() -> None:
             for _ in range(args.steps):
                 sync()
                 t0 = time.perf_counter()
-                step(*s)
+                step(*s, record=phases[name])
                 sync()
                 block[name].append(time.perf_counter() - t0)
             times[name] += block[name]
@@ -162,6 +174,15 @@ def main() -> None:
         print(f"| {name} | {1000 * med:.1f} | {100 * (statistics.median(r) - 1):+.1f}% | "
               f"{ci} | {100 * (q1 - 1):+.1f}% .. {100 * (q3 - 1):+.1f}% | "
               f"{100 * (min(times[name]) / fastest - 1):+.1f}% |")
+    if args.phases:  # the phases' medians over all steps (synchronised at each boundary)
+        print("\n| recipe | forward + loss ms | backward ms | optimizer step ms | "
+              "backward - baseline's |")
+        print("|---|---:|---:|---:|---:|")
+        base_bw = statistics.median(p[1] for p in phases["baseline"])
+        for name in names:
+            f, b, o = (statistics.median(col) for col in zip(*phases[name]))
+            print(f"| {name} | {1000 * f:.1f} | {1000 * b:.1f} | {1000 * o:.2f} | "
+                  f"{1000 * (b - base_bw):+.1f} |")
 
 
 def median_ci_ranks(n: int, level: float = 0.95):
