@@ -103,10 +103,13 @@ def test_nan_spreads_within_block_only():
 @pytest.mark.parametrize(("dtype", "n", "fns"), [
     (torch.float32, 16, ("hadamard_transform", "rht", "rht_inverse")),
     (torch.float64, 32, ("hadamard_transform",)),  # odd log2(n): a rounded normalisation
+    (torch.float64, 2, ("rht_inverse",)),  # the smallest unrolled block
+    (torch.float32, 64, ("rht",)),  # above ``UNROLL_MAX``: the reshaping butterfly compiled
 ])
 def test_fused_transforms_equal_the_eager_butterfly_bit_for_bit(dtype, n, fns):
     # the fused pass (blocks along any dim transformed where they lie, the signs in the same
-    # pass) computes the eager butterfly's additions: the same bits, in x's own layout
+    # pass; unrolled over a block's rows up to ``UNROLL_MAX``) computes the eager butterfly's
+    # additions: the same bits, in x's own layout
     from gradcomp.numerics import kernels
 
     g = torch.Generator().manual_seed(n)
