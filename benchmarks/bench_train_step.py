@@ -99,8 +99,9 @@ def main() -> None:
                     help="comma-separated recipe names; 'baseline' is always measured too")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--phases", action="store_true",
-                    help="also time the step's phases (forward + loss, backward, optimizer "
-                         "step) and print their medians per recipe")
+                    help="also time the step's phases (forward + loss, zero_grad + backward, "
+                         "optimizer step) and print their medians per recipe (on CUDA the "
+                         "synchronisation at each boundary adds to the main table's steps)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.width is None and not args.model.startswith(("gpt", "bert")):
