@@ -12,10 +12,10 @@ A :class:`FusedOp` wraps one module-level function (its eager body). The fused p
 ``torch.compile(fn, dynamic=True, fullgraph=True)``, built lazily on first use (never at import);
 ``dynamic=True`` so that a new tensor length does not recompile, ``fullgraph=True`` so that a
 graph break is an error rather than a silent slow path; a variant's static ints are traced as
-constants (``FusedOp._dynamo``). The eager body and the compiled one
-compute the same integer/float operations, so both give identical bits (the random bits come
-from the counter-based hash in :mod:`gradcomp.numerics.random`, whose keys are computed *outside*
-the compiled region: see ``seed_keys``).
+constants (``FusedOp._dynamo``). The eager body and the compiled one compute the same
+integer/float operations, so both give identical bits (the random bits come from the
+counter-based hash in :mod:`gradcomp.numerics.random`, whose keys are computed *outside* the
+compiled region: see ``seed_keys``).
 
 Dispatch: the first call of an argument signature (dtypes, devices, ranks, layouts) goes
 through ``torch.compile``; the graph it compiles is then called directly (``_Direct``), once it
