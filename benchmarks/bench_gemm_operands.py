@@ -5,10 +5,10 @@ weight-gradient operands along dim 0 (a linear layer's (tokens, features) matrix
 layer's (batch, channels, h, w) tensor, transformed along its batch), and the LUQ recipe
 quantizes the neural gradient with LUQ at 4 bits. This script times those calls on operands of
 a ResNet-8 layer (batch 128, 28x28: a (pixels, 64 channels) matrix and a 16-channel conv
-operand for the RHT; 1.6M elements for LUQ),
-interleaved with ``x.clone()`` of the same tensor (the memory roofline, measured in the same
-run), and prints the minimum and median per call and the minimum's ratio to the clone's. Run it
-with ``PYTHONPATH`` on another checkout's ``src`` to compare versions:
+operand for the RHT; 1.6M elements for LUQ), interleaved with ``x.clone()`` of the same tensor
+(the memory roofline, measured in the same run), and prints the minimum and median per call and
+the minimum's ratio to the clone's. Run it with ``PYTHONPATH`` on another checkout's ``src`` to
+compare versions:
 
     python benchmarks/bench_gemm_operands.py [--calls 15]
 """
@@ -41,8 +41,8 @@ def main() -> None:
         "rht, 16-element blocks along dim 0 (6.4M)": lambda: rht(x, signs, 0),
         "clone of the conv operand (1.6M)": lambda: conv.clone(),
         "rht of the conv operand, 16-element blocks along the batch": lambda: rht(conv, signs, 0),
-        "rht of the conv operand, 32-element blocks along the batch": lambda: rht(conv, signs32,
-                                                                                 0),
+        "rht of the conv operand, 32-element blocks along the batch":
+            lambda: rht(conv, signs32, 0),
         "clone of the LUQ operand (1.6M)": lambda: g.clone(),
         "luq_quantize, 4 bits (1.6M)": lambda: luq_quantize(g, 4),
     }
