@@ -452,3 +452,23 @@ def test_one_reduction_dim_is_blocked_in_place(fmt):
                              torch.Generator().manual_seed(2)).movedim(-1, d)
         assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (shape, d)
         assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_conv_wgrad_operands_are_blocked_in_place(fmt):
+    # a conv wgrad operand reduces over batch and pixels (0, 2, 3): with H * W a multiple of
+    # the block every block is a run of the NCHW tensor, quantized where it lies (contiguous,
+    # so convolution_backward copies nothing); the values and bits are those of moving the
+    # channels first and flattening (the permuted path), for those shapes and the others
+    from gradcomp.numerics.block import quantize_block
+
+    q = OperandSpec("block", fmt, "stochastic").build()
+    for shape in ((4, 3, 8, 8), (2, 5, 4, 8), (3, 2, 7, 7)):
+        x = torch.randn(shape) * torch.exp(2 * torch.randn(shape))
+        got = quantize_operand(q, x, torch.Generator().manual_seed(4), (0, 2, 3))
+        moved = x.permute(1, 0, 2, 3)
+        ref = quantize_block(moved.reshape(shape[1], -1), fmt, "stochastic",
+                             torch.Generator().manual_seed(4))
+        ref = ref.reshape(moved.shape).permute(1, 0, 2, 3)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), shape
+        assert got.is_contiguous() == (shape[2] * shape[3] % q.spec.format.block[0] == 0)

@@ -30,6 +30,8 @@ NONSTANDARD = [
     "e2m1fn:16:e4m3:nearest:ts:dims=0", "e4m3fn:32:e8m0:floor:dims=-2", "e3m4:16:e8m0:floor",
     "e4m3fn:4x8:fp32:nearest:dims=0,2",
 ]
+# 1-D blocks over several dims, flattened (a conv operand's batch and pixels)
+FLATTENED = ["e2m1fn:16:e4m3:nearest:ts:dims=0,2,3", "e4m3fn:32:e8m0:floor:dims=1,-1"]
 ALL = list(NAMED_BLOCK_FORMATS) + NONSTANDARD
 
 
@@ -74,12 +76,13 @@ def _scale_ref(amax: np.ndarray, bf: BlockFormat, t: float | None, ft=np.float32
 def spec_reference(x: torch.Tensor, bf: BlockFormat) -> np.ndarray:
     """Block quantization by the rules of the module docstring, block by block (slow, exact)."""
     xs = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).numpy()
-    nd = len(bf.block)
+    nd, k = len(bf.block), len(bf.dims)  # k > nd: 1-D blocks over k dims, flattened
     a = xs.reshape((1,) * max(0, nd - xs.ndim) + xs.shape)
     dims = tuple(d % a.ndim for d in bf.dims)
-    a = np.moveaxis(a, dims, tuple(range(a.ndim - nd, a.ndim)))
+    a = np.moveaxis(a, dims, tuple(range(a.ndim - k, a.ndim)))
     moved_shape = a.shape
-    a = a.reshape((-1,) + a.shape[a.ndim - nd:])
+    a = a.reshape((-1,) + (a.shape[a.ndim - nd:] if k == nd
+                           else (math.prod(a.shape[a.ndim - k:]),)))
     t = None
     if bf.tensor_scale:
         fin = np.abs(xs[np.isfinite(xs)])
@@ -104,7 +107,7 @@ def spec_reference(x: torch.Tensor, bf: BlockFormat) -> np.ndarray:
             q = reference_nearest(y, bf.elem)
             out[sl] = (q.astype(ftype) * ftype(deq[0])).astype(np.float64)
     out = out.reshape(moved_shape)
-    out = np.moveaxis(out, tuple(range(out.ndim - nd, out.ndim)), dims)
+    out = np.moveaxis(out, tuple(range(out.ndim - k, out.ndim)), dims)
     return out.reshape(xs.shape)
 
 
@@ -122,7 +125,7 @@ def _lognormal(shape, sigma=2.5, seed=0):
 
 
 # ---- names and construction -----------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + FLATTENED)
 def test_name_round_trip(name):
     f = BlockFormat.from_name(name)
     assert BlockFormat.from_name(f.name) == f
@@ -148,7 +151,10 @@ def test_named_fields_and_bits():
     (dict(elem="e4m3fn", scale="int8"), ValueError, "scale"),
     (dict(elem="e4m3fn", block=(0,)), ValueError, "block"),
     (dict(elem="e4m3fn", block=(2, 2, 2)), TypeError, "block"),
-    (dict(elem="e4m3fn", block=(8,), dims=(0, 1)), TypeError, "dims"),
+    (dict(elem="e4m3fn", block=(8,), dims=()), TypeError, "dims"),
+    (dict(elem="e4m3fn", block=(8,), dims=(0, 1.0)), TypeError, "dims"),
+    (dict(elem="e4m3fn", block=(8, 8), dims=(0, 1, 2)), TypeError, "dims"),
+    (dict(elem="e4m3fn", block=(8,), dims=(0, 2, 0)), ValueError, "dims"),
     (dict(elem="e4m3fn", block=(8, 8), dims=(1, 1)), ValueError, "dims"),
     (dict(elem=FPFormat.from_name("e5m2", overflow="inf")), ValueError, "saturate"),
     (dict(elem=FPFormat.from_name("1-4-3")), ValueError, "subnormals"),
@@ -522,6 +528,63 @@ def test_blocks_along_a_middle_dimension_equal_the_moved_layout(name):
                 if c <= b or c % b == 0:  # reduced in place: x's own layout
                     assert out.is_contiguous(), what
         assert _same(quantize_block(x, along, compile=False), spec_reference(x, along))
+
+
+@pytest.mark.parametrize("name", ONE_D)
+def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
+    # 1-D blocks over several dims (a conv weight gradient's operands reduce over batch and
+    # pixels) are the blocks of those dims moved last and merged into one: values, counts and
+    # stochastic bits; where every block is a contiguous run of x (the dims after the first
+    # are x's last ones, their product a multiple of the block) they are reduced in place
+    bf = BlockFormat.from_name(name)
+    b = bf.block[0]
+    cases = [((6, 3, 4, b // 4), (0, 2, 3)),  # pixels a multiple of the block: in place
+             ((3, 2, 2, 5, b), (1, 3, 4)),  # leading dims before d0, mid dims: in place
+             ((5, 3, 7, 7), (0, 2, 3)),  # 49 pixels, blocks straddle samples: moved
+             ((4, 3, b), (0, 2)), ((3, 2, b), (2, 0)),  # in place / another order: moved
+             ((2, 3, 4, 4), (3, 0))]  # shorter than one block: moved, unpadded rows
+    for shape, dims in cases:
+        fmt = bf.replace(dims=dims)
+        assert BlockFormat.from_name(fmt.name) == fmt
+        x = _lognormal(shape, 2.5, seed=len(shape) + dims[0])
+        x.view(-1)[5], x.view(-1)[-3], x.view(-1)[9:13] = float("nan"), -float("inf"), 0.0
+        nd = x.dim()
+        keep = [d for d in range(nd) if d not in [d % nd for d in dims]]
+        moved = x.permute(*keep, *[d % nd for d in dims])
+        flat = moved.reshape(*moved.shape[:len(keep)], -1).contiguous()
+        inv = np.argsort(keep + [d % nd for d in dims]).tolist()
+        in_place = (dims[0] % nd < nd - len(dims) + 1 and [d % nd for d in dims[1:]]
+                    == list(range(nd - len(dims) + 1, nd))
+                    and math.prod(shape[nd - len(dims) + 1:]) % b == 0)
+        for compile in (False, True) if name in ("mxfp8_e4m3", "nvfp4") else (False,):
+            for rounding in ("nearest", "stochastic"):
+                g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+                out, m = quantize_block_metrics(x, fmt, rounding, g1, compile=compile)
+                ref, mref = quantize_block_metrics(flat, bf, rounding, g2, compile=compile)
+                ref = ref.reshape(moved.shape).permute(*inv)
+                what = (name, shape, dims, compile, rounding)
+                assert torch.equal(torch.isnan(out), torch.isnan(ref)), what
+                assert torch.equal(torch.nan_to_num(out, nan=0.0).view(torch.int32),
+                                   torch.nan_to_num(ref, nan=0.0).view(torch.int32)), what
+                assert [int(v) for v in m] == [int(v) for v in mref], what
+                assert out.is_contiguous() == in_place, what
+        assert _same(quantize_block(x, fmt, compile=False), spec_reference(x, fmt))
+        g1, g2 = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+        q, bad = quantize_block_checked(x, fmt, "stochastic", g1)
+        assert int(bad) > 0 and torch.equal(
+            torch.nan_to_num(q, nan=0.0),
+            torch.nan_to_num(quantize_block(x, fmt, "stochastic", g2), nan=0.0))
+    assert BlockFormat.from_name(bf.replace(dims=(0, 2, 3)).name).dims == (0, 2, 3)
+
+
+def test_flattened_dims_errors_name_the_shape():
+    x = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"out of range.*\(4, 4\)"):
+        quantize_block(x, "e4m3fn:4:e8m0:floor:dims=0,2")
+    with pytest.raises(ValueError, match=r"twice.*\(4, 4\)"):
+        quantize_block(x, "e4m3fn:4:e8m0:floor:dims=0,-2")
+    with pytest.raises(TypeError, match="dims must be a tuple of 2 ints"):
+        BlockFormat.from_name("e4m3fn:4x4:e8m0:floor:dims=0,1,2")
 
 
 @pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])

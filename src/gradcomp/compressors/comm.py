@@ -759,8 +759,8 @@ class BlockCompress(CommCompressor):
         if len(bf.block) != 1:
             raise ValueError(f"fmt {self.fmt!r} has 2-D tiles {bf.block}; a communicated bucket "
                              f"is a flat vector, so fmt must have 1-D blocks: one of {allowed}")
-        if bf.dims[0] not in (-1, 0):
-            raise ValueError(f"fmt {self.fmt!r} blocks along dimension {bf.dims[0]}; a flat "
+        if bf.dims not in ((-1,), (0,)):
+            raise ValueError(f"fmt {self.fmt!r} blocks along dimensions {bf.dims}; a flat "
                              "bucket has one dimension (dims -1 or 0)")
         e = bf.elem
         if e.bits > 16:

@@ -33,8 +33,9 @@ matter (``compress_gradients`` hooks the layer's output: G arrives here already 
 each ``remove()`` undoes only its own hooks. Under ``torch.no_grad`` nothing is intercepted.
 
 Exactness: with every operand "none" and no RHT the gradients equal the unmodified layer's bit
-for bit (Linear: the same mm calls autograd makes; Conv2d: ``torch.nn.grad.conv2d_input`` /
-``conv2d_weight``, i.e. aten's convolution_backward). Random bits: one ``torch.Generator`` per
+for bit (Linear: the same mm calls autograd makes; Conv2d: aten's convolution_backward, once
+for the input's gradient and once for the weight's, as ``torch.nn.grad.conv2d_input`` /
+``conv2d_weight`` call it). Random bits: one ``torch.Generator`` per
 device seeded with ``config.seed`` (``DeviceGenerators``); each stochastic operand draws one seed
 per call, so a seeded run repeats exactly. With data parallelism give each rank its own
 ``config.seed`` (same seed = same rounding noise on every rank); RHT signs depend only on
@@ -42,9 +43,12 @@ per call, so a seeded run repeats exactly. With data parallelism give each rank 
 
 Operand layout passed to a quantizer: ``q(x, generator, dims)`` where ``dims`` are the reduction
 dims of that operand in its GEMM. Per-tensor quantizers (every kind but "block") ignore
-``dims``; a block quantizer (kind "block", ``per_tensor = False``) receives the tensor with those
-dims moved last and flattened, so that its blocks run along the reduction dimension; a 2-D block
-(e.g. NVFP4's 16x16 weight tiles) gets the other dims flattened too, a (rest, reduction) matrix.
+``dims``; a block quantizer (kind "block", ``per_tensor = False``) runs its blocks along the
+flattened reduction dims: with 1-D blocks it gets the tensor as it is and the format's ``dims``
+set to them (``numerics.block`` blocks in place where it can: one dimension, or a conv
+operand's batch and pixels when H * W is a multiple of the block; else it moves them last),
+with 2-D tiles (e.g. NVFP4's 16x16 weight tiles) the tensor with those dims moved last and
+flattened and the other dims flattened too, a (rest, reduction) matrix.
 
 Plain-data form (recipe files): ``BackwardQuantConfig.to_dict()`` and
 :func:`backward_config_from_dict` (strict: unknown fields raise, naming them).
@@ -245,10 +249,11 @@ class OperandQuantizer:
         self._formats: dict = {}
 
     def _along(self, dims) -> BlockFormat:
-        """The block format with its 1-D blocks along ``dims`` (one dimension; None or (-1,):
-        the format as it is): ``quantize_operand`` hands a single reduction dimension in place
-        (``numerics.block`` reduces it where it lies: the moved layout's values and bits,
-        without the copies that move it last and back)."""
+        """The block format with its 1-D blocks along ``dims`` (flattened in that order; None
+        or (-1,): the format as it is): ``quantize_operand`` hands the reduction dimensions
+        as they lie (``numerics.block`` reduces one dimension, or several whose blocks are
+        contiguous runs, where they lie: the moved layout's values and bits, without the
+        copies that move them last and back)."""
         fmt = self.spec.format
         if dims is None or tuple(dims) == (-1,) or not self.in_place:
             return fmt
@@ -504,19 +509,23 @@ def quantize_operand(quant, x: torch.Tensor, generator, dims: Sequence[int]) -> 
     """Apply an operand quantizer whose GEMM reduces ``x`` over ``dims``.
 
     A per-tensor quantizer (``quant.per_tensor`` True) gets ``x`` as is. Any other quantizer
-    (a block format) gets ``x`` with ``dims`` moved last and flattened into one dimension, and
-    ``dims=(-1,)``: its blocks then run along the reduction dimension, as block-scaled GEMMs
-    require; the result is moved back to x's layout.
+    (a block format) runs its blocks along ``dims`` flattened into one dimension, as
+    block-scaled GEMMs require: an :class:`OperandQuantizer` with 1-D blocks gets ``x`` as it
+    is and ``dims`` (``numerics.block`` blocks in place or moves); any other gets ``x`` with
+    ``dims`` moved last and flattened and ``dims=(-1,)``, and the result is moved back to x's
+    layout (a permuted view).
     """
     gen = generator
     if getattr(quant, "per_tensor", True):
         return quant(x, gen, dims)
     nd = x.dim()
     dims = [d % nd for d in dims]
-    if len(dims) == 1 and isinstance(quant, OperandQuantizer) and quant.in_place:
-        # one reduction dimension and 1-D blocks: blocked where it lies
-        # (``OperandQuantizer._along``), the same values and random bits as moving it last
-        return quant(x, gen, (-1,) if dims[0] == nd - 1 else (dims[0],))
+    if isinstance(quant, OperandQuantizer) and quant.in_place:
+        # 1-D blocks: the format's blocks run along the reduction dims where they lie
+        # (``OperandQuantizer._along``); ``numerics.block`` reduces one dimension, or a conv
+        # operand's batch and pixels whose blocks are runs of x, in place, and moves the
+        # others: the same values and random bits as moving them last here
+        return quant(x, gen, (-1,) if dims == [nd - 1] else tuple(dims))
     rest = [d for d in range(nd) if d not in dims]
     y = x.permute(*rest, *dims)
     shape = y.shape
@@ -577,14 +586,30 @@ def _conv_args(stride, padding, dilation, groups, weight):
     return stride, pair(padding), dilation, int(groups)
 
 
-def conv_dgrad(g, w, x_shape, conv, qs: _Quantizers, gen):
+def _shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the operand convolution_backward does not read (its shape and layout
+    only): ``t`` itself when contiguous, else an uninitialised contiguous tensor. What
+    ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` pass instead, one element expanded,
+    convolution_backward first copies into a contiguous tensor of the full size (a 6.4 MB
+    write per call for a (128, 16, 28, 28) input, measured as aten::contiguous in the
+    backward). The same contiguous layout, so the same kernels and bits."""
+    return t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
+    """dL/dx = conv2d_input(Q_g1(G), Q_w(W)) (``torch.nn.grad.conv2d_input``'s aten call);
+    ``x``: the layer's input (only its shape and dtype are used)."""
     stride, padding, dilation, groups = conv
     wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
     gq = quantize_operand(qs.g1, g, gen, (1,))
-    return torch.nn.grad.conv2d_input(x_shape, wq, gq, stride, padding, dilation, groups)
+    return torch.ops.aten.convolution_backward(
+        gq, _shape_only(x), wq, None, list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [True, False, False])[0]
 
 
-def conv_wgrad(g, x, w_shape, conv, qs: _Quantizers, gen, signs=None):
+def conv_wgrad(g, x, w, conv, qs: _Quantizers, gen, signs=None):
+    """dL/dW = conv2d_weight(Q_x(X), Q_g2(G)) (``torch.nn.grad.conv2d_weight``'s aten call)
+    after the RHT of both along the batch; ``w``: the weight (only its shape and dtype)."""
     stride, padding, dilation, groups = conv
     if signs is not None:
         n = signs.numel()
@@ -592,7 +617,9 @@ def conv_wgrad(g, x, w_shape, conv, qs: _Quantizers, gen, signs=None):
         x = rht(pad_to_block(x, n, 0), signs, 0)
     xq = quantize_operand(qs.x, x, gen, (0, 2, 3))
     gq = quantize_operand(qs.g2, g, gen, (0, 2, 3))
-    return torch.nn.grad.conv2d_weight(xq, w_shape, gq, stride, padding, dilation, groups)
+    return torch.ops.aten.convolution_backward(
+        gq, xq, _shape_only(w), None, list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [False, True, False])[1]
 
 
 class _LinearFn(torch.autograd.Function):
@@ -643,12 +670,12 @@ class _Conv2dFn(torch.autograd.Function):
         gen = layer.handle._gens(grad.device)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = conv_dgrad(grad, w, x.shape, ctx.conv, qs, gen)
+            gx = conv_dgrad(grad, w, x, ctx.conv, qs, gen)
         if ctx.needs_input_grad[1]:
             signs = None
             if qs.spec.rht is not None:
                 signs = _signs(qs.spec.rht, ctx.call, grad.device, grad.dtype)
-            gw = conv_wgrad(grad, x, w.shape, ctx.conv, qs, gen, signs)
+            gw = conv_wgrad(grad, x, w, ctx.conv, qs, gen, signs)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # aten's own reduction, so that the bias gradient matches autograd bit for bit
             stride, padding, dilation, groups = ctx.conv
@@ -674,8 +701,8 @@ def backward_products(kind: str, grad: torch.Tensor, x: torch.Tensor, weight: to
     if conv is None:
         raise ValueError("kind 'conv2d' needs conv=(stride, padding, dilation, groups)")
     conv = _conv_args(*conv, weight)
-    return (conv_dgrad(grad, weight, x.shape, conv, qs, generator),
-            conv_wgrad(grad, x, weight.shape, conv, qs, generator, signs))
+    return (conv_dgrad(grad, weight, x, conv, qs, generator),
+            conv_wgrad(grad, x, weight, conv, qs, generator, signs))
 
 
 # ---------------------------------------------------------------------------------------------

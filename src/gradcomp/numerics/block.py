@@ -72,14 +72,20 @@ Edge cases, exactly:
   is half of ours and the block maximum saturates. We follow the exact rule (the hardware
   instruction).
 
-Block layout: 1-D blocks along ``dims[0]`` (default the last dimension), 2-D tiles over
-``dims`` (default the last two). A ragged last block is padded with zeros logically (zeros do not
-change an amax); the result has x's shape. Tensors with fewer dimensions than the tile get
-leading dimensions of size 1; 0-d tensors are one block. Stochastic rounding draws element i's
-random bits at i's index in the layout with the blocked dimension(s) moved last and padded.
+Block layout: 1-D blocks along ``dims[0]`` (default the last dimension), or along the
+flattening of several ``dims`` in their order (moved last and merged into one dimension), 2-D
+tiles over ``dims`` (default the last two). A ragged last block is padded with zeros logically
+(zeros do not change an amax); the result has x's shape. Tensors with fewer dimensions than the
+tile get leading dimensions of size 1; 0-d tensors are one block. Stochastic rounding draws
+element i's random bits at i's index in the layout with the blocked dimension(s) moved last
+(and merged) and padded.
 1-D blocks along a dimension that is not the last, of a contiguous x whose size there is a
 multiple of the block or shorter than one block, are reduced where they lie (``_strided``: no
-copy, the result in x's layout, the same values and bits); the other layouts are moved.
+copy, the result in x's layout, the same values and bits). So are 1-D blocks over several
+dims ``(d0, d1, .., dk)`` whose ``d1..dk`` are x's last dimensions in order and whose product
+there is a multiple of the block (a conv operand's batch and pixels, ``H * W % block == 0``):
+each block is then a contiguous run of x (``_flat``), and stochastic rounding draws each
+element's bits at its index in the moved layout. The other layouts are moved.
 
 How (CPU): inductor's CPU code reinterprets float <-> int element by element, so where a loop
 is vectorised the float32 container rounds elements and computes E8M0/E4M3 scales on float
@@ -161,7 +167,10 @@ class BlockFormat:
         rule: scale rounding: ``"floor"`` or ``"rceil"`` (e8m0), ``"nearest"`` (e4m3, fp32).
         tensor_scale: second-level per-tensor FP32 scale (NVFP4); only with ``scale="e4m3"``
             (ValueError for ``"e8m0"`` / ``"fp32"``, whose range needs no second level).
-        dims: the dimensions the block spans (``(-1,)`` / ``(-2, -1)`` by default).
+        dims: the dimensions the block spans (``(-1,)`` / ``(-2, -1)`` by default). 1-D blocks
+            may span several dimensions, flattened in the order given (``(0, 2, 3)``: the
+            reduction of a conv weight gradient over batch and pixels, ``n * H * W + h * W +
+            w``), as if those dimensions were moved last and merged into one.
         name: the standard name when the fields match one, else ``elem:block:scale:rule[:ts]
             [:dims=...]`` (e.g. ``e4m3fn:32:e8m0:rceil``); ``from_name(f.name) == f``.
     """
@@ -215,11 +224,13 @@ class BlockFormat:
             dims = (-1,) if len(block) == 1 else (-2, -1)
         if isinstance(dims, int) and not isinstance(dims, bool):
             dims = (dims,)
-        if (not isinstance(dims, tuple) or len(dims) != len(block)
+        if (not isinstance(dims, tuple) or not dims
+                or (len(block) == 2 and len(dims) != 2)
                 or any(isinstance(d, bool) or not isinstance(d, int) for d in dims)):
-            raise TypeError(f"dims must be a tuple of {len(block)} int(s), got {self.dims!r}")
-        if len(dims) == 2 and dims[0] == dims[1]:
-            raise ValueError(f"dims must be two different dimensions, got {dims}")
+            want = "2 ints" if len(block) == 2 else "1 or more ints (flattened in that order)"
+            raise TypeError(f"dims must be a tuple of {want}, got {self.dims!r}")
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"dims must be different dimensions, got {dims}")
         object.__setattr__(self, "dims", dims)
         if not self.name:
             object.__setattr__(self, "name", self._default_name())
@@ -699,9 +710,10 @@ class _Plan(NamedTuple):
 @lru_cache(maxsize=512)
 def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
           device: torch.device, layout: tuple) -> _Plan:
-    """The kernels of one call shape: ``layout`` is ("strided", short) or ("canonical", red,
-    pad_to). Multiply-by-reciprocal kinds share one element kernel (the kind only selects
-    x * a against x / a)."""
+    """The kernels of one call shape: ``layout`` is ("strided", short), ("canonical", red,
+    pad_to) or ("flat",) (stochastic rounding on ``_flat``'s rows; nearest takes the canonical
+    one-pass kernel there). Multiply-by-reciprocal kinds share one element kernel (the kind
+    only selects x * a against x / a)."""
     wide = dtype == torch.float64
     ints, flts = _elem_consts(bf.elem, wide, device)
     sc = _elem_consts(_E4M3, wide, device)
@@ -714,7 +726,13 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
     zero = tuple(torch.zeros((), dtype=torch.int32, device=device) for _ in range(2))
     split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
     counters = ()
-    if layout[0] == "strided":
+    if layout[0] == "flat":  # ``_flat``'s rows: canonical kernels, moved-layout counters
+        scales = variant(_scales, "quantize_block", False, split, tile=False, kind=kind,
+                         ts=bf.tensor_scale)
+        elements = variant(_elements_at, "quantize_block", False, split, div=div,
+                           stochastic=True, metrics=metrics, fast=fast)
+        counters = (None,) * 3
+    elif layout[0] == "strided":
         scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
         elements = variant(_elements_at, "quantize_block", False, split, div=div,
                            stochastic=stochastic, metrics=metrics, fast=fast)
@@ -735,6 +753,18 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
                  elements.bind(None, None, None, ints, flts, None, None, *counters), zero)
 
 
+def _resolve_dims(bf: BlockFormat, ndim: int, shape) -> tuple:
+    """``bf.dims`` as non-negative dimensions of an ``ndim``-d tensor (ValueError naming the
+    shape when one is out of range or two name the same dimension)."""
+    dims = tuple(d % ndim if -ndim <= d < ndim else None for d in bf.dims)
+    if any(d is None for d in dims):
+        raise ValueError(f"dims {bf.dims} out of range for a tensor of shape {tuple(shape)}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dims {bf.dims} name one dimension twice for a tensor of shape "
+                         f"{tuple(shape)}")
+    return dims
+
+
 def _canonical(x: torch.Tensor, bf: BlockFormat):
     """(canonical padded tensor, reduce dims, restore(out) -> x-shaped tensor).
 
@@ -745,20 +775,18 @@ def _canonical(x: torch.Tensor, bf: BlockFormat):
     elements (a NaN block is NaN either way, its payload may differ); stochastic rounding
     draws each element's bits at its padded index (``_block_elements``' ``pad_to``)."""
     shape = x.shape
-    nd = len(bf.block)
+    nd, k = len(bf.block), len(bf.dims)  # k > nd: 1-D blocks over k flattened dims
     y = x
     while y.dim() < nd:
         y = y.unsqueeze(0)
-    dims = tuple(d % y.dim() if -y.dim() <= d < y.dim() else None for d in bf.dims)
-    if any(d is None for d in dims):
-        raise ValueError(f"dims {bf.dims} out of range for a tensor of shape {tuple(shape)}")
-    target = tuple(range(y.dim() - nd, y.dim()))
+    dims = _resolve_dims(bf, y.dim(), shape)
+    target = tuple(range(y.dim() - k, y.dim()))
     moved = dims != target
     if moved:
         y = torch.movedim(y, dims, target)
     mshape = y.shape
-    lead = math.prod(mshape[: y.dim() - nd])
-    sizes = mshape[y.dim() - nd:]
+    lead = math.prod(mshape[: y.dim() - k])
+    sizes = mshape[y.dim() - nd:] if k == nd else (math.prod(mshape[y.dim() - k:]),)
     y = y.reshape(lead, *sizes)
     pads = [(-s) % b for s, b in zip(sizes, bf.block)]
     short = nd == 1 and 0 < sizes[0] < bf.block[0]
@@ -800,7 +828,7 @@ def _strided(x: torch.Tensor, bf: BlockFormat):
     (``_canonical`` moves d last and pads). Stochastic rounding draws element (l, c, t) at
     counter (l * trail + t) * P + c (P: x's size along d, or the block for a short one): its
     index in ``_canonical``'s padded layout, so both layouts give the same bits."""
-    if len(bf.block) != 1 or x.dim() < 2 or not x.is_contiguous():
+    if len(bf.block) != 1 or len(bf.dims) != 1 or x.dim() < 2 or not x.is_contiguous():
         return None
     d = bf.dims[0]
     if not -x.dim() <= d < x.dim():
@@ -815,6 +843,45 @@ def _strided(x: torch.Tensor, bf: BlockFormat):
     if n % b == 0:
         return x.view(lead, n // b, b, trail), None
     return None
+
+
+def _flat(x: torch.Tensor, bf: BlockFormat):
+    """``(rows, lead, n, mid, trail)`` for 1-D blocks over several dims ``(d0, d1, .., dk)``
+    whose ``d1..dk`` are the last dimensions of a contiguous x, in order, with ``trail`` (their
+    product) a multiple of the block: every block of the moved layout (``_canonical``: the dims
+    moved last and merged, index ``i0 * trail + t``) then is a contiguous run of x, and x viewed
+    as ``rows`` (blocks, block) is quantized in place. x is (lead, n, mid, trail) with n the
+    size along d0 and mid the dimensions between d0 and d1. Else None."""
+    dims = bf.dims
+    if len(bf.block) != 1 or len(dims) < 2 or not x.is_contiguous() or x.numel() == 0:
+        return None
+    nd = x.dim()
+    if not all(-nd <= d < nd for d in dims):
+        return None  # _canonical says what is wrong
+    d0, *rest = (d % nd for d in dims)
+    k = len(rest)
+    if tuple(rest) != tuple(range(nd - k, nd)) or d0 >= nd - k:
+        return None
+    b, trail = bf.block[0], math.prod(x.shape[nd - k:])
+    if trail % b:
+        return None
+    lead, n, mid = math.prod(x.shape[:d0]), x.shape[d0], math.prod(x.shape[d0 + 1:nd - k])
+    return x.view(-1, b), lead, n, mid, trail
+
+
+@lru_cache(maxsize=64)
+def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, device: torch.device) -> tuple:
+    """int32 tensors that broadcast to ``_flat``'s (blocks, block) view and sum to each
+    element's index in the moved layout: element (l, i, m, t) of x viewed as (lead, n, mid,
+    trail) sits at row l * mid + m, column i * trail + t of ``_canonical``'s (rows, n * trail)
+    (no padding: trail is a multiple of the block). Kept per shape, like ``_strided_counter``."""
+    row = n * trail
+    base = ((torch.arange(lead, dtype=torch.int32, device=device) * (mid * row)).view(-1, 1, 1, 1)
+            + (torch.arange(n, dtype=torch.int32, device=device) * trail).view(1, -1, 1, 1)
+            + (torch.arange(mid, dtype=torch.int32, device=device) * row).view(1, 1, -1, 1)
+            + (torch.arange(trail // b, dtype=torch.int32, device=device) * b).view(1, 1, 1, -1))
+    return (base.reshape(-1, 1), torch.arange(b, dtype=torch.int32, device=device).view(1, b),
+            torch.zeros((1, 1), dtype=torch.int32, device=device))
 
 
 def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
@@ -860,16 +927,29 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
         k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
         res = _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics)
         return res if metrics or flag else res[0]
-    xc, red, restore = _canonical(x, bf)
-    # rows shorter than one block stay unpadded; stochastic rounding then draws each element's
-    # bits at its index in the padded layout (the counter of the padded pass)
-    pad_to = None
-    if stochastic and len(bf.block) == 1 and xc.dim() == 2 and xc.shape[1] != bf.block[0]:
-        pad_to = bf.block[0]
-    counted = xc.numel() if pad_to is None else xc.shape[0] * pad_to
+    flat = _flat(x, bf)
+    counter = ()
+    if flat is not None:  # blocks over several dims, each a contiguous run of x: in place
+        xc, lead, n, mid, trail = flat
+        red, pad_to, counted = (1,), None, x.numel()
+
+        def restore(out):
+            return out.view(x.shape)
+        layout = ("flat",) if stochastic else ("canonical", red, None)
+        if stochastic and counted < 1 << 31:
+            counter = _flat_counter(lead, n, mid, trail, bf.block[0], dev)
+    else:
+        xc, red, restore = _canonical(x, bf)
+        # rows shorter than one block stay unpadded; stochastic rounding then draws each
+        # element's bits at its index in the padded layout (the counter of the padded pass)
+        pad_to = None
+        if stochastic and len(bf.block) == 1 and xc.dim() == 2 and xc.shape[1] != bf.block[0]:
+            pad_to = bf.block[0]
+        counted = xc.numel() if pad_to is None else xc.shape[0] * pad_to
+        layout = ("canonical", red, pad_to)
     if counted >= 1 << 31:
         raise ValueError(f"x has too many elements for the int32 counter: {counted}")
-    plan = _plan(bf, stochastic, metrics, x.dtype, dev, ("canonical", red, pad_to))
+    plan = _plan(bf, stochastic, metrics, x.dtype, dev, layout)
     k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
     if xc.numel() == 0:
         compile = False
@@ -877,7 +957,7 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
         res = plan.elements(xc, k1, k2, compile=compile)
     else:
         a, deq = plan.scales(xc, compile=compile)
-        res = plan.elements(xc, a, deq, k1, k2, compile=compile)
+        res = plan.elements(xc, a, deq, k1, k2, *counter, compile=compile)
     if not metrics and flag:
         return restore(res), nonfinite_flag(xc).to(torch.int64)
     if not metrics:
