@@ -534,12 +534,13 @@ def test_blocks_along_a_middle_dimension_equal_the_moved_layout(name):
 def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
     # 1-D blocks over several dims (a conv weight gradient's operands reduce over batch and
     # pixels) are the blocks of those dims moved last and merged into one: values, counts and
-    # stochastic bits; where every block is a contiguous run of x (the dims after the first
-    # are x's last ones, their product a multiple of the block) they are reduced in place
+    # stochastic bits; where every block is made of runs of x (the dims after the first are
+    # x's last ones, their product a multiple of the block or of 16) they are reduced in place
     bf = BlockFormat.from_name(name)
     b = bf.block[0]
     cases = [((6, 3, 4, b // 4), (0, 2, 3)),  # pixels a multiple of the block: in place
              ((3, 2, 2, 5, b), (1, 3, 4)),  # leading dims before d0, mid dims: in place
+             ((5, 3, 3, 16), (0, 2, 3)),  # 48 pixels: runs of 16 (in place) for b >= 32
              ((5, 3, 7, 7), (0, 2, 3)),  # 49 pixels, blocks straddle samples: moved
              ((4, 3, b), (0, 2)), ((3, 2, b), (2, 0)),  # in place / another order: moved
              ((2, 3, 4, 4), (3, 0))]  # shorter than one block: moved, unpadded rows
@@ -553,9 +554,11 @@ def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
         moved = x.permute(*keep, *[d % nd for d in dims])
         flat = moved.reshape(*moved.shape[:len(keep)], -1).contiguous()
         inv = np.argsort(keep + [d % nd for d in dims]).tolist()
+        # in place where the blocks are made of runs of x of at least 16 elements (or whole
+        # blocks): gcd(pixels, block) >= min(16, block) (``numerics.block.MIN_RUN``)
         in_place = (dims[0] % nd < nd - len(dims) + 1 and [d % nd for d in dims[1:]]
                     == list(range(nd - len(dims) + 1, nd))
-                    and math.prod(shape[nd - len(dims) + 1:]) % b == 0)
+                    and math.gcd(math.prod(shape[nd - len(dims) + 1:]), b) >= min(16, b))
         for compile in (False, True) if name in ("mxfp8_e4m3", "nvfp4") else (False,):
             for rounding in ("nearest", "stochastic"):
                 g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

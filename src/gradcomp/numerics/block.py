@@ -563,7 +563,11 @@ def _tensor_scale(x, flts, c: _C, red: tuple | None = None):
     over x (the same number: max is exact in any order)."""
     a = x.abs()
     fa = torch.where(torch.isfinite(a), a, 0)
-    amax = fa.amax() if red is None else fa.amax(dim=red).amax()
+    return _tensor_scale_of(fa.amax() if red is None else fa.amax(dim=red).amax(), flts, c)
+
+
+def _tensor_scale_of(amax, flts, c: _C):
+    """t from the largest finite magnitude ``amax`` (``_tensor_scale``)."""
     t = amax / (448.0 * flts[0])
     if c.fdt == torch.float64:
         t = t.to(torch.float32).to(torch.float64)
@@ -571,9 +575,10 @@ def _tensor_scale(x, flts, c: _C, red: tuple | None = None):
 
 
 def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool, amax=None,
-                  vec: bool = False):
+                  vec: bool = False, t=None):
     """(a, deq) per block: elements are y = x * a (E8M0, E4M3) or y = x / a (FP32), and the
-    result is Q(y) * deq. ``amax``: the blocks' amax when the caller has it. ``vec``: the
+    result is Q(y) * deq. ``amax``: the blocks' amax when the caller has it; ``t``: the
+    per-tensor scale when the caller has it (``tensor_scale``: else from x). ``vec``: the
     scales are computed in a loop vectorised across blocks (the strided layout), so a float32
     container on the CPU computes them on float operations (E8M0: ``_e8m0_scale_float``, E4M3:
     ``_round_elems_float``; the same bits). A block per row (``_canonical``) computes its
@@ -589,7 +594,8 @@ def _block_scales(x, ints, flts, sc, red: tuple, kind: str, tensor_scale: bool, 
         s = _fp32_scale(amax, flts, wide)
         return s, s
     if kind == "e4m3":
-        t = _tensor_scale(xf, flts, c, red) if tensor_scale else None
+        if t is None and tensor_scale:
+            t = _tensor_scale(xf, flts, c, red)
         return _e4m3_scale(amax, ints, flts, sc, c, t, fast)
     if fast:
         return _e8m0_scale_float(amax, flts, kind == "e8m0_rceil")
@@ -693,6 +699,48 @@ def _elements_at(x, a, deq, ints, flts, k1, k2, lc=None, cc=None, tc=None, *, di
                            (lc, cc, tc) if stochastic else None)
 
 
+# blocks over several dims whose runs in x are shorter than a block (``_flat`` with ``per`` > 1
+# runs per block): the runs' amax in one pass over x (a kernel); the moved layout's block amax
+# from those (``_runs_blocks``: small eager ops on 1/s of x); the block scales (a kernel); the
+# scales handed back to the runs (``_runs_back``: a small copy, then a strided view in x's
+# order); the elements kernel on x's runs. (The block amax inside the scale kernel was
+# measured 40x slower on the CPU: inductor recomputed the gathered amax, with a division and
+# a modulo per load, at each of its uses in the scale arithmetic.)
+def _runs_amax(x, *, ts):
+    """The amax of each run of x viewed as (lead, n, mid, runs, s); with ``ts``, and the
+    largest finite magnitude of x."""
+    a = x.to(_container(x.dtype == torch.float64).fdt).abs()
+    if not ts:
+        return a.amax(dim=4)
+    return a.amax(dim=4), torch.where(torch.isfinite(a), a, 0).amax()
+
+
+def _runs_blocks(sub: torch.Tensor, per: int) -> torch.Tensor:
+    """The moved layout's block amax (rows, blocks, 1) from the runs' amax ``sub`` (lead, n,
+    mid, runs): block ``j`` of row ``l * mid + m`` (the row padded to whole blocks) holds the
+    runs ``i * runs + r`` in [j * per, (j + 1) * per)."""
+    lead, n, mid, runs = sub.shape
+    moved = sub.permute(0, 2, 1, 3).reshape(lead * mid, n * runs)
+    moved = F.pad(moved, (0, (-(n * runs)) % per))  # zeros: no block's amax changes
+    return moved.view(lead * mid, -1, per).amax(dim=2, keepdim=True)
+
+
+def _scales_of(amax, fin, ints, flts, si, sf, *, kind, ts):
+    """(a, deq) of blocks from their amax; ``fin``: x's largest finite magnitude (read with
+    ``ts`` only, for the per-tensor scale as ``_tensor_scale``)."""
+    t = _tensor_scale_of(fin, flts, _container(amax.dtype == torch.float64)) if ts else None
+    return _block_scales(amax, ints, flts, (si, sf), (2,), kind, ts, amax, vec=True, t=t)
+
+
+def _runs_back(v: torch.Tensor, shape: tuple, per: int) -> torch.Tensor:
+    """A block tensor of ``_scales_of`` as one value per run of x viewed as ``shape`` (lead,
+    n, mid, runs, s): (lead, n, mid, runs, 1) in x's order, 1/s of x's size (contiguous: the
+    element kernel read a strided one 3x slower, measured on the CPU)."""
+    lead, n, mid, runs, _ = shape
+    v = v.view(v.shape[0], -1).repeat_interleave(per, dim=1)[:, :n * runs]
+    return v.view(lead, mid, n, runs).permute(0, 2, 1, 3).contiguous().unsqueeze(-1)
+
+
 _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
           ("e4m3", "nearest"): "e4m3", ("fp32", "nearest"): "fp32"}
 
@@ -711,8 +759,8 @@ class _Plan(NamedTuple):
 def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
           device: torch.device, layout: tuple) -> _Plan:
     """The kernels of one call shape: ``layout`` is ("strided", short), ("canonical", red,
-    pad_to) or ("flat",) (stochastic rounding on ``_flat``'s rows; nearest takes the canonical
-    one-pass kernel there). Multiply-by-reciprocal kinds share one element kernel (the kind
+    pad_to), ("flat",) (stochastic rounding on ``_flat``'s rows; nearest takes the canonical
+    one-pass kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block). Multiply-by-reciprocal kinds share one element kernel (the kind
     only selects x * a against x / a)."""
     wide = dtype == torch.float64
     ints, flts = _elem_consts(bf.elem, wide, device)
@@ -726,7 +774,25 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
     zero = tuple(torch.zeros((), dtype=torch.int32, device=device) for _ in range(2))
     split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
     counters = ()
-    if layout[0] == "flat":  # ``_flat``'s rows: canonical kernels, moved-layout counters
+    if layout[0] == "runs":  # ``_flat``'s runs shorter than a block: two scale kernels
+        ts = bf.tensor_scale
+        runs = variant(_runs_amax, "quantize_block", False, split, ts=ts)
+        per = layout[1]
+        of = variant(_scales_of, "quantize_block", False, split, kind=kind,
+                     ts=ts).bind(None, None if ts else zero[0].clone(), ints, flts, *sc)
+
+        def scales(x, compile=None):
+            got = runs(x, compile=compile)
+            sub, fin = got if ts else (got, None)
+            blocks = _runs_blocks(sub, per)
+            a, deq = of(blocks, fin, compile=compile) if ts else of(blocks, compile=compile)
+            return _runs_back(a, x.shape, per), _runs_back(deq, x.shape, per)
+        elements = variant(_elements_at, "quantize_block", False, split, div=div,
+                           stochastic=stochastic, metrics=metrics, fast=fast)
+        counters = (None,) * 3 if stochastic else ()
+        return _Plan(scales, elements.bind(None, None, None, ints, flts, None, None, *counters),
+                     zero)
+    elif layout[0] == "flat":  # ``_flat``'s rows: canonical kernels, moved-layout counters
         scales = variant(_scales, "quantize_block", False, split, tile=False, kind=kind,
                          ts=bf.tensor_scale)
         elements = variant(_elements_at, "quantize_block", False, split, div=div,
@@ -845,13 +911,23 @@ def _strided(x: torch.Tensor, bf: BlockFormat):
     return None
 
 
+# runs shorter than this many elements are not worth the runs layout (measured on the CPU:
+# with runs of 4, a conv operand's 14x14 pixels under 16-element blocks, its kernels took 3x
+# the moving path's time; runs of 16, 28x28 pixels under 32-element blocks, 0.7x); those dims
+# are moved
+MIN_RUN = 16
+
+
 def _flat(x: torch.Tensor, bf: BlockFormat):
-    """``(rows, lead, n, mid, trail)`` for 1-D blocks over several dims ``(d0, d1, .., dk)``
-    whose ``d1..dk`` are the last dimensions of a contiguous x, in order, with ``trail`` (their
-    product) a multiple of the block: every block of the moved layout (``_canonical``: the dims
-    moved last and merged, index ``i0 * trail + t``) then is a contiguous run of x, and x viewed
-    as ``rows`` (blocks, block) is quantized in place. x is (lead, n, mid, trail) with n the
-    size along d0 and mid the dimensions between d0 and d1. Else None."""
+    """``(runs, lead, n, mid, trail)`` for 1-D blocks over several dims ``(d0, d1, .., dk)``
+    whose ``d1..dk`` are the last dimensions of a contiguous x, in order: x is (lead, n, mid,
+    trail) with n its size along d0, mid the dimensions between d0 and d1, trail the product
+    of d1..dk, and a block of the moved layout (``_canonical``: the dims moved last and merged,
+    index ``i * trail + t`` in row ``l * mid + m``, padded to whole blocks) is made of runs of
+    s = gcd(trail, block) consecutive elements of x. ``runs`` is x viewed as (runs, s): with
+    s the block (trail a multiple of it) every block is one run, quantized in place by the
+    canonical kernels; else each block gathers block / s runs (``_scales_runs``). None when
+    the dims are laid out otherwise or s < ``MIN_RUN`` (``_canonical`` moves them)."""
     dims = bf.dims
     if len(bf.block) != 1 or len(dims) < 2 or not x.is_contiguous() or x.numel() == 0:
         return None
@@ -862,26 +938,35 @@ def _flat(x: torch.Tensor, bf: BlockFormat):
     k = len(rest)
     if tuple(rest) != tuple(range(nd - k, nd)) or d0 >= nd - k:
         return None
-    b, trail = bf.block[0], math.prod(x.shape[nd - k:])
-    if trail % b:
+    trail = math.prod(x.shape[nd - k:])
+    s = math.gcd(trail, bf.block[0])
+    if s < min(MIN_RUN, bf.block[0]):
         return None
     lead, n, mid = math.prod(x.shape[:d0]), x.shape[d0], math.prod(x.shape[d0 + 1:nd - k])
-    return x.view(-1, b), lead, n, mid, trail
+    return x.view(-1, s), lead, n, mid, trail
 
 
 @lru_cache(maxsize=64)
-def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, device: torch.device) -> tuple:
-    """int32 tensors that broadcast to ``_flat``'s (blocks, block) view and sum to each
-    element's index in the moved layout: element (l, i, m, t) of x viewed as (lead, n, mid,
-    trail) sits at row l * mid + m, column i * trail + t of ``_canonical``'s (rows, n * trail)
-    (no padding: trail is a multiple of the block). Kept per shape, like ``_strided_counter``."""
-    row = n * trail
+def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, s: int,
+                  device: torch.device) -> tuple:
+    """int32 tensors that broadcast to ``_flat``'s (runs, s) view (runs shorter than a block
+    b: its (lead, n, mid, runs, s) view) and sum to each element's index in the moved, padded
+    layout: element (l, i, m, t) of x viewed as (lead, n, mid,
+    trail) sits at row l * mid + m, column i * trail + t of ``_canonical``'s rows, each padded
+    to whole blocks (``pad_to`` for a row shorter than one block: the same length). Kept per
+    shape, like ``_strided_counter``."""
+    row = -(-(n * trail) // b) * b
     base = ((torch.arange(lead, dtype=torch.int32, device=device) * (mid * row)).view(-1, 1, 1, 1)
             + (torch.arange(n, dtype=torch.int32, device=device) * trail).view(1, -1, 1, 1)
             + (torch.arange(mid, dtype=torch.int32, device=device) * row).view(1, 1, -1, 1)
-            + (torch.arange(trail // b, dtype=torch.int32, device=device) * b).view(1, 1, 1, -1))
-    return (base.reshape(-1, 1), torch.arange(b, dtype=torch.int32, device=device).view(1, b),
-            torch.zeros((1, 1), dtype=torch.int32, device=device))
+            + (torch.arange(trail // s, dtype=torch.int32, device=device) * s).view(1, 1, 1, -1))
+    cols = torch.arange(s, dtype=torch.int32, device=device)
+    if s == b:  # the canonical kernels' (blocks, block) rows
+        return base.reshape(-1, 1), cols.view(1, s), torch.zeros((1, 1), dtype=torch.int32,
+                                                                  device=device)
+    # the runs layout's (lead, n, mid, runs, s)
+    return (base.unsqueeze(-1), cols.view(1, 1, 1, 1, s),
+            torch.zeros((1,) * 5, dtype=torch.int32, device=device))
 
 
 def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
@@ -929,15 +1014,21 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
         return res if metrics or flag else res[0]
     flat = _flat(x, bf)
     counter = ()
-    if flat is not None:  # blocks over several dims, each a contiguous run of x: in place
+    if flat is not None:  # blocks over several dims made of runs of x: in place
         xc, lead, n, mid, trail = flat
-        red, pad_to, counted = (1,), None, x.numel()
+        b, run = bf.block[0], xc.shape[1]
+        red, pad_to = (1,), None
+        counted = lead * mid * (-(-(n * trail) // b) * b)
 
         def restore(out):
             return out.view(x.shape)
-        layout = ("flat",) if stochastic else ("canonical", red, None)
+        if run < b:  # each block gathers b / run runs
+            layout = ("runs", b // run)
+            xc = xc.view(lead, n, mid, trail // run, run)
+        else:
+            layout = ("flat",) if stochastic else ("canonical", red, None)
         if stochastic and counted < 1 << 31:
-            counter = _flat_counter(lead, n, mid, trail, bf.block[0], dev)
+            counter = _flat_counter(lead, n, mid, trail, b, run, dev)
     else:
         xc, red, restore = _canonical(x, bf)
         # rows shorter than one block stay unpadded; stochastic rounding then draws each
