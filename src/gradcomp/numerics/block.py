@@ -760,8 +760,9 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
           device: torch.device, layout: tuple) -> _Plan:
     """The kernels of one call shape: ``layout`` is ("strided", short), ("canonical", red,
     pad_to), ("flat",) (stochastic rounding on ``_flat``'s rows; nearest takes the canonical
-    one-pass kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block). Multiply-by-reciprocal kinds share one element kernel (the kind
-    only selects x * a against x / a)."""
+    one-pass kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block).
+    Multiply-by-reciprocal kinds share one element kernel (the kind only selects x * a against
+    x / a)."""
     wide = dtype == torch.float64
     ints, flts = _elem_consts(bf.elem, wide, device)
     sc = _elem_consts(_E4M3, wide, device)
