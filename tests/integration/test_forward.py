@@ -107,6 +107,34 @@ def test_pact_gradient_dtype_and_half_input():
     assert alpha.grad.item() == (x.detach() >= 3.0).sum().item()
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_fused_equals_eager(signed):
+    # the fused forward (one pass: quantized x and the region code) and backward (x's gradient
+    # and the masked gradients that sum to alpha's) give the eager path's bits, NaN and +-inf
+    # and values on the clip and grid boundaries included; bfloat16 stays eager
+    from gradcomp.numerics import kernels
+
+    g = torch.Generator().manual_seed(7)
+    for dtype, shape in ((torch.float32, (8, 16, 9, 9)), (torch.float64, (37,)),
+                         (torch.bfloat16, (5, 7))):
+        x = (3 * torch.randn(shape, generator=g)).to(dtype)
+        x.view(-1)[:6] = torch.tensor([math.nan, math.inf, -math.inf, 2.0, -2.0, 0.0])
+        gy = torch.randn(shape, generator=g).to(dtype)
+        got = []
+        for compile in (False, True):
+            kernels.set_compile(compile)
+            try:
+                xx = x.clone().requires_grad_()
+                alpha = torch.tensor(2.0, requires_grad=True)
+                y = pact_quantize(xx, alpha, 4, signed)
+                y.backward(gy)
+            finally:
+                kernels.set_compile(None)
+            got.append([t.detach().double().nan_to_num(nan=7.0) for t in (y, xx.grad, alpha.grad)])
+        for a, b, what in zip(*got, ("output", "x's gradient", "alpha's gradient")):
+            assert torch.equal(a, b), (dtype, signed, what)
+
+
 def test_pact_module_regularization_gradient():
     m = PACT(4, alpha_init=3.0)
     m.regularization(0.1).backward()

@@ -530,7 +530,7 @@ def test_blocks_along_a_middle_dimension_equal_the_moved_layout(name):
         assert _same(quantize_block(x, along, compile=False), spec_reference(x, along))
 
 
-@pytest.mark.parametrize("name", ONE_D)
+@pytest.mark.parametrize("name", ONE_D + ["e2m1fn:32:e4m3:nearest:ts"])
 def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
     # 1-D blocks over several dims (a conv weight gradient's operands reduce over batch and
     # pixels) are the blocks of those dims moved last and merged into one: values, counts and
@@ -541,6 +541,8 @@ def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
     cases = [((6, 3, 4, b // 4), (0, 2, 3)),  # pixels a multiple of the block: in place
              ((3, 2, 2, 5, b), (1, 3, 4)),  # leading dims before d0, mid dims: in place
              ((5, 3, 3, 16), (0, 2, 3)),  # 48 pixels: runs of 16 (in place) for b >= 32
+             ((3, 4, 3, 16), (1, 3)),  # leading and mid dims around runs of 16
+             ((1, 3, 4, 4), (0, 2, 3)),  # rows shorter than a 32-block, made of one run
              ((5, 3, 7, 7), (0, 2, 3)),  # 49 pixels, blocks straddle samples: moved
              ((4, 3, b), (0, 2)), ((3, 2, b), (2, 0)),  # in place / another order: moved
              ((2, 3, 4, 4), (3, 0))]  # shorter than one block: moved, unpadded rows
@@ -559,7 +561,8 @@ def test_blocks_over_flattened_dims_equal_the_moved_layout(name):
         in_place = (dims[0] % nd < nd - len(dims) + 1 and [d % nd for d in dims[1:]]
                     == list(range(nd - len(dims) + 1, nd))
                     and math.gcd(math.prod(shape[nd - len(dims) + 1:]), b) >= min(16, b))
-        for compile in (False, True) if name in ("mxfp8_e4m3", "nvfp4") else (False,):
+        compiled = name in ("mxfp8_e4m3", "nvfp4", "e2m1fn:32:e4m3:nearest:ts")
+        for compile in (False, True) if compiled else (False,):
             for rounding in ("nearest", "stochastic"):
                 g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
                 out, m = quantize_block_metrics(x, fmt, rounding, g1, compile=compile)

@@ -66,6 +66,7 @@ from torch import nn
 from gradcomp.integration.gemm import OperandSpec, quantize_operand
 from gradcomp.numerics._checks import require_float_tensor, require_int_range, require_positive
 from gradcomp.numerics.block import NAMED_BLOCK_FORMATS, BlockFormat
+from gradcomp.numerics.kernels import variant
 
 __all__ = [
     "ALPHA_NAME",
@@ -109,6 +110,41 @@ def _check_bits(bits, name: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _pact_forward(x, a, lo, up, down, *, signed: bool):
+    """PACT's forward on x: (the quantized x, the int8 region code). ``up`` = levels / a and
+    ``down`` = a / levels, computed by the caller (0-d, x's dtype)."""
+    y = torch.clamp(x, min=lo, max=a)
+    out = torch.round(y * up) * down  # half to even
+    # One int8 region code instead of x: 1 byte per element saved for backward.
+    #   unsigned: inside = [0, alpha), above = [alpha, inf), below = (-inf, 0)  (grad 0)
+    #   signed:   inside = (-alpha, alpha), above = [alpha, inf), below = (-inf, -alpha]
+    above = x >= a
+    below = (x <= lo) if signed else (x < lo)
+    return out, above.to(torch.int8) - below.to(torch.int8)
+
+
+def _pact_backward(grad, region, *, signed: bool):
+    """(x's gradient, the masked gradients whose sums give alpha's: where region is 1, and -1
+    when ``signed``); the sums are taken outside (``_PACTFn.backward``), over the same tensors
+    as the eager path's, so that alpha's gradient has the same bits fused or not."""
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    gx = torch.where(region == 0, grad, zero)
+    up = torch.where(region == 1, grad, zero)
+    if not signed:
+        return gx, up
+    return gx, up, torch.where(region == -1, grad, zero)
+
+
+def _pact_op(fn, x: torch.Tensor, signed: bool):
+    """(the FusedOp of ``fn`` for this call, its compile argument): float32 / float64 take the
+    fused kernel by the compile policy (one pass instead of about nine on the forward, three
+    instead of five on the backward; the same float operations, so the same bits); float16 /
+    bfloat16 stay eager (inductor's CPU code computes half types in float32, which would round
+    differently)."""
+    op = variant(fn, "pact", False, (x.dtype, x.device.type), signed=signed)
+    return op, (None if x.dtype in (torch.float32, torch.float64) and x.numel() else False)
+
+
 class _PACTFn(torch.autograd.Function):
     """Forward: clip to [lo, alpha] and round to the k-bit grid. Backward: STE for x inside the
     clip range, and the PACT gradient d y_q / d alpha = 1 on x >= alpha (-1 on x <= -alpha when
@@ -120,15 +156,8 @@ class _PACTFn(torch.autograd.Function):
         # normal of x's dtype (a tensor op: no host sync in the hot path).
         a = alpha.detach().to(x.device, x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
         lo = -a if signed else torch.zeros_like(a)
-        y = torch.clamp(x, min=lo, max=a)
-        q = torch.round(y * (levels / a))  # half to even
-        out = q * (a / levels)
-        # One int8 region code instead of x: 1 byte per element saved for backward.
-        #   unsigned: inside = [0, alpha), above = [alpha, inf), below = (-inf, 0)  (grad 0)
-        #   signed:   inside = (-alpha, alpha), above = [alpha, inf), below = (-inf, -alpha]
-        above = x >= a
-        below = (x <= lo) if signed else (x < lo)
-        region = above.to(torch.int8) - below.to(torch.int8)
+        op, compile = _pact_op(_pact_forward, x, signed)
+        out, region = op(x.detach(), a, lo, levels / a, a / levels, compile=compile)
         ctx.save_for_backward(region)
         ctx.signed = signed
         ctx.alpha_dtype = alpha.dtype
@@ -137,13 +166,13 @@ class _PACTFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (region,) = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        gx = torch.where(region == 0, grad, zero)
+        op, compile = _pact_op(_pact_backward, grad, ctx.signed)
+        gx, *masked = op(grad, region, compile=compile)
         # Accumulate alpha's gradient in at least float32 (a sum over the whole activation).
         acc = torch.promote_types(grad.dtype, torch.float32)
-        ga = torch.where(region == 1, grad, zero).sum(dtype=acc)
+        ga = masked[0].sum(dtype=acc)
         if ctx.signed:
-            ga = ga - torch.where(region == -1, grad, zero).sum(dtype=acc)
+            ga = ga - masked[1].sum(dtype=acc)
         return gx, ga.to(ctx.alpha_dtype), None, None
 
 

@@ -46,7 +46,8 @@ dims of that operand in its GEMM. Per-tensor quantizers (every kind but "block")
 ``dims``; a block quantizer (kind "block", ``per_tensor = False``) runs its blocks along the
 flattened reduction dims: with 1-D blocks it gets the tensor as it is and the format's ``dims``
 set to them (``numerics.block`` blocks in place where it can: one dimension, or a conv
-operand's batch and pixels when H * W is a multiple of the block; else it moves them last),
+operand's batch and pixels when H * W shares runs of 16 or more with the block, 28x28 pixels
+under 16- and 32-element blocks; else it moves them last),
 with 2-D tiles (e.g. NVFP4's 16x16 weight tiles) the tensor with those dims moved last and
 flattened and the other dims flattened too, a (rest, reduction) matrix.
 
@@ -234,8 +235,9 @@ class OperandQuantizer:
     """Callable ``q(x, generator=None, dims=None) -> x_hat`` built from an :class:`OperandSpec`.
 
     ``name`` labels tables; ``per_tensor`` is False for kind "block" (``quantize_operand`` then
-    hands the tensor with its reduction dims last and flattened) and True otherwise (dims are
-    ignored); ``unbiased`` mirrors the spec. The result has x's shape and dtype.
+    hands the tensor with its reduction dims: as it lies for 1-D blocks, ``_along``; moved last
+    and flattened for 2-D tiles) and True otherwise (dims are ignored); ``unbiased`` mirrors
+    the spec. The result has x's shape and dtype.
     """
 
     def __init__(self, spec: OperandSpec):
@@ -586,14 +588,17 @@ def _conv_args(stride, padding, dilation, groups, weight):
     return stride, pair(padding), dilation, int(groups)
 
 
-def _shape_only(t: torch.Tensor) -> torch.Tensor:
+def _shape_only(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A stand-in for the operand convolution_backward does not read (its shape and layout
-    only): ``t`` itself when contiguous, else an uninitialised contiguous tensor. What
+    only), with ``like``'s dtype (the gradient's, as torch.nn.grad's): ``t`` itself when
+    contiguous and of that dtype, else an uninitialised contiguous tensor. What
     ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` pass instead, one element expanded,
     convolution_backward first copies into a contiguous tensor of the full size (a 6.4 MB
     write per call for a (128, 16, 28, 28) input, measured as aten::contiguous in the
-    backward). The same contiguous layout, so the same kernels and bits."""
-    return t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    backward). The same contiguous layout and dtype, so the same kernels and bits."""
+    if t.is_contiguous() and t.dtype == like.dtype:
+        return t
+    return torch.empty(t.shape, dtype=like.dtype, device=t.device)
 
 
 def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
@@ -603,7 +608,7 @@ def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
     wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
     gq = quantize_operand(qs.g1, g, gen, (1,))
     return torch.ops.aten.convolution_backward(
-        gq, _shape_only(x), wq, None, list(stride), list(padding), list(dilation), False,
+        gq, _shape_only(x, gq), wq, None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [True, False, False])[0]
 
 
@@ -618,7 +623,7 @@ def conv_wgrad(g, x, w, conv, qs: _Quantizers, gen, signs=None):
     xq = quantize_operand(qs.x, x, gen, (0, 2, 3))
     gq = quantize_operand(qs.g2, g, gen, (0, 2, 3))
     return torch.ops.aten.convolution_backward(
-        gq, xq, _shape_only(w), None, list(stride), list(padding), list(dilation), False,
+        gq, xq, _shape_only(w, gq), None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [False, True, False])[1]
 
 

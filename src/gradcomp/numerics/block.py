@@ -83,9 +83,11 @@ element i's random bits at i's index in the layout with the blocked dimension(s)
 multiple of the block or shorter than one block, are reduced where they lie (``_strided``: no
 copy, the result in x's layout, the same values and bits). So are 1-D blocks over several
 dims ``(d0, d1, .., dk)`` whose ``d1..dk`` are x's last dimensions in order and whose product
-there is a multiple of the block (a conv operand's batch and pixels, ``H * W % block == 0``):
-each block is then a contiguous run of x (``_flat``), and stochastic rounding draws each
-element's bits at its index in the moved layout. The other layouts are moved.
+(a conv operand's pixels) shares runs of at least ``MIN_RUN`` elements with the block
+(``gcd(H * W, block) >= 16``, or the whole block): each block is then made of contiguous runs
+of x (``_flat``: one run per block when ``H * W`` is a multiple of the block, else the "runs"
+layout), and stochastic rounding draws each element's bits at its index in the moved layout.
+The other layouts are moved.
 
 How (CPU): inductor's CPU code reinterprets float <-> int element by element, so where a loop
 is vectorised the float32 container rounds elements and computes E8M0/E4M3 scales on float
@@ -748,7 +750,8 @@ _KINDS = {("e8m0", "floor"): "e8m0_floor", ("e8m0", "rceil"): "e8m0_rceil",
 class _Plan(NamedTuple):
     """A layout's kernels for one format, rounding, metrics, dtype and device, with the
     constant tensors bound (``kernels.Bound``): ``scales`` (None: one pass) takes x, ``elements``
-    takes x, (a, deq,) k1, k2 (and the strided layout's counter tensors when stochastic)."""
+    takes x, (a, deq,) k1, k2 (and the strided, flat or runs layout's counter tensors when
+    stochastic)."""
 
     scales: object
     elements: object
@@ -775,30 +778,37 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
     zero = tuple(torch.zeros((), dtype=torch.int32, device=device) for _ in range(2))
     split = (dtype, device.type)  # a code object each (dynamo's budget: 8 graphs per object)
     counters = ()
-    if layout[0] == "runs":  # ``_flat``'s runs shorter than a block: two scale kernels
-        ts = bf.tensor_scale
-        runs = variant(_runs_amax, "quantize_block", False, split, ts=ts)
-        per = layout[1]
-        of = variant(_scales_of, "quantize_block", False, split, kind=kind,
-                     ts=ts).bind(None, None if ts else zero[0].clone(), ints, flts, *sc)
+    if layout[0] in ("runs", "flat"):  # ``_flat``'s (lead, n, mid, runs, s) view
+        # (a split of their own: these graphs do not spend the strided layout's recompile
+        # budget, whose element kernel is the same function)
+        own = split + (layout[0],)
+        if layout[0] == "runs":  # runs shorter than a block: two scale kernels
+            ts = bf.tensor_scale
+            runs = variant(_runs_amax, "quantize_block", False, own, ts=ts)
+            per = layout[1]
+            of = variant(_scales_of, "quantize_block", False, own, kind=kind,
+                         ts=ts).bind(None, None if ts else zero[0].clone(), ints, flts, *sc)
 
-        def scales(x, compile=None):
-            got = runs(x, compile=compile)
-            sub, fin = got if ts else (got, None)
-            blocks = _runs_blocks(sub, per)
-            a, deq = of(blocks, fin, compile=compile) if ts else of(blocks, compile=compile)
-            return _runs_back(a, x.shape, per), _runs_back(deq, x.shape, per)
-        elements = variant(_elements_at, "quantize_block", False, split, div=div,
+            def scales(x, compile=None):
+                got = runs(x, compile=compile)
+                sub, fin = got if ts else (got, None)
+                blocks = _runs_blocks(sub, per)
+                a, deq = of(blocks, fin, compile=compile) if ts else of(blocks, compile=compile)
+                back = _runs_back(a, x.shape, per)
+                return back, (back if deq is a else _runs_back(deq, x.shape, per))
+        else:  # whole blocks as runs: the canonical block-per-row scale kernel
+            rows = variant(_scales, "quantize_block", False, split, tile=False, kind=kind,
+                           ts=bf.tensor_scale).bind(None, ints, flts, *sc)
+
+            def scales(x, compile=None):
+                a, deq = rows(x.view(-1, x.shape[-1]), compile=compile)
+                shape = x.shape[:-1] + (1,)
+                return a.view(shape), deq.view(shape)
+        elements = variant(_elements_at, "quantize_block", False, own, div=div,
                            stochastic=stochastic, metrics=metrics, fast=fast)
         counters = (None,) * 3 if stochastic else ()
         return _Plan(scales, elements.bind(None, None, None, ints, flts, None, None, *counters),
                      zero)
-    elif layout[0] == "flat":  # ``_flat``'s rows: canonical kernels, moved-layout counters
-        scales = variant(_scales, "quantize_block", False, split, tile=False, kind=kind,
-                         ts=bf.tensor_scale)
-        elements = variant(_elements_at, "quantize_block", False, split, div=div,
-                           stochastic=True, metrics=metrics, fast=fast)
-        counters = (None,) * 3
     elif layout[0] == "strided":
         scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
         elements = variant(_elements_at, "quantize_block", False, split, div=div,
@@ -927,7 +937,7 @@ def _flat(x: torch.Tensor, bf: BlockFormat):
     index ``i * trail + t`` in row ``l * mid + m``, padded to whole blocks) is made of runs of
     s = gcd(trail, block) consecutive elements of x. ``runs`` is x viewed as (runs, s): with
     s the block (trail a multiple of it) every block is one run, quantized in place by the
-    canonical kernels; else each block gathers block / s runs (``_scales_runs``). None when
+    canonical kernels; else each block gathers block / s runs (``_runs_blocks``). None when
     the dims are laid out otherwise or s < ``MIN_RUN`` (``_canonical`` moves them)."""
     dims = bf.dims
     if len(bf.block) != 1 or len(dims) < 2 or not x.is_contiguous() or x.numel() == 0:
@@ -950,24 +960,18 @@ def _flat(x: torch.Tensor, bf: BlockFormat):
 @lru_cache(maxsize=64)
 def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, s: int,
                   device: torch.device) -> tuple:
-    """int32 tensors that broadcast to ``_flat``'s (runs, s) view (runs shorter than a block
-    b: its (lead, n, mid, runs, s) view) and sum to each element's index in the moved, padded
-    layout: element (l, i, m, t) of x viewed as (lead, n, mid,
-    trail) sits at row l * mid + m, column i * trail + t of ``_canonical``'s rows, each padded
-    to whole blocks (``pad_to`` for a row shorter than one block: the same length). Kept per
-    shape, like ``_strided_counter``."""
+    """int32 tensors (lc, cc, tc) that broadcast to ``_flat``'s (lead, n, mid, trail / s, s)
+    view of x and sum to each element's index in the moved, padded layout: element (l, i, m, t)
+    of x viewed as (lead, n, mid, trail) sits at row l * mid + m, column i * trail + t of
+    ``_canonical``'s rows, each padded to whole blocks of b (``pad_to`` for a row shorter than
+    one block: the same length). Separable, as ``_strided_counter``: lead * mid + n + trail
+    elements, kept per shape."""
     row = -(-(n * trail) // b) * b
-    base = ((torch.arange(lead, dtype=torch.int32, device=device) * (mid * row)).view(-1, 1, 1, 1)
-            + (torch.arange(n, dtype=torch.int32, device=device) * trail).view(1, -1, 1, 1)
-            + (torch.arange(mid, dtype=torch.int32, device=device) * row).view(1, 1, -1, 1)
-            + (torch.arange(trail // s, dtype=torch.int32, device=device) * s).view(1, 1, 1, -1))
-    cols = torch.arange(s, dtype=torch.int32, device=device)
-    if s == b:  # the canonical kernels' (blocks, block) rows
-        return base.reshape(-1, 1), cols.view(1, s), torch.zeros((1, 1), dtype=torch.int32,
-                                                                  device=device)
-    # the runs layout's (lead, n, mid, runs, s)
-    return (base.unsqueeze(-1), cols.view(1, 1, 1, 1, s),
-            torch.zeros((1,) * 5, dtype=torch.int32, device=device))
+    i32 = dict(dtype=torch.int32, device=device)
+    lc = (torch.arange(lead, **i32).view(-1, 1, 1, 1, 1) * (mid * row)
+          + torch.arange(mid, **i32).view(1, 1, -1, 1, 1) * row)
+    cc = torch.arange(n, **i32).view(1, -1, 1, 1, 1) * trail
+    return lc, cc, torch.arange(trail, **i32).view(1, 1, 1, trail // s, s)
 
 
 def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
@@ -1023,11 +1027,11 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
 
         def restore(out):
             return out.view(x.shape)
-        if run < b:  # each block gathers b / run runs
-            layout = ("runs", b // run)
+        if run < b or stochastic:  # the (lead, n, mid, runs, s) view: separable counters
+            layout = ("runs", b // run) if run < b else ("flat",)
             xc = xc.view(lead, n, mid, trail // run, run)
-        else:
-            layout = ("flat",) if stochastic else ("canonical", red, None)
+        else:  # nearest on whole blocks: the canonical one-pass kernel on the rows
+            layout = ("canonical", red, None)
         if stochastic and counted < 1 << 31:
             counter = _flat_counter(lead, n, mid, trail, b, run, dev)
     else:
