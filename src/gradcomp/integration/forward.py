@@ -118,9 +118,10 @@ def _pact_forward(x, a, lo, up, down, *, signed: bool):
     # One int8 region code instead of x: 1 byte per element saved for backward.
     #   unsigned: inside = [0, alpha), above = [alpha, inf), below = (-inf, 0)  (grad 0)
     #   signed:   inside = (-alpha, alpha), above = [alpha, inf), below = (-inf, -alpha]
-    above = x >= a
+    # (selects, cast once: inductor's CPU code for bool -> int8 casts and int8 arithmetic
+    # took 15x the time of this form on a 1.6M-element activation, measured)
     below = (x <= lo) if signed else (x < lo)
-    return out, above.to(torch.int8) - below.to(torch.int8)
+    return out, torch.where(x >= a, 1, torch.where(below, -1, 0)).to(torch.int8)
 
 
 def _pact_backward(grad, region, *, signed: bool):
@@ -128,11 +129,12 @@ def _pact_backward(grad, region, *, signed: bool):
     when ``signed``); the sums are taken outside (``_PACTFn.backward``), over the same tensors
     as the eager path's, so that alpha's gradient has the same bits fused or not."""
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    gx = torch.where(region == 0, grad, zero)
-    up = torch.where(region == 1, grad, zero)
+    r = region.to(torch.int32)  # int8 compares took 15x longer in inductor's CPU code
+    gx = torch.where(r == 0, grad, zero)
+    up = torch.where(r == 1, grad, zero)
     if not signed:
         return gx, up
-    return gx, up, torch.where(region == -1, grad, zero)
+    return gx, up, torch.where(r == -1, grad, zero)
 
 
 def _pact_op(fn, x: torch.Tensor, signed: bool):
