@@ -123,16 +123,22 @@ def test_pact_fused_equals_eager(signed):
         got = []
         for compile in (False, True):
             kernels.set_compile(compile)
+            res = []
             try:
-                xx = x.clone().requires_grad_()
-                alpha = torch.tensor(2.0, requires_grad=True)
-                y = pact_quantize(xx, alpha, 4, signed)
-                y.backward(gy)
+                # twice: the second call of a signature takes the compiled graph directly;
+                # then an expanded (stride-0) gradient, as y.sum() gives
+                for grad in (gy, gy, None):
+                    xx = x.clone().requires_grad_()
+                    alpha = torch.tensor(2.0, requires_grad=True)
+                    y = pact_quantize(xx, alpha, 4, signed)
+                    y.backward(grad) if grad is not None else y.float().sum().backward()
+                    res += [t.detach().double().nan_to_num(nan=7.0)
+                            for t in (y, xx.grad, alpha.grad)]
             finally:
                 kernels.set_compile(None)
-            got.append([t.detach().double().nan_to_num(nan=7.0) for t in (y, xx.grad, alpha.grad)])
-        for a, b, what in zip(*got, ("output", "x's gradient", "alpha's gradient")):
-            assert torch.equal(a, b), (dtype, signed, what)
+            got.append(res)
+        for i, (a, b) in enumerate(zip(*got)):
+            assert torch.equal(a, b), (dtype, signed, i)
 
 
 def test_pact_module_regularization_gradient():

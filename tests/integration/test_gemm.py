@@ -84,17 +84,18 @@ def test_conv_channels_last_and_bfloat16_bit_exact():
     # the conv backward's stand-in for the operand it does not read (the saved input or
     # weight, or an empty contiguous tensor of the gradient's dtype) gives autograd's bits for
     # channels-last activations and weights and for bfloat16 layers
-    for fmt, dtype in ((torch.channels_last, torch.float32),
-                       (torch.contiguous_format, torch.bfloat16)):
+    cl, cont = torch.channels_last, torch.contiguous_format
+    for wfmt, xfmt, dtype in ((cl, cl, torch.float32), (cont, cl, torch.float32),
+                              (cont, cont, torch.bfloat16)):
         torch.manual_seed(5)
         m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, stride=2),
-                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(dtype, memory_format=fmt)
-        x = torch.randn(4, 3, 9, 9).to(dtype, memory_format=fmt)
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(dtype, memory_format=wfmt)
+        x = torch.randn(4, 3, 9, 9).to(dtype, memory_format=xfmt)
         t = torch.randn(4, 3).to(dtype)
         ref = _grads(m, x, t)
         with quantize_backward(m, BackwardSpec()):
             got = _grads(m, x, t)
-        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (fmt, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (wfmt, xfmt, dtype)
 
 
 def test_no_grad_forward_is_untouched():

@@ -443,8 +443,7 @@ def block_check(layers, formats=DEFAULT_BLOCK_FORMATS, roundings=("nearest", "st
         zf, amax = float(fit.zero_fraction), float(fit.amax)
         xs = x[torch.randperm(x.numel(), generator=g)]
         for bf in fmts:
-            flat = (bf if len(bf.block) == 1 and len(bf.dims) == 1
-                    else bf.replace(block=(bf.block_numel,), dims=None))
+            flat = bf.replace(block=(bf.block_numel,), dims=None)
             for rnd in roundings:
                 bar.update(1)
                 pred = expected_block_error(bf, sigma, mu, rnd, zero_fraction=min(zf, 1 - 1e-12),

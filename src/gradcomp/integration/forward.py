@@ -118,18 +118,24 @@ def _pact_forward(x, a, lo, up, down, *, signed: bool):
     # One int8 region code instead of x: 1 byte per element saved for backward.
     #   unsigned: inside = [0, alpha), above = [alpha, inf), below = (-inf, 0)  (grad 0)
     #   signed:   inside = (-alpha, alpha), above = [alpha, inf), below = (-inf, -alpha]
-    # (selects, cast once: inductor's CPU code for bool -> int8 casts and int8 arithmetic
-    # took 15x the time of this form on a 1.6M-element activation, measured)
     below = (x <= lo) if signed else (x < lo)
-    return out, torch.where(x >= a, 1, torch.where(below, -1, 0)).to(torch.int8)
+    if torch.compiler.is_compiling():
+        # selects, cast once: inductor's CPU code for bool -> int8 casts and int8 arithmetic
+        # took 15x the time of this form on a 1.6M-element activation (measured); eager, the
+        # selects would make int64 temporaries: the same codes either way
+        return out, torch.where(x >= a, 1, torch.where(below, -1, 0)).to(torch.int8)
+    return out, (x >= a).to(torch.int8) - below.to(torch.int8)
 
 
 def _pact_backward(grad, region, *, signed: bool):
     """(x's gradient, the masked gradients whose sums give alpha's: where region is 1, and -1
     when ``signed``); the sums are taken outside (``_PACTFn.backward``), over the same tensors
-    as the eager path's, so that alpha's gradient has the same bits fused or not."""
+    as the eager path's, so that alpha's gradient has the same bits fused or not. (Signed, the
+    three come out together: one more gradient-sized tensor at the peak than a mask at a
+    time.)"""
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    r = region.to(torch.int32)  # int8 compares took 15x longer in inductor's CPU code
+    # int8 compares took 15x longer in inductor's CPU code (measured); eager keeps int8
+    r = region.to(torch.int32) if torch.compiler.is_compiling() else region
     gx = torch.where(r == 0, grad, zero)
     up = torch.where(r == 1, grad, zero)
     if not signed:

@@ -589,16 +589,16 @@ def _conv_args(stride, padding, dilation, groups, weight):
 
 
 def _shape_only(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A stand-in for the operand convolution_backward does not read (its shape and layout
-    only), with ``like``'s dtype (the gradient's, as torch.nn.grad's): ``t`` itself when
-    contiguous and of that dtype, else an uninitialised contiguous tensor. What
-    ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` pass instead, one element expanded,
+    """The operand convolution_backward does not read (only its shape, layout and dtype), with
+    ``like``'s dtype (the gradient's, as torch.nn.grad's): the layer's own ``t`` (its input or
+    weight), or an uninitialised tensor of t's layout when the dtypes differ: what autograd's
+    own convolution backward is given, so the same kernels and bits (channels-last inputs
+    too). ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` pass one element expanded, which
     convolution_backward first copies into a contiguous tensor of the full size (a 6.4 MB
     write per call for a (128, 16, 28, 28) input, measured as aten::contiguous in the
-    backward). The same contiguous layout and dtype, so the same kernels and bits."""
-    if t.is_contiguous() and t.dtype == like.dtype:
-        return t
-    return torch.empty(t.shape, dtype=like.dtype, device=t.device)
+    backward), and whose contiguous layout gave other bits than autograd's for a
+    channels-last input under contiguous weights."""
+    return t if t.dtype == like.dtype else torch.empty_like(t, dtype=like.dtype)
 
 
 def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
