@@ -601,30 +601,34 @@ def _shape_only(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == like.dtype else torch.empty_like(t, dtype=like.dtype)
 
 
+def _conv_backward(g, x, w, conv, mask, bias_sizes=None):
+    """aten's convolution_backward for the outputs ``mask`` selects (input, weight, bias), as
+    autograd and ``torch.nn.grad`` call it."""
+    stride, padding, dilation, groups = conv
+    return torch.ops.aten.convolution_backward(
+        g, x, w, bias_sizes, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, mask)
+
+
 def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
     """dL/dx = conv2d_input(Q_g1(G), Q_w(W)) (``torch.nn.grad.conv2d_input``'s aten call);
-    ``x``: the layer's input (only its shape and dtype are used)."""
-    stride, padding, dilation, groups = conv
+    ``x``: the layer's input (only its shape, layout and dtype are used)."""
     wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
     gq = quantize_operand(qs.g1, g, gen, (1,))
-    return torch.ops.aten.convolution_backward(
-        gq, _shape_only(x, gq), wq, None, list(stride), list(padding), list(dilation), False,
-        [0, 0], groups, [True, False, False])[0]
+    return _conv_backward(gq, _shape_only(x, gq), wq, conv, [True, False, False])[0]
 
 
 def conv_wgrad(g, x, w, conv, qs: _Quantizers, gen, signs=None):
     """dL/dW = conv2d_weight(Q_x(X), Q_g2(G)) (``torch.nn.grad.conv2d_weight``'s aten call)
-    after the RHT of both along the batch; ``w``: the weight (only its shape and dtype)."""
-    stride, padding, dilation, groups = conv
+    after the RHT of both along the batch; ``w``: the weight (only its shape, layout and
+    dtype)."""
     if signs is not None:
         n = signs.numel()
         g = rht(pad_to_block(g, n, 0), signs, 0)
         x = rht(pad_to_block(x, n, 0), signs, 0)
     xq = quantize_operand(qs.x, x, gen, (0, 2, 3))
     gq = quantize_operand(qs.g2, g, gen, (0, 2, 3))
-    return torch.ops.aten.convolution_backward(
-        gq, xq, _shape_only(w, gq), None, list(stride), list(padding), list(dilation), False,
-        [0, 0], groups, [False, True, False])[1]
+    return _conv_backward(gq, xq, _shape_only(w, gq), conv, [False, True, False])[1]
 
 
 class _LinearFn(torch.autograd.Function):
@@ -683,10 +687,7 @@ class _Conv2dFn(torch.autograd.Function):
             gw = conv_wgrad(grad, x, w, ctx.conv, qs, gen, signs)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # aten's own reduction, so that the bias gradient matches autograd bit for bit
-            stride, padding, dilation, groups = ctx.conv
-            gb = torch.ops.aten.convolution_backward(
-                grad, x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False,
-                [0, 0], groups, [False, False, True])[2]
+            gb = _conv_backward(grad, x, w, ctx.conv, [False, False, True], [w.shape[0]])[2]
         return gx, gw, gb, None, None
 
 

@@ -762,8 +762,9 @@ class _Plan(NamedTuple):
 def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
           device: torch.device, layout: tuple) -> _Plan:
     """The kernels of one call shape: ``layout`` is ("strided", short), ("canonical", red,
-    pad_to), ("flat",) (stochastic rounding on ``_flat``'s rows; nearest takes the canonical
-    one-pass kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block).
+    pad_to), ("flat",) (stochastic rounding on ``_flat``'s whole-block runs: the row scale
+    kernel, elements on the (lead, n, mid, runs, s) view; nearest takes the canonical one-pass
+    kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block).
     Multiply-by-reciprocal kinds share one element kernel (the kind only selects x * a against
     x / a)."""
     wide = dtype == torch.float64
@@ -936,8 +937,9 @@ def _flat(x: torch.Tensor, bf: BlockFormat):
     of d1..dk, and a block of the moved layout (``_canonical``: the dims moved last and merged,
     index ``i * trail + t`` in row ``l * mid + m``, padded to whole blocks) is made of runs of
     s = gcd(trail, block) consecutive elements of x. ``runs`` is x viewed as (runs, s): with
-    s the block (trail a multiple of it) every block is one run, quantized in place by the
-    canonical kernels; else each block gathers block / s runs (``_runs_blocks``). None when
+    s the block (trail a multiple of it) every block is one run (the canonical block-per-row
+    kernels, stochastic elements on the (lead, n, mid, runs, s) view); else each block gathers
+    block / s runs (``_runs_blocks``). None when
     the dims are laid out otherwise or s < ``MIN_RUN`` (``_canonical`` moves them)."""
     dims = bf.dims
     if len(bf.block) != 1 or len(dims) < 2 or not x.is_contiguous() or x.numel() == 0:
@@ -1022,7 +1024,6 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
     if flat is not None:  # blocks over several dims made of runs of x: in place
         xc, lead, n, mid, trail = flat
         b, run = bf.block[0], xc.shape[1]
-        red, pad_to = (1,), None
         counted = lead * mid * (-(-(n * trail) // b) * b)
 
         def restore(out):
@@ -1031,7 +1032,7 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
             layout = ("runs", b // run) if run < b else ("flat",)
             xc = xc.view(lead, n, mid, trail // run, run)
         else:  # nearest on whole blocks: the canonical one-pass kernel on the rows
-            layout = ("canonical", red, None)
+            layout = ("canonical", (1,), None)
         if stochastic and counted < 1 << 31:
             counter = _flat_counter(lead, n, mid, trail, b, run, dev)
     else:
