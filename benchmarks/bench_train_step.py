@@ -18,6 +18,13 @@ Targets on the CPU (issue 13): FP quantization <= 10% overhead, stochastic pruni
 prune + FP6 <= 15%. Per-GEMM FP4 recipes emulate their formats in float32 (no FP4 GEMM), so
 their overhead measures the emulation, not what FP4 hardware would run.
 
+Memory: before building anything the script calls ``retain_freed_memory()``
+(``gradcomp.apps.runtime``, as ``gradcomp train`` does): glibc then keeps freed memory for the
+next allocation instead of unmapping or trimming it, so no step pays page faults for tensors the
+previous step freed (``--malloc default`` leaves glibc's own policy, under which the number of
+faults per step depends on the process's history). The last column counts the minor page
+faults per step (``getrusage``, median of the recipe's steps; Linux and macOS).
+
     python benchmarks/bench_train_step.py [--model resnet8 --width 16 --batch 128 --rounds 40]
     python benchmarks/bench_train_step.py --phases --recipes nvfp4-recipe,luq-fp4  # + phases
     python benchmarks/bench_train_step.py --model gpt-tiny --batch 16 \
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import resource
 import statistics
 import time
 
@@ -40,6 +48,7 @@ from torch import nn
 
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import get_recipe
+from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy
 from gradcomp.integration.forward import quantize_forward
 from gradcomp.integration.gemm import quantize_backward
 from gradcomp.integration.wrap import compress_gradients, select_modules
@@ -103,7 +112,11 @@ def main() -> None:
                          "optimizer step) and print their medians per recipe (on CUDA the "
                          "synchronisation at each boundary adds to the main table's steps)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--malloc", default="retain", choices=MALLOC_POLICIES,
+                    help="retain: glibc keeps freed memory for reuse (gradcomp train's default); "
+                         "default: glibc's own trim / mmap policy")
     args = ap.parse_args()
+    retained = apply_malloc_policy(args.malloc)
     if args.width is None and not args.model.startswith(("gpt", "bert")):
         args.width = 16
     if args.threads:
@@ -141,6 +154,7 @@ def main() -> None:
         for _ in range(3):
             step(*s)
     times = {n: [] for n in names}
+    faults = {n: [] for n in names}  # minor page faults per step
     ratios = {n: [] for n in names}  # per round: this recipe's median / the baseline's
     order = random.Random(0)  # a new recipe order each round: no recipe always follows another
     for _ in range(args.rounds):
@@ -150,20 +164,24 @@ def main() -> None:
             block[name] = []
             for _ in range(args.steps):
                 sync()
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 step(*s, record=phases[name])
                 sync()
                 block[name].append(time.perf_counter() - t0)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             times[name] += block[name]
         b = statistics.median(block["baseline"])
         for name in names:
             ratios[name].append(statistics.median(block[name]) / b)
     width = f"width {args.width}, " if args.width else ""
     print(f"{args.model} {width}batch {args.batch}, {dev}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps per recipe, interleaved\n")
+          f"{args.rounds} rounds x {args.steps} steps per recipe, interleaved; malloc "
+          f"{args.malloc}{'' if retained or args.malloc == 'default' else ' (no glibc: unchanged)'}"
+          "\n")
     print("| recipe | step ms (median) | overhead (median of rounds) | 95% CI of the median | "
-          "rounds' quartiles | overhead (fastest steps) |")
-    print("|---|---:|---:|---|---|---:|")
+          "rounds' quartiles | overhead (fastest steps) | page faults per step |")
+    print("|---|---:|---:|---|---|---:|---:|")
     fastest = min(times["baseline"])
     lo_rank, hi_rank = median_ci_ranks(args.rounds)
     for name in names:
@@ -174,7 +192,8 @@ def main() -> None:
               if lo_rank is not None else "(too few rounds)")
         print(f"| {name} | {1000 * med:.1f} | {100 * (statistics.median(r) - 1):+.1f}% | "
               f"{ci} | {100 * (q1 - 1):+.1f}% .. {100 * (q3 - 1):+.1f}% | "
-              f"{100 * (min(times[name]) / fastest - 1):+.1f}% |")
+              f"{100 * (min(times[name]) / fastest - 1):+.1f}% | "
+              f"{statistics.median(faults[name]):.0f} |")
     if args.phases:  # the phases' medians over all steps (synchronised at each boundary)
         print("\n| recipe | forward + loss ms | backward ms | optimizer step ms | "
               "backward - baseline's |")

@@ -493,3 +493,33 @@ def test_conv_wgrad_operands_are_blocked_in_place(fmt):
         # in place (contiguous) where the pixels share runs of >= 16 with the block (48 pixels
         # under 32-element blocks: runs of 16), else moved and back (a permuted view)
         assert got.is_contiguous() == (math.gcd(shape[2] * shape[3], b) >= 16), shape
+
+
+def test_quantized_weight_keeps_the_input_gradients_layout():
+    # a 1x1 weight quantized in 2-D tiles over (C_in, C_out) comes back from the quantizer as a
+    # permuted view with channels-last strides; the dgrad gets it in the weight's own layout, so
+    # the input gradient has autograd's (contiguous) layout, which the element-wise backward
+    # ops after it read at full speed, and the values the permuted view gives
+    torch.manual_seed(6)
+    m = nn.Conv2d(16, 32, 1, stride=2, bias=False)
+    x = torch.randn(4, 16, 8, 8)
+    tiles = OperandSpec("block", "nvfp4_2d", "nearest")
+
+    def input_grad():
+        leaf = x.clone().requires_grad_(True)
+        h = leaf * 1.0  # not a leaf: its gradient is passed on as the conv returned it
+        got = []
+        h.register_hook(got.append)
+        m(h).square().sum().backward()
+        return got[0]
+
+    ref = input_grad()
+    assert ref.is_contiguous()
+    with quantize_backward(m, BackwardSpec(dgrad_weight=tiles)):
+        got = input_grad()
+    assert got.stride() == ref.stride()
+    wq = quantize_operand(tiles.build(), m.weight.detach(), None, (0, 2, 3))
+    assert wq.stride() != m.weight.stride()  # the case this test is about
+    g = 2 * nn.functional.conv2d(x, m.weight.detach(), stride=2)
+    want = torch.nn.grad.conv2d_input(x.shape, wq.contiguous(), g, stride=2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -80,6 +80,7 @@ from gradcomp.apps.data import (
 from gradcomp.apps.evaluation import evaluate, resolve_device
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import Recipe, get_recipe
+from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy
 from gradcomp.apps.tables import write_json
 from gradcomp.apps.text import flatten_logits
 from gradcomp.numerics._checks import require_choice
@@ -187,9 +188,14 @@ class TrainConfig:
     timeout: float = DEFAULT_TIMEOUT  # seconds a collective waits for a silent peer
     context: int | None = None  # text datasets: bytes per sequence (None: DEFAULT_CONTEXT)
     fsdp: bool = False  # shard the model with FSDP2 instead of DDP (world_size > 1)
+    # "retain": glibc keeps freed memory for reuse (``apps.runtime``; no page faults for the
+    # tensors each step frees and allocates again); "default": the C library's own policy.
+    # Where memory comes from only: not part of the run's identity.
+    malloc: str = "retain"
 
     def __post_init__(self):
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        require_choice(self.malloc, "malloc", MALLOC_POLICIES)
         require_choice(self.schedule, "schedule", SCHEDULES)
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
@@ -647,6 +653,7 @@ def _train(cfg: TrainConfig, hook: StepHook, rank: int, world: int) -> TrainResu
     from gradcomp.integration.wrap import compress_gradients
 
     recipe = cfg.recipe_obj()
+    apply_malloc_policy(cfg.malloc)  # in every rank: spawned processes start with the default
     dev = resolve_device(cfg.device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))

@@ -614,6 +614,12 @@ def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
     """dL/dx = conv2d_input(Q_g1(G), Q_w(W)) (``torch.nn.grad.conv2d_input``'s aten call);
     ``x``: the layer's input (only its shape, layout and dtype are used)."""
     wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
+    if wq.stride() != w.stride():
+        # the weight's own layout (a copy of a small tensor): a quantizer's permuted view of a
+        # 1x1 weight has channels-last strides, and convolution_backward then returns a
+        # channels-last input gradient, which every element-wise backward after it (ReLU's,
+        # the residual sum) reads at 2-3x the cost of a contiguous one
+        wq = torch.empty_like(w, dtype=wq.dtype).copy_(wq)
     gq = quantize_operand(qs.g1, g, gen, (1,))
     return _conv_backward(gq, _shape_only(x, gq), wq, conv, [True, False, False])[0]
 

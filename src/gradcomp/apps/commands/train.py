@@ -63,6 +63,10 @@ def add_parser(sub):
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a data-parallel collective waits for a silent peer before the "
                    f"run stops with a line naming it (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--malloc", default="retain", choices=("retain", "default"),
+                   help="retain (default): glibc keeps the memory a step frees for the next "
+                   "step, so its tensors do not page-fault in again; default: the C library's "
+                   "own policy (gradcomp.apps.runtime)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -86,7 +90,7 @@ def config_from_args(args):
             max_train=args.max_train, width=args.width, workers=args.workers,
             progress=not args.quiet, max_steps_per_epoch=args.max_steps_per_epoch,
             comm=args.comm, comm_options=comm_options, context=args.context,
-            fsdp=args.fsdp,
+            fsdp=args.fsdp, malloc=args.malloc,
         )
     except ValueError as exc:
         raise ValueError(_as_flag(str(exc))) from None
