@@ -52,6 +52,7 @@ _EXPORTS = {
     "LossScaling": "gradcomp.config",
     "NoScaling": "gradcomp.config",
     "quantize_forward": "gradcomp.integration.forward",
+    "retain_freed_memory": "gradcomp.apps.runtime",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -40,6 +40,11 @@ def test_train_cli_and_resume(tmp_path, capsys):
             "synthetic", "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
     assert (tmp_path / "checkpoint.pt").exists()
+    # the malloc policy (retained memory by default) is recorded, not part of the identity
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["malloc"] == "retain"
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--malloc", "never"])
+    assert exc.value.code == 2 and "--malloc: invalid choice: 'never'" in capsys.readouterr().err
     i = args.index("--epochs") + 1
     assert main(args[:i] + ["2"] + args[i + 1:] + ["--resume"]) == 2  # epochs changed: mismatch
     assert "differs in: epochs" in capsys.readouterr().err

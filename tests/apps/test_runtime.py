@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy
+import gradcomp
+from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy, retain_freed_memory
 from gradcomp.apps.train import TrainConfig
 
 # Each cycle allocates eight 8 MiB float32 tensors, writes them and frees them (a step's
@@ -53,6 +54,7 @@ def _probe(policy):
 
 def test_policy_names_and_errors():
     assert MALLOC_POLICIES == ("retain", "default")
+    assert gradcomp.retain_freed_memory is retain_freed_memory  # the public name
     assert apply_malloc_policy("default") is False  # leaves the C library's policy alone
     with pytest.raises(ValueError, match="malloc must be one of 'retain', 'default'; got 'keep'"):
         apply_malloc_policy("keep")
