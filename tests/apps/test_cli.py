@@ -45,6 +45,8 @@ def test_train_cli_and_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args + ["--malloc", "never"])
     assert exc.value.code == 2 and "--malloc: invalid choice: 'never'" in capsys.readouterr().err
+    assert main(args + ["--resume", "--malloc", "default"]) == 0  # the same run
+    capsys.readouterr()
     i = args.index("--epochs") + 1
     assert main(args[:i] + ["2"] + args[i + 1:] + ["--resume"]) == 2  # epochs changed: mismatch
     assert "differs in: epochs" in capsys.readouterr().err

@@ -189,8 +189,9 @@ class TrainConfig:
     context: int | None = None  # text datasets: bytes per sequence (None: DEFAULT_CONTEXT)
     fsdp: bool = False  # shard the model with FSDP2 instead of DDP (world_size > 1)
     # "retain": glibc keeps freed memory for reuse (``apps.runtime``; no page faults for the
-    # tensors each step frees and allocates again); "default": the C library's own policy.
-    # Where memory comes from only: not part of the run's identity.
+    # tensors each step frees and allocates again; process-wide, for the rest of the
+    # process); "default": the process's malloc policy as it is. Where memory comes from
+    # only: not part of the run's identity.
     malloc: str = "retain"
 
     def __post_init__(self):

@@ -615,10 +615,11 @@ def conv_dgrad(g, w, x, conv, qs: _Quantizers, gen):
     ``x``: the layer's input (only its shape, layout and dtype are used)."""
     wq = quantize_operand(qs.w, w, gen, (0, 2, 3))
     if wq.stride() != w.stride():
-        # the weight's own layout (a copy of a small tensor): a quantizer's permuted view of a
-        # 1x1 weight has channels-last strides, and convolution_backward then returns a
-        # channels-last input gradient, which every element-wise backward after it (ReLU's,
-        # the residual sum) reads at 2-3x the cost of a contiguous one
+        # the weight's own layout (a copy of a small tensor), whatever layout the quantizer
+        # returned: its permuted view of a 1x1 weight (2-D tiles over (C_in, C_out)) has
+        # channels-last strides, and convolution_backward then returns a channels-last input
+        # gradient, which every element-wise backward after it (ReLU's, the residual sum)
+        # reads at 2-3x the cost of a contiguous one
         wq = torch.empty_like(w, dtype=wq.dtype).copy_(wq)
     gq = quantize_operand(qs.g1, g, gen, (1,))
     return _conv_backward(gq, _shape_only(x, gq), wq, conv, [True, False, False])[0]

@@ -8,6 +8,7 @@ import math
 import os
 
 from gradcomp.apps.commands._common import add_data_args
+from gradcomp.apps.runtime import MALLOC_POLICIES
 from gradcomp.apps.train import DEFAULT_TIMEOUT
 
 DEFAULT_OUT = "runs/train"
@@ -63,10 +64,10 @@ def add_parser(sub):
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a data-parallel collective waits for a silent peer before the "
                    f"run stops with a line naming it (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--malloc", default="retain", choices=("retain", "default"),
+    p.add_argument("--malloc", default="retain", choices=MALLOC_POLICIES,
                    help="retain (default): glibc keeps the memory a step frees for the next "
                    "step, so its tensors do not page-fault in again; default: the C library's "
-                   "own policy (gradcomp.apps.runtime)")
+                   "policy as it is (gradcomp.apps.runtime)")
     p.add_argument("--quiet", action="store_true")
     return p
 
