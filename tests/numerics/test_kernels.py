@@ -213,6 +213,29 @@ def test_a_direct_call_refused_by_its_sizes_is_replaced_by_the_general_graph(mon
     assert len(dynamo) == 1 and len(op._graphs) == 2
 
 
+def _rows_summed(y, *, n):
+    rows = y.unbind(1)  # unbind specialises y's dim 1 to n: a constant size in the graph
+    return torch.stack([r * (j + 1) for j, r in enumerate(rows)], dim=1)
+
+
+def test_a_size_specialised_to_a_constant_still_calls_direct(monkeypatch):
+    # the Hadamard butterfly's form: the graph's dim 1 is the constant n, the others symbols;
+    # the call goes direct after its check (it went through dynamo on every call before), and
+    # a tensor with another dim 1 is refused by the generated code's size asserts and goes
+    # back to dynamo, with the same results as the body's
+    op = kernels.FusedOp(_rows_summed, "rows_summed", n=4)
+    y = torch.randn(3, 4, 5)
+    assert torch.equal(op(y, compile=True), _rows_summed(y, n=4))
+    assert all(d is not None for d in op._direct.values())
+    dynamo = _spy_dynamo(monkeypatch, op)
+    for shape in ((3, 4, 5), (7, 4, 2), (2, 4, 9)):
+        y = torch.randn(shape)
+        assert torch.equal(op(y, compile=True), _rows_summed(y, n=4))
+    assert dynamo == []
+    direct = next(iter(op._direct.values()))
+    assert direct((torch.randn(3, 6, 5),)) is None  # dim 1 is not n: refused
+
+
 def _first_plus_second(x, a, b):
     return x * a[0] + b[1]
 

@@ -390,6 +390,11 @@ class _Direct:
             for d, size in enumerate(ev.shape):
                 if isinstance(size, torch.SymInt):
                     expr = size.node.expr
+                    if expr.is_number:
+                        # a size the trace specialised to a constant (the Hadamard butterfly's
+                        # n rows, which it unbinds): the generated code's size asserts
+                        # (``size_asserts``) refuse any other, and the call returns None
+                        continue
                     if not expr.is_Symbol:
                         return None
                     # a symbol shared by several dimensions (an input broadcast against
