@@ -58,7 +58,7 @@ def _probe(policy):
 def test_policy_names_and_errors():
     assert MALLOC_POLICIES == ("retain", "default")
     assert gradcomp.retain_freed_memory is retain_freed_memory  # the public name
-    assert apply_malloc_policy("default") is False  # leaves the C library's policy alone
+    assert apply_malloc_policy("default") is False  # leaves the process's policy as it is
     with pytest.raises(ValueError, match="malloc must be one of 'retain', 'default'; got 'keep'"):
         apply_malloc_policy("keep")
     with pytest.raises(ValueError, match="malloc must be one of"):
