@@ -236,6 +236,27 @@ def test_a_size_specialised_to_a_constant_still_calls_direct(monkeypatch):
     assert direct((torch.randn(3, 6, 5),)) is None  # dim 1 is not n: refused
 
 
+def _keyed(x, keys):
+    return x * keys[0] + keys[1]
+
+
+def test_a_row_of_a_larger_tensor_calls_direct_at_every_offset(monkeypatch):
+    # the wrapper's hash keys are rows of one table per step (``random.Stream``): dynamo
+    # traces their storage offset as a symbol, which the direct call reads from the argument
+    # (it went through dynamo on every call before); every row gives the eager body's bits
+    op = kernels.FusedOp(_keyed, "keyed")
+    table = torch.tensor([[2.0, 3.0], [5.0, 7.0], [11.0, 13.0], [17.0, 19.0]])
+    x = torch.randn(37)
+    assert torch.equal(op(x, table[3], compile=True), _keyed(x, table[3]))
+    assert all(d is not None for d in op._direct.values())
+    dynamo = _spy_dynamo(monkeypatch, op)
+    for i in (2, 3, 1, 2):
+        y = torch.randn(11 * i)
+        assert table[i].storage_offset() == 2 * i
+        assert torch.equal(op(y, table[i], compile=True), _keyed(y, table[i]))
+    assert dynamo == []
+
+
 def _first_plus_second(x, a, b):
     return x * a[0] + b[1]
 

@@ -312,6 +312,9 @@ def _small(shape) -> tuple | bool:
 
 
 _TWOS = (2,) * 64  # more than any tensor's dimensions
+# a ``_Direct`` getter's code for a tensor's storage offset (sizes are d >= 0, strides -1 - d
+# for the at most 64 dimensions of ``_TWOS``)
+_OFFSET = -65
 
 
 class _Direct:
@@ -324,7 +327,8 @@ class _Direct:
     tensor arguments, ``l_<name>_``, their symbolic sizes, and any int argument dynamo made an
     input: none, as ``FusedOp._dynamo`` traces ints as constants); used only for arguments of
     the same signature (``_signature``: the guards that matter to a pure tensor kernel), only
-    when every symbolic size or stride is an argument dimension's, and only after it returned
+    when every symbolic size, stride or storage offset is an argument's own (an offset: a
+    row of a larger tensor, e.g. a ``random.Stream``'s keys), and only after it returned
     bit for bit what dynamo returned for the same arguments (that check, at the first call of a
     signature, is the one host synchronisation it adds on a GPU, beside the compilation
     itself). A symbol shared by several dimensions (an input broadcast against another, or
@@ -348,6 +352,7 @@ class _Direct:
                 return None
         try:
             out = self.compiled(*[args[i] if d is None else args[i].shape[d] if d >= 0
+                                  else args[i].storage_offset() if d == _OFFSET
                                   else args[i].stride(-1 - d) for i, d in self.getters])
         except Exception:  # noqa: BLE001 - e.g. assert_size_stride on a specialised size
             return None
@@ -402,12 +407,18 @@ class _Direct:
                     first = dims.setdefault(str(expr), (names.index(name), d))
                     if first != (names.index(name), d):
                         same.append((*first, names.index(name), d))
-        for n in nodes:  # a stride symbol that no size explains (a strided view)
+        for n in nodes:  # a stride or offset symbol that no size explains (a strided view;
+            # a row of a larger tensor, as a ``random.Stream``'s keys: its storage offset)
             ev = n.meta.get("example_value")
             if isinstance(ev, torch.Tensor):
+                i = names.index(n.name[2:-1])
                 for j, st in enumerate(ev.stride()):
                     if isinstance(st, torch.SymInt) and st.node.expr.is_Symbol:
-                        dims.setdefault(str(st.node.expr), (names.index(n.name[2:-1]), -1 - j))
+                        dims.setdefault(str(st.node.expr), (i, -1 - j))
+                off = ev.storage_offset()
+                if isinstance(off, torch.SymInt) and off.node.expr.is_Symbol:
+                    if dims.setdefault(str(off.node.expr), (i, _OFFSET)) != (i, _OFFSET):
+                        return None  # tied to a size or stride: no per-call check for that
         for n in nodes:
             ev = n.meta.get("example_value")
             param = n.name[2:-1] if n.name.startswith("l_") and n.name.endswith("_") else None
