@@ -76,6 +76,41 @@ def test_skip_also_sees_nonfinite_optimizer_gradients_of_uncompressed_layers():
     assert h.step(opt) is False and h.skipped_steps == 1
 
 
+def test_the_gradient_check_leaves_every_bit_and_sees_any_dtype():
+    # the optimizer's gradients are checked by GradScaler's multi-tensor check at an inverse
+    # scale of 1: subnormals, -0 and every other value keep their bits (flush-to-zero mode
+    # included); a NaN in a float64 or a complex parameter's gradient skips the step too
+    m = _model()
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    cplx = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    opt = torch.optim.SGD([*m.parameters(), extra, cplx], lr=0.0)
+    h = compress_gradients(m, CompressionConfig(prune=PruneSpec(0.8)))
+    x = torch.randn(16, 8)
+    special = torch.tensor([1e-40, -1e-45, -0.0, 0.0, 2.0**-149, -3.5])
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        try:
+            _backward(m, x)
+            m[4].bias.grad[:4] = special[:4]
+            m[0].weight.grad[0, :6] = special
+            extra.grad = torch.tensor([5e-324, -0.0, 1.0], dtype=torch.float64)
+            cplx.grad = torch.tensor([1e-40 + 0j, -0.0 + 1j])
+            bits = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+            assert h.step(opt) is True
+            for b, p in zip(bits, opt.param_groups[0]["params"]):
+                assert torch.equal(b.view(torch.uint8), p.grad.view(torch.uint8))
+        finally:
+            torch.set_flush_denormal(False)
+    for grad, bad in ((extra, torch.tensor([0.0, math.nan, 1.0], dtype=torch.float64)),
+                      (cplx, torch.tensor([complex(math.inf, 0.0), 0j]))):
+        _backward(m, x)
+        skipped = h.skipped_steps
+        extra.grad = torch.zeros(3, dtype=torch.float64)
+        cplx.grad = torch.zeros(2, dtype=torch.complex64)
+        grad.grad = bad
+        assert h.step(opt) is False and h.skipped_steps == skipped + 1
+
+
 @pytest.mark.parametrize("policy", ["keep", "zero"])
 def test_keep_and_zero_take_the_step_and_a_garbage_refresh_keeps_old_values(policy):
     m = _model()

