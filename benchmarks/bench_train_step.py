@@ -218,9 +218,9 @@ def main() -> None:
 
 def target_of(name: str) -> float | None:
     """Issue 13's CPU target for a recipe's step overhead, as a fraction: FP quantization of the
-    neural gradients 0.10, stochastic pruning (any threshold method) 0.12, pruning then FP
-    quantization 0.15; None for the others (block formats, per-GEMM and forward quantization:
-    their table is reported, without a target)."""
+    neural gradients 0.10, pruning (each threshold method; the top-k baselines too) 0.12,
+    pruning then FP quantization 0.15; None for the others (block formats, per-GEMM and
+    forward quantization: their table is reported, without a target)."""
     if name in ("baseline", FLOOR):
         return None
     recipe = get_recipe(name)

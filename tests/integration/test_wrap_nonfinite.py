@@ -78,37 +78,52 @@ def test_skip_also_sees_nonfinite_optimizer_gradients_of_uncompressed_layers():
 
 def test_the_gradient_check_leaves_every_bit_and_sees_any_dtype():
     # the optimizer's gradients are checked by GradScaler's multi-tensor check at an inverse
-    # scale of 1: subnormals, -0 and every other value keep their bits (flush-to-zero mode
-    # included); a NaN in a float64 or a complex parameter's gradient skips the step too
+    # scale of 1: subnormals, -0 and every other value keep their bits, in every float dtype
+    # and in flush-to-zero mode; a NaN/inf in any dtype (complex and expanded gradients take
+    # the inf-norm) skips the step
     m = _model()
-    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    cplx = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
-    opt = torch.optim.SGD([*m.parameters(), extra, cplx], lr=0.0)
+    extra = {
+        torch.float64: torch.tensor([5e-324, -0.0, 1.0], dtype=torch.float64),
+        torch.float16: torch.tensor([6e-8, -6e-8, -0.0, 2.0], dtype=torch.float16),
+        torch.bfloat16: torch.tensor([1e-40, -1e-39, -0.0, 2.0], dtype=torch.bfloat16),
+        torch.complex64: torch.tensor([1e-40 + 0j, -0.0 + 1j]),
+    }
+    params = {dt: nn.Parameter(torch.zeros(v.shape, dtype=dt)) for dt, v in extra.items()}
+    wide = nn.Parameter(torch.zeros(4, 3))  # its gradient is set as an expanded view
+    opt = torch.optim.SGD([*m.parameters(), *params.values(), wide], lr=0.0)
     h = compress_gradients(m, CompressionConfig(prune=PruneSpec(0.8)))
     x = torch.randn(16, 8)
     special = torch.tensor([1e-40, -1e-45, -0.0, 0.0, 2.0**-149, -3.5])
+    assert bool((special.abs() < 1e-38).logical_and(special != 0).any())  # real subnormals
     for flush in (False, True):
+        _backward(m, x)
+        m[4].bias.grad[:4] = special[:4]
+        m[0].weight.grad[0, :6] = special
+        for dt, p in params.items():
+            p.grad = extra[dt].clone()
+        wide.grad = special[:3].expand(4, 3)
+        bits = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+        # (False where the CPU has no flush-to-zero mode: the same check then)
         torch.set_flush_denormal(flush)
         try:
-            _backward(m, x)
-            m[4].bias.grad[:4] = special[:4]
-            m[0].weight.grad[0, :6] = special
-            extra.grad = torch.tensor([5e-324, -0.0, 1.0], dtype=torch.float64)
-            cplx.grad = torch.tensor([1e-40 + 0j, -0.0 + 1j])
-            bits = [p.grad.clone() for p in opt.param_groups[0]["params"]]
             assert h.step(opt) is True
-            for b, p in zip(bits, opt.param_groups[0]["params"]):
-                assert torch.equal(b.view(torch.uint8), p.grad.view(torch.uint8))
         finally:
             torch.set_flush_denormal(False)
-    for grad, bad in ((extra, torch.tensor([0.0, math.nan, 1.0], dtype=torch.float64)),
-                      (cplx, torch.tensor([complex(math.inf, 0.0), 0j]))):
+        for b, p in zip(bits, opt.param_groups[0]["params"]):
+            assert torch.equal(b.view(torch.uint8), p.grad.view(torch.uint8))
+    bad = {torch.float64: math.nan, torch.float16: math.inf, torch.bfloat16: -math.inf,
+           torch.complex64: complex(math.inf, 0.0)}
+    for dt, value in [*bad.items(), (None, math.nan)]:
         _backward(m, x)
+        for d, p in params.items():
+            p.grad = torch.zeros(p.shape, dtype=d)
+        wide.grad = torch.zeros(3).expand(4, 3)
+        if dt is None:
+            wide.grad = torch.tensor([0.0, value, 0.0]).expand(4, 3)
+        else:
+            params[dt].grad[1] = value
         skipped = h.skipped_steps
-        extra.grad = torch.zeros(3, dtype=torch.float64)
-        cplx.grad = torch.zeros(2, dtype=torch.complex64)
-        grad.grad = bad
-        assert h.step(opt) is False and h.skipped_steps == skipped + 1
+        assert h.step(opt) is False and h.skipped_steps == skipped + 1, dt
 
 
 @pytest.mark.parametrize("policy", ["keep", "zero"])

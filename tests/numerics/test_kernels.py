@@ -250,11 +250,36 @@ def test_a_row_of_a_larger_tensor_calls_direct_at_every_offset(monkeypatch):
     assert torch.equal(op(x, table[3], compile=True), _keyed(x, table[3]))
     assert all(d is not None for d in op._direct.values())
     dynamo = _spy_dynamo(monkeypatch, op)
-    for i in (2, 3, 1, 2):
-        y = torch.randn(11 * i)
+    for i in (2, 3, 1, 0, 2):
+        y = torch.randn(11 * i + 5)
         assert table[i].storage_offset() == 2 * i
         assert torch.equal(op(y, table[i], compile=True), _keyed(y, table[i]))
     assert dynamo == []
+
+
+def _keyed_again(x, keys):  # a code object of its own: dynamo's graphs are kept per code
+    return x * keys[0] + keys[1]
+
+
+def test_an_offset_traced_equal_to_a_size_is_compared_at_each_call(monkeypatch):
+    # dynamo gives an offset equal to a size the size's symbol (duck sizing): the direct call
+    # reads one and compares the other at each call, so a call where they still agree goes
+    # direct, and one where they differ goes back to dynamo: never a wrong result
+    op = kernels.FusedOp(_keyed_again, "keyed_tied")
+    table = torch.arange(1.0, 17.0).view(8, 2)
+    x = torch.randn(6)
+    assert table[3].storage_offset() == x.numel()
+    assert torch.equal(op(x, table[3], compile=True), _keyed_again(x, table[3]))
+    direct = next(iter(op._direct.values()))
+    assert direct is not None and direct.same  # the offset is compared with x's size
+    dynamo = _spy_dynamo(monkeypatch, op)
+    y = torch.randn(6)
+    assert torch.equal(op(y, table[3], compile=True), _keyed_again(y, table[3]))
+    assert dynamo == []  # the tie held: direct
+    assert direct((y, table[1])) is None  # offset 2, size 6: refused, not misread
+    for i, n in ((1, 6), (5, 10), (2, 9), (7, 6), (3, 6), (0, 4)):
+        y = torch.randn(n)
+        assert torch.equal(op(y, table[i], compile=True), _keyed_again(y, table[i])), (i, n)
 
 
 def _first_plus_second(x, a, b):

@@ -13,10 +13,11 @@ activation-sized temporaries per layer, paid tens of thousands of faults per Res
 (``benchmarks/bench_train_step.py`` prints them per recipe; the README has the figures).
 
 ``retain_freed_memory()`` tells glibc to keep freed memory in the process and reuse it: blocks
-below 32 MiB (its largest ``M_MMAP_THRESHOLD``; 512 KiB on 32-bit) come from the heap, and the
-heap is never trimmed (``M_TRIM_THRESHOLD`` -1). The process's resident memory then stays at its
-peak, as under CUDA's caching allocator, and a later step reuses the pages the previous one
-faulted in. Larger blocks are still mapped per allocation: with mmap off altogether
+below 32 MiB (the ceiling of glibc's own adaptive threshold, ``DEFAULT_MMAP_THRESHOLD_MAX``;
+512 KiB on 32-bit; glibc 2.36 also accepts larger values, but see below) come from the heap,
+and the heap is never trimmed (``M_TRIM_THRESHOLD`` -1). The process's resident memory then
+stays at its peak, as under CUDA's caching allocator, and a later step reuses the pages the
+previous one faulted in. Larger blocks are still mapped per allocation: with mmap off altogether
 (``M_MMAP_MAX`` 0) a freed 64 MiB block was not reused for the next request of its size in some
 processes (a small allocation had landed between it and the heap's top, and the 64-byte-aligned
 request is larger than the block), so the heap grew by 64 MiB per cycle. Blocks allocated on
@@ -49,8 +50,8 @@ __all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "retain_freed_memory"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: trimming disabled (``man mallopt``)
-# glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX): 4 MiB * sizeof(long) on 64-bit,
-# 512 KiB on 32-bit
+# the ceiling of glibc's adaptive mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX): 4 MiB *
+# sizeof(long) on 64-bit, 512 KiB on 32-bit
 _MMAP_THRESHOLD_MAX = (4 << 20) * 8 if ctypes.sizeof(ctypes.c_long) == 8 else 512 << 10
 
 MALLOC_POLICIES = ("retain", "default")

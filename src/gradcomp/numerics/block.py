@@ -969,21 +969,27 @@ def _flat(x: torch.Tensor, bf: BlockFormat):
 @lru_cache(maxsize=64)
 def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, s: int,
                   device: torch.device) -> tuple:
-    """int32 tensors (base, cols, zero) that broadcast to ``_flat``'s (lead, n, mid, trail / s,
-    s) view of x and sum to each element's index in the moved, padded layout: element (l, i,
-    m, t) of x viewed as (lead, n, mid, trail) sits at row l * mid + m, column i * trail + t of
-    ``_canonical``'s rows, each padded to whole blocks of b (``pad_to`` for a row shorter than
-    one block: the same length). ``base`` holds one value per run (1/s of x), ``cols`` the
-    position in the run: the split of the element loop, whose block scales are one per run
-    (a counter split into (lead, mid), (n) and (trail) made inductor hash in a loop of its own
-    and write a full-size int32 intermediate: an NVFP4 conv operand over (batch, 28x28
-    pixels) 3.5x slower, measured on the CPU). Kept per shape."""
+    """int32 tensors that broadcast to ``_flat``'s (lead, n, mid, trail / s, s) view of x and
+    sum to each element's index in the moved, padded layout: element (l, i, m, t) of x viewed
+    as (lead, n, mid, trail) sits at row l * mid + m, column i * trail + t of ``_canonical``'s
+    rows, each padded to whole blocks of b (``pad_to`` for a row shorter than one block: the
+    same length). Kept per shape.
+
+    On the CPU (base, cols, zero): ``base`` one value per run of s elements, ``cols`` the
+    position in the run, the split of the element loop, whose block scales are one per run (a
+    counter split into (lead, mid), (n) and (trail) made inductor hash in a loop of its own and
+    write a full-size int32 intermediate); ``base`` holds 1/s of x's elements (int32: 1/16 of
+    a float32 x's bytes for 16-element blocks). Elsewhere the separable (lead, mid), (n),
+    (trail) terms, lead * mid + n + trail elements (a GPU kernel fuses them whatever their
+    split)."""
     row = -(-(n * trail) // b) * b
     i32 = dict(dtype=torch.int32, device=device)
-    base = (torch.arange(lead, **i32).view(-1, 1, 1, 1, 1) * (mid * row)
-            + torch.arange(mid, **i32).view(1, 1, -1, 1, 1) * row
-            + torch.arange(n, **i32).view(1, -1, 1, 1, 1) * trail
-            + (torch.arange(trail // s, **i32) * s).view(1, 1, 1, -1, 1)).contiguous()
+    lc = (torch.arange(lead, **i32).view(-1, 1, 1, 1, 1) * (mid * row)
+          + torch.arange(mid, **i32).view(1, 1, -1, 1, 1) * row)
+    cc = torch.arange(n, **i32).view(1, -1, 1, 1, 1) * trail
+    if device.type != "cpu":
+        return lc, cc, torch.arange(trail, **i32).view(1, 1, 1, trail // s, s)
+    base = lc + cc + (torch.arange(trail // s, **i32) * s).view(1, 1, 1, -1, 1)
     return (base, torch.arange(s, **i32).view(1, 1, 1, 1, s),
             torch.zeros((1, 1, 1, 1, 1), **i32))
 

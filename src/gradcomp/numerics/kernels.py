@@ -313,8 +313,13 @@ def _small(shape) -> tuple | bool:
 
 _TWOS = (2,) * 64  # more than any tensor's dimensions
 # a ``_Direct`` getter's code for a tensor's storage offset (sizes are d >= 0, strides -1 - d
-# for the at most 64 dimensions of ``_TWOS``)
+# for the at most 64 dimensions it takes: ``_Direct.validated`` refuses more)
 _OFFSET = -65
+
+
+def _read(t: torch.Tensor, d: int) -> int:
+    """The size (d >= 0), stride (-1 - d) or storage offset (``_OFFSET``) a getter names."""
+    return t.shape[d] if d >= 0 else t.storage_offset() if d == _OFFSET else t.stride(-1 - d)
 
 
 class _Direct:
@@ -343,12 +348,12 @@ class _Direct:
         # the defaults of the positional parameters the call leaves out, then the values of
         # the keyword-only (static) ones
         self.tail = tail
-        self.same = same  # ((i, d, j, e), ...): args[i].shape[d] must equal args[j].shape[e]
+        self.same = same  # ((i, d, j, e), ...): _read(args[i], d) must equal _read(args[j], e)
 
     def __call__(self, args):
         args = args + self.tail
         for i, d, j, e in self.same:
-            if args[i].shape[d] != args[j].shape[e]:
+            if _read(args[i], d) != _read(args[j], e):
                 return None
         try:
             out = self.compiled(*[args[i] if d is None else args[i].shape[d] if d >= 0
@@ -388,6 +393,8 @@ class _Direct:
             ev = n.meta.get("example_value")
             if not isinstance(ev, torch.Tensor):
                 continue
+            if ev.dim() > len(_TWOS):  # the getters' codes cover 64 dimensions
+                return None
             name = n.name[2:-1] if n.name.startswith("l_") and n.name.endswith("_") else None
             if name not in names or not isinstance(args[names.index(name)], torch.Tensor):
                 return None
@@ -417,8 +424,11 @@ class _Direct:
                         dims.setdefault(str(st.node.expr), (i, -1 - j))
                 off = ev.storage_offset()
                 if isinstance(off, torch.SymInt) and off.node.expr.is_Symbol:
-                    if dims.setdefault(str(off.node.expr), (i, _OFFSET)) != (i, _OFFSET):
-                        return None  # tied to a size or stride: no per-call check for that
+                    # an offset equal to a size when dynamo traced it shares that size's
+                    # symbol (duck sizing): read from the size, compared at each call
+                    first = dims.setdefault(str(off.node.expr), (i, _OFFSET))
+                    if first != (i, _OFFSET):
+                        same.append((*first, i, _OFFSET))
         for n in nodes:
             ev = n.meta.get("example_value")
             param = n.name[2:-1] if n.name.startswith("l_") and n.name.endswith("_") else None
