@@ -356,9 +356,8 @@ class _Direct:
             if _read(args[i], d) != _read(args[j], e):
                 return None
         try:
-            out = self.compiled(*[args[i] if d is None else args[i].shape[d] if d >= 0
-                                  else args[i].storage_offset() if d == _OFFSET
-                                  else args[i].stride(-1 - d) for i, d in self.getters])
+            out = self.compiled(*[args[i] if d is None else _read(args[i], d)
+                                  for i, d in self.getters])
         except Exception:  # noqa: BLE001 - e.g. assert_size_stride on a specialised size
             return None
         return out[0] if self.single else tuple(out)
