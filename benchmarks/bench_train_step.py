@@ -8,7 +8,8 @@ seeded order each round) so that machine load hits every recipe alike. ``copy-fl
 compression must at least pay. The overhead is the median over rounds of (recipe's median step
 / baseline's median step in that round), with a distribution-free 95% confidence interval of
 that median (order statistics: ``median_ci_ranks``); the quartiles of the per-round ratios show
-the noise. A target is shown met when the interval's upper end is below it. "Fastest steps"
+the noise. The last column gives issue 13's target where one applies: met when the interval's
+upper end is below it, not met when its lower end is above, else across. "Fastest steps"
 compares each recipe's fastest step with the baseline's (machine noise only ever adds time, so
 the minimum is the least disturbed figure, as in the kernel benchmarks). Each recipe is
 installed as ``train`` installs it: forward quantization (``quantize_forward``: PACT/SAWB or
@@ -235,7 +236,7 @@ def target_of(name: str) -> float | None:
 
 def _verdict(target: float | None, ratios: list, lo_rank, hi_rank) -> str:
     """``<= T%``, then ``met`` (the interval's upper end below the target), ``not met`` (its
-    lower end above) or ``within the interval``; empty without a target."""
+    lower end above) or ``across`` (the interval holds the target); empty without a target."""
     if target is None:
         return ""
     head = f"<= {100 * target:.0f}%"
@@ -243,7 +244,7 @@ def _verdict(target: float | None, ratios: list, lo_rank, hi_rank) -> str:
         return f"{head}: too few rounds"
     lo, hi = ratios[lo_rank] - 1, ratios[hi_rank] - 1
     return f"{head}: " + ("met" if hi < target else "not met" if lo > target
-                          else "within the interval")
+                          else "across")
 
 
 def median_ci_ranks(n: int, level: float = 0.95):
