@@ -74,7 +74,7 @@ def test_eager_chunks_give_identical_bits_and_bound_the_temporaries(monkeypatch,
     orig_fn = {}
 
     def wrap(op):
-        orig_fn[op] = op.fn
+        orig_fn[op] = op.body  # the body the eager path runs
 
         def fn(x, *rest, start=0):
             seen.append(x.numel())  # the body never sees more than one chunk
@@ -85,7 +85,7 @@ def test_eager_chunks_give_identical_bits_and_bound_the_temporaries(monkeypatch,
 
     ops = list(kernels._VARIANTS.values()) + [pruning._PRUNE]
     for op in ops:
-        monkeypatch.setattr(op, "fn", wrap(op))
+        monkeypatch.setattr(op, "body", wrap(op))
     chunked = run()
     for a, b in zip(whole, chunked):
         assert torch.equal(a.view(torch.int64 if dtype == torch.float64 else torch.int32),
@@ -128,6 +128,67 @@ def test_compiled_kernels_skip_dynamo_after_a_bit_exact_check(monkeypatch):
     p, c = pair(x, s, compile=True)
     p2, c2 = pair(x, s, compile=True)
     assert torch.equal(p, p2) and int(c) == int(c2) == int((x > 0).sum())
+
+
+def _scaled(x, s):
+    return x * s, (x > 0).sum(0)
+
+
+def _scaled_and_view(x, s):
+    return x * s, x.view(-1)
+
+
+def test_a_direct_call_runs_the_generated_code_unless_an_output_aliases_an_input():
+    # the direct call skips AOT autograd's runtime wrappers (the generated code's own call)
+    # when the validating call gave every bit and stride; an output that is a view of an input
+    # keeps the wrappers (they rebuild the view), and still skips dynamo
+    op = kernels.FusedOp(_scaled, "scaled")
+    s = torch.tensor(3.0)
+    for x in (torch.randn(40, 7), torch.randn(7, 40).t(), torch.randn(9, 5)):
+        for _ in range(2):
+            got = op(x, s, compile=True)
+            want = _scaled(x, s)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b) and a.stride() == b.stride()
+    directs = [d for d in op._direct.values() if d]
+    assert len(directs) == 2 and all(d.boxed for d in directs)  # contiguous, transposed
+    view = kernels.FusedOp(_scaled_and_view, "scaled_and_view")
+    x = torch.randn(6, 4)
+    for _ in range(3):
+        y, v = view(x, s, compile=True)
+        assert torch.equal(y, x * s) and torch.equal(v, x.view(-1))
+        assert v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    (d,) = view._direct.values()
+    assert d and not d.boxed
+
+
+def _scaled_counted(x, s, start: int = 0):
+    return x * s + start, (x > 0).sum(0)
+
+
+def test_an_in_place_operator_writes_its_first_result_into_x():
+    # into=True: the first result lands in x (compiled: after the first call, the generated
+    # code's own call, which writes x in the loop that computes it), the rest is returned, x's
+    # version counter moves as for any in-place op; the validating call replays on a copy (x
+    # is written once per call); the eager path gives the same bits
+    op = kernels.FusedOp(_scaled_counted, "scaled_counted", elementwise=True, into=True)
+    s = torch.tensor(3.0)
+    for n in (1000, 77, 1000, 4096):
+        x0 = torch.randn(n)
+        x, e = x0.clone(), x0.clone()
+        version = x._version
+        got = op(x, s, compile=True)
+        want = op(e, s, compile=False)
+        assert torch.equal(x, x0 * s) and torch.equal(e, x) and x._version > version
+        assert isinstance(got, tuple) and len(got) == 1 and int(got[0]) == int(want[0]) \
+            == int((x0 > 0).sum())
+    (direct,) = op._direct.values()
+    assert direct and direct.boxed and direct.mutated
+    # a result-only body has nothing left to return
+    alone = kernels.FusedOp(_mul_add, "mul_add_into", elementwise=True, into=True)
+    x = torch.ones(10)
+    assert alone(x, s, torch.tensor(0.5), compile=True) == () and torch.equal(x, torch.full(
+        (10,), 3.5))
 
 
 def test_a_bound_operator_calls_with_its_fixed_arguments(monkeypatch):
@@ -367,13 +428,13 @@ def test_eager_chunks_of_the_2d_counter_layout_are_whole_rows(monkeypatch):
     x2, wide = counter_layout(x, keys, True)
     monkeypatch.setattr(kernels, "EAGER_CHUNK", 5000)
     seen = []
-    body = pruning._PRUNE.fn
+    body = pruning._PRUNE.body  # what the eager path runs
 
     def fn(x, *rest, start=0):
         seen.append((x.shape, start))
         return body(x, *rest, start=start)
 
-    monkeypatch.setattr(pruning._PRUNE, "fn", fn)
+    monkeypatch.setattr(pruning._PRUNE, "body", fn)
     out = pruning._PRUNE.eager(x2, thr, wide)
     assert out.shape == x2.shape
     assert torch.equal(out.reshape(-1).view(torch.int32), flat.view(torch.int32))

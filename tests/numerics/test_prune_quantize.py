@@ -10,9 +10,16 @@ from gradcomp.numerics.pruning import (
     PRUNE_QUANTIZE_COUNTS,
     prune_quantize,
     prune_quantize_amax,
+    prune_quantize_amax_unchecked,
+    prune_unchecked,
     stochastic_prune,
 )
-from gradcomp.numerics.rounding import quantize_fp, quantize_fp_amax
+from gradcomp.numerics.rounding import (
+    quantize_fp,
+    quantize_fp_amax,
+    quantize_fp_amax_unchecked,
+    quantize_fp_unchecked,
+)
 from gradcomp.numerics.scales import amax_scale_or_keep, amax_to_scale
 
 
@@ -171,3 +178,43 @@ def test_quantize_fp_amax_is_quantize_fp_at_the_amax_scale(compile):
     assert e.numel() == 0 and float(se) == 2.0 and float(ae) == 0.0
     with pytest.raises(ValueError, match="margin must be a finite number"):
         quantize_fp_amax(torch.ones(3), fmt, margin=float("inf"))
+
+
+def _into_case(kind, x, g):
+    """(in-place hot-path call on x, the public eager call on a copy) for ``kind``."""
+    fmt = FPFormat.from_name("e3m2")
+    keep = torch.tensor(2.0, dtype=torch.float64)
+    thr = torch.tensor(2e-3, dtype=torch.float32)
+    s = torch.tensor(512.0, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(g)
+    ref = torch.Generator().manual_seed(g)
+    e = x.clone()
+    if kind == "quantize":
+        return (quantize_fp_unchecked(x, fmt, "stochastic", s, gen, ("nonfinite",), into=True),
+                quantize_fp(e, fmt, "stochastic", scale=s, generator=ref, counts=("nonfinite",),
+                            compile=False))
+    if kind == "amax":
+        got = quantize_fp_amax_unchecked(x, fmt, "nearest", 0.0, keep, gen, (), True, into=True)
+        return got, quantize_fp_amax(e, fmt, "nearest", keep=keep, flag=True, compile=False)
+    if kind == "prune":
+        return (prune_unchecked(x, thr, gen, ("nonfinite", "zeros"), into=True),
+                stochastic_prune(e, thr, ref, counts=("nonfinite", "zeros"), compile=False))
+    got = prune_quantize_amax_unchecked(x, thr, fmt, "nearest", 0.0, keep, gen, (), into=True)
+    return got, prune_quantize_amax(e, thr, fmt, "nearest", keep=keep, generator=ref,
+                                    compile=False)
+
+
+@pytest.mark.parametrize("kind", ["quantize", "amax", "prune", "prune_amax"])
+def test_the_hot_paths_in_place_write_the_public_functions_bits_into_x(kind):
+    # into=True (a compressor that owns x): x itself is the result, bit for bit what the
+    # public function returns (eager, the same draws), and so are the counts / scale / amax
+    x0 = torch.randn(64, 100, generator=torch.Generator().manual_seed(5)) * 1e-3
+    x0[3, 7] = 0.0
+    for g in (1, 2):  # the second call takes the direct path
+        x = x0.clone()
+        got, want = _into_case(kind, x, g)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert got[0] is x and len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)

@@ -256,7 +256,8 @@ class Pruner(CountsMixin):
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
                  measure: bool = True, finite: torch.Tensor | bool | None = None,
-                 check: bool = False, then=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 check: bool = False, then=None, into: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(pruned, nonfinite)``: the pruned tensor and whether x held a NaN/inf; no host sync.
 
         ``measure`` adds this call's counts to the metrics. ``finite``: whether ``x`` is all
@@ -274,6 +275,8 @@ class Pruner(CountsMixin):
         is ``fusable`` and this call prunes at a threshold, both run in one kernel
         (``numerics.pruning.prune_quantize``: the pruned tensor is never written; the same bits
         and counts as the two calls).
+        ``into``: the caller owns x and allows it to be overwritten: a threshold call on the
+        fused hot path then writes its result into x (and returns x); otherwise a new tensor.
         """
         require_float_tensor(x, "x")
         n = x.numel()
@@ -293,9 +296,9 @@ class Pruner(CountsMixin):
             fused = then is not None and getattr(then, "fusable", False)
             hot = self._hot(x)
             if fused:
-                out, got = self._prune_quantize(x, generator, measure, names, then, hot)
+                out, got = self._prune_quantize(x, generator, measure, names, then, hot, into)
             elif hot:  # arguments checked when set: ``stochastic_prune`` without its checks
-                out = prune_unchecked(x, self._threshold, generator, names)
+                out = prune_unchecked(x, self._threshold, generator, names, into=into)
                 if names:
                     out, c = out
                     got = dict(zip(names, c.unbind()))
@@ -341,7 +344,8 @@ class Pruner(CountsMixin):
                 self._track(zeros / n, self._slope, finite)
         self._calls_since_update += 1
         if then is not None and not fused:
-            out = then.compress(out, generator, measure=measure)[0]
+            # out is this call's own tensor (new, or x written in place with ``into``)
+            out = then.compress(out, generator, measure=measure, into=True)[0]
         return out, bad
 
     def _count_names(self, measure: bool, check: bool, finite) -> tuple:
@@ -365,7 +369,8 @@ class Pruner(CountsMixin):
                 and use_compiled(None) and a.dim() == 0 and a.device == x.device
                 and a.is_floating_point() and not a.requires_grad)
 
-    def _prune_quantize(self, x, generator, measure, names, q, hot: bool = False):
+    def _prune_quantize(self, x, generator, measure, names, q, hot: bool = False,
+                        into: bool = False):
         """This call's pruning and ``q``'s quantization in one kernel; returns (out, the
         pruning counts by name) after ``q`` has accounted for its own counts."""
         qnames = q.count_names(measure, False)
@@ -377,7 +382,7 @@ class Pruner(CountsMixin):
                     and keep.device == x.device:
                 out, *rest = prune_quantize_amax_unchecked(
                     x, self._threshold, q.fmt, q.rounding, q.scaling.margin, keep, generator,
-                    fused)
+                    fused, into)
             else:
                 out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
                                                  generator=generator, counts=fused or False,

@@ -32,6 +32,7 @@ from gradcomp.numerics.rounding import (
     quantize_fp,
     quantize_fp_amax,
     quantize_fp_amax_unchecked,
+    quantize_fp_unchecked,
 )
 
 __all__ = ["BLOCK_DIMS", "BlockQuantizer", "FPQuantizer", "QuantizerGroup", "SplitChoice",
@@ -99,7 +100,7 @@ class FPQuantizer(CountsMixin):
         return {"margin": self.scaling.margin, "keep": self.scaling.scale}
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
-                 measure: bool | None = None, check: bool = False
+                 measure: bool | None = None, check: bool = False, into: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(Q(x*s)/s, nonfinite)``: ``__call__`` that also says whether x held a NaN/inf.
 
@@ -108,22 +109,24 @@ class FPQuantizer(CountsMixin):
         for it and no pass of the call gave it. It costs no extra pass: an amax scaling's amax
         is NaN/inf exactly then, otherwise the quantize kernel counts in its own loop (only
         what the call needs: the non-finite count for ``check``, every metric when measured).
+        ``into``: the caller owns x and allows it to be overwritten: on the fused hot path
+        the result is then written into x (and is x); otherwise a new tensor as without it.
         """
         require_float_tensor(x, "x")
         measure = self.track_metrics if measure is None else bool(measure)
+        hot = use_compiled(None) and x.is_contiguous() and not x.requires_grad
         if self.fused_amax and x.numel():
             # the current amax, its scale and the rounding in one compiled call; the amax is
             # NaN/inf exactly when x holds a NaN/inf, so it is the call's flag
             names = self.count_names(measure, False)
             pol = self.scaling
             keep = pol.scale
-            if (use_compiled(None) and x.is_contiguous() and not x.requires_grad
-                    and keep.device == x.device and keep.dtype == torch.float64
+            if (hot and keep.device == x.device and keep.dtype == torch.float64
                     and keep.dim() == 0):
                 # the hot path (a layer's call per step): this quantizer's arguments were
                 # checked when it was built, so the kernel is called without the checks
                 res = quantize_fp_amax_unchecked(x, self.fmt, self.rounding, pol.margin, keep,
-                                                 generator, names, True)
+                                                 generator, names, True, into)
             else:
                 res = quantize_fp_amax(x, self.fmt, self.rounding, generator=generator,
                                        counts=names or False, flag=True, **self.amax_rule())
@@ -133,7 +136,12 @@ class FPQuantizer(CountsMixin):
             return q, self.account(x.numel(), s, None, bad, measure, got)
         s, amax, bad = self.scale_for(x)
         names = self.count_names(measure, check and bad is None)
-        if names:
+        if hot and x.numel() and s.dim() == 0:
+            # the hot path: the policy's scale is a positive finite 0-d tensor on x's device
+            # (its update rules keep it so), the format and rounding were checked when built
+            res = quantize_fp_unchecked(x, self.fmt, self.rounding, s, generator, names, into)
+            q, got = (res[0], dict(zip(names, res[1].unbind()))) if names else (res, {})
+        elif names:
             q, c = quantize_fp(x, self.fmt, self.rounding, scale=s, generator=generator,
                                counts=names)
             got = dict(zip(names, c.unbind()))
@@ -262,9 +270,10 @@ class BlockQuantizer(CountsMixin):
         """Nothing to refresh: every block's scale is computed from the block itself."""
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | Stream | None = None,
-                 measure: bool | None = None, check: bool = False
+                 measure: bool | None = None, check: bool = False, into: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(quantized, nonfinite)`` as ``FPQuantizer.compress``: on measured calls the
+        """``(quantized, nonfinite)`` as ``FPQuantizer.compress`` (``into`` allows x to be
+        overwritten; the block kernels write a new tensor all the same): on measured calls the
         block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
         a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
         1-D blocks along a dimension that is not the last: ``numerics.block``'s strided

@@ -11,7 +11,8 @@ Data flow of one step::
 
     forward:  A = layer(x); A.register_hook(compress)     (identity, records nothing)
     backward: g = dL/dA -> [statistics on refresh steps] -> prune -> quantize -> layer backward
-              (prune and quantize: one kernel when the quantizer's scale is known beforehand)
+              (prune and quantize: one kernel when the quantizer's scale is known beforehand;
+              written into g itself when autograd holds g's only reference, see below)
     handle.step(optimizer): optimizer.step() unless a dynamic loss scale saw an overflow, then,
                             after a statistics step, ``update(stats)`` of both groups with
                             every layer's ``LayerStats`` (fit + sample + numel).
@@ -48,6 +49,18 @@ steps; ``CompressionConfig.nonfinite`` says what happens to the step:
 
 On a refresh, a layer whose statistics saw a non-finite value or fewer than two finite non-zero
 values keeps its previous threshold and scale (its ``LayerStats`` is passed as None).
+
+In place: the compressed gradient is written into g's own memory (the compressors' ``into``)
+when nothing but autograd can read g afterwards: then the kernel reads and writes g where it
+lies, instead of writing a new tensor that the layer's backward reads next (measured on a
+ResNet-8 step: a clone of every compressed gradient costs 2.9% of the step, an in-place pass
+1.0%). "Nothing else" is checked per call, at the hook's first statement, by three reference
+counts compared with those of a gradient known to be autograd's alone (``_sole_counts``, one
+probe backward per process): the tensor's (another input buffer holding the same gradient,
+e.g. an add whose other branch has not run yet, or a gradient ``torch.autograd.grad``
+captures), its storage's (a view of it elsewhere: a ``cat``'s split gradient, an expanded
+one) and its Python object's (an earlier hook that kept it). Any other count, a non-contiguous,
+grad-requiring or non-float g: a new tensor, as before. Either way the same values.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 
 import torch
 from torch import nn
@@ -171,6 +185,43 @@ def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
+def _ownership(g) -> tuple:
+    """(tensor, storage, Python object) reference counts of a gradient, for ``_Layer.grad``
+    (called first thing in the hook, so the Python count holds only the call's own)."""
+    return (g._use_count(), torch._C._storage_Use_Count(g.untyped_storage()._cdata),
+            sys.getrefcount(g))
+
+
+class _Probe:
+    """``_sole_counts``' stand-in for a ``_Layer``: its hook has ``_Layer.grad``'s shape (a
+    bound method whose first statement passes g to ``_ownership``)."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def grad(self, g):
+        counts = _ownership(g)
+        self.seen.append(counts)
+
+
+@functools.cache
+def _sole_counts() -> tuple | None:
+    """``_ownership`` of a gradient that autograd alone holds (the output of a node's backward,
+    stored in the next node's input buffer, as a batch norm's input gradient reaches the conv
+    before it): measured once per process on a two-node graph, so that it is this torch's and
+    this interpreter's count; None (never in place) when the probe saw nothing."""
+    probe = _Probe()
+    try:
+        with torch.enable_grad(), torch.inference_mode(False):
+            x = torch.ones(2, requires_grad=True)
+            y = x * 2.0
+            y.register_hook(probe.grad)
+            (y * 3.0).sum().backward()  # y's gradient: MulBackward's new tensor
+    except RuntimeError:
+        return None
+    return probe.seen[0] if len(probe.seen) == 1 else None
+
+
 def _one32(device: torch.device) -> torch.Tensor:
     # the check's inverse scale, kept per device (read only)
     return torch.ones((), dtype=torch.float32, device=device)
@@ -206,7 +257,18 @@ class _Layer:
         # ``CompressionHandle.step``: no device op per layer
         self.flags: list[torch.Tensor] = []
 
-    def compress(self, g: torch.Tensor) -> torch.Tensor:
+    def grad(self, g: torch.Tensor) -> torch.Tensor:
+        """The hook on the layer's output: ``compress``, in place when autograd alone holds g
+        (module docstring)."""
+        counts = _ownership(g)  # first: the Python count must hold only this call's references
+        sole = _sole_counts()
+        owned = (counts == sole and g.is_floating_point() and g.is_contiguous()
+                 and g.layout == torch.strided and not g.requires_grad and not g._is_view())
+        return self.compress(g, owned)
+
+    def compress(self, g: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """g compressed (statistics, metrics and flags on their schedule); ``owned``: g may be
+        overwritten with the result (``grad``'s check)."""
         h = self.handle
         if not h.registered:  # removed between this forward and its backward
             return g
@@ -236,13 +298,15 @@ class _Layer:
         # the first compressor sees g itself, so its count is g's
         check = (skip_mode or measure) and bad is None
         q = h.quantizers.quantizers[self.index] if h.quantizers is not None else None
+        # in place: into g when autograd alone holds it, into nan_to_num's new tensor always
+        into = owned or out is not g
         if h.pruners is not None:  # the quantizer runs in the pruning kernel where it can
             out, b = h.pruners[self.index].compress(out, gen, measure=measure, finite=finite,
-                                                    check=check, then=q)
+                                                    check=check, then=q, into=into)
             if check:
                 bad, check = b, False
         elif q is not None:
-            out, b = q.compress(out, gen, measure=measure, check=check)
+            out, b = q.compress(out, gen, measure=measure, check=check, into=into)
             if check:
                 bad, check = b, False
         if check and g.numel():  # no compressor counted (e.g. none configured)
@@ -295,6 +359,7 @@ class CompressionHandle:
         self.collecting = True  # the first step gathers statistics
         self.active = False  # nothing is compressed before the first refresh
         self.measuring = False
+        _sole_counts()  # the in-place check's reference counts, measured before any backward
         self._hooks = [m.register_forward_hook(self._make_hook(layer))
                        for layer, (_, m) in zip(self._layers, sel)]
 
@@ -326,7 +391,7 @@ class CompressionHandle:
         # dL/dA of the layer's own output, so it stays exact there too.
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(layer.compress)
+                output.register_hook(layer.grad)
 
         return hook
 

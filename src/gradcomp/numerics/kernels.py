@@ -115,10 +115,17 @@ class FusedOp:
     values that get a variant of their own without being arguments (dtype, device type: each
     would otherwise be one more graph of the same code object, whose recompile budget dynamo
     limits to 8).
+
+    ``into=True``: the in-place twin of ``fn``: its first result is written into its first
+    argument (``x.copy_``, fused by inductor into the loop that computes it: x is read and
+    written in place, no output buffer) and the call returns the other results (a tuple, ``()``
+    when there are none). The eager path runs ``fn`` (chunked) and copies. The caller owns x:
+    nothing else may read its old values afterwards.
     """
 
-    def __init__(self, fn, name: str, elementwise: bool = False, split: tuple = (), **static):
-        self.name, self.elementwise = name, elementwise
+    def __init__(self, fn, name: str, elementwise: bool = False, split: tuple = (),
+                 into: bool = False, **static):
+        self.name, self.elementwise, self.into = name, elementwise, bool(into)
         if static or split:
             # one variant of a kernel: ``static`` (Python constants: which rounding, which
             # counts) bound to a copy of fn's code object, because dynamo's recompile budget is
@@ -127,7 +134,8 @@ class FusedOp:
             # shared wrapper frame instead)
             tag = "_".join([f"{k}={v}" for k, v in static.items()] + list(map(str, split)))
             fn = _copy(fn, f"{fn.__name__}__{tag}", {**(fn.__kwdefaults__ or {}), **static})
-        self.fn = fn
+        self.body = fn  # what the eager path runs
+        self.fn = _into_first(fn) if self.into else fn  # what dynamo compiles
         self._compiled = None
         self._graphs: list = []  # (FX graph, compiled callable) as the backend built them
         self._direct: dict = {}  # argument signature -> _Direct (or None: take dynamo)
@@ -157,6 +165,8 @@ class FusedOp:
                     self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
                                                    backend=self._backend)
                 built = len(self._graphs)
+                # an in-place call's input as it was, to replay the validating call on a copy
+                before = args[0].clone() if self.into and direct is not None else None
                 try:
                     res = self._dynamo(args)
                 except Exception as exc:
@@ -171,7 +181,7 @@ class FusedOp:
                     # no new graph: dynamo from now on for this signature. A call passing one
                     # tensor twice builds nothing: dynamo merged the two into one graph input,
                     # and a direct call would read the first for both on later calls
-                    self._direct[sig] = _Direct.validated(self, args, res, built)
+                    self._direct[sig] = _Direct.validated(self, args, res, built, before)
                 return res
             except Exception as exc:  # a missing C++ toolchain must not break training
                 _BROKEN = True
@@ -210,17 +220,22 @@ class FusedOp:
         return Bound(self, template)
 
     def eager(self, *args):
-        """The eager body, chunked for an elementwise operator."""
+        """The eager body, chunked for an elementwise operator (then, ``into``, copied into
+        the first argument)."""
+        res = self._eager(args)
+        return _write_first(args[0], res) if self.into else res
+
+    def _eager(self, args):
         x, rest = args[0], args[1:]
         n = x.numel()
         if not self.elementwise or n <= EAGER_CHUNK:
-            return self.fn(*args)
+            return self.body(*args)
         # chunks of whole rows: a flat x has rows of one element, the counter hash's 2-D
         # layout (``random.counter_layout``) rows of L; ``start`` counts elements
         rows = x.shape[0]
         row = n // rows
         step = max(1, EAGER_CHUNK // row)
-        first = self.fn(x[:step], *rest, start=0)
+        first = self.body(x[:step], *rest, start=0)
         counts = None
         if isinstance(first, tuple):
             first, counts = first
@@ -229,13 +244,47 @@ class FusedOp:
         del first
         for i in range(step, rows, step):
             j = min(i + step, rows)
-            res = self.fn(x[i:j], *rest, start=i * row)
+            res = self.body(x[i:j], *rest, start=i * row)
             if counts is None:
                 out[i:j] = res
             else:
                 out[i:j] = res[0]
                 counts = counts + res[1]
         return out if counts is None else (out, counts)
+
+
+def _write_first(x: torch.Tensor, res):
+    """An in-place operator's results (``FusedOp(..., into=True)``): ``res``'s first tensor
+    written into x, the rest returned."""
+    if isinstance(res, tuple):
+        x.copy_(res[0])
+        return res[1:]
+    x.copy_(res)
+    return ()
+
+
+def _into_first(fn):
+    """``fn``'s in-place twin for dynamo: a function of the same parameters (names, defaults,
+    keyword-only statics: ``_Direct`` maps the graph's inputs to them by name) that returns
+    ``_write_first(x, fn(...))``. Generated, since only a function's own code fixes the names
+    dynamo gives its inputs."""
+    code = fn.__code__
+    pos = code.co_varnames[:code.co_argcount]
+    kw = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    if not pos or code.co_flags & (0x04 | 0x08):  # no x, or *args / **kwargs
+        raise TypeError(f"{code.co_name}: an in-place twin needs named parameters, x first")
+    params = ", ".join(pos) + "".join([", *"] + [f", {k}" for k in kw] if kw else [])
+    call = ", ".join(pos) + "".join(f", {k}={k}" for k in kw)
+    scope = {"_body": fn, "_write_first": _write_first}
+    exec(f"def _twin({params}):\n    return _write_first({pos[0]}, _body({call}))\n",  # noqa: S102
+         scope)
+    twin = scope["_twin"]
+    # named after fn (a variant's name holds its statics, not an identifier)
+    twin.__name__ = twin.__qualname__ = f"{code.co_name}__into"
+    twin.__code__ = twin.__code__.replace(co_name=twin.__name__)
+    twin.__defaults__ = fn.__defaults__
+    twin.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    return twin
 
 
 def _copy(fn, name: str, kwdefaults: dict | None):
@@ -343,28 +392,40 @@ class _Direct:
     graph (then validated in turn) or keeps that signature.
     """
 
-    def __init__(self, compiled, getters, single: bool, tail: tuple, same: tuple = ()):
+    def __init__(self, compiled, getters, single: bool, tail: tuple, same: tuple = (),
+                 boxed: bool = False, mutated: tuple = ()):
         self.compiled, self.getters, self.single = compiled, getters, single
         # the defaults of the positional parameters the call leaves out, then the values of
         # the keyword-only (static) ones
         self.tail = tail
         self.same = same  # ((i, d, j, e), ...): _read(args[i], d) must equal _read(args[j], e)
+        # boxed: ``compiled`` is the generated code's own ``call``, taking one list
+        # (``_generated_graph``); else the callable ``compile_fx`` returned, taking the values
+        self.boxed = boxed
+        # positions (in the values passed) of the inputs the generated code writes in place:
+        # their version counters are bumped after the call, as AOT's wrapper does
+        self.mutated = mutated
 
     def __call__(self, args):
         args = args + self.tail
         for i, d, j, e in self.same:
             if _read(args[i], d) != _read(args[j], e):
                 return None
+        values = [args[i] if d is None else _read(args[i], d) for i, d in self.getters]
+        written = [values[i] for i in self.mutated]  # the generated call empties its list
         try:
-            out = self.compiled(*[args[i] if d is None else _read(args[i], d)
-                                  for i, d in self.getters])
+            out = self.compiled(values) if self.boxed else self.compiled(*values)
         except Exception:  # noqa: BLE001 - e.g. assert_size_stride on a specialised size
             return None
+        for t in written:
+            torch.autograd.graph.increment_version(t)
         return out[0] if self.single else tuple(out)
 
     @classmethod
-    def validated(cls, op: FusedOp, args, res, built: int):
-        """A ``_Direct`` for this signature, or None (dynamo keeps the calls)."""
+    def validated(cls, op: FusedOp, args, res, built: int, before=None):
+        """A ``_Direct`` for this signature, or None (dynamo keeps the calls). ``before``: an
+        in-place operator's first argument before dynamo's call wrote it (each check replays
+        the call on a copy of it and compares what it wrote too)."""
         if len(op._graphs) != built + 1:  # no new graph (or several): nothing to tie to
             return None
         gm, compiled = op._graphs[-1]
@@ -442,21 +503,96 @@ class _Direct:
             else:
                 return None
         single = isinstance(res, torch.Tensor)
+        given = args[:len(args) - len(tail)]
+        wrote = None if before is None else (before, args[0])
         direct = cls(compiled, getters, single, tail, tuple(same))
-        try:
-            got = direct(args[:len(args) - len(tail)])
-        except Exception:  # noqa: BLE001 - any failure: keep dynamo
+        if not _returns(direct, given, res, False, wrote):
             return None
-        want = (res,) if single else res
-        have = (got,) if single else got
-        if got is None or not isinstance(want, tuple) or len(have) != len(want):
-            return None
-        for a, b in zip(have, want):
-            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                    and a.dtype == b.dtype and a.shape == b.shape
-                    and torch.equal(_as_bits(a), _as_bits(b))):
-                return None
+        graph = _generated_graph(compiled)
+        if graph is not None:
+            # the generated code called as AOT autograd's runtime wrapper calls it, without
+            # the wrappers (kept when its results differ in any bit, stride or aliasing)
+            mutated = tuple(sorted(graph.mutated_input_idxs))
+            if mutated and (before is None or any(getters[i] != (0, None) for i in mutated)):
+                return direct  # a write the operator does not declare
+            raw = cls(graph.current_callable, getters, single, tail, tuple(same), boxed=True,
+                      mutated=mutated)
+            if _returns(raw, given, res, True, wrote):
+                return raw
         return direct
+
+
+def _returns(direct: _Direct, args, res, strides: bool, wrote=None) -> bool:
+    """Whether ``direct(args)`` returns what dynamo returned (``res``): the same number of
+    tensors, each of the same dtype, shape and bits; with ``strides`` also the same strides,
+    and none sharing memory with an argument (nor do dynamo's). ``wrote``: (the first
+    argument before dynamo's call, after it) of an in-place operator: the call runs on a copy
+    of the first, which must then hold the same bits as the second."""
+    if wrote is not None:
+        work = wrote[0].clone()
+        args = (work, *args[1:])
+    try:
+        got = direct(args)
+    except Exception:  # noqa: BLE001 - any failure: keep dynamo
+        return False
+    if wrote is not None and not torch.equal(_as_bits(work), _as_bits(wrote[1])):
+        return False
+    single = isinstance(res, torch.Tensor)
+    want = (res,) if single else res
+    have = (got,) if single else got
+    if got is None or not isinstance(want, tuple) or len(have) != len(want):
+        return False
+    for a, b in zip(have, want):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(_as_bits(a), _as_bits(b))):
+            return False
+        if strides and a.stride() != b.stride():
+            return False
+    if strides:
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        for t in have + want:
+            if t.untyped_storage().data_ptr() in inputs:
+                return False
+    return True
+
+
+def _generated_graph(compiled):
+    """Inductor's ``CompiledFxGraph`` inside the callable ``compile_fx`` returned (found in
+    the closures of AOT autograd's wrappers), whose ``current_callable`` is the generated
+    code's ``call``; None when there is none, several, or no callable.
+
+    Why: AOT autograd's runtime wrappers and dynamo's disable context cost 20-40 us per call
+    when warm and several times that in a backward pass, where a layer's hook finds the
+    interpreter's and torch's Python state evicted from the caches by the convolutions between
+    two hooks (measured: 1.5 ms of a ResNet-8 step's 6 ms of FP6 hooks). The wrappers do
+    nothing for these graphs beyond bumping the version counter of an input written in place
+    (an ``into`` operator's x: ``_Direct`` does that): no input requires grad (``_signature``),
+    none is passed twice (``_repeats``), and no output aliases an input (``_returns`` checks
+    that on the validating call, with every bit and stride of the results)."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    found, seen, todo = [], set(), [(compiled, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > 6:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, CompiledFxGraph):
+            found.append(obj)
+            continue
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                todo.append((cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell
+                continue
+        # AOT's compiled-function objects hold the next callable as an attribute
+        inner = getattr(obj, "compiled_fn", None) if not isinstance(obj, type) else None
+        if inner is not None:
+            todo.append((inner, depth + 1))
+    if len(found) != 1 or found[0].current_callable is None:
+        return None
+    return found[0]
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -470,14 +606,16 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
 _VARIANTS: dict = {}
 
 
-def variant(fn, name: str, elementwise: bool = True, split: tuple = (), **static) -> FusedOp:
+def variant(fn, name: str, elementwise: bool = True, split: tuple = (), into: bool = False,
+            **static) -> FusedOp:
     """The ``FusedOp`` of ``fn`` with ``static`` bound, built on first use and kept (one
     compiled code object per variant: a rounding mode, a set of counts, ..., and per ``split``
-    value, see ``FusedOp``)."""
-    key = (fn, elementwise, split, tuple(sorted(static.items())))
+    value, see ``FusedOp``; ``into``: its in-place twin)."""
+    key = (fn, elementwise, split, bool(into), tuple(sorted(static.items())))
     op = _VARIANTS.get(key)
     if op is None:
-        op = _VARIANTS[key] = FusedOp(fn, name, elementwise=elementwise, split=split, **static)
+        op = _VARIANTS[key] = FusedOp(fn, name, elementwise=elementwise, split=split,
+                                      into=into, **static)
     return op
 
 

@@ -223,40 +223,46 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
 
 
 def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts: tuple = (),
-                    compiled: bool = True):
+                    compiled: bool = True, into: bool = False):
     """``stochastic_prune`` after its argument checks, for a hot path that made them once (a
     compressor's layer): x a float tensor outside autograd, ``threshold`` as the kernels take
     it (``_threshold_arg``: a 0-d float tensor on x's device, x's own dtype for a half x),
     ``counts`` a tuple of ``PRUNE_COUNTS`` names, ``compiled`` the fused path or the eager
-    one. Its results, the same draw from ``generator``."""
+    one. Its results, the same draw from ``generator``. ``into`` (x contiguous): x is
+    overwritten with the pruned tensor, which is x itself (one read and one write of x, no
+    output buffer: for a caller that owns x)."""
     flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
-    res = prune_kernel(counts)(flat, threshold, keys, compile=compiled)
+    res = prune_kernel(counts, into)(flat, threshold, keys, compile=compiled)
+    if into:
+        return (x, res[0]) if counts else x
     if counts:
         return res[0].view(x.shape), res[1]
     return res.view(x.shape)
 
 
-def prune_kernel(counts: tuple = ()) -> FusedOp:
+def prune_kernel(counts: tuple = (), into: bool = False) -> FusedOp:
     """``stochastic_prune``'s fused operator, for a hot path that checked its arguments once
     (a compressor's layer): ``op(x, threshold, keys, compile=...)`` with ``(x, keys) =
     random.counter_layout(flat, draw_keys(...), compiled)``, ``threshold`` a 0-d float tensor
     on x's device (x float32 or float64: a half x needs ``stochastic_prune``'s rounding of
     it); returns the pruned x in that layout, with ``counts`` (names of ``PRUNE_COUNTS``)
-    ``(out, counts)``."""
-    return variant(_prune_count_kernel, "stochastic_prune", count=tuple(counts)) if counts \
-        else _PRUNE
+    ``(out, counts)``; ``into``: writes it into x and returns ``(counts,)`` or ``()``."""
+    if counts:
+        return variant(_prune_count_kernel, "stochastic_prune", count=tuple(counts), into=into)
+    return variant(_prune_kernel, "stochastic_prune", into=True) if into else _PRUNE
 
 
 def prune_quantize_amax_kernel(fmt, rounding: str, dtype: torch.dtype, device: torch.device,
-                               margin: float = 0.0, counts: tuple = ()):
+                               margin: float = 0.0, counts: tuple = (), into: bool = False):
     """``prune_quantize_amax``'s compiled kernel for a hot path (as ``prune_kernel``):
     ``kernel(x, threshold, pkeys, keep[, keys], compile=True)`` with ``(x, pkeys) =
     prune_layout(x, pkeys, rounding)``, ``keep`` a 0-d float64 scale on x's device and, for
     stochastic rounding, the rounding's own keys (drawn after ``pkeys``); returns
-    ``prune_quantize_amax``'s results in that layout. Cached per argument set."""
+    ``prune_quantize_amax``'s results in that layout (``into``: the first written into x, the
+    others returned). Cached per argument set."""
     return bind_kernel(_prune_quantize_amax_kernel, "prune_quantize_amax",
                        (fmt, rounding, dtype, device, float(margin)), tuple(counts), lead=3,
-                       amax=True, elementwise=False)
+                       amax=True, elementwise=False, into=bool(into))
 
 
 def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", scale=None,
@@ -332,15 +338,19 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
 
 def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt, rounding: str,
                                   margin: float, keep: torch.Tensor, generator,
-                                  counts: tuple = ()):
+                                  counts: tuple = (), into: bool = False):
     """``prune_quantize_amax``'s fused call after its argument checks (as ``prune_unchecked``;
     ``keep`` a 0-d float64 scale on x's device, ``fmt`` an FPFormat, ``counts`` a tuple of
-    ``PRUNE_QUANTIZE_COUNTS`` names): its results, the same two draws in the same order."""
+    ``PRUNE_QUANTIZE_COUNTS`` names): its results, the same two draws in the same order.
+    ``into`` (x contiguous): x is overwritten with the result, which is x itself."""
     pkeys = draw_keys(generator, x.device)
     rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
     flat, pkeys = prune_layout(x, pkeys, rounding)
-    out, *rest = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts)(
+    res = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, into)(
         flat, threshold, pkeys, keep, *rkeys, compile=True)
+    if into:
+        return (x, *res)
+    out, *rest = res
     return (out.view(x.shape), *rest)
 
 

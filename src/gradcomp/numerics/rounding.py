@@ -76,6 +76,7 @@ from gradcomp.numerics.scales import amax_scale_or_keep
 
 __all__ = ["quantize_fp", "quantize_fp_amax", "set_compile", "compile_enabled", "count_names",
            "prepare", "amax_args", "amax_kernel", "bind_kernel", "quantize_fp_amax_unchecked",
+           "quantize_fp_unchecked",
            "stack_counts", "COUNTS", "ROUNDINGS", "KernelArgs", "AmaxArgs"]
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -380,6 +381,25 @@ def quantize_fp(
     return res.view(x.shape)
 
 
+def quantize_fp_unchecked(x: torch.Tensor, fmt: FPFormat, rounding: str, scale: torch.Tensor,
+                          generator, counts: tuple = (), into: bool = False):
+    """``quantize_fp(x, fmt, rounding, scale=scale, generator=generator, counts=counts)``
+    after its argument checks, for a hot path that made them once (a compressor's layer): x a
+    contiguous float tensor outside autograd, ``scale`` a positive finite 0-d tensor on x's
+    device, ``fmt`` an FPFormat, ``rounding`` one of ``ROUNDINGS``, ``counts`` a tuple of
+    ``COUNTS`` names; the fused path. Its results, the same draw from ``generator``.
+    ``into``: x is overwritten with the result, which is x itself (one read and one write of
+    x, no output buffer: for a caller that owns x)."""
+    key = (fmt, rounding, x.dtype, x.device, True)
+    s = _scale_arg(scale, x.device, _plan(*key)[3].dtype)  # the kernel's scale dtype
+    keys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
+    res = bind_kernel(_quantize_flat, "quantize_fp", key, tuple(counts), into=bool(into))(
+        x.view(-1), s, *keys, compile=True)
+    if into:
+        return (x, *res) if counts else x
+    return (res[0].view(x.shape), res[1]) if counts else res.view(x.shape)
+
+
 @lru_cache(maxsize=1024)
 def bind_kernel(fn, name: str, key: tuple, names: tuple, lead: int = 1, amax: bool = False,
                 elementwise: bool = True, **extra):
@@ -516,29 +536,35 @@ def quantize_fp_amax(x: torch.Tensor, fmt: FPFormat | str, rounding: str = "near
 
 
 def amax_kernel(fmt: FPFormat, rounding: str, dtype: torch.dtype, device: torch.device,
-                margin: float = 0.0, counts: tuple = (), flag: bool = False):
+                margin: float = 0.0, counts: tuple = (), flag: bool = False, into: bool = False):
     """``quantize_fp_amax``'s compiled kernel for a hot path that checked its arguments once
     (a compressor's layer): ``kernel(flat, keep[, keys])`` on a flat contiguous x of ``dtype``
     on ``device``, ``keep`` a 0-d float64 scale on it and, for stochastic rounding,
     ``draw_keys``' keys, returns ``quantize_fp_amax(x, ..., counts=counts, flag=flag)``'s
     results (flat). Always the fused path (``kernels.Bound``; check ``use_compiled`` first:
     called with ``compile=False`` it runs the body unchunked). Cached per argument set; the
-    format, rounding and dtype are checked when first built."""
+    format, rounding and dtype are checked when first built. ``into``: the in-place variant
+    (the rounded x written into x; the other results returned)."""
     return bind_kernel(_amax_flat, "quantize_fp_amax", (fmt, rounding, dtype, device,
                                                          float(margin)),
-                       tuple(counts), amax=True, elementwise=False, flag=bool(flag))
+                       tuple(counts), amax=True, elementwise=False, flag=bool(flag),
+                       into=bool(into))
 
 
 def quantize_fp_amax_unchecked(x: torch.Tensor, fmt: FPFormat, rounding: str, margin: float,
                                keep: torch.Tensor, generator, counts: tuple = (),
-                               flag: bool = False):
+                               flag: bool = False, into: bool = False):
     """``quantize_fp_amax``'s fused call after its argument checks, for a hot path that made
     them once (a compressor's layer): x a contiguous float tensor outside autograd, ``keep`` a
     0-d float64 scale on x's device, ``fmt`` an FPFormat, ``rounding`` one of ``ROUNDINGS``,
-    ``counts`` a tuple of ``COUNTS`` names. Its results, the same draw from ``generator``."""
+    ``counts`` a tuple of ``COUNTS`` names. Its results, the same draw from ``generator``.
+    ``into``: x is overwritten with the result, which is then x itself (as
+    ``quantize_fp_unchecked``)."""
     keys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
-    res = amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, flag)(
+    res = amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, flag, into)(
         x.view(-1), keep, *keys, compile=True)
+    if into:
+        return (x, *res)
     return (res[0].view(x.shape), *res[1:])
 
 
