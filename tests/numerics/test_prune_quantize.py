@@ -197,8 +197,8 @@ def _into_case(kind, x, g):
         got = quantize_fp_amax_unchecked(x, fmt, "nearest", 0.0, keep, gen, (), True, into=True)
         return got, quantize_fp_amax(e, fmt, "nearest", keep=keep, flag=True, compile=False)
     if kind == "prune":
-        return (prune_unchecked(x, thr, gen, ("nonfinite", "zeros"), into=True),
-                stochastic_prune(e, thr, ref, counts=("nonfinite", "zeros"), compile=False))
+        return (prune_unchecked(x, thr, gen, ("nonfinite",), into=True),
+                stochastic_prune(e, thr, ref, counts=("nonfinite",), compile=False))
     got = prune_quantize_amax_unchecked(x, thr, fmt, "nearest", 0.0, keep, gen, (), into=True)
     return got, prune_quantize_amax(e, thr, fmt, "nearest", keep=keep, generator=ref,
                                     compile=False)
@@ -207,14 +207,35 @@ def _into_case(kind, x, g):
 @pytest.mark.parametrize("kind", ["quantize", "amax", "prune", "prune_amax"])
 def test_the_hot_paths_in_place_write_the_public_functions_bits_into_x(kind):
     # into=True (a compressor that owns x): x itself is the result, bit for bit what the
-    # public function returns (eager, the same draws), and so are the counts / scale / amax
+    # public function returns (eager, the same draws), and so are the counts / scale / amax /
+    # flag, which read x before the write (a NaN, an inf, a zero and values that underflow)
     x0 = torch.randn(64, 100, generator=torch.Generator().manual_seed(5)) * 1e-3
     x0[3, 7] = 0.0
-    for g in (1, 2):  # the second call takes the direct path
+    x0[5, :10] = 1e-9
+    for g, bad in ((1, False), (2, False), (3, True)):  # later calls take the direct path
         x = x0.clone()
+        if bad:
+            x[0, 0], x[1, 1] = float("nan"), float("inf")
         got, want = _into_case(kind, x, g)
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         assert got[0] is x and len(got) == len(want)
         for a, b in zip(got, want):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a,
+                               b.view(torch.int32) if b.dtype == torch.float32 else b) \
+                or (a.dtype == torch.float64 and a.isnan().all() and b.isnan().all())
+
+
+def test_a_count_of_the_result_keeps_the_input_as_it_was():
+    # the in-place write is declined where the kernel counts its own result (the write would
+    # split the loop: ``in_place_fuses``): a new tensor, x untouched
+    x0 = torch.randn(4096, generator=torch.Generator().manual_seed(6)) * 1e-3
+    x = x0.clone()
+    thr = torch.tensor(2e-3, dtype=torch.float32)
+    out, c = prune_unchecked(x, thr, torch.Generator().manual_seed(7), ("nonfinite", "zeros"),
+                             into=True)
+    assert out is not x and torch.equal(x, x0)
+    want, wc = stochastic_prune(x0, thr, torch.Generator().manual_seed(7),
+                                counts=("nonfinite", "zeros"), compile=False)
+    assert torch.equal(out, want) and torch.equal(c, wc)

@@ -60,7 +60,11 @@ probe backward per process): the tensor's (another input buffer holding the same
 e.g. an add whose other branch has not run yet, or a gradient ``torch.autograd.grad``
 captures), its storage's (a view of it elsewhere: a ``cat``'s split gradient, an expanded
 one) and its Python object's (an earlier hook that kept it). Any other count, a non-contiguous,
-grad-requiring or non-float g: a new tensor, as before. Either way the same values.
+grad-requiring or non-float g, a backward that records a graph (``create_graph``), a GPU
+tensor (a read of g may still be queued on another stream: not measured, not done): a new
+tensor, as before. Either way the same values. Not seen by the counts: a C++ holder of a
+tensor that an earlier hook returned in place of g (its engine reference is then missing, so
+one foreign reference brings the count back to the probe's); such a hook should return a clone.
 """
 
 from __future__ import annotations
@@ -184,7 +188,6 @@ def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
     return found
 
 
-@functools.lru_cache(maxsize=16)
 def _ownership(g) -> tuple:
     """(tensor, storage, Python object) reference counts of a gradient, for ``_Layer.grad``
     (called first thing in the hook, so the Python count holds only the call's own)."""
@@ -217,11 +220,12 @@ def _sole_counts() -> tuple | None:
             y = x * 2.0
             y.register_hook(probe.grad)
             (y * 3.0).sum().backward()  # y's gradient: MulBackward's new tensor
-    except RuntimeError:
+    except (RuntimeError, AttributeError):  # e.g. a torch without these private counts
         return None
     return probe.seen[0] if len(probe.seen) == 1 else None
 
 
+@functools.lru_cache(maxsize=16)
 def _one32(device: torch.device) -> torch.Tensor:
     # the check's inverse scale, kept per device (read only)
     return torch.ones((), dtype=torch.float32, device=device)
@@ -260,10 +264,15 @@ class _Layer:
     def grad(self, g: torch.Tensor) -> torch.Tensor:
         """The hook on the layer's output: ``compress``, in place when autograd alone holds g
         (module docstring)."""
-        counts = _ownership(g)  # first: the Python count must hold only this call's references
         sole = _sole_counts()
-        owned = (counts == sole and g.is_floating_point() and g.is_contiguous()
-                 and g.layout == torch.strided and not g.requires_grad and not g._is_view())
+        # the cheap checks first (they keep no reference to g); then the counts, before any
+        # statement that stores g (the Python count must hold only this call's references).
+        # CPU only: on a GPU a branch that dropped g may still have a read of it queued on
+        # another stream, which no count shows (and no GPU run has tested the write there)
+        owned = (sole is not None and type(g) is torch.Tensor and g.device.type == "cpu"
+                 and g.layout == torch.strided and g.is_floating_point() and g.is_contiguous()
+                 and not g.requires_grad and not torch.is_grad_enabled() and not g._is_view()
+                 and not g._is_zerotensor() and _ownership(g) == sole)
         return self.compress(g, owned)
 
     def compress(self, g: torch.Tensor, owned: bool = False) -> torch.Tensor:

@@ -157,6 +157,8 @@ class FusedOp:
             try:
                 sig = _signature(args)
                 direct = self._direct.get(sig, False)
+                if direct and self.into and _repeats(args):
+                    direct = None  # x passed twice: the write would feed a read, so dynamo
                 if direct:  # validated: the compiled code without dynamo's frame machinery
                     out = direct(args)
                     if out is not None:
@@ -181,7 +183,10 @@ class FusedOp:
                     # no new graph: dynamo from now on for this signature. A call passing one
                     # tensor twice builds nothing: dynamo merged the two into one graph input,
                     # and a direct call would read the first for both on later calls
-                    self._direct[sig] = _Direct.validated(self, args, res, built, before)
+                    try:
+                        self._direct[sig] = _Direct.validated(self, args, res, built, before)
+                    except Exception:  # noqa: BLE001 - dynamo keeps the calls; never rerun an
+                        self._direct[sig] = None  # in-place call whose x is already written
                 return res
             except Exception as exc:  # a missing C++ toolchain must not break training
                 _BROKEN = True
@@ -325,6 +330,8 @@ class Bound:
             return self.op(*args, compile=False)
         sig = _signature(varying)
         direct = self._direct.get(sig, False)
+        if direct and self.op.into and _repeats(args):
+            direct = None  # x passed twice to an in-place operator: its own dispatch
         if direct:
             out = direct(args)
             if out is not None:
@@ -509,7 +516,8 @@ class _Direct:
         if not _returns(direct, given, res, False, wrote):
             return None
         graph = _generated_graph(compiled)
-        if graph is not None:
+        if graph is not None and not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                         for a in given):
             # the generated code called as AOT autograd's runtime wrapper calls it, without
             # the wrappers (kept when its results differ in any bit, stride or aliasing)
             mutated = tuple(sorted(graph.mutated_input_idxs))
@@ -567,11 +575,16 @@ def _generated_graph(compiled):
     interpreter's and torch's Python state evicted from the caches by the convolutions between
     two hooks (measured: 1.5 ms of a ResNet-8 step's 6 ms of FP6 hooks). The wrappers do
     nothing for these graphs beyond bumping the version counter of an input written in place
-    (an ``into`` operator's x: ``_Direct`` does that): no input requires grad (``_signature``),
-    none is passed twice (``_repeats``), and no output aliases an input (``_returns`` checks
-    that on the validating call, with every bit and stride of the results)."""
-    from torch._inductor.output_code import CompiledFxGraph
-
+    (an ``into`` operator's x: ``_Direct`` does that) and setting the grad and autocast modes
+    around the call, which a graph of tensors that do not require grad (``validated`` checks
+    it; ``_signature`` keys it) and make no autocast-sensitive op (the generated code calls
+    its own kernels) does not read: none is passed twice (``_repeats``; for an in-place
+    operator checked at every call) and no output aliases an input (``_returns`` checks that
+    on the validating call, with every bit and stride of the results)."""
+    try:
+        from torch._inductor.output_code import CompiledFxGraph
+    except ImportError:  # another torch: keep the wrappers
+        return None
     found, seen, todo = [], set(), [(compiled, 0)]
     while todo:
         obj, depth = todo.pop()
@@ -590,7 +603,8 @@ def _generated_graph(compiled):
         inner = getattr(obj, "compiled_fn", None) if not isinstance(obj, type) else None
         if inner is not None:
             todo.append((inner, depth + 1))
-    if len(found) != 1 or found[0].current_callable is None:
+    if len(found) != 1 or getattr(found[0], "current_callable", None) is None \
+            or not hasattr(found[0], "mutated_input_idxs"):
         return None
     return found[0]
 

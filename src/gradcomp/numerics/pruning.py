@@ -33,6 +33,7 @@ from gradcomp.numerics.rounding import (
     amax_args,
     bind_kernel,
     count_names,
+    in_place_fuses,
     prepare,
     quantize_fp_amax,
     stack_counts,
@@ -230,7 +231,9 @@ def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts:
     ``counts`` a tuple of ``PRUNE_COUNTS`` names, ``compiled`` the fused path or the eager
     one. Its results, the same draw from ``generator``. ``into`` (x contiguous): x is
     overwritten with the pruned tensor, which is x itself (one read and one write of x, no
-    output buffer: for a caller that owns x)."""
+    output buffer: for a caller that owns x), where the kernel's counts allow it
+    (``rounding.in_place_fuses``; otherwise a new tensor)."""
+    into = into and in_place_fuses(counts)
     flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
     res = prune_kernel(counts, into)(flat, threshold, keys, compile=compiled)
     if into:
@@ -342,7 +345,9 @@ def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt,
     """``prune_quantize_amax``'s fused call after its argument checks (as ``prune_unchecked``;
     ``keep`` a 0-d float64 scale on x's device, ``fmt`` an FPFormat, ``counts`` a tuple of
     ``PRUNE_QUANTIZE_COUNTS`` names): its results, the same two draws in the same order.
-    ``into`` (x contiguous): x is overwritten with the result, which is x itself."""
+    ``into`` (x contiguous): x is overwritten with the result, which is x itself, where the
+    counts allow it (``rounding.in_place_fuses``)."""
+    into = into and in_place_fuses(counts)
     pkeys = draw_keys(generator, x.device)
     rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
     flat, pkeys = prune_layout(x, pkeys, rounding)
