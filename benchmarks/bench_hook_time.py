@@ -10,6 +10,12 @@ that version's ``src``):
 
     python benchmarks/bench_hook_time.py --recipes fp6,fp6-optscale,prune-0.8,prune-0.8-fp6
     PYTHONPATH=/path/to/older/checkout/src python benchmarks/bench_hook_time.py ...
+
+``--in-place alternate`` times this version's in-place write against a new tensor per layer in
+alternate steps of one process; ``--calls wrapped`` sends the compiled kernels' direct calls
+through AOT autograd's runtime wrappers again (compare with the default in alternating
+processes). The wrapper measures ``_Layer.compress``: the hook's ownership check before it (a
+few microseconds per layer) is not in the figures.
 """
 
 from __future__ import annotations
@@ -24,23 +30,32 @@ from torch import nn
 import gradcomp.integration.wrap as wrap
 from gradcomp.apps.models import build_model
 from gradcomp.apps.recipes import get_recipe
+from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy
 
 
-def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, steps: int):
-    """(median, min) seconds per step spent in the compression hooks, and the step median."""
+def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, steps: int,
+            in_place: str = "on"):
+    """{mode: (median, min) seconds per step spent in the compression hooks, and the step
+    median}; ``in_place``: "on" (the wrapper's own choice), "off" (every layer writes a new
+    tensor) or "alternate" (the two in alternate steps of one process: both modes)."""
     spent = [0.0]
+    allow = [in_place != "off"]
     # ``_Layer.compress``, which the hook calls after its in-place check (``_Layer.grad``,
     # three reference counts, a few us per call, outside the timing: a wrapper around the hook
     # itself would hold a reference to the gradient and so turn the in-place write off)
     layer_compress = wrap._Layer.compress
 
     def timed(self, g, *rest):  # rest: the in-place permission where the version has one
+        rest = tuple(bool(r) and allow[0] for r in rest)
         t0 = time.perf_counter()
         out = layer_compress(self, g, *rest)
         spent[0] += time.perf_counter() - t0
         return out
 
     wrap._Layer.compress = timed
+    modes = ("on", "off") if in_place == "alternate" else (in_place,)
+    hooks: dict = {m: [] for m in modes}
+    whole: dict = {m: [] for m in modes}
     try:
         torch.manual_seed(0)
         model = build_model(model_name, width=width)
@@ -57,17 +72,19 @@ def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, s
 
         for _ in range(warmup):
             step()
-        hooks, whole = [], []
-        for _ in range(steps):
+        for i in range(steps * len(modes)):
+            mode = modes[i % len(modes)]
+            allow[0] = mode == "on"
             spent[0] = 0.0
             t0 = time.perf_counter()
             step()
-            whole.append(time.perf_counter() - t0)
-            hooks.append(spent[0])
+            whole[mode].append(time.perf_counter() - t0)
+            hooks[mode].append(spent[0])
         handle.remove()
     finally:
         wrap._Layer.compress = layer_compress
-    return statistics.median(hooks), min(hooks), statistics.median(whole)
+    return {m: (statistics.median(hooks[m]), min(hooks[m]), statistics.median(whole[m]))
+            for m in modes}
 
 
 def main() -> None:
@@ -79,16 +96,33 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--in-place", default="on", choices=("on", "off", "alternate"),
+                    help="on: the wrapper writes a compressed gradient into its own memory "
+                         "where autograd alone holds it; off: never; alternate: both, in "
+                         "alternate steps of one process (the same compiled kernels)")
+    ap.add_argument("--calls", default="generated", choices=("generated", "wrapped"),
+                    help="generated: the compiled kernels' direct calls run inductor's "
+                         "generated code; wrapped: through AOT autograd's runtime wrappers "
+                         "(as before this version; compare in separate processes)")
+    ap.add_argument("--malloc", default="retain", choices=MALLOC_POLICIES,
+                    help="retain: glibc keeps freed memory (gradcomp train's default)")
     args = ap.parse_args()
+    apply_malloc_policy(args.malloc)
+    if args.calls == "wrapped":
+        from gradcomp.numerics import kernels
+        kernels._generated_graph = lambda compiled: None
     torch.set_num_threads(args.threads)
     print(f"{args.model} width {args.width}, batch {args.batch}, {args.threads} threads, "
-          f"{args.steps} steps after {args.warmup}; gradcomp from {wrap.__file__}\n")
-    print("| recipe | compression per step (median) | min | step (median) |")
-    print("|---|---:|---:|---:|")
+          f"{args.steps} steps after {args.warmup}, in place {args.in_place}, calls "
+          f"{args.calls}, malloc {args.malloc}; gradcomp from {wrap.__file__}\n")
+    print("| recipe | in place | compression per step (median) | min | step (median) |")
+    print("|---|---|---:|---:|---:|")
     for name in args.recipes.split(","):
-        med, low, step = measure(name, args.model, args.width, args.batch, args.warmup,
-                                 args.steps)
-        print(f"| {name} | {med * 1e3:.2f} ms | {low * 1e3:.2f} ms | {step * 1e3:.1f} ms |")
+        res = measure(name, args.model, args.width, args.batch, args.warmup, args.steps,
+                      args.in_place)
+        for mode, (med, low, step) in res.items():
+            print(f"| {name} | {mode} | {med * 1e3:.2f} ms | {low * 1e3:.2f} ms | "
+                  f"{step * 1e3:.1f} ms |")
 
 
 if __name__ == "__main__":

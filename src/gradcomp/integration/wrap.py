@@ -53,18 +53,20 @@ values keeps its previous threshold and scale (its ``LayerStats`` is passed as N
 In place: the compressed gradient is written into g's own memory (the compressors' ``into``)
 when nothing but autograd can read g afterwards: then the kernel reads and writes g where it
 lies, instead of writing a new tensor that the layer's backward reads next (measured on a
-ResNet-8 step: a clone of every compressed gradient costs 2.9% of the step, an in-place pass
-1.0%). "Nothing else" is checked per call, at the hook's first statement, by three reference
-counts compared with those of a gradient known to be autograd's alone (``_sole_counts``, one
-probe backward per process): the tensor's (another input buffer holding the same gradient,
-e.g. an add whose other branch has not run yet, or a gradient ``torch.autograd.grad``
-captures), its storage's (a view of it elsewhere: a ``cat``'s split gradient, an expanded
-one) and its Python object's (an earlier hook that kept it). Any other count, a non-contiguous,
-grad-requiring or non-float g, a backward that records a graph (``create_graph``), a GPU
-tensor (a read of g may still be queued on another stream: not measured, not done): a new
-tensor, as before. Either way the same values. Not seen by the counts: a C++ holder of a
-tensor that an earlier hook returned in place of g (its engine reference is then missing, so
-one foreign reference brings the count back to the probe's); such a hook should return a clone.
+ResNet-8 step, alternate steps of one process: a clone of every compressed gradient cost 2.9% of
+the step, an in-place pass 1.0%; ``benchmarks/bench_hook_time.py --in-place alternate`` times
+the hooks both ways). "Nothing else" is checked per call, at the hook's first statement, by
+three reference counts compared with those of a gradient known to be autograd's alone
+(``_sole_counts``, one probe backward per process): the tensor's (another input buffer holding
+the same gradient, e.g. an add whose other branch has not run yet, or a gradient
+``torch.autograd.grad`` captures), its storage's (a view of it elsewhere: a ``cat``'s split
+gradient, an expanded one) and its Python object's (an earlier hook that kept it). Any other
+count, a non-contiguous, grad-requiring or non-float g, a backward that records a graph
+(``create_graph``), a GPU tensor (a read of g may still be queued on another stream: not
+measured, not done): a new tensor, as before. Either way the same values. Not seen by the
+counts: a C++ holder of a tensor that an earlier hook returned in place of g (its engine
+reference is then missing, so one foreign reference brings the count back to the probe's); such
+a hook should return a clone.
 """
 
 from __future__ import annotations

@@ -20,7 +20,13 @@ compiled region: see ``seed_keys``).
 Dispatch: the first call of an argument signature (dtypes, devices, ranks, layouts) goes
 through ``torch.compile``; the graph it compiles is then called directly (``_Direct``), once it
 has returned bit for bit what dynamo returned, because dynamo's frame evaluation and guards cost
-50-130 us per call, paid per layer and step by every hot-path kernel.
+50-130 us per call, paid per layer and step by every hot-path kernel; where the same check also
+finds equal strides and no output aliasing an input, the direct call is inductor's generated code
+itself, without AOT autograd's runtime wrappers (``_generated_graph``).
+
+In place: ``FusedOp(..., into=True)`` (``variant(..., into=True)``) writes the body's first
+result into its first argument in the loop that computes it, for a caller that owns x (the
+compressors' ``into``; the wrapper's ownership check decides).
 
 Fallback: if compiling or running the fused kernel raises (no C++ toolchain, unsupported
 backend), the fused path is switched off for the whole process (every operator), one
@@ -573,7 +579,8 @@ def _generated_graph(compiled):
     Why: AOT autograd's runtime wrappers and dynamo's disable context cost 20-40 us per call
     when warm and several times that in a backward pass, where a layer's hook finds the
     interpreter's and torch's Python state evicted from the caches by the convolutions between
-    two hooks (measured: 1.5 ms of a ResNet-8 step's 6 ms of FP6 hooks). The wrappers do
+    two hooks (measured in alternate steps of one process: about 1 ms of a ResNet-8 step's
+    6 ms of FP6 hooks). The wrappers do
     nothing for these graphs beyond bumping the version counter of an input written in place
     (an ``into`` operator's x: ``_Direct`` does that) and setting the grad and autocast modes
     around the call, which a graph of tensors that do not require grad (``validated`` checks
