@@ -70,10 +70,13 @@ def _run(config, sole: bool, monkeypatch):
     (CompressionConfig(quantize=QuantizeSpec(format="e3m2"), metrics_every=1000), True),
     (CompressionConfig(prune=PruneSpec(0.8, method="lognormal"),
                        quantize=QuantizeSpec(format="e3m2"), metrics_every=1000), True),
-    # the empirical threshold's tracking counts the pruned zeros: the kernel declines the
-    # write (``numerics.rounding.in_place_fuses``), a new tensor as before
-    (CompressionConfig(prune=PruneSpec(0.8), metrics_every=1000), False),
-], ids=["fp", "prune-eq8+fp", "prune-empirical"])
+    # the empirical threshold's tracking counts the pruned zeros: written in place, then
+    # counted in a read-only pass (``numerics.pruning.prune_unchecked``)
+    (CompressionConfig(prune=PruneSpec(0.8), metrics_every=1000), True),
+    # a metric step's rounding counts its own result: the kernel declines the write
+    # (``numerics.rounding.in_place_fuses``), a new tensor
+    (CompressionConfig(quantize=QuantizeSpec(format="e3m2"), metrics_every=1), False),
+], ids=["fp", "prune-eq8+fp", "prune-empirical", "fp-measured"])
 def test_in_place_only_where_autograd_alone_holds_the_gradient(config, written, monkeypatch):
     kernels.set_compile(True)
     try:

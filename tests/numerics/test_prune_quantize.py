@@ -7,12 +7,14 @@ import torch
 
 from gradcomp.numerics.formats import FPFormat
 from gradcomp.numerics.pruning import (
+    PRUNE_COUNTS,
     PRUNE_QUANTIZE_COUNTS,
     prune_quantize,
     prune_quantize_amax,
     prune_quantize_amax_unchecked,
     prune_unchecked,
     stochastic_prune,
+    threshold_step,
 )
 from gradcomp.numerics.rounding import (
     quantize_fp,
@@ -228,14 +230,59 @@ def test_the_hot_paths_in_place_write_the_public_functions_bits_into_x(kind):
 
 
 def test_a_count_of_the_result_keeps_the_input_as_it_was():
-    # the in-place write is declined where the kernel counts its own result (the write would
-    # split the loop: ``in_place_fuses``): a new tensor, x untouched
+    # the rounding's in-place write is declined where the kernel counts its own result (the
+    # write would split the loop: ``in_place_fuses``): a new tensor, x untouched
+    fmt = FPFormat.from_name("e3m2")
     x0 = torch.randn(4096, generator=torch.Generator().manual_seed(6)) * 1e-3
     x = x0.clone()
-    thr = torch.tensor(2e-3, dtype=torch.float32)
-    out, c = prune_unchecked(x, thr, torch.Generator().manual_seed(7), ("nonfinite", "zeros"),
-                             into=True)
+    s = torch.tensor(512.0, dtype=torch.float64)
+    out, c = quantize_fp_unchecked(x, fmt, "stochastic", s, torch.Generator().manual_seed(7),
+                                   ("nonfinite", "zeros"), into=True)
     assert out is not x and torch.equal(x, x0)
-    want, wc = stochastic_prune(x0, thr, torch.Generator().manual_seed(7),
-                                counts=("nonfinite", "zeros"), compile=False)
+    want, wc = quantize_fp(x0, fmt, "stochastic", scale=s, counts=("nonfinite", "zeros"),
+                           generator=torch.Generator().manual_seed(7), compile=False)
     assert torch.equal(out, want) and torch.equal(c, wc)
+
+
+@pytest.mark.parametrize("threshold", [2e-3, 0.0, float("inf"), float("nan")])
+def test_pruning_in_place_counts_its_result_in_a_pass_of_its_own(threshold):
+    # pruning with counts of its result writes x in place, then counts the written x: the
+    # counts of the one-pass kernel (non-finite included: Eq. 5 keeps NaN and inf, and maps
+    # finite values to finite ones whatever the threshold, NaN and inf included)
+    names = PRUNE_COUNTS
+    x0 = torch.randn(64, 100, generator=torch.Generator().manual_seed(5)) * 1e-3
+    x0[0, 0], x0[1, 1], x0[2, 2], x0[3, 3] = float("nan"), float("inf"), -float("inf"), 0.0
+    thr = torch.tensor(threshold, dtype=torch.float64)
+    for g in (1, 2):  # the second call takes the direct path
+        x = x0.clone()
+        out, c = prune_unchecked(x, thr, torch.Generator().manual_seed(g), names, into=True)
+        want, wc = stochastic_prune(x0, thr, torch.Generator().manual_seed(g), counts=names,
+                                    compile=False)
+        assert out is x and torch.equal(x.view(torch.int32), want.view(torch.int32))
+        assert c.tolist() == wc.tolist() and int(c[0]) == 3
+        for sub in (("zeros",), ("nonfinite", "zeros")):  # the tracking's counts
+            y = x0.clone()
+            _, cs = prune_unchecked(y, thr, torch.Generator().manual_seed(g), sub, into=True)
+            assert cs.tolist() == [wc[names.index(n)].item() for n in sub]
+
+
+def test_threshold_step_is_the_newton_step_compiled_and_eager_alike():
+    # ln a <- ln a + clip(gain * (target - zeros / n) / max(slope, min_slope), -1, 1); held
+    # where a <= 0 or the call saw a NaN/inf; the compiled call gives eager's bits
+    import math
+
+    gen = torch.Generator().manual_seed(11)
+    n, target, gain, min_slope = 1000, 0.8, 0.7, 1e-2
+    consts = torch.tensor([n, target, gain, min_slope], dtype=torch.float64)
+    for i in range(40):
+        a = torch.rand((), generator=gen, dtype=torch.float64) * 3 - (0.5 if i % 7 == 0 else 0)
+        z = int(torch.randint(0, n + 1, (), generator=gen))
+        slope = torch.rand((), generator=gen, dtype=torch.float64) * (0.02 if i % 3 else 0.5)
+        bad = [torch.tensor(0), torch.tensor(2), torch.tensor(False), torch.tensor(True)][i % 4]
+        for zeros in (torch.tensor(z), torch.tensor(float(z), dtype=torch.float64)):
+            got = [threshold_step(a, zeros, bad, slope, consts, compile=c) for c in (True, False)]
+            assert torch.equal(got[0], got[1]) and got[0].dtype == a.dtype
+            step = max(-1.0, min(1.0, gain * (target - z / n) / max(float(slope), min_slope)))
+            held = float(a) <= 0 or bool(bad)
+            want = float(a) if held else float(a) * math.exp(step)
+            assert math.isclose(float(got[0]), want, rel_tol=1e-15, abs_tol=0.0)

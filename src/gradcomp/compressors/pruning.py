@@ -25,6 +25,7 @@ from gradcomp.numerics.pruning import (
     prune_quantize_amax_unchecked,
     prune_unchecked,
     stochastic_prune,
+    threshold_step,
     topk_prune,
     topk_stochastic_prune,
     topk_threshold,
@@ -144,6 +145,7 @@ class Pruner(CountsMixin):
         self.calibration_bound = float(calibration_bound)
         self.jump_tolerance = float(jump_tolerance)
         self._threshold: torch.Tensor | None = None
+        self._step_consts = None  # (key, [n, target, gain, min slope], False): ``_track``'s
         self._target: float | None = None  # an allocated per-layer sparsity (PrunerGroup)
         self.log_factor = 0.0
         self._prev: tuple[float, float, float] | None = None  # mu, sigma, slope dS/d ln a
@@ -308,10 +310,13 @@ class Pruner(CountsMixin):
             else:
                 out = stochastic_prune(x, self._threshold, generator)
         bad = None
+        held = None  # nonzero: this call saw a NaN/inf (the tracking then holds its threshold)
+        if finite is None:
+            held = got.get("nonfinite")
+        elif finite is not True and finite is not False:
+            held = ~torch.as_tensor(finite, device=x.device)
         if "nonfinite" in got:
             bad = got["nonfinite"].double()
-            if finite is None and self.tracking:  # only the threshold tracking reads it
-                finite = got["nonfinite"] == 0
         elif measure and n:
             bad = (~torch.isfinite(x)).sum().double()
         elif check or measure:
@@ -322,7 +327,7 @@ class Pruner(CountsMixin):
         track = self.tracking and n > 0
         if track and not measure and self._slope is not None:
             if finite is not False:
-                self._track(got["zeros"].to(torch.float64) / n, self._slope, finite)
+                self._track(got["zeros"], n, self._slope, held)
             track = False
         elif not measure:
             track = False
@@ -341,7 +346,7 @@ class Pruner(CountsMixin):
                 self._elements += n
             if track and finite is not False:
                 self._slope = (at / n).clamp_min(_MIN_SLOPE)
-                self._track(zeros / n, self._slope, finite)
+                self._track(zeros, n, self._slope, held)
         self._calls_since_update += 1
         if then is not None and not fused:
             # out is this call's own tensor (new, or x written in place with ``into``)
@@ -409,16 +414,19 @@ class Pruner(CountsMixin):
         return (self.method in TRACKING_METHODS and self._threshold is not None
                 and self.tracking_gain > 0)
 
-    def _track(self, achieved: torch.Tensor, at_fraction: torch.Tensor, finite) -> None:
-        """One Newton step in ln a toward the target (class docstring); device ops only."""
+    def _track(self, zeros: torch.Tensor, n: int, slope: torch.Tensor,
+               held: torch.Tensor | None) -> None:
+        """One Newton step in ln a toward the target (class docstring) from this call's
+        ``zeros`` of ``n`` elements and the slope dS/d ln a, unless ``held`` is nonzero (the
+        call saw a NaN/inf); one compiled call on the device (``threshold_step``)."""
         a = self._threshold
-        slope = at_fraction.clamp_min(_MIN_SLOPE)  # dS/d ln a, measured
-        step = (self.tracking_gain * (self.target - achieved) / slope).clamp(-1.0, 1.0)
-        # a = 0 (the zeros alone meet the target) stays 0 until the next refresh
-        keep = a <= 0
-        if finite is not True:
-            keep = keep | ~torch.as_tensor(finite, device=a.device)
-        self._threshold = torch.where(keep, a, a * torch.exp(step).to(a.dtype))
+        key = (n, self.target, self.tracking_gain, a.device)
+        if self._step_consts is None or self._step_consts[0] != key:
+            consts = torch.tensor(key[:3] + (_MIN_SLOPE,), dtype=torch.float64, device=a.device)
+            self._step_consts = (key, consts, torch.zeros((), dtype=torch.bool, device=a.device))
+        _, consts, nothing = self._step_consts
+        self._threshold = threshold_step(a, zeros, nothing if held is None else held, slope,
+                                         consts)
 
     def metrics(self, reset: bool = False) -> dict:
         """Floats (one host transfer): achieved sparsity over the measured calls since the last

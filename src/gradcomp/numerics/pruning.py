@@ -43,7 +43,8 @@ from gradcomp.numerics.scales import amax_scale_or_keep
 __all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_prune",
            "topk_stochastic_prune", "topk_threshold", "keep_count", "prune_kernel",
            "prune_quantize_amax_kernel", "prune_layout", "prune_unchecked",
-           "prune_quantize_amax_unchecked", "PRUNE_COUNTS", "PRUNE_QUANTIZE_COUNTS"]
+           "prune_quantize_amax_unchecked", "threshold_step", "PRUNE_COUNTS",
+           "PRUNE_QUANTIZE_COUNTS"]
 
 
 def _kernel_threshold(x: torch.Tensor, thr: torch.Tensor):
@@ -83,6 +84,18 @@ def _prune_count_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor,
     loop, int64, in that order."""
     out = _prune_kernel(x, thr, keys, start)
     return out, _prune_counts(x, out, _kernel_threshold(x, thr)[1], count)
+
+
+def _result_counts(out, thr, *, count: tuple):
+    """The counts ``count`` (``PRUNE_COUNTS`` names) of a pruning's result ``out`` alone, for
+    a pruning written in place: x's non-finite count is the result's (Eq. 5 keeps NaN and
+    +-inf and maps every finite value to 0, +-a or itself, all finite: a NaN or infinite
+    threshold prunes nothing or everything to 0, ``_kernel_threshold``)."""
+    return _prune_counts(out, out, _kernel_threshold(out, thr)[1], count)
+
+
+def _result_counts_op(count: tuple) -> FusedOp:
+    return variant(_result_counts, "prune_counts", elementwise=False, count=count)
 
 
 def _prune_counts(x, out, a_at, names, gate=None):
@@ -165,6 +178,32 @@ PRUNE_QUANTIZE_COUNTS = ("nonfinite", "pruned_zeros", "at_threshold", "overflow"
 _PRUNE = FusedOp(_prune_kernel, "stochastic_prune", elementwise=True)
 
 
+def _threshold_step(a, zeros, bad, slope, consts):
+    n, target, gain, min_slope = consts.unbind()
+    achieved = zeros.to(torch.float64) / n
+    step = (gain * (target - achieved) / slope.clamp_min(min_slope)).clamp(-1.0, 1.0)
+    keep = (a <= 0) | (bad != 0)
+    return torch.where(keep, a, a * torch.exp(step).to(a.dtype))
+
+
+_THRESHOLD_STEP = FusedOp(_threshold_step, "threshold_step")
+
+
+def threshold_step(a: torch.Tensor, zeros: torch.Tensor, bad: torch.Tensor, slope: torch.Tensor,
+                   consts: torch.Tensor, compile: bool | None = None) -> torch.Tensor:
+    """One Newton step in ln a toward a target sparsity (the tracking of
+    ``compressors.pruning.Pruner``): with ``consts`` = [n, target, gain, min_slope] (float64)
+
+        S = zeros / n,  ln a <- ln a + clip(gain * (target - S) / max(slope, min_slope), -1, 1)
+
+    ``zeros``: the zeros of a pruning's result (a count, or their number as float64), ``slope``
+    dS/d ln a (the fraction of +-a symbols); a is kept where ``a <= 0`` (the zeros alone meet
+    the target) or ``bad`` is nonzero (the call saw a NaN/inf: its counts are garbage). 0-d
+    tensors on one device; returns the new 0-d threshold in a's dtype. One compiled call (a
+    dozen scalar operations, which eager pays per layer and step), the same bits eager."""
+    return _THRESHOLD_STEP(a, zeros, bad, slope, consts, compile=compile)
+
+
 def _threshold_arg(x: torch.Tensor, threshold) -> torch.Tensor:
     """The threshold as the kernels take it: a 0-d tensor on x's device (any float dtype;
     ``_kernel_threshold`` rounds it to x's dtype inside the kernel)."""
@@ -233,8 +272,13 @@ def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts:
     overwritten with the pruned tensor, which is x itself (one read and one write of x, no
     output buffer: for a caller that owns x), where the kernel's counts allow it
     (``rounding.in_place_fuses``; otherwise a new tensor)."""
-    into = into and in_place_fuses(counts)
     flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
+    if into and not in_place_fuses(counts):
+        # counts of the result in the writing loop would split it (``in_place_fuses``): the
+        # pruning writes x with no count, then one read-only pass counts the written x
+        # (``_result_counts``: no hash; the same numbers as the fused counts)
+        prune_kernel((), True)(flat, threshold, keys, compile=compiled)
+        return x, _result_counts_op(tuple(counts))(x.reshape(-1), threshold, compile=compiled)
     res = prune_kernel(counts, into)(flat, threshold, keys, compile=compiled)
     if into:
         return (x, res[0]) if counts else x
