@@ -76,7 +76,10 @@ def _run(config, sole: bool, monkeypatch):
     # a metric step's rounding counts its own result: the kernel declines the write
     # (``numerics.rounding.in_place_fuses``), a new tensor
     (CompressionConfig(quantize=QuantizeSpec(format="e3m2"), metrics_every=1), False),
-], ids=["fp", "prune-eq8+fp", "prune-empirical", "fp-measured"])
+    # a block format's stochastic element kernel on the features of a linear output
+    (CompressionConfig(quantize=QuantizeSpec(format="nvfp4", rounding="stochastic"),
+                       metrics_every=1000), True),
+], ids=["fp", "prune-eq8+fp", "prune-empirical", "fp-measured", "nvfp4"])
 def test_in_place_only_where_autograd_alone_holds_the_gradient(config, written, monkeypatch):
     kernels.set_compile(True)
     try:

@@ -611,3 +611,63 @@ def test_checked_flags_exactly_the_nonfinite_tensors(name):
                 y = x.clone()
                 y.view(-1)[17] = v
                 assert int(quantize_block_checked(y, fmt, compile=compile)[1]) > 0, (fmt, v)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("name, rounding", [("mxfp4", "stochastic"), ("nvfp4", "stochastic"),
+                                            ("nvfp4", "nearest"), ("mxfp8_e4m3", "nearest")])
+def test_in_place_block_quantization_writes_the_new_tensors_bits_into_x(name, rounding,
+                                                                        compile):
+    # into=True on blocks along the channels of a conv output (the strided layout): x itself
+    # is the result, bit for bit the new tensor of an out-of-place call (the same draw), and
+    # so is the flag of blocks holding a NaN/inf (read before the write); with 16 channels
+    # under 32-element blocks, one short block per position
+    from gradcomp.numerics.block import quantize_block_unchecked
+
+    bf = BlockFormat.from_name(name).replace(dims=(1,))
+    for c in (32, 16):
+        x0 = torch.randn(3, c, 5, 7, generator=torch.Generator().manual_seed(c)) * 1e-3
+        x0[0, 2, 1, 1], x0[1, 0, 0, 3], x0[2, 5, 4, 6] = float("nan"), float("inf"), 0.0
+        for g in (1, 2):  # the second call takes the direct path
+            x = x0.clone()
+            got, bad = quantize_block_unchecked(x, bf, rounding == "stochastic",
+                                                torch.Generator().manual_seed(g), flag=True,
+                                                compile=compile, into=True)
+            want, wbad = quantize_block_unchecked(x0, bf, rounding == "stochastic",
+                                                  torch.Generator().manual_seed(g), flag=True,
+                                                  compile=compile)
+            assert got is x and torch.equal(x.view(torch.int32), want.view(torch.int32))
+            assert int(bad) == int(wbad) == 2
+
+
+@pytest.mark.parametrize("name, dims, shape", [
+    ("nvfp4", None, (6, 64)),  # a linear output's features: rows of x
+    ("nvfp4_2d", None, (32, 48)),  # 16x16 tiles of x as it lies
+    ("mxfp4", None, (4, 3, 96)),
+    ("e2m1fn:16:e4m3:nearest:ts:dims=0,2,3", "given", (3, 2, 4, 8)),  # whole runs of 32
+])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_in_place_block_quantization_of_views_of_x(name, dims, shape, rounding):
+    # the canonical and flattened layouts are views of a contiguous, unpadded x: stochastic
+    # rounding's element kernel writes in place, the out-of-place bits; nearest rounding's
+    # one-pass kernel there, and a padded or moved layout, write a new tensor
+    from gradcomp.numerics.block import quantize_block_unchecked
+
+    bf = BlockFormat.from_name(name)
+    sr = rounding == "stochastic"
+    x0 = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) * 1e-3
+    x0.view(-1)[5] = float("nan")
+    for g in (1, 2):
+        x = x0.clone()
+        got, bad = quantize_block_unchecked(x, bf, sr, torch.Generator().manual_seed(g),
+                                            flag=True, compile=True, into=True)
+        want, wbad = quantize_block_unchecked(x0, bf, sr, torch.Generator().manual_seed(g),
+                                              flag=True, compile=True)
+        assert (got is x) == sr and torch.equal(got.view(torch.int32), want.view(torch.int32))
+        assert sr or torch.equal(x.view(torch.int32), x0.view(torch.int32))
+        assert int(bad) > 0 and int(bad) == int(wbad)
+    x0 = torch.randn(5, 40, generator=torch.Generator().manual_seed(5))  # padded to 48
+    x = x0.clone()
+    got = quantize_block_unchecked(x, bf.replace(dims=(-1,)) if len(bf.block) == 1 else bf,
+                                   sr, torch.Generator().manual_seed(1), compile=True, into=True)
+    assert got is not x and torch.equal(x, x0)

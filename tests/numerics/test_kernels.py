@@ -442,3 +442,28 @@ def test_eager_chunks_of_the_2d_counter_layout_are_whole_rows(monkeypatch):
     rows = 5000 // width
     assert seen[0] == ((rows, width), 0) and seen[1] == ((rows, width), rows * width)
     assert sum(s[0][0] for s in seen) == x2.shape[0]
+
+
+def _breaks_the_graph(x, s):
+    torch._dynamo.graph_break()  # fullgraph: a compile error
+    return kernels._write_first(x, x * s)
+
+
+def test_an_in_place_twin_that_does_not_compile_writes_through_a_copy(monkeypatch):
+    # the twin alone fails (x not yet written): its out-of-place body compiled, then copied
+    # into x, from then on; one warning; the fused path stays on for every other operator
+    import torch._dynamo
+
+    monkeypatch.setattr(kernels, "_BROKEN", kernels._BROKEN)  # restored after the test
+    op = kernels.FusedOp(_scale_by, "scale_by_into", into=True)
+    op.fn = _breaks_the_graph
+    s = torch.tensor(3.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(5)
+            want = x * s
+            assert op(x, s, compile=True) == () and torch.equal(x, want)
+    assert sum("writing its result through a copy" in str(w.message) for w in seen) == 1
+    assert op._plain is not None and len(op._plain._graphs) == 1
+    assert not kernels._BROKEN

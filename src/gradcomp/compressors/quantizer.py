@@ -273,7 +273,9 @@ class BlockQuantizer(CountsMixin):
                  measure: bool | None = None, check: bool = False, into: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(quantized, nonfinite)`` as ``FPQuantizer.compress`` (``into`` allows x to be
-        overwritten; the block kernels write a new tensor all the same): on measured calls the
+        overwritten: unmeasured calls on blocks along one dimension of x as it lies, a conv
+        output's channel blocks among them, write their result into x; the others a new
+        tensor, ``quantize_block_unchecked``): on measured calls the
         block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
         a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
         1-D blocks along a dimension that is not the last: ``numerics.block``'s strided
@@ -302,10 +304,12 @@ class BlockQuantizer(CountsMixin):
             bad = m.nonfinite.detach().double().reshape(())
         else:
             if check:  # the count comes from the block kernel's own amax where it can
-                q, bad = quantize_block_unchecked(y, fmt, stochastic, generator, flag=True)
+                q, bad = quantize_block_unchecked(y, fmt, stochastic, generator, flag=True,
+                                                  into=into and not move)
                 bad = bad.double()
             else:
-                q = quantize_block_unchecked(y, fmt, stochastic, generator)
+                q = quantize_block_unchecked(y, fmt, stochastic, generator,
+                                             into=into and not move)
         return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:

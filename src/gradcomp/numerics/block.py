@@ -767,11 +767,12 @@ class _Plan(NamedTuple):
 
 @lru_cache(maxsize=512)
 def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
-          device: torch.device, layout: tuple) -> _Plan:
+          device: torch.device, layout: tuple, into: bool = False) -> _Plan:
     """The kernels of one call shape: ``layout`` is ("strided", short), ("canonical", red,
     pad_to), ("flat",) (stochastic rounding on ``_flat``'s whole-block runs: the row scale
     kernel, elements on the (lead, n, mid, runs, s) view; nearest takes the canonical one-pass
-    kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block).
+    kernel there) or ("runs", per) (``_flat``'s runs, ``per`` to a block). ``into``: the
+    element kernel writes its result into x (``kernels.variant``).
     Multiply-by-reciprocal kinds share one element kernel (the kind only selects x * a against
     x / a)."""
     wide = dtype == torch.float64
@@ -812,28 +813,31 @@ def _plan(bf: BlockFormat, stochastic: bool, metrics: bool, dtype: torch.dtype,
                 a, deq = rows(x.view(-1, x.shape[-1]), compile=compile)
                 shape = x.shape[:-1] + (1,)
                 return a.view(shape), deq.view(shape)
-        elements = variant(_elements_at, "quantize_block", False, own, div=div,
+        elements = variant(_elements_at, "quantize_block", False, own, into=into, div=div,
                            stochastic=stochastic, metrics=metrics, fast=fast)
         counters = (None,) * 3 if stochastic else ()
         return _Plan(scales, elements.bind(None, None, None, ints, flts, None, None, *counters),
                      zero)
     elif layout[0] == "strided":
         scales = variant(_scales_at, "quantize_block", False, split, kind=kind, ts=bf.tensor_scale)
-        elements = variant(_elements_at, "quantize_block", False, split, div=div,
+        elements = variant(_elements_at, "quantize_block", False, split, into=into, div=div,
                            stochastic=stochastic, metrics=metrics, fast=fast)
         counters = (None,) * 3 if stochastic else ()
     else:
         _, red, pad_to = layout
         tile = red == (2, 4)
         if not stochastic:
+            # (never in place: inductor failed to compile the one-pass kernel's write into x
+            # for the E8M0 kinds, KeyError in its scheduler; nearest on a canonical layout
+            # writes a new tensor)
             one = variant(_one_pass, "quantize_block", False, split, tile=tile, kind=kind,
                           stochastic=False, ts=bf.tensor_scale, metrics=metrics, pad_to=pad_to,
                           fast=fast)
             return _Plan(None, one.bind(None, ints, flts, *sc, None, None), zero)
         scales = variant(_scales, "quantize_block", False, split, tile=tile, kind=kind,
                          ts=bf.tensor_scale)
-        elements = variant(_elements, "quantize_block", False, split, div=div, metrics=metrics,
-                           pad_to=pad_to, fast=fast)
+        elements = variant(_elements, "quantize_block", False, split, into=into, div=div,
+                           metrics=metrics, pad_to=pad_to, fast=fast)
     return _Plan(scales.bind(None, ints, flts, *sc),
                  elements.bind(None, None, None, ints, flts, None, None, *counters), zero)
 
@@ -994,9 +998,9 @@ def _flat_counter(lead: int, n: int, mid: int, trail: int, b: int, s: int,
             torch.zeros((1, 1, 1, 1, 1), **i32))
 
 
-def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
+def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics, into=False):
     """``quantize_block_unchecked`` on the strided layout: a block-scale kernel, then the
-    element kernel."""
+    element kernel (``into``: written into x, which is returned)."""
     lead, nb, b, trail = v.shape
     counted = lead * trail * (nb * b if short is None else short)
     if counted >= 1 << 31:
@@ -1004,6 +1008,8 @@ def _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics):
     counter = _strided_counter(lead, nb, b, trail, short, v.device) if stochastic else ()
     a, deq, bad = plan.scales(v, compile=compile)
     res = plan.elements(v, a, deq, k1, k2, *counter, compile=compile)
+    if into:
+        return x, bad
     if not metrics:
         return res.view(x.shape), bad
     return _with_metrics(res, lambda out: out.view(x.shape))
@@ -1023,19 +1029,28 @@ def _run(x, bf, rounding, generator, compile, metrics, flag=False):
 
 def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
                              generator=None, metrics: bool = False, flag: bool = False,
-                             compile: bool | None = None):
+                             compile: bool | None = None, into: bool = False):
     """:func:`quantize_block` (``metrics``: :func:`quantize_block_metrics`, ``flag``:
     :func:`quantize_block_checked`) after their checks: x a tensor of a block dtype (float32,
     float16, bfloat16, float64), ``bf`` a :class:`BlockFormat`, ``stochastic`` a bool. What a
-    compressor that checked its format and rounding once calls per layer and step."""
+    compressor that checked its format and rounding once calls per layer and step.
+    ``into``: x (outside autograd) is overwritten with the result, which is x itself, where
+    the element kernel runs on x as it lies (a view of it: blocks along one dimension, a conv
+    output's channels among them; with stochastic rounding also the contiguous last dimension
+    or 2-D tiles of x, unpadded, and several dims made of whole runs of x), without counts
+    (``metrics``' counts of the result would split its loop, ``rounding.in_place_fuses``);
+    otherwise a new tensor."""
     dev = x.device
-    x = x.detach()
+    src, x = x, x.detach()
     strided = _strided(x, bf)
     if strided is not None:
         v, short = strided
-        plan = _plan(bf, stochastic, metrics, x.dtype, dev, ("strided", short))
+        into = into and not metrics
+        plan = _plan(bf, stochastic, metrics, x.dtype, dev, ("strided", short), into)
         k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
-        res = _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics)
+        res = _run_strided(x, v, short, plan, k1, k2, stochastic, compile, metrics, into)
+        if into:
+            res = (src, res[1])
         return res if metrics or flag else res[0]
     flat = _flat(x, bf)
     counter = ()
@@ -1064,17 +1079,23 @@ def quantize_block_unchecked(x: torch.Tensor, bf: BlockFormat, stochastic: bool,
         layout = ("canonical", red, pad_to)
     if counted >= 1 << 31:
         raise ValueError(f"x has too many elements for the int32 counter: {counted}")
-    plan = _plan(bf, stochastic, metrics, x.dtype, dev, layout)
+    # in place where xc is x's own memory (a view: not moved into a copy, not padded)
+    into = (into and not metrics and xc.numel() == x.numel() > 0
+            and xc.data_ptr() == x.data_ptr() and (stochastic or layout[0] != "canonical"))
+    plan = _plan(bf, stochastic, metrics, x.dtype, dev, layout, into)
     k1, k2 = draw_keys(generator, dev)[:2].unbind() if stochastic else plan.zero_keys
     if xc.numel() == 0:
         compile = False
+    bad = nonfinite_flag(xc).to(torch.int64) if flag and not metrics else None  # before a write
     if plan.scales is None:
         res = plan.elements(xc, k1, k2, compile=compile)
     else:
         a, deq = plan.scales(xc, compile=compile)
         res = plan.elements(xc, a, deq, k1, k2, *counter, compile=compile)
+    if into:
+        return (src, bad) if flag else src
     if not metrics and flag:
-        return restore(res), nonfinite_flag(xc).to(torch.int64)
+        return restore(res), bad
     if not metrics:
         return restore(res)
     return _with_metrics(res, restore)

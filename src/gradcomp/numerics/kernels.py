@@ -146,6 +146,7 @@ class FusedOp:
         self._graphs: list = []  # (FX graph, compiled callable) as the backend built them
         self._direct: dict = {}  # argument signature -> _Direct (or None: take dynamo)
         self._copies = 0  # fresh code objects made after dynamo's recompile limit (``_renew``)
+        self._plain = None  # an in-place twin that failed to compile: its out-of-place body
 
     def _backend(self, gm, example_inputs):
         # inductor itself (torch.compile(..., options=COMPILE_OPTIONS) does the same); the
@@ -159,6 +160,8 @@ class FusedOp:
     def __call__(self, *args, compile: bool | None = None):
         global _BROKEN
         use = compile_enabled() if compile is None else bool(compile)
+        if self._plain is not None:  # an in-place twin that did not compile
+            return _write_first(args[0], self._plain(*args, compile=compile))
         if use and not _BROKEN:
             try:
                 sig = _signature(args)
@@ -195,11 +198,34 @@ class FusedOp:
                         self._direct[sig] = None  # in-place call whose x is already written
                 return res
             except Exception as exc:  # a missing C++ toolchain must not break training
+                if self.into and self._compiles_out_of_place(args, exc):
+                    # this in-place twin alone failed to compile (x not yet written): the
+                    # out-of-place kernel, then a copy into x, from now on
+                    return _write_first(args[0], self._plain(*args, compile=True))
                 _BROKEN = True
                 warnings.warn(f"{self.name}: torch.compile failed ({type(exc).__name__}: {exc}); "
                               "using the eager path for every fused operator",
                               RuntimeWarning, stacklevel=3)
         return self.eager(*args)
+
+    def _compiles_out_of_place(self, args, exc: Exception) -> bool:
+        """After the in-place twin failed (``exc``): whether the out-of-place body compiles
+        and runs on these arguments (x is not written); then ``_plain`` takes this operator's
+        calls from now on (one RuntimeWarning names the failure)."""
+        if self._plain is None:
+            plain = FusedOp(self.body, self.name, elementwise=self.elementwise)
+            try:
+                plain(*args, compile=True)
+            except Exception:  # noqa: BLE001 - the caller switches the fused path off
+                return False
+            if _BROKEN:
+                return False
+            self._plain = plain
+            warnings.warn(f"{self.name}: the in-place kernel failed to compile "
+                          f"({type(exc).__name__}: {exc}); writing its result through a copy",
+                          RuntimeWarning, stacklevel=4)
+        self._compiled, self._direct = None, {}
+        return True
 
     def _dynamo(self, args):
         # the body's int arguments are a variant's static values (its tensors carry everything
