@@ -286,3 +286,34 @@ def test_threshold_step_is_the_newton_step_compiled_and_eager_alike():
             held = float(a) <= 0 or bool(bad)
             want = float(a) if held else float(a) * math.exp(step)
             assert math.isclose(float(got[0]), want, rel_tol=1e-15, abs_tol=0.0)
+
+
+def _step_as_eager_ops(a, zeros, n, slope, target, gain, min_slope, finite):
+    """The tracking step as the compressor computed it before ``threshold_step``: eager ops
+    with Python scalars, in that order."""
+    achieved = zeros.to(torch.float64) / n
+    step = (gain * (target - achieved) / slope.clamp_min(min_slope)).clamp(-1.0, 1.0)
+    keep = a <= 0
+    if finite is not True:
+        keep = keep | ~torch.as_tensor(finite)
+    return torch.where(keep, a, a * torch.exp(step).to(a.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threshold_step_gives_the_eager_scalar_ops_bits(dtype):
+    # the same operations in the same order as Python-scalar eager ops: every bit equal, a
+    # float32 threshold included (its exp factor rounded to float32 before the product)
+    gen = torch.Generator().manual_seed(12)
+    for i in range(200):
+        n = int(torch.randint(1, 10**6, (), generator=gen))
+        target, gain = float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen))
+        consts = torch.tensor([n, target, gain, 1e-2], dtype=torch.float64)
+        a = (torch.rand((), generator=gen, dtype=torch.float64) * 2 - 0.2).to(dtype)
+        zeros = torch.randint(0, n + 1, (), generator=gen)
+        slope = torch.rand((), generator=gen, dtype=torch.float64) * 0.1
+        finite = bool(i % 5)
+        want = _step_as_eager_ops(a, zeros, n, slope, target, gain, 1e-2,
+                                  torch.tensor(finite))
+        for c in (True, False):
+            got = threshold_step(a, zeros, torch.tensor(not finite), slope, consts, compile=c)
+            assert got.dtype == dtype and torch.equal(got, want), (i, c)

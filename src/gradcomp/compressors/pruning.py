@@ -145,7 +145,8 @@ class Pruner(CountsMixin):
         self.calibration_bound = float(calibration_bound)
         self.jump_tolerance = float(jump_tolerance)
         self._threshold: torch.Tensor | None = None
-        self._step_consts = None  # (key, [n, target, gain, min slope], False): ``_track``'s
+        # ``_track``'s device constants: (key, [n, target, gain, min slope], False)
+        self._step_consts = None
         self._target: float | None = None  # an allocated per-layer sparsity (PrunerGroup)
         self.log_factor = 0.0
         self._prev: tuple[float, float, float] | None = None  # mu, sigma, slope dS/d ln a
@@ -294,6 +295,8 @@ class Pruner(CountsMixin):
         else:
             if self._threshold.device != x.device:  # e.g. restored from a CPU checkpoint
                 self._threshold = self._threshold.to(x.device)
+            if self._slope is not None and self._slope.device != x.device:  # (the tracking's
+                self._slope = self._slope.to(x.device)  # compiled step takes one device)
             names = self._count_names(measure, check, finite)
             fused = then is not None and getattr(then, "fusable", False)
             hot = self._hot(x)
@@ -313,7 +316,7 @@ class Pruner(CountsMixin):
         held = None  # nonzero: this call saw a NaN/inf (the tracking then holds its threshold)
         if finite is None:
             held = got.get("nonfinite")
-        elif finite is not True and finite is not False:
+        elif self.tracking and finite is not True and finite is not False:
             held = ~torch.as_tensor(finite, device=x.device)
         if "nonfinite" in got:
             bad = got["nonfinite"].double()

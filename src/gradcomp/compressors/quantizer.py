@@ -273,9 +273,10 @@ class BlockQuantizer(CountsMixin):
                  measure: bool | None = None, check: bool = False, into: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(quantized, nonfinite)`` as ``FPQuantizer.compress`` (``into`` allows x to be
-        overwritten: unmeasured calls on blocks along one dimension of x as it lies, a conv
-        output's channel blocks among them, write their result into x; the others a new
-        tensor, ``quantize_block_unchecked``): on measured calls the
+        overwritten: unmeasured calls whose element kernel runs on x as it lies write their
+        result into x, ``quantize_block_unchecked``: a conv output's channel blocks, and with
+        stochastic rounding also a linear output's feature blocks; the others a new tensor):
+        on measured calls the
         block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
         a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
         1-D blocks along a dimension that is not the last: ``numerics.block``'s strided

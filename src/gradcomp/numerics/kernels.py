@@ -32,7 +32,9 @@ Fallback: if compiling or running the fused kernel raises (no C++ toolchain, uns
 backend), the fused path is switched off for the whole process (every operator), one
 ``RuntimeWarning`` says why, and the eager body answers the call. Dynamo's recompile limit (8
 graphs per code object) is not such a failure: the operator compiles a fresh copy of its code
-object (``FusedOp._renew``, at most 3 times).
+object (``FusedOp._renew``, at most 3 times). Nor is an in-place twin that fails to compile
+while its out-of-place body compiles (inductor's scheduler has failed on some writes into an
+input): that operator alone then writes its out-of-place result through a copy (one warning).
 
 Eager memory: the eager body of an elementwise operator materialises about ten full-size
 temporaries (the fused kernel none). The eager path therefore runs the body on chunks of
@@ -215,7 +217,9 @@ class FusedOp:
         if self._plain is None:
             plain = FusedOp(self.body, self.name, elementwise=self.elementwise)
             try:
-                plain(*args, compile=True)
+                with warnings.catch_warnings():  # its failure is the caller's one warning
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    plain(*args, compile=True)
             except Exception:  # noqa: BLE001 - the caller switches the fused path off
                 return False
             if _BROKEN:

@@ -270,8 +270,9 @@ def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts:
     ``counts`` a tuple of ``PRUNE_COUNTS`` names, ``compiled`` the fused path or the eager
     one. Its results, the same draw from ``generator``. ``into`` (x contiguous): x is
     overwritten with the pruned tensor, which is x itself (one read and one write of x, no
-    output buffer: for a caller that owns x), where the kernel's counts allow it
-    (``rounding.in_place_fuses``; otherwise a new tensor)."""
+    output buffer: for a caller that owns x); counts of the result (zeros, +-a symbols), which
+    would split the writing loop (``rounding.in_place_fuses``), then come from a read-only
+    pass over the written x."""
     flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
     if into and not in_place_fuses(counts):
         # counts of the result in the writing loop would split it (``in_place_fuses``): the
