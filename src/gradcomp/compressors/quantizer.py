@@ -276,11 +276,11 @@ class BlockQuantizer(CountsMixin):
         overwritten: unmeasured calls whose element kernel runs on x as it lies write their
         result into x, ``quantize_block_unchecked``: a conv output's channel blocks, and with
         stochastic rounding also a linear output's feature blocks; the others a new tensor):
-        on measured calls the
-        block kernel's own non-finite count; otherwise (``check``) the count of blocks holding
-        a NaN/inf from the block kernel's own amax (channel blocks of a conv output, and any
-        1-D blocks along a dimension that is not the last: ``numerics.block``'s strided
-        layout), else one min/max pass (``numerics.block.quantize_block_checked``)."""
+        on measured calls the block kernel's own non-finite count; otherwise (``check``) the
+        count of blocks holding a NaN/inf from the block kernel's own amax (channel blocks of
+        a conv output, and any 1-D blocks along a dimension that is not the last:
+        ``numerics.block``'s strided layout), else one min/max pass
+        (``numerics.block.quantize_block_checked``)."""
         require_float_tensor(x, "x")
         if x.dtype not in BLOCK_DTYPES:
             require_choice(x.dtype, "x.dtype", BLOCK_DTYPES)
@@ -290,6 +290,7 @@ class BlockQuantizer(CountsMixin):
         if move and self._channel_fmt is not None:
             fmt, move = self._channel_fmt, False
         y = x.movedim(1, -1) if move else x
+        into = into and not move  # a moved y (a permuted view) is quantized through a copy
         bad = None
         # format and rounding were checked at construction, x just above: the numerics'
         # unchecked call (``quantize_block_metrics`` / ``_checked`` / ``quantize_block``)
@@ -306,11 +307,10 @@ class BlockQuantizer(CountsMixin):
         else:
             if check:  # the count comes from the block kernel's own amax where it can
                 q, bad = quantize_block_unchecked(y, fmt, stochastic, generator, flag=True,
-                                                  into=into and not move)
+                                                  into=into)
                 bad = bad.double()
             else:
-                q = quantize_block_unchecked(y, fmt, stochastic, generator,
-                                             into=into and not move)
+                q = quantize_block_unchecked(y, fmt, stochastic, generator, into=into)
         return (q.movedim(-1, 1) if move else q), bad
 
     def metrics(self, sync: bool = True, reset: bool = False) -> dict:

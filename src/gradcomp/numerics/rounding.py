@@ -387,8 +387,9 @@ def in_place_fuses(counts: tuple) -> bool:
     x, its own read-only loop). A count of the result (zeros, +-a symbols, underflow, ...)
     reads it in the loop that writes it, and the write into x then made inductor keep the
     result in a buffer, count it in a scalar loop and copy it (generated code; measured: a
-    ResNet-8 step +75% with the empirical threshold's zero count): those calls write a new
-    tensor instead, as measured steps do."""
+    ResNet-8 step +75% with the empirical threshold's zero count): the rounding kernels then
+    write a new tensor, as measured steps do; the pruning writes x and counts the written x in
+    a read-only pass of its own (``pruning.prune_unchecked``)."""
     return all(n == "nonfinite" for n in counts)
 
 
