@@ -37,7 +37,10 @@ def count(recipe: str) -> tuple[int, int]:
         loss.backward()
         handle.step(opt)
     layer, other = handle._layers[0], handle._layers[1]
-    g = torch.randn(2, 16, 4, 4)
+    # the first layer's own output gradient at the warm-up batch (32 x 16 x 28 x 28, 401408
+    # values): the shape its kernels were compiled for, large enough for the CPU's 2-D
+    # counter layout (``random.counter_layout``), as the layers of a training step
+    g = torch.randn(32, 16, 28, 28) * 1e-3
     with torch.no_grad():
         for _ in range(3):
             layer.compress(g)  # compiled and cached

@@ -201,12 +201,19 @@ def _into_case(kind, x, g):
     if kind == "prune":
         return (prune_unchecked(x, thr, gen, ("nonfinite",), into=True),
                 stochastic_prune(e, thr, ref, counts=("nonfinite",), compile=False))
-    got = prune_quantize_amax_unchecked(x, thr, fmt, "nearest", 0.0, keep, gen, (), into=True)
-    return got, prune_quantize_amax(e, thr, fmt, "nearest", keep=keep, generator=ref,
-                                    compile=False)
+    if kind == "prune_flag":  # the flag: 1.0 where the count is positive
+        want, c = stochastic_prune(e, thr, ref, counts=("nonfinite",), compile=False)
+        return prune_unchecked(x, thr, gen, into=True, flag=True), (want, (c[0] > 0).double())
+    flag = kind == "prune_amax_flag"  # x's non-finite flag from the kernel's amax
+    got = prune_quantize_amax_unchecked(x, thr, fmt, "nearest", 0.0, keep, gen, (), into=True,
+                                        flag=flag)
+    want = prune_quantize_amax(e, thr, fmt, "nearest", keep=keep, generator=ref,
+                               compile=False)
+    return got, (*want, (~torch.isfinite(e.abs().amax())).double()) if flag else want
 
 
-@pytest.mark.parametrize("kind", ["quantize", "amax", "prune", "prune_amax"])
+@pytest.mark.parametrize("kind", ["quantize", "amax", "prune", "prune_flag", "prune_amax",
+                                  "prune_amax_flag"])
 def test_the_hot_paths_in_place_write_the_public_functions_bits_into_x(kind):
     # into=True (a compressor that owns x): x itself is the result, bit for bit what the
     # public function returns (eager, the same draws), and so are the counts / scale / amax /
@@ -264,6 +271,30 @@ def test_pruning_in_place_counts_its_result_in_a_pass_of_its_own(threshold):
             y = x0.clone()
             _, cs = prune_unchecked(y, thr, torch.Generator().manual_seed(g), sub, into=True)
             assert cs.tolist() == [wc[names.index(n)].item() for n in sub]
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_pruning_with_the_non_finite_flag_alone_gives_the_counted_calls_bits(into):
+    # ``flag``: the hot path's non-finite check as a 0-d float64 from the pruning's loop (a max
+    # of |x|, not a count): > 0 exactly when x holds a NaN or +-inf, the same pruned bits, in
+    # place or not, compiled (the 2-D layout, then the direct call) or eager (chunked: the
+    # chunks' flags add up, one NaN in each of two chunks)
+    thr = torch.tensor(2e-3, dtype=torch.float64)
+    x0 = torch.randn(64, 100, generator=torch.Generator().manual_seed(5)) * 1e-3
+    big = torch.randn(1 << 21, generator=torch.Generator().manual_seed(6)) * 1e-3
+    for x1, compiled in ((x0, True), (x0, False), (big, False)):
+        for g, bad in ((1, None), (2, "nan"), (3, "inf"), (4, None)):
+            x = x1.clone()
+            if bad:
+                x.view(-1)[[7, x.numel() - 3]] = float(bad)
+            want, wc = stochastic_prune(x.clone(), thr, torch.Generator().manual_seed(g),
+                                        counts=("nonfinite",), compile=False)
+            out, flag = prune_unchecked(x, thr, torch.Generator().manual_seed(g),
+                                        compiled=compiled, into=into, flag=True)
+            assert (out is x) == into and out.shape == x1.shape
+            assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+            assert flag.dtype == torch.float64 and flag.dim() == 0
+            assert (flag.item() > 0) == (wc.item() > 0) == (bad is not None)
 
 
 def test_threshold_step_is_the_newton_step_compiled_and_eager_alike():

@@ -154,6 +154,35 @@ def test_step_streams_take_each_draw_from_one_table_per_step():
         assert len(st._tables) == 2  # one table per draw of the step, every stream in it
 
 
+def test_draw_keys_with_columns_is_the_same_draw_followed_by_the_counter_columns():
+    cols = list(range(COUNTER_COLUMNS))
+    st, twin = StepStreams(7, 3), StepStreams(7, 3)
+    for s in (st, twin):
+        s.set_step(2)
+    # the same draws in the same order: with or without the columns, each call takes the
+    # stream's next draw (a layout call does not skip or repeat one)
+    for i, columns in [(1, True), (1, False), (0, True), (1, True), (2, False)]:
+        got, plain = draw_keys(st.stream(i), "cpu", columns), draw_keys(twin.stream(i), "cpu")
+        assert got.dtype == torch.int32 and got.is_contiguous()
+        assert got.tolist() == plain.tolist() + (cols if columns else [])
+    # a torch.Generator: one seed per call either way; elsewhere than the CPU the four keys
+    a = draw_keys(torch.Generator().manual_seed(5), "cpu", True)
+    b = draw_keys(torch.Generator().manual_seed(5), "cpu")
+    assert a.tolist() == b.tolist() + cols
+    assert draw_keys(st.stream(0), "meta", True).shape == (4,)
+
+
+def test_counter_layout_takes_keys_that_carry_their_columns_as_they_are():
+    keys = draw_keys(torch.Generator().manual_seed(1), "cpu")
+    full = draw_keys(torch.Generator().manual_seed(1), "cpu", True)
+    for n in (64 * 1024, 4096 + 3):  # the 2-D layout, and a size that keeps a flat pass
+        x = torch.zeros(n)
+        (xa, ka), (xb, kb) = counter_layout(x, keys, True), counter_layout(x, full, True)
+        assert xa.shape == xb.shape and torch.equal(ka, kb)
+        assert torch.equal(counter_like(xa, ka), counter_like(xb, kb))
+    assert counter_layout(torch.zeros(64 * 1024), full, True)[1] is full  # no new tensor
+
+
 def test_a_stream_keys_the_operator_with_its_documented_seed():
     # Eq. 5 written out with u from the keys of stream_seed(3, 9, 1, 0): the operator called
     # with stream 1 at step 9 gives exactly that

@@ -302,6 +302,9 @@ class Pruner(CountsMixin):
             hot = self._hot(x)
             if fused:
                 out, got = self._prune_quantize(x, generator, measure, names, then, hot, into)
+            elif hot and names == ("nonfinite",) and n:  # the flag alone: float64 already
+                out, got["nonfinite"] = prune_unchecked(x, self._threshold, generator,
+                                                        into=into, flag=True)
             elif hot:  # arguments checked when set: ``stochastic_prune`` without its checks
                 out = prune_unchecked(x, self._threshold, generator, names, into=into)
                 if names:
@@ -318,8 +321,9 @@ class Pruner(CountsMixin):
             held = got.get("nonfinite")
         elif self.tracking and finite is not True and finite is not False:
             held = ~torch.as_tensor(finite, device=x.device)
-        if "nonfinite" in got:
-            bad = got["nonfinite"].double()
+        if "nonfinite" in got:  # a count (or the flag alone: float64 already)
+            bad = got["nonfinite"]
+            bad = bad if bad.dtype == torch.float64 else bad.double()
         elif measure and n:
             bad = (~torch.isfinite(x)).sum().double()
         elif check or measure:
@@ -388,9 +392,16 @@ class Pruner(CountsMixin):
             keep = q.scaling.scale
             if hot and keep.dtype == torch.float64 and keep.dim() == 0 \
                     and keep.device == x.device:
+                # the non-finite check alone: a flag from the kernel's amax of x, not a count
+                flag = fused == ("nonfinite",) and not qnames and x.numel() > 0
                 out, *rest = prune_quantize_amax_unchecked(
                     x, self._threshold, q.fmt, q.rounding, q.scaling.margin, keep, generator,
-                    fused, into)
+                    () if flag else fused, into, flag)
+                if flag:
+                    s, amax, bad = rest
+                    q.scaling.commit(s)
+                    q.account(x.numel(), s, None, None, measure, {})
+                    return out, {"nonfinite": bad}
             else:
                 out, *rest = prune_quantize_amax(x, self._threshold, q.fmt, q.rounding,
                                                  generator=generator, counts=fused or False,

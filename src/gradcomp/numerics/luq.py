@@ -100,7 +100,7 @@ def luq_grid(alpha: float, bits: int = 4, range_exponent: int | None = None) -> 
 def _luq_once(g: torch.Tensor, alpha: torch.Tensor | None, e: int, generator) -> torch.Tensor:
     """One draw of the operator; ``alpha`` None: found in the same compiled call (the fused
     path, ``_luq_amax_body``)."""
-    keys = draw_keys(generator, g.device)
+    keys = draw_keys(generator, g.device, alpha is None)  # columns: the 2-D layout below
     cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
     y = g.detach().to(cdt).reshape(-1)
     if alpha is None:  # one compiled call: the finite amax, then the operator's loop

@@ -29,6 +29,7 @@ from gradcomp.numerics.random import (
 )
 from gradcomp.numerics.rounding import COUNTS as QUANTIZE_COUNTS
 from gradcomp.numerics.rounding import (
+    _nonfinite_amax,
     _quantize_flat,
     amax_args,
     bind_kernel,
@@ -86,6 +87,15 @@ def _prune_count_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor,
     return out, _prune_counts(x, out, _kernel_threshold(x, thr)[1], count)
 
 
+def _prune_flag_kernel(x: torch.Tensor, thr: torch.Tensor, keys: torch.Tensor, start: int = 0):
+    """``_prune_kernel`` plus x's non-finite flag from the same loop: a 0-d float64, 1.0 when
+    x holds a NaN or +-inf (its max |x| is then NaN or inf), else 0.0; x non-empty. A max
+    reduction instead of the count (a hot-path call needs only the flag): no int32 mask sum
+    in the loop, and the flag comes out as the float64 its caller keeps (no conversion op
+    per layer). The eager path adds the flags of its chunks: still > 0 exactly then."""
+    return _prune_kernel(x, thr, keys, start), _nonfinite_amax(x.abs().amax())
+
+
 def _result_counts(out, thr, *, count: tuple):
     """The counts ``count`` (``PRUNE_COUNTS`` names) of a pruning's result ``out`` alone, for
     a pruning written in place: x's non-finite count is the result's (Eq. 5 keeps NaN and
@@ -141,7 +151,7 @@ def _prune_quantize_kernel(x, thr, pkeys, scale, ints, floats, keys, start: int 
 
 def _prune_quantize_amax_kernel(x, thr, pkeys, maxn, factor, keep, ints, floats, keys, *,
                                 stochastic: bool, scaled: bool, count: tuple, fast: bool,
-                                overflow_inf: bool):
+                                overflow_inf: bool, flag: bool = False):
     """``_prune_quantize_kernel`` at the amax scale of the pruned values, one compiled call.
 
     amax(P(x)) needs no pass over P(x): an element with |x| >= a is kept as it is and every
@@ -149,7 +159,8 @@ def _prune_quantize_amax_kernel(x, thr, pkeys, maxn, factor, keep, ints, floats,
     some element survived, else 0. The reduction reads x (no hash), the rounding loop prunes
     at the scale of max(amax(x), a) and reduces "some element survived"; where none did the
     output is all zeros whatever the scale, and the scale returned is ``keep`` (amax 0).
-    Returns (out, [counts,] s, amax(P(x))).
+    Returns (out, [counts,] s, amax(P(x))[, bad]); ``flag``: ``bad``, x's non-finite flag
+    from amax(x) (``rounding._nonfinite_amax``: no count in the loop).
     """
     amax_x = x.abs().amax().to(torch.float64)
     a64 = _kernel_threshold(x, thr)[0].to(torch.float64)
@@ -166,7 +177,8 @@ def _prune_quantize_amax_kernel(x, thr, pkeys, maxn, factor, keep, ints, floats,
     big = (amax_x >= a64) | torch.isnan(amax_x)
     amax_p = torch.where(big, amax_x, torch.where(survived, a64, torch.zeros_like(a64)))
     s = torch.where(survived, guess, keep.to(guess))
-    return (*res, s, amax_p) if count else (res, s, amax_p)
+    tail = (s, amax_p, _nonfinite_amax(amax_x)) if flag else (s, amax_p)
+    return (*res, *tail) if count else (res, *tail)
 
 
 # what ``stochastic_prune(..., counts=True)`` counts, in this order
@@ -263,7 +275,7 @@ def stochastic_prune(x: torch.Tensor, threshold, generator: torch.Generator | No
 
 
 def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts: tuple = (),
-                    compiled: bool = True, into: bool = False):
+                    compiled: bool = True, into: bool = False, flag: bool = False):
     """``stochastic_prune`` after its argument checks, for a hot path that made them once (a
     compressor's layer): x a float tensor outside autograd, ``threshold`` as the kernels take
     it (``_threshold_arg``: a 0-d float tensor on x's device, x's own dtype for a half x),
@@ -272,14 +284,21 @@ def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts:
     overwritten with the pruned tensor, which is x itself (one read and one write of x, no
     output buffer: for a caller that owns x); counts of the result (zeros, +-a symbols), which
     would split the writing loop (``rounding.in_place_fuses``), then come from a read-only
-    pass over the written x."""
-    flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device), compiled)
+    pass over the written x. ``flag`` (x non-empty, no ``counts``): a last result, x's
+    non-finite flag (``_prune_flag_kernel``: a 0-d float64, 1.0 when x holds a NaN or +-inf)
+    instead of the count."""
+    flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device, compiled),
+                                compiled)
     if into and not in_place_fuses(counts):
         # counts of the result in the writing loop would split it (``in_place_fuses``): the
         # pruning writes x with no count, then one read-only pass counts the written x
         # (``_result_counts``: no hash; the same numbers as the fused counts)
         prune_kernel((), True)(flat, threshold, keys, compile=compiled)
         return x, _result_counts_op(tuple(counts))(x.reshape(-1), threshold, compile=compiled)
+    if flag:
+        op = variant(_prune_flag_kernel, "stochastic_prune", into=into)
+        res = op(flat, threshold, keys, compile=compiled)
+        return (x, res[0]) if into else (res[0].view(x.shape), res[1])
     res = prune_kernel(counts, into)(flat, threshold, keys, compile=compiled)
     if into:
         return (x, res[0]) if counts else x
@@ -301,16 +320,18 @@ def prune_kernel(counts: tuple = (), into: bool = False) -> FusedOp:
 
 
 def prune_quantize_amax_kernel(fmt, rounding: str, dtype: torch.dtype, device: torch.device,
-                               margin: float = 0.0, counts: tuple = (), into: bool = False):
+                               margin: float = 0.0, counts: tuple = (), into: bool = False,
+                               flag: bool = False):
     """``prune_quantize_amax``'s compiled kernel for a hot path (as ``prune_kernel``):
     ``kernel(x, threshold, pkeys, keep[, keys], compile=True)`` with ``(x, pkeys) =
     prune_layout(x, pkeys, rounding)``, ``keep`` a 0-d float64 scale on x's device and, for
     stochastic rounding, the rounding's own keys (drawn after ``pkeys``); returns
     ``prune_quantize_amax``'s results in that layout (``into``: the first written into x, the
-    others returned). Cached per argument set."""
+    others returned); ``flag``: a last result, x's non-finite flag (a 0-d float64, 1.0 when x
+    holds a NaN or +-inf). Cached per argument set."""
     return bind_kernel(_prune_quantize_amax_kernel, "prune_quantize_amax",
                        (fmt, rounding, dtype, device, float(margin)), tuple(counts), lead=3,
-                       amax=True, elementwise=False, into=bool(into))
+                       amax=True, elementwise=False, into=bool(into), flag=bool(flag))
 
 
 def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", scale=None,
@@ -330,7 +351,8 @@ def prune_quantize(x: torch.Tensor, threshold, fmt, rounding: str = "nearest", s
     require_float_tensor(x, "x")
     names = count_names(counts, PRUNE_QUANTIZE_COUNTS)
     thr = _threshold_arg(x, threshold)
-    pkeys = draw_keys(generator, x.device) if x.numel() else None
+    pkeys = draw_keys(generator, x.device, _layout_keys(rounding, compile)) \
+        if x.numel() else None
     args = prepare(x, fmt, rounding, scale, generator)
     if x.numel() == 0:
         if names:
@@ -376,7 +398,7 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
             return q, *rest[-2:]
         return q, torch.stack([got[n] for n in names]), *rest[-2:]
     thr = _threshold_arg(x, threshold)
-    pkeys = draw_keys(generator, x.device)
+    pkeys = draw_keys(generator, x.device, _layout_keys(rounding, True))
     args = amax_args(x, fmt, rounding, margin, keep, generator)
     op = prune_quantize_amax_kernel(*args.key, names)
     flat, pkeys = prune_layout(x, pkeys, rounding)
@@ -386,22 +408,29 @@ def prune_quantize_amax(x: torch.Tensor, threshold, fmt, rounding: str = "neares
 
 def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt, rounding: str,
                                   margin: float, keep: torch.Tensor, generator,
-                                  counts: tuple = (), into: bool = False):
+                                  counts: tuple = (), into: bool = False, flag: bool = False):
     """``prune_quantize_amax``'s fused call after its argument checks (as ``prune_unchecked``;
     ``keep`` a 0-d float64 scale on x's device, ``fmt`` an FPFormat, ``counts`` a tuple of
     ``PRUNE_QUANTIZE_COUNTS`` names): its results, the same two draws in the same order.
     ``into`` (x contiguous): x is overwritten with the result, which is x itself, where the
-    counts allow it (``rounding.in_place_fuses``)."""
+    counts allow it (``rounding.in_place_fuses``). ``flag`` (x non-empty): a last result, x's
+    non-finite flag (``prune_quantize_amax_kernel``)."""
     into = into and in_place_fuses(counts)
-    pkeys = draw_keys(generator, x.device)
+    pkeys = draw_keys(generator, x.device, rounding != "stochastic")
     rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
     flat, pkeys = prune_layout(x, pkeys, rounding)
-    res = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, into)(
-        flat, threshold, pkeys, keep, *rkeys, compile=True)
+    res = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, into,
+                                     flag)(flat, threshold, pkeys, keep, *rkeys, compile=True)
     if into:
         return (x, *res)
     out, *rest = res
     return (out.view(x.shape), *rest)
+
+
+def _layout_keys(rounding: str, compile: bool | None) -> bool:
+    """Whether a prune + quantize call draws its pruning keys with the counter's columns
+    (``random.draw_keys``): where ``prune_layout`` may take the 2-D layout."""
+    return rounding != "stochastic" and use_compiled(compile)
 
 
 def prune_layout(x, pkeys, rounding: str, compiled: bool = True):

@@ -196,11 +196,14 @@ def counter_layout(flat: torch.Tensor, keys: torch.Tensor, compiled: bool):
     """``(x, keys)`` as a fused kernel takes them: the flat tensor and its keys
     (``draw_keys``), or on the CPU the (rows, L) view and ``[k1, k2, k3, k4, 0, 1, ...,
     COUNTER_COLUMNS - 1]`` (the counter's columns: ``counter_like``). ``compiled``: whether
-    the call takes the fused path (the eager path gains nothing)."""
+    the call takes the fused path (the eager path gains nothing). ``keys`` may already carry
+    the columns (``draw_keys(..., columns=True)``): they are then passed as they are (or the
+    first four, for a flat pass)."""
     width = counter_columns(flat.numel(), flat.device) if compiled else 0
+    full = keys.numel() == 4 + COUNTER_COLUMNS  # ``draw_keys(..., columns=True)``
     if not width:
-        return flat, keys
-    return flat.view(-1, width), torch.cat([keys, _columns(flat.device)])
+        return flat, keys[:4] if full else keys
+    return flat.view(-1, width), keys if full else torch.cat([keys, _columns(flat.device)])
 
 
 def counter_like(x: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -320,17 +323,23 @@ def stream_seed(seed: int, step: int, stream: int, draw: int) -> int:
     return z >> 2
 
 
-def draw_keys(generator, device) -> torch.Tensor:
+def draw_keys(generator, device, columns: bool = False) -> torch.Tensor:
     """The hash keys of one stochastic call: int32 ``[k1, k2, k3, k4]`` on ``device``.
 
     ``generator``: a ``Stream`` (its next draw of the current step, no generator call), or a
     ``torch.Generator`` / None (one seed drawn, ``draw_seed``, then ``keys_of_seed``).
     ``[k1, k2]`` key the 31- and 24-bit words, ``[k3, k4]`` the low word of 63-bit ones
-    (``random_bits``).
+    (``random_bits``). ``columns`` (for a caller that takes ``counter_layout``): on the CPU
+    the keys followed by the counter's columns ``0, 1, ..., COUNTER_COLUMNS - 1`` (what
+    ``counter_layout`` passes to a 2-D kernel; a ``Stream`` hands out a row its step's table
+    already holds, so the layout costs no op per call); elsewhere the four keys. The same
+    draw either way.
     """
+    columns = columns and torch.device(device).type == "cpu"
     if isinstance(generator, Stream):
-        return generator.keys(device)
-    return keys_of_seed(draw_seed(generator, device))
+        return generator.keys(device, columns)
+    keys = keys_of_seed(draw_seed(generator, device))
+    return torch.cat([keys, _columns(keys.device)]) if columns else keys
 
 
 class Stream:
@@ -343,9 +352,10 @@ class Stream:
     def __init__(self, owner: StepStreams, index: int):
         self._owner, self.index = owner, index
 
-    def keys(self, device) -> torch.Tensor:
-        """The keys of this stream's next draw, int32 ``[k1, k2, k3, k4]`` on ``device``."""
-        return self._owner._next(self.index, torch.device(device))
+    def keys(self, device, columns: bool = False) -> torch.Tensor:
+        """The keys of this stream's next draw, int32 ``[k1, k2, k3, k4]`` on ``device``;
+        ``columns`` (the CPU only): followed by the counter's columns (``draw_keys``)."""
+        return self._owner._next(self.index, torch.device(device), columns)
 
     def __repr__(self) -> str:
         return f"Stream({self.index} of {self._owner!r})"
@@ -376,8 +386,9 @@ class StepStreams:
         self.seed, self.n = seed, streams
         self.step = 0
         self._draws: dict = {}  # (stream, device type, ordinal) -> draws taken in this step
-        # (device type, ordinal, draw) -> every stream's keys of that draw in this step, as one
-        # (streams, 4) tensor on the device (``keys_table``: built once per step and draw)
+        # (device type, ordinal, draw) -> every stream's keys of that draw in this step:
+        # [(streams, 4) tensor on the device (``keys_table``: built once per step and draw), its
+        # rows, its rows followed by the counter's columns (on the CPU, built on first use)]
         self._tables: dict = {}
         self._streams = [Stream(self, i) for i in range(streams)]
 
@@ -399,15 +410,24 @@ class StepStreams:
         ``device_index`` at this step."""
         return host_keys(stream_seed(self.seed, self.step, index + (device_index << 32), draw))
 
-    def _next(self, index: int, device: torch.device) -> torch.Tensor:
+    def _next(self, index: int, device: torch.device, columns: bool = False) -> torch.Tensor:
         ordinal = device.index or 0  # "cuda" and "cuda:0" are one device, with one counter
         key = (index, device.type, ordinal)
         d = self._draws.get(key, 0)
         self._draws[key] = d + 1
-        table = self._tables.get((device.type, ordinal, d))
-        if table is None:
-            table = self._tables[device.type, ordinal, d] = self._table(d, device, ordinal)
-        return table[index]  # a row of the table: keys are only read
+        rows = self._tables.get((device.type, ordinal, d))
+        if rows is None:
+            table = self._table(d, device, ordinal)
+            rows = self._tables[device.type, ordinal, d] = [table, table.unbind(0), None]
+        if not (columns and device.type == "cpu"):
+            return rows[1][index]
+        if rows[2] is None:  # the first call of this draw that takes the 2-D layout
+            n = rows[0].shape[0]
+            rows[2] = torch.cat([rows[0], _columns(device).expand(n, -1)], dim=1).unbind(0)
+        # views of the step's tables, made once per draw (keys are only read): a call costs no
+        # tensor op (measured inside a ResNet-8 backward, with the caches the layer's backward
+        # left: a row select and the columns' concatenation took about 90 us per layer)
+        return rows[2][index]
 
     def _table(self, draw: int, device: torch.device, ordinal: int) -> torch.Tensor:
         """Draw ``draw`` of every stream at this step on ``device``: (streams, 4) int32."""
