@@ -88,6 +88,39 @@ def test_pruner_hot_path_equals_stochastic_prune(measure):
     assert float(flag) == 2 if measure else float(flag) > 0
 
 
+def test_tracking_in_place_takes_the_counted_calls_steps_bit_for_bit(monkeypatch):
+    # the empirical threshold's unmeasured calls on x it may overwrite: the pruning writes x,
+    # then one compiled call counts the written x and takes the Newton step
+    # (``track_written``); a twin pruner writing new tensors counts in its pruning kernel and
+    # steps through ``threshold_step``: the same outputs, thresholds and flags at every call,
+    # a NaN/inf call holding the threshold in both
+    s = _grad(seed=1).reshape(-1)
+    twins = [Pruner(0.8, "empirical"), Pruner(0.8, "empirical")]
+    for p in twins:  # a refresh, then a measured call: the slope dS/d ln a of the step
+        p.update(LayerStats(fit_lognormal(s), s.clone(), s.numel()))
+        p.compress(_grad(seed=2), _streams(2).stream(0), measure=True)
+    assert twins[0].tracking and twins[0]._slope is not None
+    import gradcomp.compressors.pruning as cp
+
+    calls = []
+    real = cp.track_written
+    monkeypatch.setattr(cp, "track_written", lambda *a: calls.append(1) or real(*a))
+    for step, bad in ((3, False), (4, True), (5, False), (6, False)):
+        a0 = twins[0].threshold.clone()
+        x = _grad(seed=step, bad=bad)
+        outs = []
+        for p, into in zip(twins, (True, False)):
+            y = x.clone()
+            out, flag = p.compress(y, _streams(step).stream(0), measure=False, check=True,
+                                   into=into)
+            assert (out is y) == into and (float(flag) > 0) == bad
+            outs.append(out)
+        assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+        assert torch.equal(_bits(twins[0].threshold), _bits(twins[1].threshold))
+        assert torch.equal(twins[0].threshold, a0) == bad  # held on the NaN/inf call only
+    assert len(calls) == 4  # the in-place twin's four calls, the other's none
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_prune_quantize_hot_path_equals_prune_quantize_amax(rounding):
     p = _pruner()

@@ -15,6 +15,7 @@ from gradcomp.numerics.pruning import (
     prune_unchecked,
     stochastic_prune,
     threshold_step,
+    track_written,
 )
 from gradcomp.numerics.rounding import (
     quantize_fp,
@@ -295,6 +296,27 @@ def test_pruning_with_the_non_finite_flag_alone_gives_the_counted_calls_bits(int
             assert torch.equal(out.view(torch.int32), want.view(torch.int32))
             assert flag.dtype == torch.float64 and flag.dim() == 0
             assert (flag.item() > 0) == (wc.item() > 0) == (bad is not None)
+
+
+@pytest.mark.parametrize("bad", [None, "nan", "inf"])
+def test_track_written_is_the_count_then_the_step(bad):
+    # one call: the zeros of a written pruning result, its non-finite flag and the Newton step
+    # from them, compiled (then the direct call) and eager alike, with the bits of the counts
+    # pass followed by ``threshold_step``; a NaN/inf holds the threshold
+    consts = torch.tensor([6400.0, 0.8, 0.7, 1e-2], dtype=torch.float64)
+    slope = torch.tensor(0.05, dtype=torch.float64)
+    for g in (1, 2, 3):
+        x = torch.randn(6400, generator=torch.Generator().manual_seed(g)) * 1e-3
+        if bad:
+            x[[5, 77]] = float(bad)
+        a = torch.tensor(2e-3 * g / 2, dtype=torch.float64)
+        out, c = stochastic_prune(x, a, torch.Generator().manual_seed(g),
+                                  counts=("nonfinite", "zeros"), compile=False)
+        want = threshold_step(a, c[1], c[0], slope, consts, compile=False)
+        for compiled in (True, False):
+            new, flag = track_written(out, a, slope, consts, compile=compiled)
+            assert torch.equal(new, want) and flag.dtype == torch.float64
+            assert (flag.item() > 0) == (bad is not None) and torch.equal(new, a) == bool(bad)
 
 
 def test_threshold_step_is_the_newton_step_compiled_and_eager_alike():

@@ -29,6 +29,7 @@ from gradcomp.numerics.pruning import (
     topk_prune,
     topk_stochastic_prune,
     topk_threshold,
+    track_written,
 )
 from gradcomp.numerics.random import Stream
 from gradcomp.numerics.sparsity import (
@@ -285,7 +286,7 @@ class Pruner(CountsMixin):
         n = x.numel()
         names = ()
         got = {}  # the kernel's counts by name (non-finite inputs, zeros, +-a symbols)
-        fused = False
+        fused = tracked = False
         if self.method == "topk":
             out = topk_prune(x, self.sparsity) if n else x.clone()
         elif self.method == "topk_stochastic":
@@ -302,6 +303,16 @@ class Pruner(CountsMixin):
             hot = self._hot(x)
             if fused:
                 out, got = self._prune_quantize(x, generator, measure, names, then, hot, into)
+            elif hot and into and n and finite is None and not measure \
+                    and names == ("nonfinite", "zeros") and self.tracking \
+                    and self._slope is not None:
+                # the tracking's unmeasured call, in place: the pruning writes x, then one
+                # compiled call counts the written x's zeros and flag and takes the Newton step
+                # (``track_written``: the bits of the counts pass and ``_track``)
+                out = prune_unchecked(x, self._threshold, generator, into=True)
+                self._threshold, got["nonfinite"] = track_written(
+                    out.view(-1), self._threshold, self._slope, self._track_consts(n))
+                tracked = True
             elif hot and names == ("nonfinite",) and n:  # the flag alone: float64 already
                 out, got["nonfinite"] = prune_unchecked(x, self._threshold, generator,
                                                         into=into, flag=True)
@@ -333,7 +344,7 @@ class Pruner(CountsMixin):
         # in its own pass)
         track = self.tracking and n > 0
         if track and not measure and self._slope is not None:
-            if finite is not False:
+            if finite is not False and not tracked:
                 self._track(got["zeros"], n, self._slope, held)
             track = False
         elif not measure:
@@ -434,13 +445,20 @@ class Pruner(CountsMixin):
         ``zeros`` of ``n`` elements and the slope dS/d ln a, unless ``held`` is nonzero (the
         call saw a NaN/inf); one compiled call on the device (``threshold_step``)."""
         a = self._threshold
+        consts = self._track_consts(n)
+        nothing = self._step_consts[2]
+        self._threshold = threshold_step(a, zeros, nothing if held is None else held, slope,
+                                         consts)
+
+    def _track_consts(self, n: int) -> torch.Tensor:
+        """The tracking step's constants [n, target, gain, min_slope] (float64, on the
+        threshold's device), cached per (n, target, gain, device)."""
+        a = self._threshold
         key = (n, self.target, self.tracking_gain, a.device)
         if self._step_consts is None or self._step_consts[0] != key:
             consts = torch.tensor(key[:3] + (_MIN_SLOPE,), dtype=torch.float64, device=a.device)
             self._step_consts = (key, consts, torch.zeros((), dtype=torch.bool, device=a.device))
-        _, consts, nothing = self._step_consts
-        self._threshold = threshold_step(a, zeros, nothing if held is None else held, slope,
-                                         consts)
+        return self._step_consts[1]
 
     def metrics(self, reset: bool = False) -> dict:
         """Floats (one host transfer): achieved sparsity over the measured calls since the last

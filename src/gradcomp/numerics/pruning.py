@@ -44,7 +44,7 @@ from gradcomp.numerics.scales import amax_scale_or_keep
 __all__ = ["stochastic_prune", "prune_quantize", "prune_quantize_amax", "topk_prune",
            "topk_stochastic_prune", "topk_threshold", "keep_count", "prune_kernel",
            "prune_quantize_amax_kernel", "prune_layout", "prune_unchecked",
-           "prune_quantize_amax_unchecked", "threshold_step", "PRUNE_COUNTS",
+           "prune_quantize_amax_unchecked", "threshold_step", "track_written", "PRUNE_COUNTS",
            "PRUNE_QUANTIZE_COUNTS"]
 
 
@@ -199,6 +199,28 @@ def _threshold_step(a, zeros, bad, slope, consts):
 
 
 _THRESHOLD_STEP = FusedOp(_threshold_step, "threshold_step")
+
+
+def _track_written(out, a, slope, consts):
+    """``track_written``'s body: the zeros of ``out`` (``stack_counts``' exact int32 sum), its
+    non-finite flag (max |out|), then ``_threshold_step`` from them."""
+    zeros = stack_counts([out == 0])[0]
+    bad = _nonfinite_amax(out.abs().amax())
+    return _threshold_step(a, zeros, bad, slope, consts), bad
+
+
+_TRACK_WRITTEN = FusedOp(_track_written, "track_written")
+
+
+def track_written(out: torch.Tensor, a: torch.Tensor, slope: torch.Tensor, consts: torch.Tensor,
+                  compile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tracking's work after a pruning at threshold ``a`` written in place (``out``, flat
+    and non-empty), in one compiled call: ``(threshold_step(a, zeros of out, bad, slope,
+    consts), bad)``, ``bad`` the input's non-finite flag (a 0-d float64, 1.0 when out holds a
+    NaN or +-inf, which Eq. 5 keeps while it maps every finite value to a finite one, so out's
+    flag is x's). The same bits as ``_result_counts`` then ``threshold_step`` (one read-only
+    pass over out, the step as its epilogue: one call per layer and step fewer)."""
+    return _TRACK_WRITTEN(out, a, slope, consts, compile=compile)
 
 
 def threshold_step(a: torch.Tensor, zeros: torch.Tensor, bad: torch.Tensor, slope: torch.Tensor,
