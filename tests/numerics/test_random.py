@@ -181,6 +181,14 @@ def test_counter_layout_takes_keys_that_carry_their_columns_as_they_are():
         assert xa.shape == xb.shape and torch.equal(ka, kb)
         assert torch.equal(counter_like(xa, ka), counter_like(xb, kb))
     assert counter_layout(torch.zeros(64 * 1024), full, True)[1] is full  # no new tensor
+    # any shape: its elements in order (a contiguous tensor's view, a strided one's copy)
+    x = torch.arange(64 * 1024, dtype=torch.float32)
+    for shaped in (x.view(8, 32, 256), x.view(256, 256).t().contiguous().t()):
+        got, _ = counter_layout(shaped, full, True)
+        want, _ = counter_layout(shaped.reshape(-1), full, True)
+        assert torch.equal(got, want) and (got.data_ptr() == shaped.data_ptr()) \
+            == shaped.is_contiguous()
+    assert counter_layout(x[:4101 * 15].view(4101, 15), keys, True)[0].shape == (4101 * 15,)
 
 
 def test_a_stream_keys_the_operator_with_its_documented_seed():

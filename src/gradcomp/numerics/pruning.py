@@ -309,8 +309,7 @@ def prune_unchecked(x: torch.Tensor, threshold: torch.Tensor, generator, counts:
     pass over the written x. ``flag`` (x non-empty, no ``counts``): a last result, x's
     non-finite flag (``_prune_flag_kernel``: a 0-d float64, 1.0 when x holds a NaN or +-inf)
     instead of the count."""
-    flat, keys = counter_layout(x.reshape(-1), draw_keys(generator, x.device, compiled),
-                                compiled)
+    flat, keys = counter_layout(x, draw_keys(generator, x.device, compiled), compiled)
     if into and not in_place_fuses(counts):
         # counts of the result in the writing loop would split it (``in_place_fuses``): the
         # pruning writes x with no count, then one read-only pass counts the written x
@@ -440,7 +439,8 @@ def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt,
     into = into and in_place_fuses(counts)
     pkeys = draw_keys(generator, x.device, rounding != "stochastic")
     rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
-    flat, pkeys = prune_layout(x, pkeys, rounding)
+    # ``prune_layout`` without its detach (x is outside autograd here)
+    flat, pkeys = (x.reshape(-1), pkeys) if rkeys else counter_layout(x, pkeys, True)
     res = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, into,
                                      flag)(flat, threshold, pkeys, keep, *rkeys, compile=True)
     if into:

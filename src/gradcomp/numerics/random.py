@@ -196,14 +196,16 @@ def counter_layout(flat: torch.Tensor, keys: torch.Tensor, compiled: bool):
     """``(x, keys)`` as a fused kernel takes them: the flat tensor and its keys
     (``draw_keys``), or on the CPU the (rows, L) view and ``[k1, k2, k3, k4, 0, 1, ...,
     COUNTER_COLUMNS - 1]`` (the counter's columns: ``counter_like``). ``compiled``: whether
-    the call takes the fused path (the eager path gains nothing). ``keys`` may already carry
+    the call takes the fused path (the eager path gains nothing). ``flat`` may have any shape
+    (its elements in order: a contiguous tensor costs one view op). ``keys`` may already carry
     the columns (``draw_keys(..., columns=True)``): they are then passed as they are (or the
     first four, for a flat pass)."""
     width = counter_columns(flat.numel(), flat.device) if compiled else 0
     full = keys.numel() == 4 + COUNTER_COLUMNS  # ``draw_keys(..., columns=True)``
     if not width:
-        return flat, keys[:4] if full else keys
-    return flat.view(-1, width), keys if full else torch.cat([keys, _columns(flat.device)])
+        return flat if flat.dim() == 1 else flat.reshape(-1), keys[:4] if full else keys
+    # reshape: one view op from a contiguous tensor of any shape (a copy of a strided one)
+    return flat.reshape(-1, width), keys if full else torch.cat([keys, _columns(flat.device)])
 
 
 def counter_like(x: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
