@@ -237,6 +237,22 @@ def test_the_hot_paths_in_place_write_the_public_functions_bits_into_x(kind):
                 or (a.dtype == torch.float64 and a.isnan().all() and b.isnan().all())
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_the_hot_path_takes_a_float64_scale_as_quantize_fp_rounds_it(rounding):
+    # a compressor's scale is float64: the hot path passes it as it is and the kernel rounds
+    # it to float32 itself, the same conversion as the public function's (1/3 and 1e3/7 are
+    # not float32 numbers: the rounding of the scale shows in the bits)
+    fmt = FPFormat.from_name("e3m2")
+    x = torch.randn(64, 100, generator=torch.Generator().manual_seed(8)) * 1e-3
+    for v in (1.0 / 3.0, 1e3 / 7.0):
+        s = torch.tensor(v, dtype=torch.float64)
+        for g in (1, 2):  # the second call takes the direct path
+            got = quantize_fp_unchecked(x, fmt, rounding, s, torch.Generator().manual_seed(g))
+            want = quantize_fp(x, fmt, rounding, scale=s, compile=False,
+                               generator=torch.Generator().manual_seed(g))
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_a_count_of_the_result_keeps_the_input_as_it_was():
     # the rounding's in-place write is declined where the kernel counts its own result (the
     # write would split the loop: ``in_place_fuses``): a new tensor, x untouched

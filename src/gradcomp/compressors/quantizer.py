@@ -163,7 +163,8 @@ class FPQuantizer(CountsMixin):
             bad = (~torch.isfinite(amax)).double()
         if pol.amax_timing == "current" and amax is not None:
             pol.observe(amax=amax)
-        return pol.scale.to(x.device), amax, bad
+        s = pol.scale
+        return (s if s.device == x.device else s.to(x.device)), amax, bad
 
     def count_names(self, measure: bool, check: bool) -> tuple:
         """The kernel counts (``rounding.COUNTS`` names) a call needs: all of them when

@@ -404,7 +404,13 @@ def quantize_fp_unchecked(x: torch.Tensor, fmt: FPFormat, rounding: str, scale: 
     x, no output buffer: for a caller that owns x), where the counts allow it
     (``in_place_fuses``; otherwise a new tensor)."""
     key = (fmt, rounding, x.dtype, x.device, True)
-    s = _scale_arg(scale, x.device, _plan(*key)[3].dtype)  # the kernel's scale dtype
+    if scale.dim() == 0 and scale.device == x.device and not scale.requires_grad \
+            and scale.dtype in (torch.float32, torch.float64):
+        # as it is: the kernel rounds it to its compute dtype itself (``_quantize_flat``: the
+        # same conversion, no op per call for a compressor's float64 scale)
+        s = scale
+    else:
+        s = _scale_arg(scale, x.device, _plan(*key)[3].dtype)  # the kernel's scale dtype
     into = into and in_place_fuses(counts)
     keys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
     res = bind_kernel(_quantize_flat, "quantize_fp", key, tuple(counts), into=into)(
