@@ -439,8 +439,7 @@ def prune_quantize_amax_unchecked(x: torch.Tensor, threshold: torch.Tensor, fmt,
     into = into and in_place_fuses(counts)
     pkeys = draw_keys(generator, x.device, rounding != "stochastic")
     rkeys = (draw_keys(generator, x.device),) if rounding == "stochastic" else ()
-    # ``prune_layout`` without its detach (x is outside autograd here)
-    flat, pkeys = (x.reshape(-1), pkeys) if rkeys else counter_layout(x, pkeys, True)
+    flat, pkeys = prune_layout(x, pkeys, rounding)
     res = prune_quantize_amax_kernel(fmt, rounding, x.dtype, x.device, margin, counts, into,
                                      flag)(flat, threshold, pkeys, keep, *rkeys, compile=True)
     if into:
@@ -458,11 +457,12 @@ def _layout_keys(rounding: str, compile: bool | None) -> bool:
 def prune_layout(x, pkeys, rounding: str, compiled: bool = True):
     """(x, pruning keys) of a prune + quantize kernel: the 2-D counter layout
     (``random.counter_layout``) for nearest rounding; stochastic rounding's bit path hashes a
-    flat counter of its own, so x stays flat there."""
-    flat = x.detach().reshape(-1)
+    flat counter of its own, so x stays flat there. One view op for a contiguous x outside
+    autograd (a hot path's), a detach first for one inside."""
+    x = x.detach() if x.requires_grad else x
     if rounding == "stochastic":
-        return flat, pkeys
-    return counter_layout(flat, pkeys, compiled)
+        return x.reshape(-1), pkeys
+    return counter_layout(x, pkeys, compiled)
 
 
 def keep_count(n: int, sparsity: float) -> int:
