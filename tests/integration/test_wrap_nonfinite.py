@@ -76,6 +76,27 @@ def test_skip_also_sees_nonfinite_optimizer_gradients_of_uncompressed_layers():
     assert h.step(opt) is False and h.skipped_steps == 1
 
 
+@pytest.mark.parametrize("spec", [dict(prune=PruneSpec(0.8)), dict(prune=PruneSpec(0.8, "empirical")),
+                                  dict(prune=None)])
+def test_a_nan_on_a_plain_step_skips_it(spec):
+    # a step that is neither a refresh nor a metric step: the layers' flags come from the
+    # kernels (0-d float64) and the optimizer's check, combined in one stack (the usual case)
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    h = compress_gradients(m, CompressionConfig(**spec, refresh_every=None, metrics_every=1000))
+    x = torch.randn(16, 8)
+    for _ in range(2):
+        _backward(m, x)
+        assert h.step(opt) is True
+    assert not h.collecting and not h.measuring
+    before = [p.detach().clone() for p in m.parameters()]
+    _backward(m, x, poison=True)
+    assert h.step(opt) is False and h.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    _backward(m, x)
+    assert h.step(opt) is True and h.skipped_steps == 1
+
+
 def test_the_gradient_check_leaves_every_bit_and_sees_any_dtype():
     # the optimizer's gradients are checked by GradScaler's multi-tensor check at an inverse
     # scale of 1: subnormals, -0 and every other value keep their bits, in every float dtype

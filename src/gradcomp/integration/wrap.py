@@ -164,7 +164,7 @@ def _amp_checkable(g: torch.Tensor) -> bool:
 
 
 def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
-    """1-element device tensor, > 0 when one of ``grads`` (tensors on ``device``) holds a NaN
+    """0-d float64 device tensor, > 0 when one of ``grads`` (tensors on ``device``) holds a NaN
     or +-inf; no host sync. GradScaler's own multi-tensor check
     (``torch._amp_foreach_non_finite_check_and_unscale_``) at an inverse scale of 1, one call
     per dtype as GradScaler groups them: its kernels store every value back unchanged at
@@ -187,7 +187,8 @@ def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
     if other:
         norms = torch._foreach_norm(other, float("inf"))
         found = found + (~torch.isfinite(torch.stack(norms)).all()).to(found.dtype)
-    return found
+    # 0-d float64, as the hooks' flags: ``_nonfinite_flag`` stacks them without conversions
+    return found.view(()).double()
 
 
 def _ownership(g) -> tuple:
@@ -233,12 +234,18 @@ def _one32(device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.float32, device=device)
 
 
+def _multi_rank() -> bool:
+    """Whether torch.distributed runs more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_ranks_max(t: torch.Tensor) -> torch.Tensor:
     """``t`` all-reduced with MAX over the ranks when torch.distributed runs more than one
     process (NCCL: through the current CUDA device), else ``t`` itself."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return t
+    dist = torch.distributed
     dev = t.device
     if dist.get_backend() == "nccl" and dev.type != "cuda":
         t = t.cuda()
@@ -428,7 +435,11 @@ class CompressionHandle:
         if self.config.nonfinite == "skip":
             nonfinite_found = self._nonfinite_flag(optimizer)
         skip = bad = False
-        if found is not None or nonfinite_found is not None:
+        if found is None and nonfinite_found is not None and not _multi_rank():
+            # the usual case (no dynamic loss scale, one process): the one host read of the
+            # step, of the non-finite flag alone
+            skip = bad = bool(nonfinite_found)
+        elif found is not None or nonfinite_found is not None:
             dev = (found if found is not None else nonfinite_found).device
             zero = torch.zeros((), dtype=torch.bool, device=dev)
             found = zero if found is None else found.reshape(()).to(dev)
@@ -467,7 +478,8 @@ class CompressionHandle:
                         continue
                     # FSDP2 gradients are DTensors: each rank checks its own shard (the
                     # all-reduce below combines the ranks' verdicts)
-                    g = g.to_local() if hasattr(g, "to_local") else g
+                    if type(g) is not torch.Tensor and hasattr(g, "to_local"):
+                        g = g.to_local()
                     by_device.setdefault(g.device, []).append(g)
             for dev, grads in by_device.items():
                 flags.append(_grads_nonfinite(grads, dev))
@@ -475,6 +487,10 @@ class CompressionHandle:
             return None
         dev = flags[0].device
         # a flag is > 0 (or True) when its check saw a NaN/inf
+        if all(f.dtype == torch.float64 and f.dim() == 0 and f.device == dev for f in flags):
+            # the hot path's flags (the kernels' 0-d float64 flags or counts, >= 0, and the
+            # optimizer's check made float64 above): one stack, no conversion per flag
+            return torch.stack(flags).amax() > 0
         return (torch.stack([f.reshape(()).to(dev, torch.float64) for f in flags]) > 0).any()
 
     def _refresh(self) -> bool:
