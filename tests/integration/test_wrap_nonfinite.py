@@ -76,8 +76,8 @@ def test_skip_also_sees_nonfinite_optimizer_gradients_of_uncompressed_layers():
     assert h.step(opt) is False and h.skipped_steps == 1
 
 
-@pytest.mark.parametrize("spec", [dict(prune=PruneSpec(0.8)), dict(prune=PruneSpec(0.8, "empirical")),
-                                  dict(prune=None)])
+@pytest.mark.parametrize("spec", [dict(prune=PruneSpec(0.8)),
+                                  dict(prune=PruneSpec(0.8, "empirical")), dict(prune=None)])
 def test_a_nan_on_a_plain_step_skips_it(spec):
     # a step that is neither a refresh nor a metric step: the layers' flags come from the
     # kernels (0-d float64) and the optimizer's check, combined in one stack (the usual case)
