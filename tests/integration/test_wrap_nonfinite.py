@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradcomp.config import NONFINITE_POLICIES
-from gradcomp.integration.wrap import CompressionConfig, PruneSpec, compress_gradients
+from gradcomp.integration.wrap import CompressionConfig, PruneSpec, QuantizeSpec, compress_gradients
 
 
 def _model():
@@ -77,10 +77,14 @@ def test_skip_also_sees_nonfinite_optimizer_gradients_of_uncompressed_layers():
 
 
 @pytest.mark.parametrize("spec", [dict(prune=PruneSpec(0.8)),
-                                  dict(prune=PruneSpec(0.8, "empirical")), dict(prune=None)])
+                                  dict(prune=PruneSpec(0.8, "empirical")),
+                                  dict(prune=None, quantize=QuantizeSpec()),
+                                  dict(prune=PruneSpec(0.8), quantize=QuantizeSpec()),
+                                  dict(prune=None)])
 def test_a_nan_on_a_plain_step_skips_it(spec):
     # a step that is neither a refresh nor a metric step: the layers' flags come from the
-    # kernels (0-d float64) and the optimizer's check, combined in one stack (the usual case)
+    # kernels (0-d float64; with no compressor, the wrapper's own flag) and the optimizer's
+    # check, combined in one stack (the usual case)
     m = _model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     h = compress_gradients(m, CompressionConfig(**spec, refresh_every=None, metrics_every=1000))
