@@ -15,7 +15,11 @@ that version's ``src``):
 alternate steps of one process; ``--calls wrapped`` sends the compiled kernels' direct calls
 through AOT autograd's runtime wrappers again (compare with the default in alternating
 processes). The wrapper measures ``_Layer.compress``: the hook's ownership check before it (a
-few microseconds per layer) is not in the figures.
+few microseconds per layer) is not in the figures. ``--per-layer`` also prints each layer's
+call with its gradient's size (the fixed cost of a call inside the backward is the intercept
+of call time against size):
+
+    python benchmarks/bench_hook_time.py --model resnet20 --recipes fp6 --per-layer
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from gradcomp.apps.runtime import MALLOC_POLICIES, apply_malloc_policy
 
 
 def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, steps: int,
-            in_place: str = "on"):
+            in_place: str = "on", per_layer: dict | None = None):
     """{mode: (median, min) seconds per step spent in the compression hooks, and the step
     median}; ``in_place``: "on" (the wrapper's own choice), "off" (every layer writes a new
-    tensor) or "alternate" (the two in alternate steps of one process: both modes)."""
+    tensor) or "alternate" (the two in alternate steps of one process: both modes).
+    ``per_layer``: filled with {(layer name, gradient elements): [seconds of each timed call]}."""
     spent = [0.0]
+    timing = [False]  # past the warm-up: calls are recorded per layer
     allow = [in_place != "off"]
     # ``_Layer.compress``, which the hook calls after its in-place check (``_Layer.grad``,
     # three reference counts, a few us per call, outside the timing: a wrapper around the hook
@@ -49,7 +55,10 @@ def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, s
         rest = tuple(bool(r) and allow[0] for r in rest)
         t0 = time.perf_counter()
         out = layer_compress(self, g, *rest)
-        spent[0] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        spent[0] += dt
+        if per_layer is not None and timing[0]:
+            per_layer.setdefault((self.name, g.numel()), []).append(dt)
         return out
 
     wrap._Layer.compress = timed
@@ -72,6 +81,7 @@ def measure(recipe: str, model_name: str, width: int, batch: int, warmup: int, s
 
         for _ in range(warmup):
             step()
+        timing[0] = True
         for i in range(steps * len(modes)):
             mode = modes[i % len(modes)]
             allow[0] = mode == "on"
@@ -106,6 +116,10 @@ def main() -> None:
                          "(as before this version; compare in separate processes)")
     ap.add_argument("--malloc", default="retain", choices=MALLOC_POLICIES,
                     help="retain: glibc keeps freed memory (gradcomp train's default)")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="also print each layer's call (median and minimum over the timed "
+                         "steps) with its gradient's size: a call's fixed cost is the intercept "
+                         "of time against size")
     args = ap.parse_args()
     apply_malloc_policy(args.malloc)
     if args.calls == "wrapped":
@@ -117,12 +131,21 @@ def main() -> None:
           f"{args.calls}, malloc {args.malloc}; gradcomp from {wrap.__file__}\n")
     print("| recipe | in place | compression per step (median) | min | step (median) |")
     print("|---|---|---:|---:|---:|")
+    layers = {}
     for name in args.recipes.split(","):
+        layers[name] = {} if args.per_layer else None
         res = measure(name, args.model, args.width, args.batch, args.warmup, args.steps,
-                      args.in_place)
+                      args.in_place, layers[name])
         for mode, (med, low, step) in res.items():
             print(f"| {name} | {mode} | {med * 1e3:.2f} ms | {low * 1e3:.2f} ms | "
                   f"{step * 1e3:.1f} ms |")
+    if args.per_layer:  # every mode's calls together (``--in-place alternate``: both)
+        print("\n| recipe | layer | elements | call (median) | min |")
+        print("|---|---|---:|---:|---:|")
+        for name, calls in layers.items():
+            for (layer, n), times in calls.items():
+                print(f"| {name} | {layer} | {n} | {statistics.median(times) * 1e3:.3f} ms | "
+                      f"{min(times) * 1e3:.3f} ms |")
 
 
 if __name__ == "__main__":
