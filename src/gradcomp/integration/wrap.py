@@ -164,7 +164,7 @@ def _amp_checkable(g: torch.Tensor) -> bool:
 
 
 def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
-    """0-d float64 device tensor, > 0 when one of ``grads`` (tensors on ``device``) holds a NaN
+    """1-element device tensor, > 0 when one of ``grads`` (tensors on ``device``) holds a NaN
     or +-inf; no host sync. GradScaler's own multi-tensor check
     (``torch._amp_foreach_non_finite_check_and_unscale_``) at an inverse scale of 1, one call
     per dtype as GradScaler groups them: its kernels store every value back unchanged at
@@ -187,8 +187,7 @@ def _grads_nonfinite(grads: list, device: torch.device) -> torch.Tensor:
     if other:
         norms = torch._foreach_norm(other, float("inf"))
         found = found + (~torch.isfinite(torch.stack(norms)).all()).to(found.dtype)
-    # 0-d float64, as the hooks' flags: ``_nonfinite_flag`` stacks them without conversions
-    return found.view(()).double()
+    return found
 
 
 def _ownership(g) -> tuple:
@@ -486,12 +485,12 @@ class CompressionHandle:
         if not flags:
             return None
         dev = flags[0].device
-        # a flag is > 0 (or True) when its check saw a NaN/inf
-        if all(f.dtype == torch.float64 and f.dim() == 0 and f.device == dev for f in flags):
-            # the hot path's flags (the kernels' 0-d float64 flags or counts, >= 0, and the
-            # optimizer's check made float64 above): one stack, no conversion per flag
-            return torch.stack(flags).amax() > 0
-        return (torch.stack([f.reshape(()).to(dev, torch.float64) for f in flags]) > 0).any()
+        # a flag is > 0 (or True) when its check saw a NaN/inf; the hot path's flags (the
+        # kernels' 0-d float64 flags or counts) are stacked as they are, the others (the
+        # optimizer's float32 check, a refresh step's int64 counts) converted first
+        flags = [f if f.dtype == torch.float64 and f.dim() == 0 and f.device == dev
+                 else f.reshape(()).to(dev, torch.float64) for f in flags]
+        return (torch.stack(flags) > 0).any()
 
     def _refresh(self) -> bool:
         """Update both groups from the layers' statistics; False when nothing was usable yet
